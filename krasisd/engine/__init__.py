@@ -1,0 +1,1 @@
+"""The hybrid MoE engine: models, quantized expert backends, sampler."""
