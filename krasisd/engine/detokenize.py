@@ -1,0 +1,60 @@
+"""Incremental detokenization for streaming.
+
+Decoding one token at a time is wrong for most tokenizers: a character can span several byte
+tokens (ByteLevel BPE, byte fallback), and Metaspace/SentencePiece decoders treat a leading
+"▁" differently at the start of a sequence. The standard fix (TGI, vLLM) decodes a short
+window twice: ``decode(ids[prefix:read])`` is text already emitted, ``decode(ids[prefix:])``
+is that plus the new text. New text is emitted only when it does not end in U+FFFD, the
+replacement character that a half-finished UTF-8 sequence decodes to, and the window then
+slides forward, so each step costs a few tokens' decode, not the whole sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from krasisd.engine.tokenizer import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces that never split a character.
+
+    ``prefix_ids`` (e.g. the prompt's last few tokens) give context and are never emitted, so
+    a first generated token such as "▁Hello" streams as " Hello" rather than "Hello". Without
+    them, the concatenation of all pushes plus ``flush()`` equals ``decode(all ids)``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prefix_ids: Sequence[int] = (),
+        skip_special_tokens: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = list(prefix_ids)
+        self._prefix_offset = 0  # window start: decoded for context only
+        self._read_offset = len(self._ids)  # ids before this have been emitted (or are context)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completed ("" while a character is unfinished)."""
+        self._ids.append(token_id)
+        emitted_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        window_text = self._decode(self._ids[self._prefix_offset:])
+        if len(window_text) <= len(emitted_text) or window_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return window_text[len(emitted_text):]
+
+    def flush(self) -> str:
+        """Return the held-back text (an unfinished character decodes to U+FFFD) and reset."""
+        emitted_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        window_text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return window_text[len(emitted_text):]
