@@ -71,8 +71,8 @@ def train_metaspace(style: str = "llama", vocab_size: int = 160) -> HFTokenizer:
             decoders.Strip(" ", 1, 0)])
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="first")
-        tok.decoder = decoders.Sequence([
-            decoders.ByteFallback(), decoders.Fuse(),
+        tok.decoder = decoders.Sequence([  # no Fuse: Metaspace strips the first token's "▁"
+            decoders.ByteFallback(),
             decoders.Metaspace(replacement=METASPACE, prepend_scheme="first")])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   show_progress=False)
