@@ -1,0 +1,233 @@
+"""The engine's public face: ``load()`` a model folder, then run forwards, greedy or streamed
+generation through a KV cache. See docs/engine.md for the API.
+
+Legend: T = tokens in a forward, V = vocab.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from krasisd.engine.config import ModelConfig
+from krasisd.engine.errors import KrasisEngineError, ModelLoadError
+from krasisd.engine.experts import TorchExperts
+from krasisd.engine.kv_cache import KVCache, new_kv_cache
+from krasisd.engine.loader import load_model
+from krasisd.engine.models.common import CausalLM
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("none", "int8", "int4")
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Engine:
+    """A loaded model with its expert backend, tokenizer and end-of-sequence ids."""
+
+    def __init__(self, config: ModelConfig, model: CausalLM, expert_backend,
+                 tokenizer=None, eos_token_ids: set[int] | None = None,
+                 model_dir: Path | None = None):
+        self.config = config
+        self.model = model
+        self.expert_backend = expert_backend
+        model.expert_backend = expert_backend
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids or ())
+        self.model_dir = model_dir
+        self.closed = False
+
+    @property
+    def device(self) -> torch.device:
+        return self._live().model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._live().model.embed_tokens.weight.dtype
+
+    def _live(self) -> CausalLM:
+        if self.closed:
+            raise KrasisEngineError("the engine is closed")
+        return self.model
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        """An empty KV cache with room for ``max_tokens`` tokens."""
+        return new_kv_cache(self.config, max_tokens, self.dtype, self.device)
+
+    def _ids(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)  # [T]
+        if ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return ids.to(self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [T] -> float32 logits [T, V]; appends the tokens to ``cache`` when given.
+
+        One token with a cache takes the decode path (absorbed MLA); more take prefill.
+        """
+        model = self._live()
+        ids = self._ids(input_ids)
+        if cache is None:
+            return model.prefill(ids, None)
+        cache.check_room(ids.shape[0])
+        logits = model.decode(ids, cache) if ids.shape[0] == 1 else model.prefill(ids, cache)
+        cache.advance(ids.shape[0])
+        return logits
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 [T, V]: one full forward over ``ids``, no cache."""
+        return self.forward(ids, None).cpu()
+
+    def greedy(self, ids: list[int], max_new_tokens: int = 16) -> list[int]:
+        """Up to ``max_new_tokens`` argmax tokens through the KV cache; an EOS token ends
+        the list (and is included in it)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return []
+        cache = self.new_cache(len(ids) + max_new_tokens)
+        logits = self.forward(ids, cache)[-1]  # [V]
+        new_tokens: list[int] = []
+        while True:
+            token = int(torch.argmax(logits))
+            new_tokens.append(token)
+            if token in self.eos_token_ids or len(new_tokens) == max_new_tokens:
+                return new_tokens
+            logits = self.forward([token], cache)[-1]
+
+    def generate(self, prompt_ids: list[int], options, should_cancel: Callable[[], bool] | None = None
+                 ) -> Iterator[Any]:
+        """Stream GenerationChunks (see krasisd.engine.generate.generate_stream)."""
+        self._live()
+        generate_stream = _optional("krasisd.engine.generate", "generate_stream")
+        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel)
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **template_vars) -> str:
+        """Render ``messages`` with the model's chat template (krasisd.engine.chat)."""
+        if self.tokenizer is None:
+            raise KrasisEngineError("this model folder has no tokenizer, so no chat template")
+        render_chat = _optional("krasisd.engine.chat", "render_chat")
+        return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                           **template_vars)
+
+    def close(self) -> None:
+        """Release the weights and the backend; later calls raise KrasisEngineError."""
+        if self.closed:
+            return
+        close = getattr(self.expert_backend, "close", None)
+        if callable(close):
+            close()
+        self.closed = True
+        self.model = None
+        self.expert_backend = None
+
+
+def _optional(module_name: str, attr: str):
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise KrasisEngineError(f"{module_name}.{attr} is not available: {exc}") from exc
+
+
+def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
+         threads: int | None = None, cache_dir: str | Path | None = None,
+         dtype: torch.dtype | str | None = None) -> Engine:
+    """Load a Hugging Face model folder; raises ModelLoadError (or ValueError for bad options)."""
+    torch_dtype = _check_options(quant, device, threads, dtype)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model_dir = Path(model_dir)
+    loaded = load_model(model_dir, torch_dtype)
+    target = _resolve_device(device)
+    model = loaded.model
+    if target.type != "cpu":
+        model = model.to(target)
+    if quant == "none":
+        backend = TorchExperts({layer: tuple([t.to(target) for t in ts] for ts in lists)
+                                for layer, lists in loaded.expert_weights.items()})
+    else:
+        backend = _native_backend(model_dir, loaded.config, quant, cache_dir, threads)
+    tokenizer = _load_tokenizer(model_dir)
+    eos = set(loaded.config.eos_token_ids) | _generation_eos(model_dir)
+    if tokenizer is not None:
+        eos |= set(tokenizer.eos_token_ids)
+    log.info("engine ready: %s, quant=%s, device=%s", loaded.config.architecture, quant, target)
+    return Engine(loaded.config, model, backend, tokenizer, eos, model_dir)
+
+
+def _check_options(quant, device, threads, dtype) -> torch.dtype | None:
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device='cuda' was asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def _native_backend(model_dir: Path, config: ModelConfig, quant: str, cache_dir, threads):
+    try:
+        native = importlib.import_module("krasisd.engine.native_experts")
+    except ImportError as exc:
+        raise ValueError(f"quant={quant!r} needs the native CPU experts, "
+                         f"which are not available: {exc}") from exc
+    factory = getattr(native, "create_backend", None)
+    if factory is None:
+        raise ValueError(f"quant={quant!r}: krasisd.engine.native_experts has no create_backend()")
+    return factory(model_dir=model_dir, config=config, quant=quant, cache_dir=cache_dir,
+                   threads=threads)
+
+
+def _load_tokenizer(model_dir: Path):
+    if not (model_dir / "tokenizer.json").is_file():
+        return None
+    try:
+        tokenizer_cls = importlib.import_module("krasisd.engine.tokenizer").Tokenizer
+    except (ImportError, AttributeError):
+        log.warning("krasisd.engine.tokenizer is not available; loading without a tokenizer")
+        return None
+    try:
+        return tokenizer_cls.from_dir(model_dir)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc
+
+
+def _generation_eos(model_dir: Path) -> set[int]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return set()
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if eos is None:
+        return set()
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) for i in ids):
+        raise ModelLoadError(f"{path}: eos_token_id must be an int or a list of ints")
+    return set(ids)

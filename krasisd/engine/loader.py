@@ -1,0 +1,212 @@
+"""Load a Hugging Face model folder: config.json plus memory-mapped safetensors weights.
+
+Everything is checked before anything is assigned (files, headers, tensor names, shapes),
+so a load either returns a complete model or raises ModelLoadError. Pickle checkpoints
+(.bin, .pt) are refused: unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from krasisd.engine.config import ModelConfig
+from krasisd.engine.errors import ModelLoadError, UnsupportedModelError
+from krasisd.engine.models import build_model
+from krasisd.engine.models.common import CausalLM
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ROUTER_KEYS = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+ExpertWeights = dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
+
+
+@dataclass
+class TensorInfo:
+    path: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name, e.g. "BF16"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: CausalLM
+    expert_weights: ExpertWeights  # layer -> (gate [E][I, D], up [E][I, D], down [E][D, I])
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Parse config.json, turning every problem into ModelLoadError."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"config.json not found in {model_dir}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise UnsupportedModelError(f"pre-quantized checkpoints ({method}) are not supported")
+    try:
+        return ModelConfig.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files holding the weights, from the index when there is one."""
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot read {index_path}: {exc}") from exc
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"{INDEX_FILE} lists files that are missing: {', '.join(missing)}")
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{model_dir} holds only pickle checkpoints ({', '.join(pickles)}); they are refused "
+            "because loading them can run arbitrary code. Convert them to safetensors."
+        )
+    raise ModelLoadError(f"no *.safetensors weight files in {model_dir}")
+
+
+def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """Tensor name -> where and what, from the safetensors headers only (no data read)."""
+    index: dict[str, TensorInfo] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    if name in index:
+                        raise ModelLoadError(f"tensor {name} appears in {index[name].path.name} "
+                                             f"and {path.name}")
+                    index[name] = TensorInfo(path, tuple(view.get_shape()), view.get_dtype())
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise ModelLoadError(f"corrupt safetensors file {path.name}: {exc}") from exc
+    return index
+
+
+def expert_names(config: ModelConfig, layer_idx: int, index: dict[str, TensorInfo]):
+    """Checkpoint names and expected shapes of a layer's routed experts.
+
+    Real checkpoints store one tensor per expert and projection; a fused layout
+    (``experts.gate_up_proj`` [E, 2I, D], ``experts.down_proj`` [E, D, I]) is also accepted.
+    """
+    prefix = f"model.layers.{layer_idx}.mlp.experts"
+    hidden, inter, num = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+    if f"{prefix}.gate_up_proj" in index:
+        return {f"{prefix}.gate_up_proj": (num, 2 * inter, hidden),
+                f"{prefix}.down_proj": (num, hidden, inter)}
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return {f"{prefix}.{e}.{proj}.weight": shapes[proj]
+            for e in range(num) for proj in EXPERT_PROJS}
+
+
+def plan_tensors(model: CausalLM, config: ModelConfig, index: dict[str, TensorInfo]):
+    """Every tensor to read with its expected shape; raises on anything missing or mis-shaped."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings and "lm_head.weight" not in index:
+        expected.pop("lm_head.weight")
+    for layer_idx in range(config.num_hidden_layers):
+        if config.is_moe_layer(layer_idx):
+            expected.update(expert_names(config, layer_idx, index))
+    missing = [n for n in expected if n not in index]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{len(missing)} tensors missing from the checkpoint: {shown}")
+    for name, shape in expected.items():
+        if index[name].shape != shape:
+            raise ModelLoadError(
+                f"tensor {name} has shape {list(index[name].shape)} in {index[name].path.name}, "
+                f"the config implies {list(shape)}"
+            )
+    extra = len(index) - len(expected)
+    if extra:
+        log.info("ignoring %d checkpoint tensors the model does not use", extra)
+    return expected
+
+
+def read_tensors(names, index: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Memory-mapped tensors (pages are read on first touch, not copied)."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index[name].path, []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for path, file_names in by_file.items():
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for name in file_names:
+                    out[name] = handle.get_tensor(name)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read tensors from {path.name}: {exc}") from exc
+    return out
+
+
+def _split_experts(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype) -> ExpertWeights:
+    weights: ExpertWeights = {}
+    inter = config.moe_intermediate_size
+    for layer_idx in range(config.num_hidden_layers):
+        if not config.is_moe_layer(layer_idx):
+            continue
+        prefix = f"model.layers.{layer_idx}.mlp.experts"
+        fused = tensors.pop(f"{prefix}.gate_up_proj", None)
+        if fused is not None:
+            fused, down = fused.to(dtype), tensors.pop(f"{prefix}.down_proj").to(dtype)
+            weights[layer_idx] = (list(fused[:, :inter]), list(fused[:, inter:]), list(down))
+            continue
+        lists = tuple(
+            [tensors.pop(f"{prefix}.{e}.{proj}.weight").to(dtype)
+             for e in range(config.n_routed_experts)]
+            for proj in EXPERT_PROJS
+        )
+        weights[layer_idx] = lists
+    return weights
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Read, check and assemble a model; dense weights stay memory-mapped unless converted."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model folder not found: {model_dir}")
+    config = read_config(model_dir)
+    index = read_headers(weight_files(model_dir))
+    with torch.device("meta"):
+        model = build_model(config)
+    expected = plan_tensors(model, config, index)
+    tensors = read_tensors(expected, index)
+    compute_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
+    experts = _split_experts(config, tensors, compute_dtype)
+    state = {name: (t if ROUTER_KEYS.search(name) else t.to(compute_dtype))
+             for name, t in tensors.items()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"cannot assemble the model from {model_dir}: {exc}") from exc
+    model.eval()
+    log.info("loaded %s from %s (%d tensors, %s)", config.architecture, model_dir.name,
+             len(tensors), compute_dtype)
+    return LoadedModel(config, model, experts)
