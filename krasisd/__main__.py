@@ -1,0 +1,45 @@
+"""`krasisd` / `python -m krasisd`: run the daemon in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from krasisd import __version__
+from krasisd.config import load_config
+from krasisd.logs import setup_logging
+from krasisd.server import AlreadyRunning, serve
+
+log = logging.getLogger("krasisd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the settings, log them, and serve until SIGTERM or Ctrl+C."""
+    parser = argparse.ArgumentParser(prog="krasisd", description="the krasis daemon "
+                                     "(settings come from KRASIS_* variables; see docs/settings.md)")
+    parser.add_argument("--version", action="version", version=f"krasisd {__version__}")
+    parser.parse_args(argv)
+    setup_logging()
+    cfg = load_config()
+    setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle("krasisd")
+    except ImportError:
+        log.warning("setproctitle is not installed; the process keeps its python title")
+    log.info("starting krasisd", extra={"version": __version__, **cfg.as_log_dict()})
+    try:
+        asyncio.run(serve(cfg))
+    except AlreadyRunning as exc:
+        print(f"krasisd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

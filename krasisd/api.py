@@ -1,0 +1,368 @@
+"""The HTTP API as a contract: every request field, parsed and checked in one place.
+
+Request shapes follow Ollama's ``api/types.go`` (``/api/*``) and OpenAI's API (``/v1/*``).
+A field the client did not send is ``None`` ("unset"), so ``"stream": false`` and no
+``stream`` at all stay distinguishable. Every check raises :class:`ApiError` with the
+HTTP status and a message for the user; ``docs/api.md`` lists the responses.
+
+Requests of both families are reduced to one :class:`InferenceRequest`, which is what the
+scheduler hands to a runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from krasisd.config import parse_duration_s
+from krasisd.engine.options import SamplingOptions
+
+
+class ApiError(Exception):
+    """A request the API refuses: ``status`` is the HTTP status, the message is for the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+# ---------------------------------------------------------------- field readers
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    """body[name] if present and of one of ``kinds`` (never bool for numbers), else None."""
+    value = body.get(name)
+    if value is None:
+        return None
+    is_bool_for_number = isinstance(value, bool) and bool not in kinds
+    if not isinstance(value, kinds) or is_bool_for_number:
+        raise bad_request(f"invalid value for {name!r}: expected {what}, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def _str(body: dict, name: str) -> str | None:
+    return _field(body, name, (str,), "a string")
+
+
+def _bool(body: dict, name: str) -> bool | None:
+    return _field(body, name, (bool,), "true or false")
+
+
+def _number(body: dict, name: str) -> float | None:
+    value = _field(body, name, (int, float), "a number")
+    return None if value is None else float(value)
+
+
+def _int(body: dict, name: str) -> int | None:
+    value = _field(body, name, (int, float), "an integer")
+    if value is not None and value != int(value):
+        raise bad_request(f"invalid value for {name!r}: expected an integer, got {value}")
+    return None if value is None else int(value)
+
+
+def as_object(body: Any) -> dict:
+    """The parsed JSON body, which must be an object."""
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+# Names: letters, digits, '.', '_', '-', one optional '/' (org/repo) and ':tag'.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127})?"
+                      r"(:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+
+def model_name(body: dict, required: bool = True) -> str | None:
+    """'model' (or Ollama's older 'name'), checked so that it can never be a file path."""
+    name = _str(body, "model") or _str(body, "name")
+    if not name:
+        if required:
+            raise bad_request("missing field 'model'")
+        return None
+    if ".." in name or not _NAME_RE.match(name):
+        raise bad_request(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', "
+                          "an optional 'org/' prefix and ':tag'")
+    return name
+
+
+def keep_alive_s(body: dict) -> float | None:
+    """keep_alive: seconds or a duration string; negative = forever; None when unset."""
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    try:
+        return parse_duration_s(value)
+    except ValueError as exc:
+        raise bad_request(f"invalid keep_alive: {exc}") from None
+
+
+# ---------------------------------------------------------------- options
+
+_FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+                  "frequency_penalty")
+_INT_OPTIONS = ("top_k", "repeat_last_n", "seed", "num_predict", "num_ctx")
+# Ollama options that krasis accepts and does not use (the engine decides these itself).
+IGNORED_OPTIONS = frozenset({
+    "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
+    "penalize_newline", "numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "vocab_only",
+    "use_mmap", "use_mlock", "num_thread", "f16_kv", "logits_all", "embedding_only",
+})
+
+
+def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
+    """Ollama's ``options`` object -> SamplingOptions; unknown keys are a 400 error."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise bad_request("invalid value for 'options': expected an object")
+    values = dict(base or {})
+    for key, value in raw.items():
+        if value is None or key in IGNORED_OPTIONS:
+            continue
+        if key in _FLOAT_OPTIONS:
+            values[key] = _number(raw, key)
+        elif key in _INT_OPTIONS:
+            values[key] = _int(raw, key)
+        elif key == "stop":
+            values["stop"] = stop_list(value)
+        else:
+            raise bad_request(f"invalid option {key!r}")
+    try:
+        return SamplingOptions(**values)
+    except ValueError as exc:
+        raise bad_request(f"invalid options: {exc}") from None
+
+
+def stop_list(value: Any) -> list[str]:
+    """'stop' as a string or a list of strings."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s for s in value if s]
+    raise bad_request("invalid value for 'stop': expected a string or a list of strings")
+
+
+def json_format(body: dict) -> str | None:
+    """Ollama's 'format': "json" (or "" for none). JSON schemas are refused clearly."""
+    value = body.get("format")
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return "json"
+    if isinstance(value, dict):
+        raise bad_request("'format' with a JSON schema is not supported; use \"json\"")
+    raise bad_request(f"invalid value for 'format': {value!r} (supported: \"json\")")
+
+
+# ---------------------------------------------------------------- what a runner is asked
+
+@dataclass
+class InferenceRequest:
+    """One generation, as the scheduler and runner see it (either API family)."""
+
+    model: str
+    options: SamplingOptions
+    prompt: str | None = None  # /api/generate, /v1/completions
+    messages: list[dict] | None = None  # /api/chat, /v1/chat/completions
+    system: str | None = None
+    suffix: str | None = None
+    raw: bool = False
+    format: str | None = None
+    stream: bool = True
+    keep_alive_s: float | None = None
+    logprobs: bool = False
+
+    def runner_message(self) -> dict:
+        """The JSON-ready request sent to the runner process."""
+        return {"prompt": self.prompt, "messages": self.messages, "system": self.system,
+                "suffix": self.suffix, "raw": self.raw, "format": self.format,
+                "logprobs": self.logprobs, "options": dataclasses.asdict(self.options)}
+
+    @property
+    def is_empty(self) -> bool:
+        """No prompt and no messages: Ollama's way to load (or, keep_alive 0, unload)."""
+        return not self.prompt and not self.messages and not self.suffix
+
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_messages(value: Any, openai: bool = False) -> list[dict]:
+    """messages: a list of {role, content}; OpenAI content parts are joined as text."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_request("invalid value for 'messages': expected a list")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object")
+        role = message.get("role")
+        if openai and role == "developer":
+            role = "system"
+        if role not in _ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(_ROLES)}")
+        if message.get("images"):
+            raise bad_request("images are not supported by krasis models")
+        out.append({"role": role, "content": _content_text(message.get("content"), i)})
+    return out
+
+
+def _content_text(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" \
+                    or not isinstance(part.get("text"), str):
+                raise bad_request(f"messages[{index}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"messages[{index}].content must be a string")
+
+
+def generate_request(body: dict) -> InferenceRequest:
+    """POST /api/generate."""
+    if body.get("images"):
+        raise bad_request("images are not supported by krasis models")
+    return InferenceRequest(
+        model=model_name(body), options=sampling_options(body.get("options")),
+        prompt=_str(body, "prompt"), system=_str(body, "system"), suffix=_str(body, "suffix"),
+        raw=bool(_bool(body, "raw")), format=json_format(body),
+        stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
+
+
+def chat_request(body: dict) -> InferenceRequest:
+    """POST /api/chat."""
+    return InferenceRequest(
+        model=model_name(body), options=sampling_options(body.get("options")),
+        messages=chat_messages(body.get("messages")), format=json_format(body),
+        stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
+
+
+# ---------------------------------------------------------------- OpenAI /v1
+
+# OpenAI's documented defaults differ from Ollama's: temperature 1, top_p 1, no penalty.
+_OPENAI_BASE = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repeat_penalty": 1.0}
+
+
+def _openai_options(body: dict, max_tokens_default: int = -1) -> SamplingOptions:
+    raw: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed"):
+        if body.get(name) is not None:
+            raw[name] = body[name]
+    max_tokens = _int(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens")
+    raw["num_predict"] = max_tokens_default if max_tokens is None else max_tokens
+    if body.get("stop") is not None:
+        raw["stop"] = body["stop"]
+    if (_int(body, "n") or 1) != 1:
+        raise bad_request("only n=1 is supported")
+    return sampling_options(raw, base=_OPENAI_BASE)
+
+
+def _openai_stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = bool(_bool(body, "stream"))
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("invalid value for 'stream_options': expected an object")
+    include_usage = bool(_bool(options or {}, "include_usage"))
+    return stream, include_usage
+
+
+def _response_format(body: dict) -> str | None:
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json"
+    raise bad_request("response_format: only {'type': 'text'} and {'type': 'json_object'} "
+                      "are supported")
+
+
+@dataclass
+class OpenAIRequest:
+    """An OpenAI request: the inference plus how to shape the answer."""
+
+    inference: InferenceRequest
+    include_usage: bool = False
+    top_logprobs: int = 0
+
+
+def openai_chat_request(body: dict) -> OpenAIRequest:
+    """POST /v1/chat/completions."""
+    stream, include_usage = _openai_stream(body)
+    messages = chat_messages(body.get("messages"), openai=True)
+    if not messages:
+        raise bad_request("'messages' must not be empty")
+    inference = InferenceRequest(
+        model=model_name(body), options=_openai_options(body), messages=messages,
+        format=_response_format(body), stream=stream, logprobs=bool(_bool(body, "logprobs")))
+    return OpenAIRequest(inference, include_usage)
+
+
+def openai_completion_request(body: dict) -> OpenAIRequest:
+    """POST /v1/completions; max_tokens defaults to 16 as in OpenAI's API."""
+    stream, include_usage = _openai_stream(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string (lists of prompts are not supported)")
+    if _bool(body, "echo"):
+        raise bad_request("'echo' is not supported")
+    logprobs = _int(body, "logprobs")
+    if logprobs is not None and not 0 <= logprobs <= 5:
+        raise bad_request("'logprobs' must be between 0 and 5")
+    inference = InferenceRequest(
+        model=model_name(body), options=_openai_options(body, max_tokens_default=16),
+        prompt=prompt, suffix=_str(body, "suffix"), raw=True, stream=stream,
+        logprobs=logprobs is not None)
+    return OpenAIRequest(inference, include_usage, top_logprobs=logprobs or 0)
+
+
+# ---------------------------------------------------------------- model management
+
+@dataclass
+class PullRequest:
+    model: str
+    insecure: bool = False
+    stream: bool = True
+
+
+def pull_request(body: dict) -> PullRequest:
+    """POST /api/pull."""
+    return PullRequest(model_name(body), bool(_bool(body, "insecure")),
+                       _bool(body, "stream") is not False)
+
+
+@dataclass
+class CreateRequest:
+    model: str
+    path: str
+    stream: bool = True
+
+
+def create_request(body: dict) -> CreateRequest:
+    """POST /api/create from a local folder: {"model", "path"} (or "from" with a folder)."""
+    name = model_name(body)
+    path = _str(body, "path") or _str(body, "from")
+    if not path:
+        raise bad_request("missing field 'path': the local folder to create the model from")
+    if not path.startswith("/"):
+        raise bad_request("'path' must be an absolute path to a folder on the daemon's machine")
+    return CreateRequest(name, path, _bool(body, "stream") is not False)

@@ -1,0 +1,184 @@
+"""The aiohttp application: the one route table, request guards, and error mapping.
+
+Every exception a handler raises becomes an HTTP status here and nowhere else
+(:func:`status_for`); ``/v1`` routes answer errors in OpenAI's shape, the others in
+Ollama's ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from krasisd import routes_inference, routes_models, routes_openai
+from krasisd.api import ApiError
+from krasisd.config import is_loopback
+from krasisd.context import DAEMON_KEY, Daemon, daemon_of
+from krasisd.runners import RunnerDied, RunnerLoadError, RunnerRequestError
+from krasisd.scheduler import NoRoom, QueueFull
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+__all__ = ["Daemon", "make_app", "status_for"]
+
+
+# ------------------------------------------------------------------ routes
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    # status
+    ("GET", "/", routes_models.root),
+    ("HEAD", "/", routes_models.root),
+    ("GET", "/api/version", routes_models.version),
+    # inference
+    ("POST", "/api/generate", routes_inference.generate),
+    ("POST", "/api/chat", routes_inference.chat),
+    # models
+    ("GET", "/api/tags", routes_models.tags),
+    ("POST", "/api/show", routes_models.show),
+    ("GET", "/api/ps", routes_models.ps),
+    ("POST", "/api/pull", routes_models.pull),
+    ("POST", "/api/create", routes_models.create),
+    ("DELETE", "/api/delete", routes_models.delete),
+    # OpenAI compatibility
+    ("GET", "/v1/models", routes_openai.models),
+    ("GET", "/v1/models/{model:.+}", routes_openai.model),
+    ("POST", "/v1/chat/completions", routes_openai.chat_completions),
+    ("POST", "/v1/completions", routes_openai.completions),
+]
+
+
+# ------------------------------------------------------------------ errors
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and message for an exception a handler raised."""
+    import krasis_registry as registry
+
+    if isinstance(exc, (ApiError, RunnerRequestError)):
+        return exc.status, str(exc)
+    if isinstance(exc, registry.InvalidName):
+        return 400, str(exc)
+    if isinstance(exc, registry.ModelNotFound):
+        return 404, str(exc)
+    if isinstance(exc, registry.ModelInUse):
+        return 409, str(exc)
+    if isinstance(exc, (QueueFull, NoRoom)):
+        return 503, str(exc)
+    if isinstance(exc, registry.PullError):
+        return 502, str(exc)
+    if isinstance(exc, (registry.RegistryError, RunnerLoadError, RunnerDied)):
+        return 500, str(exc)
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return 413, f"request body too large: {exc.text} (KRASIS_MAX_BODY)"
+    if isinstance(exc, web.HTTPException):
+        return exc.status, exc.reason
+    log.exception("unexpected error", exc_info=exc)
+    return 500, f"internal error: {exc}"
+
+
+def error_body(path: str, status: int, message: str) -> dict:
+    """Ollama's {"error": "..."}, or OpenAI's {"error": {...}} under /v1."""
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return {"error": message}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every exception to a JSON error with the right status (the one place)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status, message = status_for(exc)
+    except json.JSONDecodeError as exc:
+        status, message = 400, f"invalid JSON in request body: {exc}"
+    except UnicodeDecodeError:
+        status, message = 400, "request body is not valid UTF-8"
+    except Exception as exc:  # noqa: BLE001 - every error becomes a response
+        status, message = status_for(exc)
+    if status >= 500:
+        log.warning("request failed", extra={"path": request.path, "status": status,
+                                             "error": message})
+    return web.json_response(error_body(request.path, status, message), status=status)
+
+
+# ------------------------------------------------------------------ guards
+
+def _is_tcp(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return isinstance(peer, tuple)
+
+
+def _host_name(header: str) -> str:
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def host_allowed(host_header: str, daemon: Daemon) -> bool:
+    """Loopback names, the listener's own address and KRASIS_ALLOWED_HOSTS."""
+    host = _host_name(host_header.strip()).lower()
+    if not host:
+        return False
+    allowed = {h.lower() for h in daemon.config.allowed_hosts} | daemon.extra_hosts
+    if "*" in allowed or host in allowed:
+        return True
+    return is_loopback(host) or host.endswith(".localhost")
+
+
+def origin_allowed(origin: str, daemon: Daemon) -> bool:
+    """Loopback web pages, local app schemes, and KRASIS_ORIGINS ('*' allows all)."""
+    allowed = daemon.config.origins
+    if "*" in allowed or origin in allowed:
+        return True
+    scheme, _, rest = origin.partition("://")
+    if scheme in ("app", "file", "tauri", "vscode-webview", "vscode-file"):
+        return True
+    return scheme in ("http", "https") and host_allowed(rest, daemon)
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On TCP: refuse foreign Host headers (DNS rebinding) and foreign browser origins."""
+    if not _is_tcp(request):
+        return await handler(request)
+    daemon = daemon_of(request)
+    host = request.headers.get("Host", "")
+    if not host_allowed(host, daemon):
+        log.warning("refused request with a foreign Host header", extra={"host": host})
+        return web.json_response(error_body(request.path, 403, f"host {host!r} is not allowed "
+                                            "(KRASIS_ALLOWED_HOSTS)"), status=403)
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, daemon):
+        return web.json_response(error_body(request.path, 403, f"origin {origin!r} is not "
+                                            "allowed (KRASIS_ORIGINS)"), status=403)
+    if request.method == "OPTIONS" and origin:
+        response = web.Response(status=204)
+    else:
+        response = await handler(request)
+    if origin and not response.prepared:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, DELETE, OPTIONS"
+    return response
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    """The application with its middlewares, routes and body size limit."""
+    app = web.Application(middlewares=[guard_middleware, errors_middleware],
+                          client_max_size=daemon.config.max_body_bytes)
+    app[DAEMON_KEY] = daemon
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    app.router.add_route("OPTIONS", "/{tail:.*}", _preflight)
+    return app
+
+
+async def _preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204)

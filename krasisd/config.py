@@ -1,0 +1,319 @@
+"""Every setting of krasisd, in one place.
+
+Each setting is read from the environment (``KRASIS_*``), else from the optional config
+file (TOML, ``$KRASIS_CONFIG`` or ``$KRASIS_HOME/config.toml``, keys are the variable
+names without the ``KRASIS_`` prefix, in lower case), else it takes its default. A bad
+value logs a warning and falls back to the default: a typo must not keep the daemon from
+starting. ``docs/settings.md`` explains every default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KEEP_ALIVE_DEFAULT_S = 30 * 60.0
+DEFAULT_TCP_PORT = 11435
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS_S = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_duration_s(value: Any) -> float:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1").
+
+    A negative value means forever (returned as ``float("inf")``). Raises ValueError.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _parse_go_duration_s(text)
+    else:
+        raise ValueError(f"invalid duration {value!r}: use seconds or a string like '5m'")
+    if seconds != seconds:  # NaN
+        raise ValueError(f"invalid duration {value!r}")
+    return float("inf") if seconds < 0 else seconds
+
+
+def _parse_go_duration_s(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    pos, total = 0, 0.0
+    while pos < len(body):
+        match = _DURATION_RE.match(body, pos)
+        if not match:
+            raise ValueError(f"invalid duration {text!r}: use seconds or a string like '5m'")
+        total += float(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
+        pos = match.end()
+    if not body:
+        raise ValueError("invalid duration ''")
+    return sign * total
+
+
+def parse_size_bytes(value: Any) -> int:
+    """A byte count: 1073741824, "16GiB", "512M", "1.5GB". Raises ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"invalid size {value!r}: use bytes or a string like '16GiB'")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    if not unit:
+        return int(float(match.group(1)))
+    power = "kmgt".index(unit[0]) + 1
+    base = 1024 if unit.endswith("i") else 1000
+    return int(float(match.group(1)) * base**power)
+
+
+def parse_host(value: str, default_port: int = DEFAULT_TCP_PORT) -> tuple[str, int]:
+    """'127.0.0.1:11435', 'localhost', '[::1]:8080', ':9000' -> (host, port). Raises ValueError."""
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    host = host or "127.0.0.1"
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid port in {value!r}")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP addresses."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_home() -> Path:
+    """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis (as the registry)."""
+    if os.environ.get("KRASIS_HOME"):
+        return Path(os.environ["KRASIS_HOME"]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "krasis"
+
+
+def default_socket(home: Path) -> Path:
+    """$XDG_RUNTIME_DIR/krasis/krasisd.sock, else $KRASIS_HOME/krasisd.sock."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "krasis" / "krasisd.sock"
+    return home / "krasisd.sock"
+
+
+@dataclass
+class Config:
+    """The effective settings of one daemon; see docs/settings.md for each."""
+
+    home: Path = field(default_factory=default_home)
+    socket: Path | None = None  # None: default_socket(home)
+    socket_group: str = ""  # non-empty: socket mode 0660 owned by this group (system service)
+    host: str = ""  # "" = no TCP listener
+    allow_remote: bool = False  # a non-loopback KRASIS_HOST needs this explicit opt-in
+    allowed_hosts: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    keep_alive_s: float = KEEP_ALIVE_DEFAULT_S
+    max_queue: int = 512
+    max_loaded: int = 2
+    preload: list[str] = field(default_factory=list)
+    vram_budget_bytes: int | None = None  # None: the engine uses what is free minus a margin
+    memory_budget_bytes: int | None = None  # None: the hardware probe's total RAM + VRAM
+    threads: int | None = None  # None: the engine's default (cores - 1)
+    quant: str = "int4"
+    device: str = "auto"
+    max_body_bytes: int = 16 * 1024 * 1024
+    load_timeout_s: float = 600.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+    runner_loader: str = "krasisd.engine:load"
+    config_file: Path | None = None
+
+    def __post_init__(self):
+        if self.socket is None:
+            self.socket = default_socket(self.home)
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        """(host, port) of the TCP listener, or None when it is off."""
+        return parse_host(self.host) if self.host else None
+
+    def as_log_dict(self) -> dict[str, Any]:
+        """The settings as plain values, for the start-up log line."""
+        out = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            out[item.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+class _Reader:
+    """Typed look-ups over the environment, then the config file, then the default."""
+
+    def __init__(self, env: dict[str, str], file_values: dict[str, Any]):
+        self.env = env
+        self.file_values = file_values
+
+    def raw(self, name: str) -> Any:
+        if name in self.env and self.env[name] != "":
+            return self.env[name]
+        return self.file_values.get(name.removeprefix("KRASIS_").lower())
+
+    def get(self, name: str, default: Any, parse) -> Any:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as exc:
+            log.warning("bad setting, using the default", extra={
+                "setting": name, "value": raw, "default": default, "reason": str(exc)})
+            return default
+
+
+def _bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+def _int_at_least(minimum: int):
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ValueError(f"not an integer: {raw!r}")
+        value = int(raw)
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        return value
+    return parse
+
+
+def _list(raw: Any) -> list[str]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def _choice(*choices: str):
+    def parse(raw: Any) -> str:
+        text = str(raw).strip().lower()
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _positive_duration(raw: Any) -> float:
+    value = parse_duration_s(raw)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _host(raw: Any) -> str:
+    text = str(raw).strip()
+    if text.lower() in ("", "0", "off", "false", "no"):
+        return ""
+    parse_host(text)
+    return text
+
+
+def _loader(raw: Any) -> str:
+    text = str(raw).strip()
+    if text.count(":") != 1 or not all(text.split(":")):
+        raise ValueError("must be 'module:function'")
+    return text
+
+
+def _read_file(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        log.warning("config file ignored: tomllib needs Python 3.11", extra={"path": str(path)})
+        return {}
+    try:
+        with path.open("rb") as fh:
+            return {str(k).lower(): v for k, v in tomllib.load(fh).items()}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        log.warning("config file ignored", extra={"path": str(path), "reason": str(exc)})
+        return {}
+
+
+def load_config(env: dict[str, str] | None = None) -> Config:
+    """Build the effective Config from the environment and the optional config file."""
+    env = dict(os.environ if env is None else env)
+    home = Path(env["KRASIS_HOME"]).expanduser() if env.get("KRASIS_HOME") else default_home()
+    config_path = Path(env["KRASIS_CONFIG"]).expanduser() if env.get("KRASIS_CONFIG") \
+        else home / "config.toml"
+    read = _Reader(env, _read_file(config_path))
+    socket_raw = read.raw("KRASIS_SOCKET")
+    cfg = Config(
+        home=home,
+        socket=Path(str(socket_raw)).expanduser() if socket_raw else None,
+        socket_group=read.get("KRASIS_SOCKET_GROUP", "", str),
+        host=read.get("KRASIS_HOST", "", _host),
+        allow_remote=read.get("KRASIS_ALLOW_REMOTE", False, _bool),
+        allowed_hosts=read.get("KRASIS_ALLOWED_HOSTS", [], _list),
+        origins=read.get("KRASIS_ORIGINS", [], _list),
+        keep_alive_s=read.get("KRASIS_KEEP_ALIVE", KEEP_ALIVE_DEFAULT_S, parse_duration_s),
+        max_queue=read.get("KRASIS_MAX_QUEUE", 512, _int_at_least(1)),
+        max_loaded=read.get("KRASIS_MAX_LOADED", 2, _int_at_least(1)),
+        preload=read.get("KRASIS_PRELOAD", [], _list),
+        vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, parse_size_bytes),
+        memory_budget_bytes=read.get("KRASIS_MEMORY_BUDGET", None, parse_size_bytes),
+        threads=read.get("KRASIS_THREADS", None, _int_at_least(1)),
+        quant=read.get("KRASIS_QUANT", "int4", _choice("none", "int8", "int4")),
+        device=read.get("KRASIS_DEVICE", "auto", _choice("auto", "cpu", "cuda")),
+        max_body_bytes=read.get("KRASIS_MAX_BODY", 16 * 1024 * 1024, parse_size_bytes),
+        load_timeout_s=read.get("KRASIS_LOAD_TIMEOUT", 600.0, _positive_duration),
+        log_level=read.get("KRASIS_LOG_LEVEL", "INFO",
+                           lambda r: _choice("debug", "info", "warning", "error")(r).upper()),
+        log_format=read.get("KRASIS_LOG_FORMAT", "text", _choice("text", "json")),
+        runner_loader=read.get("KRASIS_RUNNER_LOADER", "krasisd.engine:load", _loader),
+        config_file=config_path if config_path.is_file() else None,
+    )
+    _check_host(cfg)
+    return cfg
+
+
+def _check_host(cfg: Config) -> None:
+    """A non-loopback TCP address needs KRASIS_ALLOW_REMOTE=1; without it TCP stays off."""
+    address = cfg.tcp_address
+    if address is None or is_loopback(address[0]):
+        return
+    if not cfg.allow_remote:
+        log.warning("KRASIS_HOST is not a loopback address; TCP listener left off "
+                    "(set KRASIS_ALLOW_REMOTE=1 to expose the API)", extra={"host": cfg.host})
+        cfg.host = ""
+    else:
+        log.warning("the API is reachable from the network without authentication",
+                    extra={"host": cfg.host})

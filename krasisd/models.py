@@ -1,0 +1,114 @@
+"""The daemon's view of the model registry: blocking registry calls run off the event loop.
+
+Short calls (list, show, model_dir, remove) run one at a time on one worker thread; a pull
+or a create streams its progress events from its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from krasisd.runners import ModelSpec
+
+_END = object()
+
+
+def canonical_name(name: str) -> str:
+    """'krasis-tiny' -> 'krasis-tiny:latest', as the registry names it."""
+    try:
+        from krasis_registry.names import parse_name
+    except ImportError:
+        return name
+    return parse_name(name).full
+
+
+class ModelCatalog:
+    """Async access to a ``krasis_registry.Registry`` (or any object with its methods)."""
+
+    def __init__(self, registry: Any, quant: str = "int4"):
+        self.registry = registry
+        self.quant = quant
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+
+    async def _call(self, fn: Callable, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def list(self) -> list[dict]:
+        return await self._call(self.registry.list)
+
+    async def show(self, name: str) -> dict:
+        return await self._call(self.registry.show, name)
+
+    async def remove(self, name: str, is_loaded: Callable[[str], bool]) -> None:
+        await self._call(self.registry.remove, name, is_loaded=is_loaded)
+
+    async def spec(self, name: str) -> ModelSpec:
+        """Where a ready model lives and what it weighs; raises ModelNotFound."""
+        return await self._call(self._spec, name)
+
+    def _spec(self, name: str) -> ModelSpec:
+        full = canonical_name(name)
+        model_dir = Path(self.registry.model_dir(name))
+        item = next((m for m in self.registry.list() if m.get("name") in (name, full)), {})
+        size_bytes = int(item.get("size") or _folder_bytes(model_dir))
+        return ModelSpec(name=full, model_dir=model_dir, size_bytes=size_bytes,
+                         digest=str(item.get("digest", "")), details=item.get("details") or {},
+                         cache_dir=self._cache_dir(name))
+
+    def _cache_dir(self, name: str) -> Path | None:
+        if self.quant == "none":
+            return None
+        try:
+            path = Path(self.registry.cache_dir(name, fmt="cpu", quant=self.quant))
+        except Exception:  # noqa: BLE001 - no cache: the engine loads the weights directly
+            return None
+        return path if path.exists() else None
+
+    def pull(self, name: str, insecure: bool = False) -> AsyncIterator[dict]:
+        """Progress events of a pull (Ollama's /api/pull shape)."""
+        return iterate_in_thread(lambda: self.registry.pull(name, insecure=insecure))
+
+    def create(self, name: str, path: str) -> AsyncIterator[dict]:
+        """Progress events of creating a model from a local folder."""
+        return iterate_in_thread(lambda: self.registry.create(name, path))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+async def iterate_in_thread(make: Callable[[], Iterator[dict]]) -> AsyncIterator[dict]:
+    """Run a blocking iterator on its own thread; its items and its exception come here."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in make():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+                if stop.is_set():
+                    return
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            with contextlib.suppress(RuntimeError):  # the loop may be closed at shutdown
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+    threading.Thread(target=produce, daemon=True, name="registry-stream").start()
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

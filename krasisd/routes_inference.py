@@ -1,0 +1,116 @@
+"""Ollama's inference routes: /api/generate and /api/chat (NDJSON streams or one object)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from krasisd import api
+from krasisd.context import Daemon, daemon_of
+from krasisd.runners import ModelSpec
+from krasisd.streaming import collect, stream_ndjson
+
+_COUNTERS = ("prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
+
+
+def now_iso() -> str:
+    """Ollama's created_at: RFC 3339 in UTC with a Z."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return stamp.replace("+00:00", "Z")
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request body as a JSON object (400 if it is not one)."""
+    return api.as_object(await request.json(loads=_strict_loads))
+
+
+def _strict_loads(text: str):
+    return json.loads(text) if text.strip() else {}
+
+
+async def runner_events(daemon: Daemon, spec: ModelSpec,
+                        req: api.InferenceRequest) -> AsyncIterator[dict]:
+    """The runner's events; the done event carries total_duration and load_duration (ns)."""
+    started_ns = time.monotonic_ns()
+    load_ns = 0
+    async for event in daemon.scheduler.generate(spec, req.runner_message(), req.keep_alive_s):
+        load_ns = load_ns or event.get("load_duration", 0)
+        if event["type"] == "done":
+            event = {**event, "load_duration": load_ns,
+                     "total_duration": time.monotonic_ns() - started_ns}
+        yield event
+
+
+def _ollama_events(daemon: Daemon, spec: ModelSpec, req: api.InferenceRequest,
+                   model: str, chat: bool) -> AsyncIterator[dict]:
+    def body(text: str) -> dict:
+        if chat:
+            return {"message": {"role": "assistant", "content": text}}
+        return {"response": text}
+
+    async def events() -> AsyncIterator[dict]:
+        async for event in runner_events(daemon, spec, req):
+            if event["text"]:
+                yield {"model": model, "created_at": now_iso(), **body(event["text"]),
+                       "done": False}
+            if event["type"] == "done":
+                yield {"model": model, "created_at": now_iso(), **body(""), "done": True,
+                       "done_reason": event["done_reason"],
+                       "total_duration": event["total_duration"],
+                       "load_duration": event["load_duration"],
+                       **{k: event[k] for k in _COUNTERS}}
+
+    return events()
+
+
+def _merge(events: list[dict], chat: bool) -> dict:
+    """One non-streamed answer: the last event with the whole text."""
+    final = dict(events[-1])
+    if chat:
+        text = "".join(e["message"]["content"] for e in events)
+        final["message"] = {"role": "assistant", "content": text}
+    else:
+        final["response"] = "".join(e["response"] for e in events)
+    return final
+
+
+async def _load_or_unload(daemon: Daemon, req: api.InferenceRequest, model: str,
+                          chat: bool) -> web.Response:
+    """An empty prompt loads the model; with keep_alive 0 it unloads it (Ollama)."""
+    spec = await daemon.catalog.spec(req.model)
+    if req.keep_alive_s == 0:
+        await daemon.scheduler.unload(spec.name)
+        reason, load_ns = "unload", 0
+    else:
+        load_ns = await daemon.scheduler.load(spec, req.keep_alive_s)
+        reason = "load"
+    body = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+    return web.json_response({"model": model, "created_at": now_iso(), **body, "done": True,
+                              "done_reason": reason, "load_duration": load_ns})
+
+
+async def _answer(request: web.Request, req: api.InferenceRequest,
+                  chat: bool) -> web.StreamResponse:
+    daemon = daemon_of(request)
+    model = req.model
+    if req.is_empty:
+        return await _load_or_unload(daemon, req, model, chat)
+    spec = await daemon.catalog.spec(req.model)
+    events = _ollama_events(daemon, spec, req, model, chat)
+    if req.stream:
+        return await stream_ndjson(request, events)
+    return web.json_response(_merge(await collect(events), chat))
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    """POST /api/generate: complete a prompt."""
+    return await _answer(request, api.generate_request(await read_json(request)), chat=False)
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    """POST /api/chat: the assistant's next message."""
+    return await _answer(request, api.chat_request(await read_json(request)), chat=True)

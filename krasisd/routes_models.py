@@ -1,0 +1,98 @@
+"""Status and model-management routes: /, /api/version, tags, show, ps, pull, create, delete."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+from aiohttp import web
+
+from krasisd import __version__, api
+from krasisd.context import daemon_of
+from krasisd.models import canonical_name
+from krasisd.routes_inference import read_json
+from krasisd.streaming import collect, stream_ndjson
+
+
+async def root(request: web.Request) -> web.Response:
+    """GET and HEAD /: a liveness check."""
+    return web.Response(text="krasisd is running")
+
+
+async def version(request: web.Request) -> web.Response:
+    """GET /api/version."""
+    return web.json_response({"version": __version__})
+
+
+async def tags(request: web.Request) -> web.Response:
+    """GET /api/tags: the models that are pulled."""
+    return web.json_response({"models": await daemon_of(request).catalog.list()})
+
+
+async def show(request: web.Request) -> web.Response:
+    """POST /api/show: one model's details."""
+    name = api.model_name(await read_json(request))
+    return web.json_response(await daemon_of(request).catalog.show(name), dumps=_dumps)
+
+
+async def ps(request: web.Request) -> web.Response:
+    """GET /api/ps: the loaded models and when they unload."""
+    daemon = daemon_of(request)
+    models = []
+    for item in daemon.scheduler.running():
+        spec = item["spec"]
+        expires_in_s = item["expires_in_s"]
+        models.append({
+            "name": spec.name, "model": spec.name, "size": spec.size_bytes,
+            "digest": spec.digest, "details": spec.details,
+            "expires_at": _expires_at(expires_in_s), "size_vram": 0,
+            "pid": item["pid"], "active_requests": item["active"],
+        })
+    return web.json_response({"models": models})
+
+
+def _expires_at(expires_in_s: float | None) -> str:
+    """RFC 3339; a model kept forever (or busy) shows a date far in the future, as Ollama."""
+    if expires_in_s is None:
+        stamp = datetime.datetime(2318, 1, 1, tzinfo=datetime.timezone.utc)
+    else:
+        stamp = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=expires_in_s)
+    return stamp.isoformat().replace("+00:00", "Z")
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """POST /api/pull: download a model and build its caches, streaming progress."""
+    req = api.pull_request(await read_json(request))
+    events = daemon_of(request).catalog.pull(req.model, insecure=req.insecure)
+    if req.stream:
+        return await stream_ndjson(request, events)
+    return web.json_response((await collect(events))[-1])
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    """POST /api/create: register a model from a folder on this machine."""
+    req = api.create_request(await read_json(request))
+    if not os.path.isdir(req.path):
+        raise api.bad_request(f"'path' {req.path!r} is not a folder on the daemon's machine")
+    events = daemon_of(request).catalog.create(req.model, req.path)
+    if req.stream:
+        return await stream_ndjson(request, events)
+    return web.json_response((await collect(events))[-1])
+
+
+async def delete(request: web.Request) -> web.Response:
+    """DELETE /api/delete: remove a model; an idle loaded model is unloaded first."""
+    daemon = daemon_of(request)
+    name = api.model_name(await read_json(request))
+    full = canonical_name(name)
+    if daemon.scheduler.is_loaded(full) and not daemon.scheduler.is_busy(full):
+        await daemon.scheduler.unload(full)
+    await daemon.catalog.remove(name, is_loaded=lambda _name: daemon.scheduler.is_busy(full))
+    return web.Response(status=200)
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, default=str)
+

@@ -1,0 +1,210 @@
+"""A runner process: one loaded model, kept warm, serving generations for the daemon.
+
+Started by the daemon as ``python -m krasisd.runner --fd N --model NAME ...`` (see
+``krasisd.runners`` for the message protocol). The main thread generates; a reader thread
+takes messages from the daemon, so a ``cancel`` is seen between two tokens. When the daemon
+goes away (the channel closes) the runner exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from krasisd.engine.options import GenerationChunk, SamplingOptions
+
+log = logging.getLogger("krasisd.runner")
+
+
+class PromptError(Exception):
+    """A request this model cannot serve (HTTP 400), e.g. a suffix without FIM support."""
+
+
+class Channel:
+    """JSON lines over the socket shared with the daemon; send() is thread-safe."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._file = sock.makefile("rb")
+
+    def send(self, message: dict) -> None:
+        data = json.dumps(message, ensure_ascii=False).encode() + b"\n"
+        with self._lock:
+            self._sock.sendall(data)
+
+    def __iter__(self) -> Iterator[dict]:
+        for line in self._file:
+            yield json.loads(line)
+
+
+def load_engine(args: argparse.Namespace):
+    """Import the loader ('module:function') and load the model with the daemon's settings."""
+    module_name, func_name = args.loader.split(":")
+    loader = getattr(importlib.import_module(module_name), func_name)
+    return loader(args.model_dir, quant=args.quant, device=args.device,
+                  threads=args.threads, cache_dir=args.cache_dir)
+
+
+def render_prompt(engine, request: dict, model: str) -> tuple[str, bool]:
+    """The prompt text and whether the tokenizer should add special tokens (raw prompts)."""
+    suffix = request.get("suffix")
+    template = getattr(engine.tokenizer, "chat_template", None) or ""
+    if suffix and "suffix" not in template:
+        raise PromptError(f"model {model!r} does not support 'suffix' (fill-in-the-middle): "
+                          "its template has no suffix slot")
+    if request.get("raw") and not suffix:
+        return request.get("prompt") or "", True
+    messages = request.get("messages")
+    if messages is None:
+        messages = [{"role": "system", "content": request["system"]}] if request.get("system") \
+            else []
+        messages.append({"role": "user", "content": request.get("prompt") or ""})
+    if not template:
+        return _plain_prompt(messages), True
+    extra = {"suffix": suffix} if suffix else {}
+    return engine.chat_prompt(messages, add_generation_prompt=True, **extra), False
+
+
+def _plain_prompt(messages: list[dict]) -> str:
+    """Without a chat template: the contents, one per paragraph (documented in docs/api.md)."""
+    return "\n\n".join(m["content"] for m in messages if m["content"])
+
+
+def prompt_ids(engine, text: str, add_special: bool, num_ctx: int) -> list[int]:
+    """Tokenize; a prompt that does not fit num_ctx keeps its last num_ctx - 1 tokens."""
+    ids = engine.tokenizer.encode(text, add_special_tokens=add_special)
+    if len(ids) >= num_ctx:
+        log.warning("prompt truncated to fit num_ctx",
+                    extra={"prompt_tokens": len(ids), "num_ctx": num_ctx})
+        ids = ids[len(ids) - (num_ctx - 1):]
+    return ids
+
+
+def generation(engine, ids: list[int], options: SamplingOptions, fmt: str | None,
+               should_cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
+    """The engine's stream, or the JSON-constrained one for format "json"."""
+    if fmt == "json":
+        from krasisd.jsonmode import generate_json
+
+        return generate_json(engine, ids, options, should_cancel)
+    return engine.generate(ids, options, should_cancel=should_cancel)
+
+
+def serve_one(engine, request: dict, channel: Channel, model: str,
+              should_cancel: Callable[[], bool]) -> None:
+    """Run one generate request and send its chunks, its done event or its error."""
+    request_id = request["id"]
+    try:
+        options = SamplingOptions(**request["options"])
+        text, add_special = render_prompt(engine, request, model)
+        ids = prompt_ids(engine, text, add_special, options.num_ctx)
+        for chunk in generation(engine, ids, options, request.get("format"), should_cancel):
+            channel.send(_chunk_event(request_id, chunk))
+            if chunk.done:
+                return
+    except (PromptError, ValueError) as exc:
+        channel.send({"type": "error", "id": request_id, "status": 400, "error": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - any engine failure is this request's error
+        log.exception("generation failed", extra={"model": model})
+        channel.send({"type": "error", "id": request_id, "status": 500,
+                      "error": f"generation failed: {exc}"})
+
+
+def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
+    if not chunk.done:
+        return {"type": "chunk", "id": request_id, "text": chunk.text,
+                "token_id": chunk.token_id, "logprob": chunk.logprob}
+    return {"type": "done", "id": request_id, "text": chunk.text, "token_id": chunk.token_id,
+            "logprob": chunk.logprob, "done_reason": chunk.done_reason,
+            "prompt_eval_count": chunk.prompt_eval_count,
+            "prompt_eval_duration": chunk.prompt_eval_duration_ns,
+            "eval_count": chunk.eval_count, "eval_duration": chunk.eval_duration_ns}
+
+
+def _read_messages(channel: Channel, requests: queue.Queue, cancelled: set) -> None:
+    try:
+        for message in channel:
+            if message.get("type") == "generate":
+                requests.put(message)
+            elif message.get("type") == "cancel":
+                cancelled.add(message["id"])
+    except (OSError, ValueError) as exc:
+        log.warning("daemon channel broken", extra={"error": str(exc)})
+    requests.put(None)  # the daemon closed the channel: exit
+
+
+def serve(engine, channel: Channel, model: str) -> None:
+    """Serve requests until the daemon closes the channel."""
+    requests: queue.Queue = queue.Queue()
+    cancelled: set[int] = set()
+    threading.Thread(target=_read_messages, args=(channel, requests, cancelled),
+                     daemon=True, name="daemon-channel").start()
+    while (request := requests.get()) is not None:
+        request_id = request["id"]
+        if request_id not in cancelled:
+            serve_one(engine, request, channel, model, lambda rid=request_id: rid in cancelled)
+        cancelled.discard(request_id)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="krasis-runner")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--loader", default="krasisd.engine:load")
+    parser.add_argument("--quant", default="int4")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--log-format", default="text")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a runner process."""
+    args = _parse_args(argv)
+    from krasisd.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"krasis-runner {args.model}")
+    except ImportError:
+        log.warning("setproctitle is not installed; the process keeps its python title")
+    channel = Channel(socket.socket(fileno=args.fd))
+    started = time.monotonic()
+    try:
+        engine = load_engine(args)
+    except Exception as exc:  # noqa: BLE001 - reported to the daemon, which reports it to the user
+        log.exception("model load failed", extra={"model": args.model})
+        channel.send({"type": "load_error", "error": str(exc) or type(exc).__name__})
+        return 1
+    if getattr(engine, "tokenizer", None) is None:
+        channel.send({"type": "load_error", "error": "the model folder has no tokenizer"})
+        return 1
+    load_ms = (time.monotonic() - started) * 1000
+    log.info("model loaded", extra={"model": args.model, "pid": os.getpid(), "load_ms": load_ms})
+    channel.send({"type": "ready", "pid": os.getpid()})
+    try:
+        serve(engine, channel, args.model)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The daemon's side of a runner process: start it, talk to it, notice when it dies.
+
+The runner (``python -m krasisd.runner``) gets one end of a socket pair; both sides speak
+JSON lines. Daemon -> runner: ``{"type": "generate", "id", ...request}``,
+``{"type": "cancel", "id"}``. Runner -> daemon: ``{"type": "ready", "load_duration_ns"}``
+or ``{"type": "load_error", "error"}`` once, then per request ``{"type": "chunk", "id",
+"text", "token_id", "logprob"}`` ... and ``{"type": "done", "id", counters}`` or
+``{"type": "error", "id", "status", "error"}``.
+
+A runner that exits (a crash, ``kill -9``, an out-of-memory kill) fails the requests in
+flight on it with :class:`RunnerDied`; the scheduler then starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from krasisd.config import Config
+
+log = logging.getLogger(__name__)
+
+_LINE_LIMIT_BYTES = 1 << 20
+
+
+class RunnerDied(Exception):
+    """The runner process exited while requests were in flight."""
+
+
+class RunnerLoadError(Exception):
+    """The runner could not load the model; the message says why."""
+
+
+class RunnerRequestError(Exception):
+    """The runner refused or failed one request (``status`` is the HTTP status)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ModelSpec:
+    """What the scheduler knows of a model before loading it."""
+
+    name: str
+    model_dir: Path
+    size_bytes: int = 0
+    digest: str = ""
+    details: dict = field(default_factory=dict)
+    cache_dir: Path | None = None
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'killed by SIGKILL' / 'exit status 1'."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class RunnerProcess:
+    """One runner process holding one model; requests are sent one at a time."""
+
+    def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 load_duration_ns: int):
+        self.spec = spec
+        self.proc = proc
+        self.load_duration_ns = load_duration_ns
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Queue] = {}
+        self._read_task = asyncio.create_task(self._read_loop())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self._read_task.done()
+
+    @classmethod
+    async def start(cls, spec: ModelSpec, cfg: Config) -> RunnerProcess:
+        """Spawn the runner and wait until its engine is loaded (or fails to load)."""
+        started_ns = time.monotonic_ns()
+        parent, child = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *_runner_argv(spec, cfg, child.fileno()), pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=_LINE_LIMIT_BYTES)
+        log.info("runner starting", extra={"model": spec.name, "pid": proc.pid})
+        try:
+            first = await asyncio.wait_for(reader.readline(), cfg.load_timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            await _kill(proc)
+            writer.close()
+            raise RunnerLoadError(f"loading {spec.name} took longer than "
+                                  f"{cfg.load_timeout_s:.0f} s (KRASIS_LOAD_TIMEOUT)") from None
+        message = json.loads(first) if first else {}
+        if message.get("type") != "ready":
+            writer.close()
+            returncode = await proc.wait()
+            reason = message.get("error") or f"runner exited during load ({describe_exit(returncode)})"
+            raise RunnerLoadError(f"failed to load {spec.name}: {reason}")
+        load_ns = time.monotonic_ns() - started_ns
+        log.info("runner ready", extra={"model": spec.name, "pid": proc.pid,
+                                        "load_ms": load_ns // 1_000_000})
+        return cls(spec, proc, reader, writer, load_ns)
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """Run one request: yields chunk events and ends with the done event."""
+        if not self.alive:
+            raise RunnerDied(f"runner for {self.spec.name} is not running")
+        request_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pending[request_id] = queue
+        finished = False
+        try:
+            self._send({"type": "generate", "id": request_id, **request})
+            while True:
+                event = await queue.get()
+                kind = event.get("type")
+                if kind == "died":
+                    finished = True
+                    raise RunnerDied(event["error"])
+                if kind == "error":
+                    finished = True
+                    raise RunnerRequestError(int(event.get("status", 500)), event["error"])
+                finished = kind == "done"
+                yield event
+                if finished:
+                    return
+        finally:
+            self._pending.pop(request_id, None)
+            if not finished and self.alive:
+                self._send({"type": "cancel", "id": request_id})
+
+    def _send(self, message: dict) -> None:
+        self._writer.write(json.dumps(message).encode() + b"\n")
+
+    async def _read_loop(self) -> None:
+        try:
+            while line := await self._reader.readline():
+                event = json.loads(line)
+                queue = self._pending.get(event.get("id"))
+                if queue is not None:
+                    queue.put_nowait(event)
+        except (ConnectionError, ValueError) as exc:
+            log.warning("runner channel broken", extra={"model": self.spec.name, "error": str(exc)})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        reason = describe_exit(self.proc.returncode)
+        if self._pending:
+            log.error("runner died with requests in flight", extra={
+                "model": self.spec.name, "pid": self.pid, "reason": reason,
+                "requests": len(self._pending)})
+        for queue in self._pending.values():
+            queue.put_nowait({"type": "died", "error": f"the runner for {self.spec.name} "
+                              f"stopped unexpectedly ({reason}); retry the request"})
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the runner to exit (closing its channel), then terminate, then kill."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self._writer.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            await _kill(self.proc)
+        self._read_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._read_task
+        log.info("runner stopped", extra={"model": self.spec.name, "pid": self.pid})
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
+
+
+def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
+    argv = [sys.executable, "-m", "krasisd.runner", "--fd", str(fd), "--model", spec.name,
+            "--model-dir", str(spec.model_dir), "--loader", cfg.runner_loader,
+            "--quant", cfg.quant, "--device", cfg.device, "--log-format", cfg.log_format,
+            "--log-level", cfg.log_level]
+    if cfg.threads:
+        argv += ["--threads", str(cfg.threads)]
+    if spec.cache_dir is not None:
+        argv += ["--cache-dir", str(spec.cache_dir)]
+    return argv

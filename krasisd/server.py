@@ -1,0 +1,213 @@
+"""Start-up and shut-down: listeners, the app, systemd notifications, preloading.
+
+The Unix socket is guarded by a lock file next to it, held for the daemon's lifetime: a
+second daemon finds the lock taken and exits with a clear message, and never touches a
+live socket; a socket file left by a dead daemon (no lock holder) is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from krasisd.app import make_app
+from krasisd.config import Config, is_loopback
+from krasisd.context import Daemon
+from krasisd.models import ModelCatalog
+from krasisd.runners import ModelSpec, RunnerProcess
+from krasisd.scheduler import Hardware, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyRunning(Exception):
+    """Another daemon holds the socket."""
+
+
+class SocketLock:
+    """An exclusive flock on '<socket>.lock', held while the daemon runs."""
+
+    def __init__(self, socket_path: Path):
+        self.path = socket_path.with_name(socket_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"another krasisd is already serving {self.path.with_suffix('')}"
+                                 "; stop it first (or set KRASIS_SOCKET to another path)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def bind_unix_socket(path: Path, group: str = "") -> socket.socket:
+    """Bind the API socket with mode 0600 (0660 and that group when ``group`` is set)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise AlreadyRunning(f"{path} exists and is not a socket; refusing to replace it")
+        if _socket_is_live(path):
+            raise AlreadyRunning(f"another krasisd is already listening on {path}")
+        log.info("replacing stale socket", extra={"path": str(path)})
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the file is created 0600: never briefly world-writable
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    sock.listen(512)
+    return sock
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def bind_tcp(cfg: Config) -> socket.socket | None:
+    """The optional TCP listener (KRASIS_HOST)."""
+    address = cfg.tcp_address
+    if address is None:
+        return None
+    if not is_loopback(address[0]):
+        log.warning("TCP listener on a non-loopback address", extra={"host": cfg.host})
+    return socket.create_server(address, backlog=512, reuse_port=False)
+
+
+def probe_hardware(cfg: Config) -> Hardware:
+    """Memory for loaded models: KRASIS_MEMORY_BUDGET, else RAM plus KRASIS_VRAM_BUDGET."""
+    if cfg.memory_budget_bytes:
+        return Hardware(cfg.memory_budget_bytes)
+    ram_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware(ram_bytes + (cfg.vram_budget_bytes or 0))
+
+
+def _systemd():
+    """krasisd.systemd when present (it is optional for running outside systemd)."""
+    try:
+        from krasisd import systemd
+    except ImportError:
+        return None
+    return systemd
+
+
+def build_daemon(cfg: Config, registry: Any = None,
+                 runner_factory: Callable[[ModelSpec], Awaitable[Any]] | None = None,
+                 probe: Callable[[], Hardware] | None = None) -> Daemon:
+    """The daemon's parts; tests pass fakes for the registry, runners or hardware."""
+    if registry is None:
+        from krasis_registry import Registry
+
+        registry = Registry(home=cfg.home)
+    scheduler = Scheduler(runner_factory or (lambda spec: RunnerProcess.start(spec, cfg)),
+                          probe or (lambda: probe_hardware(cfg)), keep_alive_s=cfg.keep_alive_s,
+                          max_queue=cfg.max_queue, max_loaded=cfg.max_loaded)
+    return Daemon(cfg, ModelCatalog(registry, cfg.quant), scheduler)
+
+
+def _listeners(cfg: Config, daemon: Daemon, lock: SocketLock) -> tuple[list[socket.socket], bool]:
+    """(sockets, owns_socket_file): systemd's sockets, else our own Unix (+ TCP) sockets."""
+    systemd = _systemd()
+    passed = systemd.listen_fds() if systemd is not None else []
+    if passed:
+        for sock in passed:
+            if sock.family != socket.AF_UNIX:
+                daemon.extra_hosts.add(str(sock.getsockname()[0]))
+        return passed, False
+    lock.acquire()
+    sockets = [bind_unix_socket(cfg.socket, cfg.socket_group)]
+    tcp = bind_tcp(cfg)
+    if tcp is not None:
+        daemon.extra_hosts.add(cfg.tcp_address[0].lower())
+        sockets.append(tcp)
+    return sockets, True
+
+
+async def _preload(daemon: Daemon, names: list[str]) -> None:
+    systemd = _systemd()
+    for name in names:
+        if systemd is not None:
+            systemd.status(f"loading {name}")
+        try:
+            spec = await daemon.catalog.spec(name)
+            await daemon.scheduler.load(spec, keep_alive_s=None)
+            log.info("preloaded", extra={"model": spec.name})
+        except Exception as exc:  # noqa: BLE001 - a bad preload must not stop the daemon
+            log.error("preload failed", extra={"model": name, "error": str(exc)})
+    if systemd is not None:
+        systemd.status("ready")
+
+
+async def serve(cfg: Config, daemon: Daemon | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set)."""
+    daemon = daemon or build_daemon(cfg)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    lock = SocketLock(cfg.socket)
+    sockets, owns_socket = _listeners(cfg, daemon, lock)
+    runner = web.AppRunner(make_app(daemon), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+            log.info("listening", extra={"address": _address(sock)})
+        systemd = _systemd()
+        tasks = [asyncio.create_task(_preload(daemon, cfg.preload))]
+        if systemd is not None:
+            systemd.ready("ready")
+            tasks.append(asyncio.create_task(systemd.run_watchdog()))
+        await stop.wait()
+        log.info("shutting down")
+        if systemd is not None:
+            systemd.stopping()
+        for task in tasks:
+            task.cancel()
+    finally:
+        await daemon.scheduler.close()
+        await runner.cleanup()
+        daemon.catalog.close()
+        if owns_socket:
+            with contextlib.suppress(FileNotFoundError):
+                cfg.socket.unlink()
+        lock.release()
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return name if isinstance(name, str) else f"{name[0]}:{name[1]}"
