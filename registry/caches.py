@@ -1,0 +1,161 @@
+"""Cache builds: the CPU format always, the GPU format with CUDA or on request.
+
+A builder is `builder(model_dir, out_dir, quant=..., group_size=..., progress=cb) -> manifest`
+(krasisd.engine.cpu_cache.build_cpu_cache and krasisd.engine.gpu.cache.build_gpu_cache).
+The row goes building -> ready | failed(error). A build interrupted by a crash leaves its
+row in 'building' with no live lock holder; the next open discards the folder and marks the
+row failed, and the next pull builds it again. Nothing reads a cache that is not ready.
+"""
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from . import records
+from .errors import PullError
+from .store import Store, tree_bytes
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[..., dict]
+FORMATS = ("cpu", "gpu")
+
+
+def _build_cpu(model_dir, out_dir, **kwargs) -> dict:
+    from krasisd.engine.cpu_cache import build_cpu_cache
+
+    return build_cpu_cache(model_dir, out_dir, **kwargs)
+
+
+def _build_gpu(model_dir, out_dir, **kwargs) -> dict:
+    from krasisd.engine.gpu.cache import build_gpu_cache
+
+    return build_gpu_cache(model_dir, out_dir, **kwargs)
+
+
+DEFAULT_BUILDERS: dict[str, Builder] = {"cpu": _build_cpu, "gpu": _build_gpu}
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def formats_to_build(build_caches: bool | Iterable[str]) -> list[str]:
+    """True: cpu, plus gpu when CUDA is present; False: none; or an explicit list of formats."""
+    if build_caches is True:
+        return ["cpu", "gpu"] if cuda_available() else ["cpu"]
+    if build_caches is False or build_caches is None:
+        return []
+    wanted = [str(f) for f in build_caches]
+    unknown = sorted(set(wanted) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown cache format(s) {unknown}: use {list(FORMATS)}")
+    return ["cpu"] + [f for f in FORMATS if f in wanted and f != "cpu"]
+
+
+def manifest_checksum(manifest: dict) -> str:
+    given = manifest.get("checksum") or manifest.get("sha256")
+    if isinstance(given, str) and given:
+        return given
+    text = json.dumps(manifest, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _run_builder(builder: Builder, model_dir: Path, out_dir: Path, quant: str,
+                 group_size: int) -> Iterator[tuple[str, object]]:
+    """Run a builder in a thread; yield ("progress", (done, total)) then ("done", manifest)."""
+    events: queue.Queue = queue.Queue()
+
+    def progress(completed: int, total: int) -> None:
+        events.put(("progress", (int(completed), int(total))))
+
+    def work() -> None:
+        try:
+            manifest = builder(model_dir, out_dir, quant=quant, group_size=group_size,
+                               progress=progress)
+            events.put(("done", manifest))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            events.put(("error", exc))
+
+    thread = threading.Thread(target=work, name=f"cache-build-{out_dir.name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+    finally:
+        thread.join()
+
+
+def build(db: Database, store: Store, model: dict, ref, fmt: str, builder: Builder,
+          quant: str, group_size: int) -> Iterator[dict]:
+    """Build one cache format for a ready model, streaming progress events."""
+    out_dir = store.cache_dir(ref, fmt, quant, group_size)
+    cache_id = records.begin_cache(db, model["id"], fmt, quant, group_size, str(out_dir))
+    store.remove_tree(out_dir, "caches")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    status = f"building {fmt} cache"
+    yield {"status": status, "total": 0, "completed": 0}
+    model_dir = store.model_dir(ref)
+    try:
+        for kind, value in _run_builder(builder, model_dir, out_dir, quant, group_size):
+            if kind == "progress":
+                completed, total = value
+                yield {"status": status, "total": total, "completed": completed}
+            else:
+                manifest = value if isinstance(value, dict) else {}
+        if not out_dir.is_dir():
+            raise PullError(f"the {fmt} cache builder wrote nothing to {out_dir}")
+    except Exception as exc:
+        error = f"{fmt} cache build failed: {exc}"
+        log.exception("cache build of %s failed", ref.full)
+        records.fail_cache(db, cache_id, error)
+        store.remove_tree(out_dir, "caches")
+        raise PullError(error) from exc
+    layout = manifest.get("layout_version", manifest.get("version"))
+    records.finish_cache(db, cache_id, layout, tree_bytes(out_dir), manifest_checksum(manifest))
+    log.info("%s cache of %s ready at %s", fmt, ref.full, out_dir)
+
+
+def discard_interrupted(db: Database, store: Store, cache: dict) -> None:
+    """A 'building' row whose builder is gone: delete its folder, record why it failed."""
+    current = db.execute("SELECT state FROM caches WHERE id = ?", [cache["id"]]).fetchone()
+    if current is None or current[0] != "building":
+        return
+    path = Path(cache["path"])
+    if path.is_relative_to(store.home / "caches"):
+        store.remove_tree(path, "caches")
+    records.fail_cache(db, cache["id"], "interrupted: the process building it stopped; "
+                       "it is rebuilt on the next pull")
+    log.warning("discarded interrupted %s cache build of %s", cache["format"],
+                cache["model_name"])
+
+
+def sweep_cache_orphans(db: Database, store: Store, model: dict, ref) -> None:
+    """Delete entries of the model's cache folder that no ready or building row names."""
+    root = store.cache_root(ref)
+    if not root.is_dir():
+        return
+    known = {Path(c["path"]).name for c in records.caches_of(db, model["id"])
+             if c["state"] in ("ready", "building")}
+    for entry in root.iterdir():
+        if entry.name not in known:
+            log.warning("removing orphan cache entry %s", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                store.remove_tree(entry, "caches")
+            else:
+                entry.unlink()

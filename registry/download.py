@@ -1,0 +1,161 @@
+"""Resumable byte transfer of one file: Range from the bytes on disk, then a checksum.
+
+The partial file `<path>.part` sits in the model's partials folder, next to
+`<path>.part.json`, which names the remote file (sha256 or git blob id and size) that the
+bytes belong to. A restart continues from the partial's length; bytes on disk are read
+back into the hash, never fetched again. A partial is deleted only when it is known bad:
+it belongs to another version of the file, or the finished file failed its checksum (both
+logged and reported in the error).
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Generator
+from pathlib import Path
+
+from .errors import PullError
+from .hub import Hub, RemoteFile
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+READ_BYTES = 8 << 20
+
+
+class _Hashes:
+    """sha256 of the content, and git's blob sha1 (`blob <size>\\0` + content) for small files."""
+
+    def __init__(self, size_bytes: int):
+        self.sha256 = hashlib.sha256()
+        self.git = hashlib.sha1(f"blob {size_bytes}\0".encode())
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.git.update(data)
+
+
+def _identity(remote: RemoteFile) -> dict:
+    return {"path": remote.path, "size": remote.size_bytes, "sha256": remote.sha256,
+            "blob_id": remote.blob_id}
+
+
+def _discard(part: Path, meta: Path, reason: str) -> None:
+    log.warning("discarding partial download %s: %s", part, reason)
+    part.unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
+
+
+def _prepare_partial(part: Path, remote: RemoteFile) -> int:
+    """Bytes already on disk that belong to this remote file (0 when starting afresh)."""
+    meta = part.with_name(part.name + ".json")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    if part.exists():
+        try:
+            recorded = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != _identity(remote):
+            _discard(part, meta, "it belongs to another version of the file")
+        elif part.stat().st_size > remote.size_bytes:
+            _discard(part, meta, "it is longer than the file")
+    if not part.exists():
+        meta.write_text(json.dumps(_identity(remote)))
+        part.touch()
+    return part.stat().st_size
+
+
+def _hash_existing(part: Path, hashes: _Hashes) -> None:
+    with open(part, "rb") as handle:
+        while block := handle.read(READ_BYTES):
+            hashes.update(block)
+
+
+def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[int, None, str]:
+    """Download remote into part, yielding bytes completed; verify; return its sha256 hex."""
+    have_bytes = _prepare_partial(part, remote)
+    hashes = _Hashes(remote.size_bytes)
+    _hash_existing(part, hashes)
+    yield have_bytes
+    if have_bytes < remote.size_bytes:
+        headers = hub.headers()
+        if have_bytes:
+            headers["Range"] = f"bytes={have_bytes}-"
+            log.info("resuming %s at byte %d of %d", remote.path, have_bytes, remote.size_bytes)
+        with hub.stream(url, headers) as response:
+            if have_bytes and response.status_code == 200:
+                log.warning("server ignored Range for %s: starting over", remote.path)
+                with open(part, "wb"):
+                    pass
+                have_bytes, hashes = 0, _Hashes(remote.size_bytes)
+            elif have_bytes:
+                _check_content_range(response, have_bytes, remote.path)
+            with open(part, "ab") as handle:
+                for chunk in response.iter_bytes(CHUNK_BYTES):
+                    handle.write(chunk)
+                    hashes.update(chunk)
+                    have_bytes += len(chunk)
+                    yield have_bytes
+                handle.flush()
+                os.fsync(handle.fileno())
+    _verify(part, remote, have_bytes, hashes)
+    return hashes.sha256.hexdigest()
+
+
+def _check_content_range(response, have_bytes: int, path: str) -> None:
+    content_range = response.headers.get("Content-Range", "")
+    if response.status_code != 206 or not content_range.startswith(f"bytes {have_bytes}-"):
+        raise PullError(
+            f"the hub answered a resume of {path} at byte {have_bytes} with status "
+            f"{response.status_code} and Content-Range {content_range!r}; pull again"
+        )
+
+
+def _verify(part: Path, remote: RemoteFile, have_bytes: int, hashes: _Hashes) -> None:
+    if have_bytes < remote.size_bytes:
+        raise PullError(
+            f"download of {remote.path} stopped at {have_bytes} of {remote.size_bytes} bytes; "
+            "the bytes are kept: pull again to resume"
+        )
+    meta = part.with_name(part.name + ".json")
+    if have_bytes > remote.size_bytes:
+        _discard(part, meta, "the server sent more bytes than the file has")
+        raise PullError(f"{remote.path}: the hub sent more bytes than listed; pull again")
+    if remote.sha256:
+        expected, got, kind = remote.sha256, hashes.sha256.hexdigest(), "sha256"
+    else:
+        expected, got, kind = remote.blob_id, hashes.git.hexdigest(), "git blob id"
+    if expected != got:
+        _discard(part, meta, f"{kind} mismatch")
+        raise PullError(
+            f"checksum mismatch for {remote.path}: expected {kind} {expected}, got {got}; "
+            "the corrupt download was deleted, pull again"
+        )
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 hex of a file on disk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def matches(path: Path, remote: RemoteFile) -> str | None:
+    """sha256 hex of a file on disk when it is exactly the remote file, else None.
+
+    Used for a file that reached the model folder before its row was marked complete (a
+    crash between the rename and the database write): checked locally, not fetched again.
+    """
+    if path.stat().st_size != remote.size_bytes:
+        return None
+    hashes = _Hashes(remote.size_bytes)
+    _hash_existing(path, hashes)
+    got = hashes.sha256.hexdigest() if remote.sha256 else hashes.git.hexdigest()
+    return hashes.sha256.hexdigest() if got == (remote.sha256 or remote.blob_id) else None
+
+
+def drop_meta(part: Path) -> None:
+    part.with_name(part.name + ".json").unlink(missing_ok=True)

@@ -1,0 +1,105 @@
+"""Steps shared by pull and create: the per-model lock, finishing a model, its cache builds."""
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from sqlite_utils import Database
+
+from . import caches, records
+from .caches import Builder
+from .errors import ModelInUse
+from .locks import FileLock
+from .modelinfo import describe, manifest_digest
+from .names import ModelRef
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What one pull, import or build needs: the store, a connection of its own, the builders."""
+
+    store: Store
+    db: Database
+    builders: dict[str, Builder] = field(default_factory=dict)
+    quant: str = "int4"
+    group_size: int = 128
+
+
+def locked(store: Store, ref: ModelRef, body: Callable[[], Iterator[dict]],
+           wait: bool = True) -> Iterator[dict]:
+    """Run body holding the model's lock; a second caller waits, then finds the work done."""
+    lock = FileLock(store.lock_path(ref))
+    if not lock.try_acquire():
+        if not wait:
+            raise ModelInUse(f"a pull or cache build of {ref.full} is running")
+        yield {"status": f"waiting for another pull of {ref.full}"}
+        lock.acquire()
+    try:
+        yield from body()
+    finally:
+        lock.release()
+
+
+def guard_failure(ctx: Context, ref: ModelRef, body: Iterator[dict]) -> Iterator[dict]:
+    """On an error, a model still in 'pulling' becomes 'failed' with the error, then re-raise."""
+    try:
+        yield from body
+    except Exception as exc:
+        row = records.get_model(ctx.db, ref.full)
+        if row is not None and row["state"] == "pulling":
+            records.set_state(ctx.db, row["id"], "failed", str(exc))
+        raise
+
+
+def sweep_model_dir(ctx: Context, ref: ModelRef, model_id: int) -> Iterator[dict]:
+    """Remove what other tools left in the model folder (e.g. *.incomplete, .cache/)."""
+    model_dir = ctx.store.model_dir(ref)
+    if not model_dir.is_dir():
+        return
+    known = {f["path"] for f in records.files_of(ctx.db, model_id)}
+    for entry in sorted(model_dir.iterdir()):
+        if entry.name in known and entry.is_file() and not entry.is_symlink():
+            continue
+        log.warning("removing orphan %s from %s", entry.name, model_dir)
+        yield {"status": f"removing orphan {entry.name}"}
+        if entry.is_dir() and not entry.is_symlink():
+            ctx.store.remove_tree(entry, "models")
+            model_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            entry.unlink()
+
+
+def finish(ctx: Context, ref: ModelRef, model_id: int) -> Iterator[dict]:
+    """Describe the verified files and mark the model ready (only when every file is complete)."""
+    yield {"status": "writing manifest"}
+    files = records.files_of(ctx.db, model_id)
+    model_dir = ctx.store.model_dir(ref)
+    for row in files:
+        path = model_dir / row["path"]
+        if row["state"] != "complete" or not path.is_file() or \
+                path.stat().st_size != row["size_bytes"]:
+            raise RuntimeError(f"{row['path']} of {ref.full} is not complete on disk")
+    info = describe(model_dir)
+    size_bytes = sum(row["size_bytes"] for row in files)
+    digest = manifest_digest([(row["path"], row["sha256"]) for row in files])
+    records.finish_model(ctx.db, model_id, info, size_bytes, digest)
+
+
+def build_caches(ctx: Context, ref: ModelRef, formats: Iterable[str],
+                 rebuild: bool = False) -> Iterator[dict]:
+    """Build the missing (or failed) cache formats of a ready model."""
+    model = records.get_model(ctx.db, ref.full)
+    caches.sweep_cache_orphans(ctx.db, ctx.store, model, ref)
+    ready = {(c["format"], c["quant"], c["group_size"])
+             for c in records.caches_of(ctx.db, model["id"]) if c["state"] == "ready"}
+    for fmt in formats:
+        if not rebuild and (fmt, ctx.quant, ctx.group_size) in ready:
+            continue
+        builder = ctx.builders.get(fmt)
+        if builder is None:
+            raise ValueError(f"no builder for the {fmt} cache format")
+        yield from caches.build(ctx.db, ctx.store, model, ref, fmt, builder, ctx.quant,
+                                ctx.group_size)

@@ -1,0 +1,202 @@
+"""The Registry: the one object the daemon and the CLI use (see the Registry contract)."""
+
+from __future__ import annotations  # the method named list shadows the builtin in the class
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from . import records
+from .caches import DEFAULT_BUILDERS, Builder, formats_to_build
+from .create import bundled_dir, import_files
+from .db import connect, migrate
+from .errors import CacheNotReady, InvalidName, ModelNotFound, PullError
+from .hub import Hub
+from .modelinfo import human_count
+from .names import ALIASES, ModelRef, parse_name
+from .pipeline import Context, build_caches, guard_failure, locked
+from .pull import pull_files
+from .recovery import recover
+from .remove import remove_model
+from .store import Store, default_home
+
+log = logging.getLogger(__name__)
+
+FilesStep = Callable[[Context], Iterator[dict]]
+
+
+class Registry:
+    """Models on disk and their records; every public method opens its own connection."""
+
+    def __init__(self, home: str | Path | None = None,
+                 cache_builders: dict[str, Builder] | None = None,
+                 quant: str = "int4", group_size: int = 128):
+        self.store = Store(Path(home) if home is not None else default_home())
+        self.builders = {**DEFAULT_BUILDERS, **(cache_builders or {})}
+        self.quant = quant
+        self.group_size = int(group_size)
+        with self._db() as db:
+            migrate(db, self.store.global_lock_path())
+            recover(db, self.store)
+
+    @property
+    def home(self) -> Path:
+        return self.store.home
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[Database]:
+        db = connect(self.store.db_path)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    # pulls, imports, cache builds
+
+    def pull(self, name: str, revision: str | None = None,
+             build_caches: bool | Iterable[str] = True, insecure: bool = False) -> Iterator[dict]:
+        """Pull a model (alias, org/repo, or the bundled krasis-tiny); stream Ollama-style events."""
+        ref = parse_name(name)
+        formats = formats_to_build(build_caches)
+        if ref.is_bundled:
+            source_dir = bundled_dir(ref.name)
+            return self._run(ref, lambda ctx: import_files(ctx, ref, source_dir, "bundled",
+                                                           link=False), formats)
+        if ref.hub_repo is None:
+            raise PullError(
+                f"unknown model {ref.name!r}: use org/repo for a Hugging Face repo, "
+                f"krasis-tiny, or one of {sorted(ALIASES)}"
+            )
+        hub = Hub(insecure=insecure)
+        return self._run(ref, lambda ctx: pull_files(ctx, hub, ref, revision), formats)
+
+    def create(self, name: str, from_dir: str | Path,
+               build_caches: bool | Iterable[str] = True) -> Iterator[dict]:
+        """Register a local Hugging Face folder under name (hard link or copy); stream events."""
+        ref = parse_name(name)
+        if ref.is_bundled or ref.name in ALIASES:
+            raise InvalidName(f"{ref.name} is a reserved name: choose another")
+        formats = formats_to_build(build_caches)
+        return self._run(ref, lambda ctx: import_files(ctx, ref, Path(from_dir), "local",
+                                                       link=True), formats)
+
+    def build_caches(self, name: str, formats: bool | Iterable[str] = True,
+                     rebuild: bool = False) -> Iterator[dict]:
+        """(Re)build the cache formats of a ready model; stream progress events."""
+        ref = parse_name(name)
+        self.model_dir(name)
+        fmts = formats_to_build(formats)
+        return self._run(ref, lambda ctx: iter(()), fmts, rebuild=rebuild)
+
+    def _run(self, ref: ModelRef, files_step: FilesStep, formats: list[str],
+             rebuild: bool = False) -> Iterator[dict]:
+        with self._db() as db:
+            ctx = Context(self.store, db, self.builders, self.quant, self.group_size)
+
+            def body() -> Iterator[dict]:
+                yield from guard_failure(ctx, ref, files_step(ctx))
+                yield from build_caches(ctx, ref, formats, rebuild=rebuild)
+                yield {"status": "success"}
+
+            yield from locked(self.store, ref, body)
+
+    # queries
+
+    def list(self) -> list[dict]:
+        """Ready models as Ollama /api/tags items, newest first."""
+        with self._db() as db:
+            rows = records.models_in_state(db, "ready")
+        rows.sort(key=lambda r: r["updated_at"], reverse=True)
+        return [_tag_item(row) for row in rows]
+
+    def show(self, name: str) -> dict:
+        """Everything recorded about a model, ready or not."""
+        ref = parse_name(name)
+        with self._db() as db:
+            row = self._row(db, ref)
+            files = records.files_of(db, row["id"])
+            caches = records.caches_of(db, row["id"])
+        return {
+            **_tag_item(row),
+            "state": row["state"], "error": row["error"], "source": row["source"],
+            "repo": row["repo"], "revision": row["revision"], "commit": row["commit_sha"],
+            "architecture": row["architecture"], "model_type": row["model_type"],
+            "parameters": {"total": row["params_total"], "active": row["params_active"]},
+            "config": json.loads(row["config_json"]) if row["config_json"] else None,
+            "path": str(self.store.model_dir(ref)),
+            "files": [{k: f[k] for k in ("path", "size_bytes", "sha256", "etag", "state")}
+                      for f in files],
+            "caches": [{k: c[k] for k in ("format", "quant", "group_size", "layout_version",
+                                          "path", "size_bytes", "checksum", "state", "error")}
+                       for c in caches],
+        }
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of a ready model; ModelNotFound otherwise."""
+        ref = parse_name(name)
+        with self._db() as db:
+            row = self._row(db, ref)
+        if row["state"] != "ready":
+            detail = f": {row['error']}" if row["error"] else ""
+            raise ModelNotFound(f"model {ref.full} is not ready ({row['state']}{detail})")
+        return self.store.model_dir(ref)
+
+    def cache_dir(self, name: str, fmt: str = "cpu", quant: str = "int4",
+                  group_size: int | None = None) -> Path:
+        """The folder of a ready cache of that format and quantization; CacheNotReady otherwise."""
+        ref = parse_name(name)
+        self.model_dir(name)
+        with self._db() as db:
+            caches = records.caches_of(db, self._row(db, ref)["id"])
+        for cache in sorted(caches, key=lambda c: c["updated_at"], reverse=True):
+            if (cache["format"], cache["quant"]) == (fmt, quant) and cache["state"] == "ready" \
+                    and group_size in (None, cache["group_size"]):
+                return Path(cache["path"])
+        raise CacheNotReady(f"no ready {fmt} {quant} cache for {ref.full}: pull it again")
+
+    # removal and expert heat
+
+    def remove(self, name: str, force: bool = False,
+               is_loaded: Callable[[str], bool] = lambda name: False) -> None:
+        """Delete the model's files, caches and rows; refuse while loaded unless force."""
+        ref = parse_name(name)
+        with self._db() as db:
+            remove_model(db, self.store, ref, force, is_loaded)
+
+    def add_expert_heat(self, name: str, counts: dict[int, list[int]]) -> None:
+        """Add routing counts per layer ({layer: [count per expert]}) to the stored heat."""
+        ref = parse_name(name)
+        with self._db() as db:
+            records.add_heat(db, self._row(db, ref)["id"], counts)
+
+    def expert_heat(self, name: str) -> dict[int, list[int]]:
+        """Accumulated routing counts per layer."""
+        ref = parse_name(name)
+        with self._db() as db:
+            return records.heat_of(db, self._row(db, ref)["id"])
+
+    def _row(self, db: Database, ref: ModelRef) -> dict:
+        row = records.get_model(db, ref.full)
+        if row is None:
+            raise ModelNotFound(f"model {ref.full} not found")
+        return row
+
+
+def _tag_item(row: dict) -> dict:
+    """An Ollama /api/tags item."""
+    config = json.loads(row["config_json"]) if row["config_json"] else {}
+    dtype = config.get("torch_dtype") or config.get("dtype") or ""
+    return {
+        "name": row["name"], "model": row["name"], "size": row["size_bytes"],
+        "digest": row["digest"] or "", "modified_at": row["updated_at"],
+        "details": {
+            "parent_model": row["repo"] or "", "format": "safetensors",
+            "family": row["model_type"] or "", "families": [row["model_type"]] if
+            row["model_type"] else [], "parameter_size": human_count(row["params_total"]),
+            "quantization_level": str(dtype).upper(),
+        },
+    }
