@@ -1,0 +1,274 @@
+"""The CPU half of the dual-format cache: a model's routed experts quantized once for the
+native kernels, one safetensors file per MoE layer plus ``manifest.json``.
+
+Per layer file ``layer_{l:03d}.safetensors``: ``{gate,up,down}.qweight`` and ``.scales`` in the
+layout of docs/cpu-format.md (E experts, D hidden, I expert width, G group size):
+gate/up qweight [E, I, D] int8 or [E, I, D/2] uint8, scales float32 [E, I, D/G];
+down qweight [E, D, I] or [E, D, I/2], scales [E, D, I/G].
+
+Integrity: the build records each file's size, mtime and full sha256 (and the sha256 of its
+safetensors header). A load checks size and header digest always, and re-hashes the whole file
+when its mtime changed since the build (or ``verify="full"``), so truncated or rewritten files
+raise CacheError. Loads memory-map the files: no copy, no re-quantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from krasisd.engine import loader
+from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
+
+log = logging.getLogger(__name__)
+
+FORMAT = "krasis-cpu-experts"
+MANIFEST = "manifest.json"
+PROJS = ("gate", "up", "down")
+NP_DTYPES = {"I8": np.int8, "U8": np.uint8, "F32": np.float32}
+HASH_CHUNK_BYTES = 8 << 20
+
+
+class CacheError(Exception):
+    """A CPU cache is missing, corrupt, or in another format/layout: rebuild it."""
+
+
+@dataclass
+class LayerExperts:
+    """One MoE layer's quantized experts as read-only arrays over the mapped file."""
+
+    gate_q: np.ndarray
+    gate_s: np.ndarray
+    up_q: np.ndarray
+    up_s: np.ndarray
+    down_q: np.ndarray
+    down_s: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.gate_q, self.gate_s, self.up_q, self.up_s, self.down_q, self.down_s)
+
+
+@dataclass
+class CpuCache:
+    manifest: dict
+    layers: dict[int, LayerExperts]
+
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["bits"])
+
+    @property
+    def group_size(self) -> int:
+        return int(self.manifest["group_size"])
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json and each weight file's name, size and safetensors header."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in loader.weight_files(model_dir):
+        digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+        digest.update(_read_header_bytes(path))
+    return digest.hexdigest()
+
+
+def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "int4",
+                    group_size: int = 128, progress: Callable[[int, int], None] | None = None
+                    ) -> dict:
+    """Quantize the routed experts of ``model_dir`` into ``out_dir``; returns the manifest."""
+    if quant not in BITS:
+        raise ValueError(f"quant must be one of {tuple(BITS)}, got {quant!r}")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = loader.read_config(model_dir)
+    bits = BITS[quant]
+    check_format(bits, group_size, config.hidden_size)
+    check_format(bits, group_size, config.moe_intermediate_size)
+    index = loader.read_headers(loader.weight_files(model_dir))
+    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        files = {}
+        for done, layer_idx in enumerate(layers, start=1):
+            tensors = _quantize_layer(config, layer_idx, index, bits, group_size)
+            name = f"layer_{layer_idx:03d}.safetensors"
+            save_file(tensors, str(tmp_dir / name), metadata={"format": FORMAT, "quant": quant})
+            files[str(layer_idx)] = _file_record(tmp_dir / name, name)
+            if progress is not None:
+                progress(done, len(layers))
+        manifest = {
+            "format": FORMAT, "layout_version": LAYOUT_VERSION, "quant": quant, "bits": bits,
+            "group_size": group_size, "n_experts": config.n_routed_experts,
+            "hidden": config.hidden_size, "width": config.moe_intermediate_size,
+            "model_fingerprint": model_fingerprint(model_dir), "created": time.time(),
+            "layers": files,
+        }
+        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    log.info("built CPU cache %s: %d layers, %s g%d", out_dir, len(layers), quant, group_size)
+    return manifest
+
+
+def load_cpu_cache(out_dir: str | Path, quant: str | None = None, group_size: int | None = None,
+                   model_dir: str | Path | None = None, verify: str = "quick") -> CpuCache:
+    """Memory-map a built cache; raises CacheError if it is absent, stale, corrupt or foreign."""
+    if verify not in ("quick", "full"):
+        raise ValueError(f"verify must be 'quick' or 'full', got {verify!r}")
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    _check_manifest(manifest, quant, group_size, model_dir)
+    layers = {}
+    for key, record in manifest["layers"].items():
+        path = out_dir / record["file"]
+        _verify_file(path, record, full=verify == "full")
+        layers[int(key)] = _map_layer(path, manifest)
+    return CpuCache(manifest, layers)
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CacheError(f"no CPU cache at {out_dir}") from exc
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"unreadable manifest {path}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise CacheError(f"manifest {path} is not a JSON object")
+    return manifest
+
+
+def _check_manifest(manifest: dict, quant, group_size, model_dir) -> None:
+    if manifest.get("format") != FORMAT or manifest.get("layout_version") != LAYOUT_VERSION:
+        raise CacheError(f"cache format {manifest.get('format')!r} layout "
+                         f"{manifest.get('layout_version')!r}, expected {FORMAT!r} {LAYOUT_VERSION}")
+    if quant is not None and manifest.get("quant") != quant:
+        raise CacheError(f"cache holds {manifest.get('quant')!r}, wanted {quant!r}")
+    if group_size is not None and manifest.get("group_size") != group_size:
+        raise CacheError(f"cache group size {manifest.get('group_size')}, wanted {group_size}")
+    if model_dir is not None and manifest.get("model_fingerprint") != model_fingerprint(model_dir):
+        raise CacheError("cache was built from other weights (model fingerprint differs)")
+    if not isinstance(manifest.get("layers"), dict):
+        raise CacheError("manifest has no layer table")
+
+
+def _quantize_layer(config, layer_idx: int, index, bits: int, group_size: int):
+    names = loader.expert_names(config, layer_idx, index)
+    floats = loader.read_tensors(names, index)
+    inter = config.moe_intermediate_size
+    fused = f"model.layers.{layer_idx}.mlp.experts.gate_up_proj"
+    if fused in floats:
+        gate_up = floats[fused]  # [E, 2I, D]
+        stacks = {"gate": gate_up[:, :inter], "up": gate_up[:, inter:],
+                  "down": floats[f"model.layers.{layer_idx}.mlp.experts.down_proj"]}
+    else:
+        prefix = f"model.layers.{layer_idx}.mlp.experts"
+        stacks = {proj: [floats[f"{prefix}.{e}.{proj}_proj.weight"]
+                         for e in range(config.n_routed_experts)] for proj in PROJS}
+    tensors = {}
+    for proj, experts in stacks.items():
+        packed = [quantize(w, bits, group_size) for w in experts]  # per expert: bounded memory
+        tensors[f"{proj}.qweight"] = torch.stack([q for q, _ in packed])  # [E, N, K or K/2]
+        tensors[f"{proj}.scales"] = torch.stack([s for _, s in packed])  # [E, N, K/G]
+    return tensors
+
+
+def _file_record(path: Path, name: str) -> dict:
+    stat = path.stat()
+    return {"file": name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": _sha256(path), "header_sha256": hashlib.sha256(_read_header_bytes(path)).hexdigest()}
+
+
+def _verify_file(path: Path, record: dict, full: bool) -> None:
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise CacheError(f"cache file {path.name} is missing: {exc}") from exc
+    if stat.st_size != record.get("bytes"):
+        raise CacheError(f"cache file {path.name} has {stat.st_size} bytes, "
+                         f"the manifest says {record.get('bytes')} (truncated?)")
+    try:
+        header_digest = hashlib.sha256(_read_header_bytes(path)).hexdigest()
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cache file {path.name} has a bad header: {exc}") from exc
+    if header_digest != record.get("header_sha256"):
+        raise CacheError(f"cache file {path.name}: header checksum mismatch")
+    if full or stat.st_mtime_ns != record.get("mtime_ns"):
+        if _sha256(path) != record.get("sha256"):
+            raise CacheError(f"cache file {path.name}: checksum mismatch (corrupted)")
+
+
+def _map_layer(path: Path, manifest: dict) -> LayerExperts:
+    arrays = _mmap_safetensors(path)
+    e, d, i, g = (manifest[k] for k in ("n_experts", "hidden", "width", "group_size"))
+    div = 2 if manifest["bits"] == 4 else 1
+    expected = {"gate.qweight": (e, i, d // div), "gate.scales": (e, i, d // g),
+                "up.qweight": (e, i, d // div), "up.scales": (e, i, d // g),
+                "down.qweight": (e, d, i // div), "down.scales": (e, d, i // g)}
+    for name, shape in expected.items():
+        if name not in arrays or arrays[name].shape != shape:
+            raise CacheError(f"{path.name}: tensor {name} missing or not of shape {shape}")
+    return LayerExperts(*(arrays[f"{p}.{part}"] for p in PROJS for part in ("qweight", "scales")))
+
+
+def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Zero-copy read-only views of a safetensors file (safetensors' own numpy loader copies)."""
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")  # [bytes]
+    header_bytes = _read_header_bytes(path)
+    base = 8 + len(header_bytes)
+    out = {}
+    for name, info in json.loads(header_bytes).items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in NP_DTYPES:
+            raise CacheError(f"{path.name}: unexpected dtype {info['dtype']} for {name}")
+        start, end = info["data_offsets"]
+        view = mapped[base + start:base + end].view(NP_DTYPES[info["dtype"]])
+        out[name] = view.reshape(info["shape"])
+    return out
+
+
+def _read_header_bytes(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size <= 0 or size > (100 << 20):
+            raise ValueError(f"{path.name}: implausible safetensors header size {size}")
+        header = handle.read(size)
+    if len(header) != size:
+        raise ValueError(f"{path.name}: file ends inside its header")
+    return header
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_dir(new_dir: Path, out_dir: Path) -> None:
+    """Put new_dir at out_dir; an old out_dir is moved aside first, then removed."""
+    old_dir = None
+    if out_dir.exists():
+        old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old_dir)
+    os.replace(new_dir, out_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""NativeExperts: the routed-expert backend over the memory-mapped CPU cache and the fused
+native kernels (krasis_native). One ``MoE.forward`` call per layer, the GIL released inside.
+
+Legend: T = tokens, D = hidden size, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
+from krasisd.engine.quant import BITS, INT4_UNIT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP_SIZE = 128
+
+
+def _native():
+    try:
+        import krasis_native
+    except ImportError as exc:
+        raise ValueError(f"the native CPU kernels (krasis_native) are not built: {exc}") from exc
+    return krasis_native
+
+
+class NativeExperts:
+    """ExpertBackend over a CpuCache; ``threads`` defaults to usable cores minus one."""
+
+    def __init__(self, cache: CpuCache, threads: int | None = None):
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.cache = cache
+        self.bits = cache.bits
+        self.group_size = cache.group_size
+        self.hidden = int(cache.manifest["hidden"])
+        self.runner = _native().MoE(threads or 0)
+
+    @property
+    def threads(self) -> int:
+        return self.runner.threads
+
+    @property
+    def isa(self) -> str:
+        return _native().isa()
+
+    def __call__(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        layer = self.cache.layers.get(layer_idx)
+        if layer is None:
+            raise ValueError(f"layer {layer_idx} has no routed experts in the CPU cache")
+        x32 = x.detach().to("cpu", torch.float32).contiguous()  # [T, D]
+        ids = topk_ids.detach().to("cpu", torch.int64).contiguous()  # [T, K]
+        weights = topk_weights.detach().to("cpu", torch.float32).contiguous()  # [T, K]
+        out = np.empty((x32.shape[0], self.hidden), dtype=np.float32)  # [T, D]
+        self.runner.forward(x32.numpy(), ids.numpy(), weights.numpy(), *layer.arrays(),
+                            self.bits, self.group_size, out)
+        return torch.from_numpy(out).to(device=x.device, dtype=x.dtype)
+
+    def close(self) -> None:
+        """Drop the mapped cache (the pages go when the last array does)."""
+        self.cache = CpuCache(self.cache.manifest, {})
+
+
+def pick_group_size(hidden: int, width: int, bits: int) -> int:
+    """The largest of 128, 64, 32 that divides both sizes (and suits INT4's 64-wide units)."""
+    for group_size in (DEFAULT_GROUP_SIZE, 64, 32):
+        if hidden % group_size == 0 and width % group_size == 0:
+            if bits == 8 or (hidden % INT4_UNIT == 0 and width % INT4_UNIT == 0):
+                return group_size
+    raise ValueError(f"hidden {hidden} and expert width {width} fit no supported group size "
+                     f"for {bits}-bit experts (multiples of 32; of 64 for INT4)")
+
+
+def default_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:
+    return Path(model_dir) / ".krasis-cache" / f"cpu-{quant}-g{group_size}"
+
+
+def native_expert_backend(model_dir, config, quant: str, cache_dir=None,
+                          group_size: int | None = None, threads: int | None = None
+                          ) -> NativeExperts:
+    """NativeExperts for ``model_dir``; builds the CPU cache first when missing or invalid."""
+    if quant not in BITS:
+        raise ValueError(f"quant must be one of {tuple(BITS)} for native experts, got {quant!r}")
+    model_dir = Path(model_dir)
+    if group_size is None:
+        group_size = pick_group_size(config.hidden_size, config.moe_intermediate_size, BITS[quant])
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(model_dir, quant, group_size)
+    try:
+        cache = load_cpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir)
+    except CacheError as exc:
+        log.info("building the CPU %s cache in %s (%s)", quant, cache_dir, exc)
+        build_cpu_cache(model_dir, cache_dir, quant=quant, group_size=group_size)
+        cache = load_cpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir)
+    log.info("native experts: %s g%d, %d layers, isa=%s", quant, group_size, len(cache.layers),
+             _native().isa())
+    return NativeExperts(cache, threads=threads)
+
+
+def create_backend(model_dir, config, quant: str, cache_dir=None, threads: int | None = None,
+                   group_size: int | None = None) -> NativeExperts:
+    """The hook krasisd.engine.engine.load() calls for quant='int8' | 'int4'."""
+    return native_expert_backend(model_dir, config, quant, cache_dir, group_size=group_size,
+                                 threads=threads)

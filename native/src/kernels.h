@@ -1,0 +1,60 @@
+// krasis_native: block layouts and the per-ISA kernel table.
+//
+// Weight matrix W [N, K] (N output rows, K inputs), symmetric, one float32 scale per group of
+// G consecutive inputs of a row (G a multiple of 32, K a multiple of G and of 64 for INT4).
+//   INT8: qweight int8 [N, K], row-major; value = q * scale, q in [-127, 127].
+//   INT4: qweight uint8 [N, K/2]: each row is K/64 units of BlockQ4x64; in unit u, byte j holds
+//         element 64u+j in its low nibble and element 64u+32+j in its high nibble, stored as
+//         q + 8 (q in [-8, 7]); value = q * scale.
+//   scales float32 [N, K/G], row-major.
+// Activations are quantized on the fly per token to int8 with one float scale per group of G
+// (QActRow); the integer dot product of a group is exact, then scaled by w_scale * a_scale.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace krasis {
+
+constexpr int kUnit = 64;        // elements per SIMD unit (one zmm of int8)
+constexpr int kHalf = 32;        // smallest group size
+constexpr int kMaxTile = 4;      // tokens per dot-product call
+
+struct BlockQ8x64 { int8_t qs[kUnit]; };
+struct BlockQ4x64 { uint8_t qs[kUnit / 2]; };
+static_assert(sizeof(BlockQ8x64) == 64, "INT8 unit must be 64 bytes");
+static_assert(sizeof(BlockQ4x64) == 32, "INT4 unit must be 32 bytes");
+
+// One token's activation row, quantized: K int8 values, K/G scales, K/G sums of the int8 values
+// (the INT4 kernels subtract 8 * sum to undo the +8 offset of stored nibbles).
+struct QActRow {
+    const int8_t* q;
+    const float* scale;
+    const int32_t* sum;
+};
+
+// out[t] = sum_k W[row, k] * A_t[k] for t < T (T in 1..kMaxTile), W's row given by its bytes
+// and scales. K elements, group size G.
+using DotRowsFn = void (*)(const uint8_t* w_row, const float* w_scale, const QActRow* acts, int T,
+                           int K, int G, float* out);
+
+struct KernelTable {
+    const char* name;
+    DotRowsFn dot_q8;
+    DotRowsFn dot_q4;
+};
+
+const KernelTable& kernels_scalar();
+const KernelTable* kernels_avx2();    // nullptr when the CPU lacks AVX2/FMA
+const KernelTable* kernels_avx512();  // nullptr when the CPU lacks AVX-512 F/BW/VL/VNNI
+
+// Selected table (dispatch.cpp). select_isa("auto" | "scalar" | "avx2" | "avx512") returns false
+// when the CPU cannot run the requested ISA.
+const KernelTable& active_kernels();
+bool select_isa(const char* name);
+
+// Activation quantization (shared by every ISA so they see identical int8 inputs).
+// x float [K] -> q int8 [K], scale float [K/G], sum int32 [K/G].
+void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum);
+
+}  // namespace krasis

@@ -1,0 +1,109 @@
+// AVX2 + FMA kernels (maddubs): compiled with per-function target attributes, so this file
+// builds on any x86-64 and runs only where dispatch.cpp found AVX2 and FMA.
+// w_row: one weight row (INT8: K bytes; INT4: K/64 BlockQ4x64 units), w_scale: [K/G].
+// acts: T quantized activation rows, out: [T]. Groups are walked in 32-element halves.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#define KRASIS_AVX2 __attribute__((target("avx2,fma")))
+
+namespace krasis {
+
+namespace {
+
+KRASIS_AVX2 inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// INT8: |w| (u8) times sign(a, w) (s8): pairs stay below 2*127*127, so maddubs cannot saturate.
+template <int T>
+KRASIS_AVX2 void dot_q8_avx2_t(const uint8_t* w_row, const float* w_scale, const QActRow* acts,
+                               int K, int G, float* out) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 accf[T];
+    for (int t = 0; t < T; ++t) accf[t] = _mm256_setzero_ps();
+    for (int g = 0; g < K / G; ++g) {
+        __m256i acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+        for (int k = g * G; k < (g + 1) * G; k += kHalf) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row + k));
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            for (int t = 0; t < T; ++t) {
+                const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts[t].q + k));
+                const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w));
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones16));
+            }
+        }
+        for (int t = 0; t < T; ++t) {
+            const __m256 s = _mm256_set1_ps(w_scale[g] * acts[t].scale[g]);
+            accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[t]), s, accf[t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) out[t] = hsum_ps(accf[t]);
+}
+
+// INT4: stored nibbles (q + 8, u8) times a (s8): pairs stay below 2*15*128; subtract 8 * sum(a).
+template <int T>
+KRASIS_AVX2 void dot_q4_avx2_t(const uint8_t* w_row, const float* w_scale, const QActRow* acts,
+                               int K, int G, float* out) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256 accf[T];
+    for (int t = 0; t < T; ++t) accf[t] = _mm256_setzero_ps();
+    for (int g = 0; g < K / G; ++g) {
+        __m256i acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+        for (int k = g * G; k < (g + 1) * G; k += kHalf) {
+            const uint8_t* unit = w_row + (k / kUnit) * (kUnit / 2);
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit));
+            const __m256i w = (k % kUnit) == 0 ? _mm256_and_si256(raw, low4)
+                                               : _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            for (int t = 0; t < T; ++t) {
+                const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts[t].q + k));
+                const __m256i p = _mm256_maddubs_epi16(w, a);
+                acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones16));
+            }
+        }
+        for (int t = 0; t < T; ++t) {
+            const __m256i corr = _mm256_zextsi128_si256(_mm_cvtsi32_si128(8 * acts[t].sum[g]));
+            const __m256 s = _mm256_set1_ps(w_scale[g] * acts[t].scale[g]);
+            accf[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[t], corr)), s, accf[t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) out[t] = hsum_ps(accf[t]);
+}
+
+KRASIS_AVX2 void dot_q8_avx2(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
+                             int G, float* out) {
+    switch (T) {
+        case 1: return dot_q8_avx2_t<1>(w, ws, a, K, G, out);
+        case 2: return dot_q8_avx2_t<2>(w, ws, a, K, G, out);
+        case 3: return dot_q8_avx2_t<3>(w, ws, a, K, G, out);
+        default: return dot_q8_avx2_t<4>(w, ws, a, K, G, out);
+    }
+}
+
+KRASIS_AVX2 void dot_q4_avx2(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
+                             int G, float* out) {
+    switch (T) {
+        case 1: return dot_q4_avx2_t<1>(w, ws, a, K, G, out);
+        case 2: return dot_q4_avx2_t<2>(w, ws, a, K, G, out);
+        case 3: return dot_q4_avx2_t<3>(w, ws, a, K, G, out);
+        default: return dot_q4_avx2_t<4>(w, ws, a, K, G, out);
+    }
+}
+
+}  // namespace
+
+const KernelTable* kernels_avx2() {
+    static const KernelTable table{"avx2", dot_q8_avx2, dot_q4_avx2};
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return nullptr;
+    return &table;
+}
+
+}  // namespace krasis

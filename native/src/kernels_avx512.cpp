@@ -1,0 +1,133 @@
+// AVX-512 VNNI kernels (vpdpbusd): compiled with per-function target attributes, so this file
+// builds on any x86-64 and runs only where dispatch.cpp found AVX-512 F/BW/VL and VNNI.
+// w_row: one weight row (INT8: K bytes; INT4: K/64 BlockQ4x64 units), w_scale: [K/G].
+// acts: T quantized activation rows, out: [T]. A group is walked in 64-element units (zmm) and,
+// when G is an odd multiple of 32, one 32-element half (ymm).
+#include <immintrin.h>
+
+#include "kernels.h"
+
+#define KRASIS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace krasis {
+
+namespace {
+
+// INT8: vpdpbusd needs u8 x s8, so activations enter as a + 128 (a ^ 0x80) and the kernel
+// subtracts 128 * sum(w), itself a vpdpbusd of ones and w, shared by the T tokens.
+template <int T>
+KRASIS_AVX512 void dot_q8_avx512_t(const uint8_t* w_row, const float* w_scale, const QActRow* acts,
+                                   int K, int G, float* out) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512 accf[T];
+    for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
+    for (int g = 0; g < K / G; ++g) {
+        const int end = (g + 1) * G;
+        __m512i acc[T];
+        __m512i wsum = _mm512_setzero_si512();
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+        int k = g * G;
+        for (; k + kUnit <= end; k += kUnit) {
+            const __m512i w = _mm512_loadu_si512(w_row + k);
+            wsum = _mm512_dpbusd_epi32(wsum, ones, w);
+            for (int t = 0; t < T; ++t) {
+                const __m512i a = _mm512_xor_si512(_mm512_loadu_si512(acts[t].q + k), flip);
+                acc[t] = _mm512_dpbusd_epi32(acc[t], a, w);
+            }
+        }
+        if (k < end) {  // one 32-element half left
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row + k));
+            const __m256i ws = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(ones), w);
+            wsum = _mm512_add_epi32(wsum, _mm512_zextsi256_si512(ws));
+            for (int t = 0; t < T; ++t) {
+                const __m256i a = _mm256_xor_si256(
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts[t].q + k)),
+                    _mm512_castsi512_si256(flip));
+                const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, w);
+                acc[t] = _mm512_add_epi32(acc[t], _mm512_zextsi256_si512(d));
+            }
+        }
+        const __m512i offset = _mm512_slli_epi32(wsum, 7);
+        for (int t = 0; t < T; ++t) {
+            const __m512 s = _mm512_set1_ps(w_scale[g] * acts[t].scale[g]);
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset));
+            accf[t] = _mm512_fmadd_ps(dot, s, accf[t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(accf[t]);
+}
+
+// INT4: stored nibbles (q + 8, u8) times a (s8) with vpdpbusd; subtract 8 * sum(a) per group.
+template <int T>
+KRASIS_AVX512 void dot_q4_avx512_t(const uint8_t* w_row, const float* w_scale, const QActRow* acts,
+                                   int K, int G, float* out) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 accf[T];
+    for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
+    for (int g = 0; g < K / G; ++g) {
+        const int end = (g + 1) * G;
+        __m512i acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
+        for (int k = g * G; k < end;) {
+            const uint8_t* unit = w_row + (k / kUnit) * (kUnit / 2);
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit));
+            if (k % kUnit == 0 && k + kUnit <= end) {  // whole unit: elements k..k+63 in order
+                const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(raw),
+                                                        _mm256_srli_epi16(raw, 4), 1);
+                const __m512i w = _mm512_and_si512(both, low4);
+                for (int t = 0; t < T; ++t)
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], w, _mm512_loadu_si512(acts[t].q + k));
+                k += kUnit;
+            } else {  // one half: low nibbles (first 32) or high nibbles (last 32)
+                const __m256i nib = (k % kUnit) == 0 ? raw : _mm256_srli_epi16(raw, 4);
+                const __m256i w = _mm256_and_si256(nib, _mm512_castsi512_si256(low4));
+                for (int t = 0; t < T; ++t) {
+                    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts[t].q + k));
+                    const __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+                    acc[t] = _mm512_add_epi32(acc[t], _mm512_zextsi256_si512(d));
+                }
+                k += kHalf;
+            }
+        }
+        for (int t = 0; t < T; ++t) {
+            const __m512i corr = _mm512_zextsi128_si512(_mm_cvtsi32_si128(8 * acts[t].sum[g]));
+            const __m512 s = _mm512_set1_ps(w_scale[g] * acts[t].scale[g]);
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr));
+            accf[t] = _mm512_fmadd_ps(dot, s, accf[t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(accf[t]);
+}
+
+KRASIS_AVX512 void dot_q8_avx512(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
+                                 int G, float* out) {
+    switch (T) {
+        case 1: return dot_q8_avx512_t<1>(w, ws, a, K, G, out);
+        case 2: return dot_q8_avx512_t<2>(w, ws, a, K, G, out);
+        case 3: return dot_q8_avx512_t<3>(w, ws, a, K, G, out);
+        default: return dot_q8_avx512_t<4>(w, ws, a, K, G, out);
+    }
+}
+
+KRASIS_AVX512 void dot_q4_avx512(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
+                                 int G, float* out) {
+    switch (T) {
+        case 1: return dot_q4_avx512_t<1>(w, ws, a, K, G, out);
+        case 2: return dot_q4_avx512_t<2>(w, ws, a, K, G, out);
+        case 3: return dot_q4_avx512_t<3>(w, ws, a, K, G, out);
+        default: return dot_q4_avx512_t<4>(w, ws, a, K, G, out);
+    }
+}
+
+}  // namespace
+
+const KernelTable* kernels_avx512() {
+    static const KernelTable table{"avx512", dot_q8_avx512, dot_q4_avx512};
+    __builtin_cpu_init();
+    const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return ok ? &table : nullptr;
+}
+
+}  // namespace krasis

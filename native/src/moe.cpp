@@ -1,0 +1,173 @@
+// Fused MoE: route -> quantize x -> gate/up + SiLU (parallel over expert x row blocks) ->
+// quantize h -> down + weighted sum (parallel over output row blocks, so writes never race).
+// Legend: M tokens, K experts per token, P = M*K pairs, E experts, D hidden, I width, G group.
+#include "moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace krasis {
+
+namespace {
+
+constexpr int kRowBlock = 16;  // weight rows per task
+
+template <class T>
+void ensure(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+inline size_t row_bytes(int bits, int K) { return bits == 8 ? size_t(K) : size_t(K) / 2; }
+
+}  // namespace
+
+MoeRunner::MoeRunner(int n_threads) : pool_(n_threads > 0 ? n_threads : default_threads()) {}
+
+void MoeRunner::route(int M, const int64_t* ids, const float* topk_weights, int K, int n_experts) {
+    const int P = M * K;
+    ensure(expert_count_, n_experts);
+    ensure(expert_offset_, n_experts + 1);
+    ensure(pair_token_, P);
+    ensure(pair_weight_, P);
+    std::fill(expert_count_.begin(), expert_count_.begin() + n_experts, 0);
+    for (int p = 0; p < P; ++p) {
+        if (ids[p] < 0 || ids[p] >= n_experts) throw std::invalid_argument("expert id out of range");
+        ++expert_count_[ids[p]];
+    }
+    active_.clear();
+    expert_offset_[0] = 0;
+    for (int e = 0; e < n_experts; ++e) {
+        expert_offset_[e + 1] = expert_offset_[e] + expert_count_[e];
+        if (expert_count_[e] > 0) active_.push_back(e);
+        expert_count_[e] = expert_offset_[e];  // reused as fill cursor
+    }
+    for (int p = 0; p < P; ++p) {
+        const int slot = expert_count_[ids[p]]++;
+        pair_token_[slot] = p / K;
+        pair_weight_[slot] = topk_weights[p];
+    }
+}
+
+void MoeRunner::quantize_rows(const float* x, int rows, int K, int G, int8_t* q, float* s,
+                              int32_t* sum) {
+    auto task = [&](int r) {
+        quantize_act_row(x + size_t(r) * K, K, G, q + size_t(r) * K, s + size_t(r) * (K / G),
+                         sum + size_t(r) * (K / G));
+    };
+    if (size_t(rows) * K < 32768) {
+        for (int r = 0; r < rows; ++r) task(r);
+    } else {
+        pool_.parallel_for(rows, task);
+    }
+}
+
+// h[p, n] = SiLU(gate_e[n] . x_t) * (up_e[n] . x_t) for pairs p = (t, e).
+void MoeRunner::gate_up(const MoeWeights& w, const KernelTable& kt) {
+    const int D = w.hidden, I = w.width, G = w.group_size;
+    const int blocks = (I + kRowBlock - 1) / kRowBlock;
+    const size_t rb = row_bytes(w.bits, D);
+    const DotRowsFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
+    auto task = [&](int i) {
+        const int e = active_[i / blocks];
+        const int r0 = (i % blocks) * kRowBlock, r1 = std::min(I, r0 + kRowBlock);
+        const uint8_t* gq = w.gate_q + size_t(e) * I * rb;
+        const uint8_t* uq = w.up_q + size_t(e) * I * rb;
+        const float* gs = w.gate_s + size_t(e) * I * (D / G);
+        const float* us = w.up_s + size_t(e) * I * (D / G);
+        for (int p0 = expert_offset_[e]; p0 < expert_offset_[e + 1]; p0 += kMaxTile) {
+            const int T = std::min(kMaxTile, expert_offset_[e + 1] - p0);
+            QActRow acts[kMaxTile];
+            for (int t = 0; t < T; ++t) {
+                const size_t tok = size_t(pair_token_[p0 + t]);
+                acts[t] = {xq_.data() + tok * D, xs_.data() + tok * (D / G),
+                           xsum_.data() + tok * (D / G)};
+            }
+            for (int n = r0; n < r1; ++n) {
+                float g[kMaxTile], u[kMaxTile];
+                dot(gq + n * rb, gs + size_t(n) * (D / G), acts, T, D, G, g);
+                dot(uq + n * rb, us + size_t(n) * (D / G), acts, T, D, G, u);
+                for (int t = 0; t < T; ++t) h_[size_t(p0 + t) * I + n] = silu(g[t]) * u[t];
+            }
+        }
+    };
+    pool_.parallel_for(int(active_.size()) * blocks, task);
+}
+
+// out[t, d] = sum over pairs p = (t, e) of weight_p * (down_e[d] . h_p).
+void MoeRunner::down(const MoeWeights& w, const KernelTable& kt, int M, float* out) {
+    const int D = w.hidden, I = w.width, G = w.group_size;
+    const int blocks = (D + kRowBlock - 1) / kRowBlock;
+    const size_t rb = row_bytes(w.bits, I);
+    const DotRowsFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
+    auto task = [&](int i) {
+        const int r0 = i * kRowBlock, r1 = std::min(D, r0 + kRowBlock);
+        for (int t = 0; t < M; ++t) std::fill(out + size_t(t) * D + r0, out + size_t(t) * D + r1, 0.0f);
+        for (const int e : active_) {
+            const uint8_t* dq = w.down_q + size_t(e) * D * rb;
+            const float* ds = w.down_s + size_t(e) * D * (I / G);
+            for (int p0 = expert_offset_[e]; p0 < expert_offset_[e + 1]; p0 += kMaxTile) {
+                const int T = std::min(kMaxTile, expert_offset_[e + 1] - p0);
+                QActRow acts[kMaxTile];
+                for (int t = 0; t < T; ++t) {
+                    const size_t p = size_t(p0 + t);
+                    acts[t] = {hq_.data() + p * I, hs_.data() + p * (I / G), hsum_.data() + p * (I / G)};
+                }
+                for (int d = r0; d < r1; ++d) {
+                    float y[kMaxTile];
+                    dot(dq + d * rb, ds + size_t(d) * (I / G), acts, T, I, G, y);
+                    for (int t = 0; t < T; ++t)
+                        out[size_t(pair_token_[p0 + t]) * D + d] += pair_weight_[p0 + t] * y[t];
+                }
+            }
+        }
+    };
+    pool_.parallel_for(blocks, task);
+}
+
+void MoeRunner::forward(const float* x, int M, const int64_t* ids, const float* topk_weights, int K,
+                        const MoeWeights& w, float* out) {
+    std::lock_guard<std::mutex> lock(call_mu_);
+    const int D = w.hidden, I = w.width, G = w.group_size, P = M * K;
+    const KernelTable& kt = active_kernels();
+    route(M, ids, topk_weights, K, w.n_experts);
+    ensure(xq_, size_t(M) * D);
+    ensure(xs_, size_t(M) * (D / G));
+    ensure(xsum_, size_t(M) * (D / G));
+    ensure(h_, size_t(P) * I);
+    ensure(hq_, size_t(P) * I);
+    ensure(hs_, size_t(P) * (I / G));
+    ensure(hsum_, size_t(P) * (I / G));
+    quantize_rows(x, M, D, G, xq_.data(), xs_.data(), xsum_.data());
+    gate_up(w, kt);
+    quantize_rows(h_.data(), P, I, G, hq_.data(), hs_.data(), hsum_.data());
+    down(w, kt, M, out);
+}
+
+uint64_t MoeRunner::stream_read(const uint8_t* data, size_t n_bytes) {
+    const size_t n_words = n_bytes / sizeof(uint64_t);
+    const int n_tasks = pool_.size() * 8;
+    std::vector<uint64_t> partial(size_t(n_tasks), 0);
+    auto task = [&](int i) {
+        const size_t lo = n_words * size_t(i) / n_tasks, hi = n_words * size_t(i + 1) / n_tasks;
+        const uint64_t* words = reinterpret_cast<const uint64_t*>(data);
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        size_t j = lo;
+        for (; j + 4 <= hi; j += 4) {
+            s0 += words[j];
+            s1 += words[j + 1];
+            s2 += words[j + 2];
+            s3 += words[j + 3];
+        }
+        for (; j < hi; ++j) s0 += words[j];
+        partial[size_t(i)] = s0 + s1 + s2 + s3;
+    };
+    pool_.parallel_for(n_tasks, task);
+    uint64_t total = 0;
+    for (const uint64_t v : partial) total += v;
+    return total;
+}
+
+}  // namespace krasis
