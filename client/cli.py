@@ -205,8 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from krasisd.__main__ import main as daemon_main
     except ImportError as exc:
         raise KrasisError(f"the daemon cannot start: {exc}") from None
-    sys.argv = ["krasisd", *args.daemon_args]
-    return daemon_main() or 0
+    return daemon_main(args.daemon_args) or 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:

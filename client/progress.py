@@ -67,10 +67,15 @@ class Progress:
             self._close_bar(key)
 
     def _new_bar(self, status: str, total: int, is_bytes: bool) -> tqdm:
-        options = {"unit": "B", "unit_scale": True, "unit_divisor": 1000} if is_bytes else {}
+        if is_bytes:
+            options = {"unit": "B", "unit_scale": True, "unit_divisor": 1000}
+            counts = "{n_fmt}B/{total_fmt}B {rate_fmt}"
+        else:
+            options = {"unit": ""}
+            counts = "{n_fmt}/{total_fmt}"
         return tqdm(total=total, desc=status, file=self.out, leave=True, dynamic_ncols=True,
-                    bar_format="{desc} {percentage:3.0f}% |{bar}| {n_fmt}/{total_fmt}"
-                    " [{elapsed}<{remaining}{postfix}]", **options)
+                    bar_format="{desc} {percentage:3.0f}% |{bar}| " + counts
+                    + " [{elapsed}<{remaining}]", **options)
 
     def _close_bar(self, key: str) -> None:
         bar = self.bars.pop(key, None)

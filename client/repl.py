@@ -277,7 +277,8 @@ class Repl:
             try:
                 self.options[name] = kind(values[0])
             except ValueError:
-                self.out.write(f"Couldn't set parameter: {name} needs a {kind.__name__}, "
+                what = "an integer" if kind is int else "a number"
+                self.out.write(f"Couldn't set parameter: {name} needs {what}, "
                                f"got '{values[0]}'\n")
                 return
         self.out.write(f"Set parameter '{name}' to '{', '.join(values)}'\n")

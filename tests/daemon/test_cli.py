@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import test_cli_fakedaemon as fakes
-
 from krasis import cli
 
 

@@ -186,12 +186,12 @@ class FakeDaemon:
         missing = self._missing(body["model"])
         if missing:
             return missing
-        if body["model"].startswith("slow"):
-            return await self._slow(request, "response")
         if not body.get("prompt"):
             reason = "unload" if body.get("keep_alive") == 0 else "load"
             return web.json_response({"model": body["model"], "done": True,
                                       "done_reason": reason})
+        if body["model"].startswith("slow"):
+            return await self._slow(request, "response")
         if "FAIL" in body["prompt"]:
             return web.json_response({"error": "invalid options: top_p must be in (0, 1]"},
                                      status=400)
@@ -209,6 +209,8 @@ class FakeDaemon:
             return missing
         if body["model"].startswith("slow"):
             return await self._slow(request, "message")
+        if "FAIL" in body["messages"][-1]["content"]:
+            return web.json_response({"error": "the runner for this model crashed"}, status=500)
         turn = sum(1 for m in body["messages"] if m["role"] == "user")
         text = f"reply {turn} to: {body['messages'][-1]['content']}"
         parts = [{"model": body["model"], "message": {"role": "assistant", "content": piece},
