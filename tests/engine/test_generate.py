@@ -191,3 +191,45 @@ def test_repeat_penalty_sees_the_prompt(tokenizer):
     engine = ScriptedEngine(tokenizer, [7, 7, 7])
     chunks, _ = run(engine, [7, 8], num_predict=1, temperature=0, repeat_penalty=1000.0)
     assert chunks[0].token_id != 7
+
+
+def tiny_deepseek_dir(path, tokenizer_backend):
+    """A random DeepSeek-V2 MoE written by transformers, with the test tokenizer beside it."""
+    transformers = pytest.importorskip("transformers")
+    vocab_size = tokenizer_backend.get_vocab_size()
+    config = transformers.DeepseekV2Config(
+        vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=2, first_k_dense_replace=1, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, topk_method="greedy", max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=tokenizer_backend.token_to_id("<s>"),
+        eos_token_id=tokenizer_backend.token_to_id("</s>"), pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV2ForCausalLM(config).float().eval()
+    with torch.no_grad():  # wider weights than the default init, so argmax ties are unlikely
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.08)
+    model.save_pretrained(path, safe_serialization=True)
+    write_model_dir(path, tokenizer_backend)
+    return model
+
+
+def test_real_tiny_deepseek_model_streams_transformers_greedy_tokens(tmp_path):
+    from krasisd import engine as engine_pkg
+
+    model = tiny_deepseek_dir(tmp_path, train_bytelevel())
+    engine = engine_pkg.load(tmp_path, quant="none", device="cpu")
+    prompt = engine.tokenizer.encode("Mixture of experts 中文", add_special_tokens=False)
+    chunks, final = run(engine, prompt, num_predict=12, **GREEDY)
+    tokens = [c.token_id for c in chunks]
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                                   eos_token_id=sorted(engine.eos_token_ids), pad_token_id=0)
+    expected = reference[0, len(prompt):].tolist()
+    eos_at = [i for i, t in enumerate(expected) if t in engine.eos_token_ids]
+    expected = expected[:eos_at[0]] if eos_at else expected
+    assert tokens == expected and len(tokens) >= 4
+    assert final.done_reason == ("stop" if eos_at else "length")
+    assert text_of(chunks, final) == engine.tokenizer.decode(tokens)
+    assert final.prompt_eval_count == len(prompt) and final.eval_count == len(tokens)
