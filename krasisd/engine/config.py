@@ -110,7 +110,7 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.hidden_act != "silu":
-            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported (silu only)")
+            raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported (silu)")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
 
@@ -127,7 +127,7 @@ class ModelConfig:
         if self.topk_method not in TOPK_METHODS:
             raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}")
         if self.scoring_func not in SCORING_FUNCS:
-            raise ValueError(f"scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+            raise ValueError(f"scoring_func must be in {SCORING_FUNCS}, got {self.scoring_func!r}")
         if self.moe_layer_freq < 1 or self.decoder_sparse_step < 1:
             raise ValueError("moe_layer_freq and decoder_sparse_step must be >= 1")
         if self.topk_method != "greedy":
@@ -218,7 +218,8 @@ class ModelConfig:
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), archs[0] if archs else None)
         if arch is None:
             raise UnsupportedModelError(
-                f"config.json names no architecture; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                "config.json names no architecture; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in names and v is not None}
@@ -229,7 +230,8 @@ class ModelConfig:
             values.update(_deepseek_fields(raw, arch))
         values.update(_rope_fields(raw))
         eos = raw.get("eos_token_id")
-        values["eos_token_ids"] = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        values["eos_token_ids"] = tuple(eos_list)
         values.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
         values["torch_dtype"] = str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16")
         try:

@@ -105,8 +105,8 @@ class Engine:
                 return new_tokens
             logits = self.forward([token], cache)[-1]
 
-    def generate(self, prompt_ids: list[int], options, should_cancel: Callable[[], bool] | None = None
-                 ) -> Iterator[Any]:
+    def generate(self, prompt_ids: list[int], options,
+                 should_cancel: Callable[[], bool] | None = None) -> Iterator[Any]:
         """Stream GenerationChunks (see krasisd.engine.generate.generate_stream)."""
         self._live()
         generate_stream = _optional("krasisd.engine.generate", "generate_stream")

@@ -93,6 +93,7 @@ def new_kv_cache(config: ModelConfig, max_tokens: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> KVCache:
     """The cache kind the model's attention needs."""
     if config.is_mla:
-        return MLAKVCache(config.num_hidden_layers, max_tokens, config.kv_cache_width, dtype, device)
+        return MLAKVCache(config.num_hidden_layers, max_tokens, config.kv_cache_width,
+                          dtype, device)
     return GQAKVCache(config.num_hidden_layers, max_tokens, config.num_key_value_heads,
                       config.head_dim, dtype, device)

@@ -119,7 +119,8 @@ def expert_names(config: ModelConfig, layer_idx: int, index: dict[str, TensorInf
     if f"{prefix}.gate_up_proj" in index:
         return {f"{prefix}.gate_up_proj": (num, 2 * inter, hidden),
                 f"{prefix}.down_proj": (num, hidden, inter)}
-    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+              "down_proj": (hidden, inter)}
     return {f"{prefix}.{e}.{proj}.weight": shapes[proj]
             for e in range(num) for proj in EXPERT_PROJS}
 
@@ -134,7 +135,8 @@ def plan_tensors(model: CausalLM, config: ModelConfig, index: dict[str, TensorIn
             expected.update(expert_names(config, layer_idx, index))
     missing = [n for n in expected if n not in index]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        shown = ", ".join(missing[:5]) + more
         raise ModelLoadError(f"{len(missing)} tensors missing from the checkpoint: {shown}")
     for name, shape in expected.items():
         if index[name].shape != shape:

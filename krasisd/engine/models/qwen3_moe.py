@@ -67,7 +67,7 @@ class GQAttention(nn.Module):
 
 
 class Qwen3MoeForCausalLM(CausalLM):
-    """Qwen3MoeForCausalLM: MoE on layers (i + 1) % decoder_sparse_step == 0, except mlp_only_layers."""
+    """Qwen3MoeForCausalLM: MoE where (i + 1) % decoder_sparse_step == 0, but mlp_only_layers."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config, [])
