@@ -59,16 +59,14 @@ def status_for(exc: BaseException) -> tuple[int, str]:
 
     if isinstance(exc, (ApiError, RunnerRequestError)):
         return exc.status, str(exc)
-    if isinstance(exc, registry.InvalidName):
-        return 400, str(exc)
+    if isinstance(exc, (registry.InvalidName, registry.PullError)):
+        return 400, str(exc)  # PullError: unknown model, not a folder, exists, hub refused
     if isinstance(exc, registry.ModelNotFound):
         return 404, str(exc)
     if isinstance(exc, registry.ModelInUse):
         return 409, str(exc)
     if isinstance(exc, (QueueFull, NoRoom)):
         return 503, str(exc)
-    if isinstance(exc, registry.PullError):
-        return 502, str(exc)
     if isinstance(exc, (registry.RegistryError, RunnerLoadError, RunnerDied)):
         return 500, str(exc)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

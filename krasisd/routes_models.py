@@ -33,7 +33,34 @@ async def tags(request: web.Request) -> web.Response:
 async def show(request: web.Request) -> web.Response:
     """POST /api/show: one model's details."""
     name = api.model_name(await read_json(request))
-    return web.json_response(await daemon_of(request).catalog.show(name), dumps=_dumps)
+    info = await daemon_of(request).catalog.show(name)
+    return web.json_response({**info, **ollama_show_fields(info)}, dumps=_dumps)
+
+
+_MODEL_INFO_KEYS = {  # Ollama's model_info key -> Hugging Face config key(s)
+    "context_length": ("max_position_embeddings",),
+    "embedding_length": ("hidden_size",),
+    "block_count": ("num_hidden_layers",),
+    "attention.head_count": ("num_attention_heads",),
+    "attention.head_count_kv": ("num_key_value_heads",),
+    "expert_count": ("n_routed_experts", "num_experts"),
+    "expert_used_count": ("num_experts_per_tok",),
+    "vocab_size": ("vocab_size",),
+}
+
+
+def ollama_show_fields(info: dict) -> dict:
+    """The fields Ollama's /api/show has (model_info, capabilities, ...) from the registry's."""
+    config = info.get("config") or {}
+    arch = info.get("model_type") or config.get("model_type") or "unknown"
+    model_info = {"general.architecture": arch,
+                  "general.parameter_count": (info.get("parameters") or {}).get("total")}
+    for key, sources in _MODEL_INFO_KEYS.items():
+        value = next((config[s] for s in sources if config.get(s) is not None), None)
+        if value is not None:
+            model_info[f"{arch}.{key}"] = value
+    return {"model_info": model_info, "modelfile": "", "parameters": "", "template": "",
+            "capabilities": ["completion"]}
 
 
 async def ps(request: web.Request) -> web.Response:

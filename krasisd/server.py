@@ -44,6 +44,7 @@ class SocketLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,7 +64,6 @@ class SocketLock:
 
 def bind_unix_socket(path: Path, group: str = "") -> socket.socket:
     """Bind the API socket with mode 0600 (0660 and that group when ``group`` is set)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise AlreadyRunning(f"{path} exists and is not a socket; refusing to replace it")
