@@ -174,9 +174,4 @@ def make_app(daemon: Daemon) -> web.Application:
     app[DAEMON_KEY] = daemon
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
-    app.router.add_route("OPTIONS", "/{tail:.*}", _preflight)
     return app
-
-
-async def _preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204)
