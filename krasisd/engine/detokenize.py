@@ -18,12 +18,23 @@ from krasisd.engine.tokenizer import Tokenizer
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def context_ids(tokenizer: Tokenizer, prompt_ids: Sequence[int], count: int = 4) -> list[int]:
+    """The prompt's last ``count`` or so tokens, widened (up to 8 more) so that they start on a
+    character boundary: good ``prefix_ids`` for a StreamDecoder."""
+    start = max(len(prompt_ids) - count, 0)
+    lowest = max(start - 8, 0)
+    while start > lowest and tokenizer.decode(prompt_ids[start:]).startswith(REPLACEMENT_CHAR):
+        start -= 1
+    return list(prompt_ids[start:])
+
+
 class StreamDecoder:
     """Turns a stream of token ids into text pieces that never split a character.
 
-    ``prefix_ids`` (e.g. the prompt's last few tokens) give context and are never emitted, so
-    a first generated token such as "▁Hello" streams as " Hello" rather than "Hello". Without
-    them, the concatenation of all pushes plus ``flush()`` equals ``decode(all ids)``.
+    ``prefix_ids`` (e.g. ``context_ids(prompt)``) give context and are never emitted, so a first
+    generated token such as "▁Hello" streams as " Hello" rather than "Hello"; prefix ids whose
+    text ends in an unfinished character are ignored. Without them, the concatenation of all
+    pushes plus ``flush()`` equals ``decode(all ids)``.
     """
 
     def __init__(
@@ -35,6 +46,8 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._ids: list[int] = list(prefix_ids)
+        if self._ids and self._decode(self._ids).endswith(REPLACEMENT_CHAR):
+            self._ids = []  # context ending mid-character would swallow that character's end
         self._prefix_offset = 0  # window start: decoded for context only
         self._read_offset = len(self._ids)  # ids before this have been emitted (or are context)
 

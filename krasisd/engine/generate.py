@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from krasisd.engine.detokenize import StreamDecoder
+from krasisd.engine.detokenize import StreamDecoder, context_ids
 from krasisd.engine.options import GenerationChunk, SamplingOptions
 from krasisd.engine.sampling import Sampler
 
 log = logging.getLogger(__name__)
-
-# Prompt tokens the detokenizer sees as context, so a first "▁word" token keeps its space.
-DETOKENIZE_CONTEXT_TOKENS = 4
 
 
 class StopStringFilter:
@@ -126,7 +123,7 @@ def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChun
         return
     decoder = None
     if engine.tokenizer is not None:
-        decoder = StreamDecoder(engine.tokenizer, prefix_ids=prompt[-DETOKENIZE_CONTEXT_TOKENS:])
+        decoder = StreamDecoder(engine.tokenizer, context_ids(engine.tokenizer, prompt))
     stops = StopStringFilter(options.stop)
     sampler = Sampler(options)
     eos_ids = set(engine.eos_token_ids or ())

@@ -196,12 +196,12 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of ``ids``; invalid UTF-8 (e.g. half a character) decodes to U+FFFD."""
+        """Text of ``ids``; invalid UTF-8 (e.g. half a character) decodes to U+FFFD, and ids
+        past the vocabulary (a model's padding rows) decode to nothing, as in `tokenizers`."""
         ids = list(ids)
-        vocab_size = self.vocab_size
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size]
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 0]
         if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            raise ValueError(f"token ids must be non-negative ints, got {bad[:5]}")
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 from test_tokenizer import BACKENDS, CORPUS, UNSEEN, write_model_dir
 
-from krasisd.engine.detokenize import REPLACEMENT_CHAR, StreamDecoder
+from krasisd.engine.detokenize import REPLACEMENT_CHAR, StreamDecoder, context_ids
 from krasisd.engine.tokenizer import Tokenizer
 
 
@@ -81,7 +81,9 @@ def test_prefix_ids_give_context_and_are_not_emitted(tokenizer):
         head = tokenizer.decode(ids[:split])
         if not full.startswith(head) or head.endswith(REPLACEMENT_CHAR):
             continue
-        pieces, rest = stream(tokenizer, ids[split:], prefix_ids=ids[split - 3:split])
+        prefix = context_ids(tokenizer, ids[:split], count=3)
+        assert not tokenizer.decode(prefix).startswith(REPLACEMENT_CHAR)
+        pieces, rest = stream(tokenizer, ids[split:], prefix_ids=prefix)
         assert "".join(pieces) + rest == full[len(head):]
         kept_space += full[len(head):].startswith(" ")
     assert kept_space >= 1  # a first "▁word"/"Ġword" token streams with its space
@@ -95,3 +97,18 @@ def test_incomplete_character_is_held_then_flushed(tokenizer):
     pieces, rest = stream(tokenizer, ids[:-1])  # drop the character's last byte token
     assert "".join(pieces) == "ab"
     assert rest.startswith(REPLACEMENT_CHAR)
+
+
+def test_prefix_ending_mid_character_is_not_used_as_context(tokenizer):
+    ids = tokenizer.encode("ab中", add_special_tokens=False)
+    head = tokenizer.encode("ab", add_special_tokens=False)
+    if ids[:len(head)] != head or len(ids) - len(head) < 2:
+        pytest.skip("this tokenizer has 中 as one token")
+    pieces, rest = stream(tokenizer, ids[-1:], prefix_ids=ids[:-1])
+    assert "".join(pieces) + rest == tokenizer.decode(ids[-1:])
+
+
+def test_ids_past_the_vocabulary_stream_as_nothing(tokenizer):
+    ids = tokenizer.encode("héllo", add_special_tokens=False)
+    pieces, rest = stream(tokenizer, ids[:2] + [tokenizer.vocab_size + 3] + ids[2:])
+    assert "".join(pieces) + rest == "héllo"

@@ -238,7 +238,10 @@ def test_corrupt_files_are_clear_errors(tmp_path, name, content, match):
         Tokenizer.from_dir(path)
 
 
-def test_decode_rejects_out_of_range_ids(tmp_path):
+def test_decode_rejects_bad_ids_and_skips_ids_past_the_vocabulary(tmp_path):
     tok = Tokenizer.from_dir(write_model_dir(tmp_path, train_bytelevel()))
-    with pytest.raises(ValueError, match="out of range"):
-        tok.decode([0, tok.vocab_size])
+    for bad in ([0, -1], [0, "a"], [1.5]):
+        with pytest.raises(ValueError, match="non-negative ints"):
+            tok.decode(bad)
+    ids = tok.encode("hello", add_special_tokens=False)
+    assert tok.decode(ids + [tok.vocab_size + 7]) == tok.decode(ids) == "hello"
