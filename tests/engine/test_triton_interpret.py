@@ -145,3 +145,18 @@ def test_gpu_experts_rejects_bad_arguments():
     backend = GpuExperts(host, _plan(host, 1.0), "cpu")
     with pytest.raises(KeyError):
         backend(3, torch.randn(1, D), torch.tensor([[0, 1]]), torch.ones(1, 2))
+
+
+def test_gpu_experts_chunked_calls_of_one_layer_copy_missing_experts_once():
+    host = HostExperts.from_stacked(_weights([1, 2, 3]), QuantSpec(8, 32), pin=False)
+    reference = TorchExperts(host.unpack())
+    backend = GpuExperts(host, _plan(host, 0.0), "cpu", impl="grouped_mm")
+    x = torch.randn(2, D)
+    chunks = [(torch.tensor([[1, 4]]), torch.tensor([[0.6, 0.4]])),
+              (torch.tensor([[4, 5]]), torch.tensor([[0.5, 0.5]])),
+              (torch.tensor([[1, 5]]), torch.tensor([[0.9, 0.1]]))]
+    for i, (ids, w) in enumerate(chunks):
+        out = backend(2, x[i % 2 : i % 2 + 1], ids, w)
+        assert _rel(out, reference(2, x[i % 2 : i % 2 + 1], ids, w)) < REL_TOL
+    stats = backend.take_stats()
+    assert stats.experts_copied == 3 and stats.copies == 2  # {1, 4}, then {5}

@@ -30,13 +30,14 @@ IMPLS = ("triton", "grouped_mm")
 
 @dataclass
 class _Transfer:
-    """One copy of a layer's streamed experts into one buffer half."""
+    """A layer's streamed experts copied (or being copied) into one buffer half."""
 
+    layer: int
     half: int
-    expert_ids: list[int]
+    expert_ids: list[int]  # in slot order from the half's base
     slot_of_expert: torch.Tensor  # [E] int32 on the device
     done: torch.cuda.Event | None
-    start: torch.cuda.Event | None
+    complete: bool  # every streamed expert of the layer is there
 
 
 @dataclass
@@ -75,8 +76,8 @@ class GpuExperts:
         self.copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._build_arena()
         self._pending: dict[int, _Transfer] = {}
-        self._half_free: list = [None, None]
-        self._last_transfer: list[_Transfer | None] = [None, None]
+        self._current: _Transfer | None = None  # the layer being computed
+        self._half_free: list = [None, None]  # event after the last reader of each half
         self._next_half = 0
         self.stats = StreamStats()
 
@@ -119,32 +120,24 @@ class GpuExperts:
         slot_of = [s if s >= 0 else 0 for s in slot_of]  # unrouted, uncopied: never read
         return torch.tensor(slot_of, dtype=torch.int32).to(self.device)
 
-    def _issue_copy(self, layer: int, expert_ids: list[int]) -> _Transfer:
-        half = self._next_half
-        self._next_half ^= 1
-        if expert_ids == self._streamed[layer]:
-            slot_map = self._full_slot_maps[(layer, half)]
-        else:  # subset copies come after a host sync on the routing anyway
-            slot_map = self._slot_map(layer, expert_ids, half)
-        host, base = self.host.layers[layer], self._buffer_base[half]
-        start = done = None
-        if self._cuda:
-            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.copy_stream):
-                if self._half_free[half] is not None:
-                    self.copy_stream.wait_event(self._half_free[half])
-                start.record(self.copy_stream)
-                self._copy_runs(host, expert_ids, base)
-                done.record(self.copy_stream)
-            self.stats.timed.append((start, done))
-        else:
-            self._copy_runs(host, expert_ids, base)
+    def _copy(self, layer: int, expert_ids: list[int], half: int, first: int, wait_free: bool):
+        """Enqueue copies of ``expert_ids`` into slots ``first..`` of ``half``; the done event."""
+        host, base = self.host.layers[layer], self._buffer_base[half] + first
         self.stats.bytes_copied += len(expert_ids) * self.layout.expert_bytes
         self.stats.experts_copied += len(expert_ids)
         self.stats.copies += 1
-        transfer = _Transfer(half, expert_ids, slot_map, done, start)
-        self._last_transfer[half] = transfer
-        return transfer
+        if not self._cuda:
+            self._copy_runs(host, expert_ids, base)
+            return None
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.copy_stream):
+            if wait_free and self._half_free[half] is not None:
+                self.copy_stream.wait_event(self._half_free[half])  # last reader of this half
+            start.record(self.copy_stream)
+            self._copy_runs(host, expert_ids, base)
+            done.record(self.copy_stream)
+        self.stats.timed.append((start, done))
+        return done
 
     def _copy_runs(self, host: torch.Tensor, expert_ids: list[int], base: int) -> None:
         """One copy per run of consecutive expert ids (they land in consecutive slots)."""
@@ -158,19 +151,49 @@ class GpuExperts:
             dst.copy_(host[first : first + (j - i)], non_blocking=self._cuda)
             i = j
 
+    def _start_transfer(self, layer: int, expert_ids: list[int]) -> _Transfer:
+        half = self._next_half
+        self._next_half ^= 1
+        complete = expert_ids == self._streamed[layer]
+        if complete:
+            slot_map = self._full_slot_maps[(layer, half)]
+        else:  # subset copies come after a host sync on the routing anyway
+            slot_map = self._slot_map(layer, expert_ids, half)
+        done = self._copy(layer, expert_ids, half, 0, wait_free=True)
+        return _Transfer(layer, half, list(expert_ids), slot_map, done, complete)
+
+    def _routed_streamed(self, layer: int, topk_ids: torch.Tensor, skip=()) -> list[int]:
+        routed = set(torch.unique(topk_ids).tolist())  # host sync: the subset decides copies
+        return [e for e in self._streamed[layer] if e in routed and e not in skip]
+
+    def _extend(self, transfer: _Transfer, topk_ids: torch.Tensor) -> None:
+        """A later chunk of the same layer may route to experts the first chunk did not."""
+        missing = self._routed_streamed(transfer.layer, topk_ids, set(transfer.expert_ids))
+        if not missing:
+            return
+        first = len(transfer.expert_ids)
+        transfer.done = self._copy(transfer.layer, missing, transfer.half, first, wait_free=False)
+        transfer.expert_ids += missing
+        transfer.slot_of_expert = self._slot_map(transfer.layer, transfer.expert_ids, transfer.half)
+
     def prefetch(self, layer_idx: int, topk_ids: torch.Tensor | None = None) -> None:
-        """Start copying ``layer_idx``'s streamed experts: those ``topk_ids`` route to, or all."""
+        """Start copying ``layer_idx``'s streamed experts: those ``topk_ids`` route to, or all.
+
+        Optional hook: the model may call it right after routing (subset) or earlier (all).
+        """
         if layer_idx in self._pending or not self._streamed.get(layer_idx):
             return
-        streamed = self._streamed[layer_idx]
+        if self._current is not None and self._current.layer == layer_idx:
+            return
+        ids = self._streamed[layer_idx]
         if topk_ids is not None:
-            routed = set(torch.unique(topk_ids).tolist())  # host sync: the subset decides copies
-            streamed = [e for e in streamed if e in routed]
-        self._pending[layer_idx] = self._issue_copy(layer_idx, streamed)
+            ids = self._routed_streamed(layer_idx, topk_ids)
+        self._pending[layer_idx] = self._start_transfer(layer_idx, ids)
 
     def begin_forward(self, num_tokens: int, top_k: int) -> None:
         """Optional hook before a forward pass: start the first MoE layer's copy early."""
         self._pending.clear()  # nothing left over from an interrupted pass
+        self._current = None
         if self.moe_layers and self._wants_full_copy(num_tokens, top_k):
             self.prefetch(self.moe_layers[0])
 
@@ -178,32 +201,43 @@ class GpuExperts:
         fraction = expected_routed_fraction(num_tokens, top_k, self.host.num_experts)
         return fraction >= self.full_copy_fraction
 
-    def _ensure_layer(self, layer: int, topk_ids: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    def _ensure_layer(self, layer: int, topk_ids: torch.Tensor) -> tuple[_Transfer | None, bool]:
+        """The layer's transfer (None: all resident) and whether this is its first call."""
         if not self._streamed.get(layer):
-            return self._resident_tensor[layer], None
-        if layer not in self._pending:
-            self.prefetch(layer, topk_ids)
-        transfer = self._pending.pop(layer)
-        if transfer.done is not None:
-            torch.cuda.current_stream(self.device).wait_event(transfer.done)
-        return transfer.slot_of_expert, transfer.half
+            return None, False
+        first_call = self._current is None or self._current.layer != layer
+        if first_call:
+            transfer = self._pending.pop(layer, None)
+            if transfer is None:
+                transfer = self._start_transfer(layer, self._routed_streamed(layer, topk_ids))
+            self._current = transfer
+        elif not self._current.complete:
+            self._extend(self._current, topk_ids)
+        if self._current.done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._current.done)
+        return self._current, first_call
 
     # -- compute --------------------------------------------------------------------------
 
     def __call__(self, layer_idx, x, topk_ids, topk_weights):
-        """ExpertBackend call: [T, D] activations -> [T, D] weighted sum of routed experts."""
+        """ExpertBackend call: [T, D] activations -> [T, D] weighted sum of routed experts.
+
+        A layer may be called several times in a row (chunks of one prompt); its experts
+        stay in their buffer half until the next layer is called.
+        """
         if layer_idx not in self.host.layers:
             raise KeyError(f"layer {layer_idx} has no routed experts")
         t, top_k = topk_ids.shape
-        slot_of_expert, half = self._ensure_layer(layer_idx, topk_ids)
+        transfer, first_call = self._ensure_layer(layer_idx, topk_ids)
         nxt = self._next_layer[layer_idx]
-        if nxt is not None and self._wants_full_copy(t, top_k):
+        if (first_call or transfer is None) and nxt is not None and self._wants_full_copy(t, top_k):
             self.prefetch(nxt)
+        slot_of_expert = self._resident_tensor[layer_idx] if transfer is None else transfer.slot_of_expert
         out = self._compute(x.to(torch.bfloat16), topk_ids, topk_weights, slot_of_expert)
-        if half is not None and self._cuda:
+        if transfer is not None and self._cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-            self._half_free[half] = event
+            self._half_free[transfer.half] = event
         return out.to(x.dtype)
 
     def _compute(self, x, topk_ids, topk_weights, slot_of_expert) -> torch.Tensor:
