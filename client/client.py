@@ -9,7 +9,9 @@ Where the daemon is:
 - else ``KRASIS_HOST`` (``127.0.0.1:11435`` or ``http://127.0.0.1:11435``): loopback TCP;
 - else the daemon's own default, read through ``krasisd.config`` (so a ``socket`` set in the
   config file is found too): ``$XDG_RUNTIME_DIR/krasis/krasisd.sock``, or
-  ``$KRASIS_HOME/krasisd.sock`` when XDG_RUNTIME_DIR is unset.
+  ``$KRASIS_HOME/krasisd.sock`` when XDG_RUNTIME_DIR is unset;
+- and when that socket does not exist but the system service's does
+  (``/run/krasis/krasisd.sock``), that one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 CONNECT_TIMEOUT_S = 5.0
+SYSTEM_SOCKET = "/run/krasis/krasisd.sock"  # the system service's (systemd/krasisd.socket)
 
 
 class KrasisError(Exception):
@@ -59,6 +62,14 @@ def default_socket_path() -> Path:
         return Path(load_config().socket)
     finally:
         config_log.setLevel(level)
+
+
+def _find_socket() -> Path:
+    """The default socket; the system service's when only that one exists."""
+    path = default_socket_path()
+    if os.environ.get("KRASIS_SOCKET") or path.exists() or not os.path.exists(SYSTEM_SOCKET):
+        return path
+    return Path(SYSTEM_SOCKET)
 
 
 def parse_host(value: str) -> tuple[str, int]:
@@ -99,7 +110,7 @@ class Client:
         if socket_path is None and host is None and not os.environ.get("KRASIS_SOCKET"):
             host = os.environ.get("KRASIS_HOST") or None
         self.tcp = parse_host(host) if host else None
-        self.socket_path = None if self.tcp else str(socket_path or default_socket_path())
+        self.socket_path = None if self.tcp else str(socket_path or _find_socket())
 
     @property
     def address(self) -> str:

@@ -109,8 +109,7 @@ def _commands(user: bool) -> list[str]:
                         f"--shell /usr/sbin/nologin {SERVICE_USER}")
     commands += [f"{sudo}usermod -aG {SERVICE_USER} \"$USER\"   # lets you use the socket",
                  f"{sudo}systemctl daemon-reload",
-                 f"{sudo}systemctl enable --now krasisd.socket   # started on first use",
-                 "export KRASIS_SOCKET=/run/krasis/krasisd.sock   # for the krasis command"]
+                 f"{sudo}systemctl enable --now krasisd.socket   # started on first use"]
     return commands
 
 

@@ -10,6 +10,8 @@ import sys
 import pytest
 import test_cli_fakedaemon as fakes
 from krasis import cli
+from krasis import client as client_module
+from krasis.client import Client
 
 
 @pytest.fixture
@@ -253,3 +255,45 @@ def test_run_missing_model_asks_on_a_terminal(daemon, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
     assert cli.main(["run", "newmodel", "hi"]) == 0
     assert len(daemon.bodies("/api/pull")) == 1
+
+
+# -- where the daemon is -----------------------------------------------------------------------
+
+def test_default_socket_is_under_the_runtime_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("KRASIS_SOCKET", raising=False)
+    monkeypatch.delenv("KRASIS_HOST", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert Client().socket_path == str(tmp_path / "run" / "krasis" / "krasisd.sock")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("KRASIS_HOME", str(tmp_path / "home"))
+    assert Client().socket_path == str(tmp_path / "home" / "krasisd.sock")
+
+
+def test_the_system_socket_is_used_when_it_is_the_only_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("KRASIS_SOCKET", raising=False)
+    monkeypatch.delenv("KRASIS_HOST", raising=False)
+    system_socket = tmp_path / "system.sock"
+    monkeypatch.setattr(client_module, "SYSTEM_SOCKET", str(system_socket))
+    assert Client().socket_path != str(system_socket)
+    system_socket.touch()
+    assert Client().socket_path == str(system_socket)
+    monkeypatch.setenv("KRASIS_SOCKET", str(tmp_path / "mine.sock"))
+    assert Client().socket_path == str(tmp_path / "mine.sock")
+
+
+def test_krasis_host_talks_tcp(daemon, monkeypatch, capsys):
+    monkeypatch.delenv("KRASIS_SOCKET")
+    monkeypatch.setenv("KRASIS_HOST", f"http://127.0.0.1:{daemon.tcp_port}")
+    code, out, _ = run_cli(monkeypatch, capsys, "list")
+    assert code == 0 and "krasis-tiny:latest" in out
+    monkeypatch.setenv("KRASIS_HOST", "127.0.0.1:1")
+    code, _, err = run_cli(monkeypatch, capsys, "list")
+    assert code == 1 and "http://127.0.0.1:1" in err
+
+
+def test_bad_krasis_host_is_one_error_line(monkeypatch, capsys):
+    monkeypatch.delenv("KRASIS_SOCKET", raising=False)
+    monkeypatch.setenv("KRASIS_HOST", "127.0.0.1:99999")
+    code, _, err = run_cli(monkeypatch, capsys, "ps")
+    assert code == 1
+    assert err.startswith("Error: KRASIS_HOST='127.0.0.1:99999'") and err.count("\n") == 1

@@ -72,6 +72,9 @@ class FakeDaemon:
         runner = web.AppRunner(self._app())
         loop.run_until_complete(runner.setup())
         loop.run_until_complete(web.UnixSite(runner, str(self.socket_path)).start())
+        tcp = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(tcp.start())
+        self.tcp_port = tcp._server.sockets[0].getsockname()[1]
         self._ready.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
