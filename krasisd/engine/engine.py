@@ -148,7 +148,7 @@ def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
     if threads is not None:
         torch.set_num_threads(threads)
     model_dir = Path(model_dir)
-    loaded = load_model(model_dir, torch_dtype)
+    loaded = load_model(model_dir, torch_dtype, with_experts=quant == "none")
     target = _resolve_device(device)
     model = loaded.model
     if target.type != "cpu":
@@ -197,8 +197,13 @@ def _native_backend(model_dir: Path, config: ModelConfig, quant: str, cache_dir,
     factory = getattr(native, "create_backend", None)
     if factory is None:
         raise ValueError(f"quant={quant!r}: krasisd.engine.native_experts has no create_backend()")
-    return factory(model_dir=model_dir, config=config, quant=quant, cache_dir=cache_dir,
-                   threads=threads)
+    try:
+        return factory(model_dir=model_dir, config=config, quant=quant, cache_dir=cache_dir,
+                       threads=threads)
+    except (ValueError, KrasisEngineError):
+        raise
+    except Exception as exc:  # e.g. the expert cache cannot be built or read
+        raise ModelLoadError(f"cannot set up {quant} CPU experts for {model_dir}: {exc}") from exc
 
 
 def _load_tokenizer(model_dir: Path):

@@ -187,8 +187,12 @@ def _split_experts(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype)
     return weights
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Read, check and assemble a model; dense weights stay memory-mapped unless converted."""
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
+               with_experts: bool = True) -> LoadedModel:
+    """Read, check and assemble a model; weights stay memory-mapped unless converted.
+
+    ``with_experts=False`` skips the routed experts (another backend reads them itself).
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model folder not found: {model_dir}")
@@ -197,9 +201,11 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None) -> Loade
     with torch.device("meta"):
         model = build_model(config)
     expected = plan_tensors(model, config, index)
+    if not with_experts:
+        expected = {n: s for n, s in expected.items() if ".mlp.experts." not in n}
     tensors = read_tensors(expected, index)
     compute_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
-    experts = _split_experts(config, tensors, compute_dtype)
+    experts = _split_experts(config, tensors, compute_dtype) if with_experts else {}
     state = {name: (t if ROUTER_KEYS.search(name) else t.to(compute_dtype))
              for name, t in tensors.items()}
     if "lm_head.weight" not in state:
