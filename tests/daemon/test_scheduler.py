@@ -1,0 +1,174 @@
+"""The scheduler with fake runners and a fake hardware probe: queueing, eviction, keep-alive."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from krasisd.runners import ModelSpec, RunnerDied
+from krasisd.scheduler import Hardware, QueueFull, Scheduler
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeRunner:
+    """Yields ``tokens`` chunks, waiting on ``gate`` before each when it is set."""
+
+    pids = iter(range(1000, 100000))
+
+    def __init__(self, spec: ModelSpec, gate: asyncio.Event | None):
+        self.spec = spec
+        self.gate = gate
+        self.alive = True
+        self.pid = next(self.pids)
+        self.load_duration_ns = 5
+        self.stopped = False
+
+    async def generate(self, request):
+        for i in range(request.get("tokens", 2)):
+            if self.gate is not None:
+                await self.gate.wait()
+            if not self.alive:
+                raise RunnerDied("runner died")
+            yield {"type": "chunk", "text": f"t{i}"}
+        yield {"type": "done", "text": ""}
+
+    async def stop(self):
+        self.alive = False
+        self.stopped = True
+
+
+def spec(name: str, size_bytes: int = 10) -> ModelSpec:
+    return ModelSpec(name=name, model_dir=Path("/nonexistent"), size_bytes=size_bytes)
+
+
+def make(memory_bytes=1000, max_loaded=2, max_queue=4, keep_alive_s=60.0, gate=None):
+    started: list[FakeRunner] = []
+
+    async def factory(model_spec):
+        runner = FakeRunner(model_spec, gate)
+        started.append(runner)
+        return runner
+
+    scheduler = Scheduler(factory, lambda: Hardware(memory_bytes), keep_alive_s=keep_alive_s,
+                          max_queue=max_queue, max_loaded=max_loaded)
+    return scheduler, started
+
+
+async def drain(scheduler, model_spec, keep_alive_s=None, tokens=2):
+    return [e async for e in scheduler.generate(model_spec, {"tokens": tokens}, keep_alive_s)]
+
+
+def test_one_runner_per_model_and_load_duration_once():
+    async def main():
+        scheduler, started = make()
+        first = await drain(scheduler, spec("a"))
+        second = await drain(scheduler, spec("a"))
+        assert len(started) == 1
+        assert first[0]["load_duration"] == 5 and second[0]["load_duration"] == 0
+        assert [e["type"] for e in first] == ["chunk", "chunk", "done"]
+    asyncio.run(main())
+
+
+def test_queue_bound_gives_queue_full():
+    async def main():
+        gate = asyncio.Event()
+        scheduler, _ = make(max_queue=2, gate=gate)
+        tasks = [asyncio.create_task(drain(scheduler, spec("a")))]
+        await asyncio.sleep(0.05)  # loaded; this one runs (blocked on the gate)
+        tasks += [asyncio.create_task(drain(scheduler, spec("a"))) for _ in range(2)]
+        await asyncio.sleep(0.05)  # two wait
+        with pytest.raises(QueueFull, match="KRASIS_MAX_QUEUE"):
+            await drain(scheduler, spec("a"))
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        assert all(r[-1]["type"] == "done" for r in results)
+        assert len(await drain(scheduler, spec("a"))) == 3  # room again
+    asyncio.run(main())
+
+
+def test_max_loaded_evicts_the_idle_model():
+    async def main():
+        scheduler, started = make(max_loaded=1)
+        await drain(scheduler, spec("a"))
+        await drain(scheduler, spec("b"))
+        assert started[0].stopped and not started[1].stopped
+        assert list(scheduler.loaded) == ["b"]
+    asyncio.run(main())
+
+
+def test_memory_estimate_evicts_and_small_models_share():
+    async def main():
+        scheduler, started = make(memory_bytes=100, max_loaded=3)
+        await drain(scheduler, spec("a", 40))
+        await drain(scheduler, spec("b", 40))
+        assert sorted(scheduler.loaded) == ["a", "b"]
+        await drain(scheduler, spec("c", 50))  # 40 + 40 + 50 > 100: one must go
+        assert len(scheduler.loaded) == 2 and "c" in scheduler.loaded
+        assert sum(r.stopped for r in started) == 1
+    asyncio.run(main())
+
+
+def test_busy_model_is_not_evicted():
+    async def main():
+        gate = asyncio.Event()
+        scheduler, started = make(max_loaded=1, gate=gate)
+        busy = asyncio.create_task(drain(scheduler, spec("a")))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(drain(scheduler, spec("b")))
+        await asyncio.sleep(0.1)
+        assert not started[0].stopped and len(started) == 1  # b waits for a to go idle
+        gate.set()
+        await busy
+        await second
+        assert started[0].stopped and list(scheduler.loaded) == ["b"]
+    asyncio.run(main())
+
+
+def test_keep_alive_expiry_zero_and_forever():
+    async def main():
+        scheduler, started = make(keep_alive_s=0.1)
+        await drain(scheduler, spec("a"))
+        assert "a" in scheduler.loaded
+        await asyncio.sleep(0.3)
+        assert "a" not in scheduler.loaded and started[0].stopped
+        await drain(scheduler, spec("b"), keep_alive_s=0)
+        assert "b" not in scheduler.loaded
+        await drain(scheduler, spec("c"), keep_alive_s=float("inf"))
+        await asyncio.sleep(0.3)
+        assert "c" in scheduler.loaded
+        assert scheduler.running()[0]["expires_in_s"] is None
+    asyncio.run(main())
+
+
+def test_dead_runner_is_replaced():
+    async def main():
+        scheduler, started = make()
+        await drain(scheduler, spec("a"))
+        started[0].alive = False  # as if killed while idle
+        events = await drain(scheduler, spec("a"))
+        assert events[-1]["type"] == "done" and len(started) == 2
+    asyncio.run(main())
+
+
+def test_load_failure_reaches_every_waiter_and_is_not_cached():
+    async def main():
+        calls = []
+
+        async def failing(model_spec):
+            calls.append(model_spec.name)
+            await asyncio.sleep(0.05)
+            raise RuntimeError("no weights")
+
+        scheduler = Scheduler(failing, lambda: Hardware(100), keep_alive_s=60, max_queue=4,
+                              max_loaded=2)
+        results = await asyncio.gather(drain(scheduler, spec("a")), drain(scheduler, spec("a")),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results) and calls == ["a"]
+        assert not scheduler.loaded
+        with pytest.raises(RuntimeError):
+            await drain(scheduler, spec("a"))
+        assert calls == ["a", "a"]
+    asyncio.run(main())
