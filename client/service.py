@@ -1,7 +1,7 @@
 """`krasis service install`: put the systemd units where systemd looks, never running sudo.
 
 The units come from the ``systemd/`` folder of the source tree (``systemd/user/`` for
-``--user``). Their ``ExecStart=`` is rewritten to the ``krasisd`` of this installation, since
+``--user``), or from ``<prefix>/share/krasis/systemd`` where a wheel installed them. Their ``ExecStart=`` is rewritten to the ``krasisd`` of this installation, since
 where pip puts console scripts depends on how krasis was installed.
 """
 
@@ -35,13 +35,15 @@ class InstallPlan:
 
 
 def source_dir(user: bool) -> Path:
-    """The folder holding the unit templates."""
-    root = Path(__file__).resolve().parent.parent / "systemd"
-    folder = root / "user" if user else root
-    if not all((folder / name).is_file() for name in UNIT_NAMES):
-        raise KrasisError(f"the unit files are not in {folder}; install krasis from its source "
-                          "tree (pip install -e .) to use `krasis service install`")
-    return folder
+    """The folder holding the unit templates: the source tree's, else installed data files."""
+    roots = [Path(__file__).resolve().parent.parent / "systemd",
+             Path(sys.prefix) / "share" / "krasis" / "systemd"]
+    for root in roots:
+        folder = root / "user" if user else root
+        if all((folder / name).is_file() for name in UNIT_NAMES):
+            return folder
+    raise KrasisError(f"the unit files are in none of {', '.join(map(str, roots))}; install "
+                      "krasis from its source tree (pip install -e .) to use this command")
 
 
 def target_dir(user: bool) -> Path:
