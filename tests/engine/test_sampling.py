@@ -150,3 +150,26 @@ def test_logits_are_not_modified_in_place():
     logits = torch.tensor([2.0, 1.0])  # [V]
     Sampler(opts(temperature=0, repeat_penalty=2.0)).sample(logits, [0])
     assert logits.tolist() == [2.0, 1.0]
+
+
+def reference_kept(logits, top_k, top_p, min_p):
+    """Sort everything, then top_k, top_p, min_p as the module docstring describes."""
+    values, ids = torch.sort(logits, descending=True)
+    if top_k:
+        values, ids = values[:top_k], ids[:top_k]
+    probs = torch.softmax(values, -1)
+    keep = (torch.cumsum(probs, -1) - probs < top_p) & (probs >= min_p * probs[0])
+    keep[0] = True
+    return set(ids[keep].tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [
+    (0, 0.9, 0.0), (0, 0.99, 0.0), (0, 0.5, 0.01), (0, 1.0, 0.02), (0, 1.0, 0.0),
+    (50, 0.9, 0.0), (50, 1.0, 0.1), (3000, 0.8, 0.0),
+])
+@pytest.mark.parametrize("scale", [0.3, 3.0])  # near-flat (a wide nucleus) and peaked logits
+def test_candidates_match_a_full_sort(top_k, top_p, min_p, scale):
+    logits = random_logits(11, vocab_size=2000) * scale
+    sampler = Sampler(opts(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p))
+    _, ids = sampler._candidates(logits)
+    assert set(ids.tolist()) == reference_kept(logits, top_k, top_p, min_p)
