@@ -9,20 +9,15 @@ from krasisd.engine.gpu.driver import prefill_logits
 from krasisd.engine.gpu.format import QuantSpec
 from krasisd.engine.gpu.placement import PlacementRequest, plan_placement
 from krasisd.engine.gpu.prefill import GpuExperts
-from krasisd.engine.gpu.synthetic import dense_bytes, synthetic_host_experts, synthetic_model
-from krasisd.engine.kv_cache import new_kv_cache
-
-TINY_V2 = dict(
-    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=96,
-    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-    qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1, moe_layer_freq=1,
-    topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
-    routed_scaling_factor=1.0, scoring_func="softmax", hidden_act="silu",
-    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000, bos_token_id=0,
-    eos_token_id=1, tie_word_embeddings=False,
+from krasisd.engine.gpu.synthetic import (
+    TINY_DEEPSEEK_V2 as TINY_V2,
 )
+from krasisd.engine.gpu.synthetic import (
+    dense_bytes,
+    synthetic_host_experts,
+    synthetic_model,
+)
+from krasisd.engine.kv_cache import new_kv_cache
 
 
 @pytest.fixture

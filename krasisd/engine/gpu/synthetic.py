@@ -18,6 +18,20 @@ from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
 from krasisd.engine.gpu.host import HostExperts, to_host
 from krasisd.engine.models import build_model
 
+# A DeepSeek-V2 config small enough for CPU tests, with group-size-32 friendly widths.
+TINY_DEEPSEEK_V2 = dict(
+    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=96,
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+    qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=1, moe_layer_freq=1,
+    topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+    routed_scaling_factor=1.0, scoring_func="softmax", hidden_act="silu",
+    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000, bos_token_id=0,
+    eos_token_id=1, tie_word_embeddings=False,
+)
+
+
 
 @torch.no_grad()
 def synthetic_model(config: ModelConfig, device, dtype=torch.bfloat16, seed: int = 0):
