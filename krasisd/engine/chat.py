@@ -46,21 +46,19 @@ def render_chat(
     template = _pick_template(tokenizer, tools)
     if template is None:
         return _render_fallback(tokenizer, messages, add_generation_prompt)
-    variables = {**tokenizer.special_tokens_map, **_plain(template_vars)}
+    variables = {"documents": None, **tokenizer.special_tokens_map, **_plain(template_vars)}
     try:
         compiled = _compile(template)
         return compiled.render(
-            messages=messages,
-            tools=_plain(tools),
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
+            messages=messages, tools=_plain(tools), add_generation_prompt=add_generation_prompt,
             **variables,
         )
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"the model's chat template is invalid (line {exc.lineno}): {exc}") from exc
     except jinja2.TemplateError as exc:
         raise ValueError(f"the chat template rejected the conversation: {exc}") from exc
-    except (TypeError, KeyError, IndexError, AttributeError, ValueError, ArithmeticError) as exc:
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError, ArithmeticError,
+            RecursionError) as exc:
         raise ValueError(f"the chat template failed on these messages: {exc}") from exc
 
 

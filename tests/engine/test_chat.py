@@ -175,6 +175,16 @@ def test_template_errors_are_value_errors(tmp_path, template, match):
         render_chat(tok, CONVERSATIONS[0])
 
 
+def test_documents_pass_through(tmp_path):
+    template = "{% for d in documents or [] %}[{{ d.title }}]{% endfor %}{{ messages[0].content }}"
+    path = model_dir(tmp_path, template)
+    docs = [{"title": "A", "text": "x"}, {"title": "B", "text": "y"}]
+    ours = render_chat(Tokenizer.from_dir(path), CONVERSATIONS[0], documents=docs)
+    theirs = hf_tokenizer(path).apply_chat_template(CONVERSATIONS[0], tokenize=False,
+                                                    documents=docs)
+    assert ours == theirs == "[A][B]Hi there! 🎉"
+
+
 def test_sandbox_hides_python_internals(tmp_path):
     tok = Tokenizer.from_dir(model_dir(tmp_path, "[{{ messages.__class__ }}]"))
     assert render_chat(tok, CONVERSATIONS[0]) == "[]"
