@@ -20,7 +20,6 @@ from .hub import Hub, RemoteFile
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
 READ_BYTES = 8 << 20
 
 
@@ -92,7 +91,7 @@ def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[in
             elif have_bytes:
                 _check_content_range(response, have_bytes, remote.path)
             with open(part, "ab") as handle:
-                for chunk in response.iter_bytes(CHUNK_BYTES):
+                for chunk in response.iter_bytes():
                     handle.write(chunk)
                     hashes.update(chunk)
                     have_bytes += len(chunk)

@@ -39,6 +39,7 @@ def pull_files(ctx: Context, hub: Hub, ref: ModelRef, revision: str | None) -> I
     row = records.get_model(ctx.db, ref.full)
     if row and row["state"] == "ready" and row["commit_sha"] == snapshot.commit \
             and _all_present(ctx, ref, row["id"]):
+        yield from sweep_model_dir(ctx, ref, row["id"])
         yield {"status": f"{ref.full} is up to date at {snapshot.commit[:12]}"}
         return
     model_id = records.begin_model(ctx.db, ref, "hub", repo, revision, snapshot.commit)
