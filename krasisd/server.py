@@ -137,22 +137,19 @@ def build_daemon(cfg: Config, registry: Any = None,
     return Daemon(cfg, ModelCatalog(registry, cfg.quant), scheduler)
 
 
-def _listeners(cfg: Config, daemon: Daemon, lock: SocketLock) -> tuple[list[socket.socket], bool]:
-    """(sockets, owns_socket_file): systemd's sockets, else our own Unix (+ TCP) sockets."""
+def _listeners(cfg: Config, lock: SocketLock) -> tuple[list[socket.socket], bool, set[str]]:
+    """(sockets, owns_socket_file, TCP host names): systemd's sockets, else our own."""
     systemd = _systemd()
     passed = systemd.listen_fds() if systemd is not None else []
     if passed:
-        for sock in passed:
-            if sock.family != socket.AF_UNIX:
-                daemon.extra_hosts.add(str(sock.getsockname()[0]))
-        return passed, False
+        names = {str(s.getsockname()[0]).lower() for s in passed if s.family != socket.AF_UNIX}
+        return passed, False, names
     lock.acquire()
     sockets = [bind_unix_socket(cfg.socket, cfg.socket_group)]
     tcp = bind_tcp(cfg)
-    if tcp is not None:
-        daemon.extra_hosts.add(cfg.tcp_address[0].lower())
-        sockets.append(tcp)
-    return sockets, True
+    if tcp is None:
+        return sockets, True, set()
+    return sockets + [tcp], True, {cfg.tcp_address[0].lower()}
 
 
 async def _preload(daemon: Daemon, names: list[str]) -> None:
@@ -173,22 +170,36 @@ async def _preload(daemon: Daemon, names: list[str]) -> None:
 async def serve(cfg: Config, daemon: Daemon | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set)."""
-    daemon = daemon or build_daemon(cfg)
-    stop = stop or asyncio.Event()
+    lock = SocketLock(cfg.socket)
+    sockets, owns_socket, tcp_names = _listeners(cfg, lock)  # a second daemon stops here
+    try:
+        daemon = daemon or build_daemon(cfg)
+        daemon.extra_hosts |= tcp_names
+        await _run(cfg, daemon, sockets, stop or asyncio.Event())
+    finally:
+        for sock in sockets:
+            sock.close()
+        if owns_socket:
+            with contextlib.suppress(FileNotFoundError):
+                cfg.socket.unlink()
+        lock.release()
+
+
+async def _run(cfg: Config, daemon: Daemon, sockets: list[socket.socket],
+               stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(RuntimeError, ValueError):
+        with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
             loop.add_signal_handler(signum, stop.set)
-    lock = SocketLock(cfg.socket)
-    sockets, owns_socket = _listeners(cfg, daemon, lock)
     runner = web.AppRunner(make_app(daemon), handler_cancellation=True, access_log=None)
     await runner.setup()
+    systemd = _systemd()
+    tasks = []
     try:
         for sock in sockets:
             await web.SockSite(runner, sock).start()
             log.info("listening", extra={"address": _address(sock)})
-        systemd = _systemd()
-        tasks = [asyncio.create_task(_preload(daemon, cfg.preload))]
+        tasks.append(asyncio.create_task(_preload(daemon, cfg.preload)))
         if systemd is not None:
             systemd.ready("ready")
             tasks.append(asyncio.create_task(systemd.run_watchdog()))
@@ -196,16 +207,12 @@ async def serve(cfg: Config, daemon: Daemon | None = None,
         log.info("shutting down")
         if systemd is not None:
             systemd.stopping()
+    finally:
         for task in tasks:
             task.cancel()
-    finally:
         await daemon.scheduler.close()
         await runner.cleanup()
         daemon.catalog.close()
-        if owns_socket:
-            with contextlib.suppress(FileNotFoundError):
-                cfg.socket.unlink()
-        lock.release()
 
 
 def _address(sock: socket.socket) -> str:

@@ -1,0 +1,136 @@
+"""`python -m krasisd` as a process: socket, listeners, one daemon per socket, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from harness import uds_client
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Proc:
+    """A krasisd process with its own home and runtime dir; stderr goes to a file."""
+
+    def __init__(self, root: Path, **env):
+        self.root = root
+        self.socket = root / "run" / "krasis" / "krasisd.sock"
+        self.log = root / f"krasisd-{len(list(root.glob('krasisd-*.log')))}.log"
+        full_env = {**os.environ, "KRASIS_HOME": str(root / "home"),
+                    "XDG_RUNTIME_DIR": str(root / "run"), "KRASIS_LOG_LEVEL": "info", **env}
+        full_env.pop("KRASIS_SOCKET", None)
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "krasisd"], env=full_env,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+
+    def wait_ready(self, timeout_s: float = 20) -> Proc:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.stderr()
+            try:
+                with uds_client(self.socket, 2) as http:
+                    if http.get("/").status_code == 200:
+                        return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError(self.stderr())
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+
+def tcp_listen_ports(pid: int) -> set[int]:
+    """Ports of TCP sockets in LISTEN state held by process ``pid``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+    daemon = Proc(tmp_path_factory.mktemp("proc")).wait_ready()
+    yield daemon
+    daemon.stop()
+
+
+def test_socket_is_0600_and_no_tcp_by_default(proc):
+    mode = proc.socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    assert tcp_listen_ports(proc.proc.pid) == set()
+
+
+def test_process_title_and_effective_config_logged(proc):
+    assert Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"krasisd"
+    log = proc.stderr()
+    assert 'msg="starting krasisd"' in log and "keep_alive_s=1800.0" in log
+    assert f"socket={proc.socket}" in log and "max_queue=512" in log
+
+
+def test_second_daemon_exits_with_a_clear_message(proc):
+    second = Proc(proc.root)
+    assert second.proc.wait(20) == 1
+    assert "already" in second.stderr() and str(proc.socket) in second.stderr()
+    with uds_client(proc.socket) as http:  # the first one still serves
+        assert http.get("/api/tags").json() == {"models": []}
+
+
+def test_stale_socket_replaced_bad_setting_falls_back_socket_removed_at_exit(tmp_path):
+    path = tmp_path / "run" / "krasis" / "krasisd.sock"
+    path.parent.mkdir(parents=True)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: a crashed daemon's leftover
+    daemon = Proc(tmp_path, KRASIS_MAX_QUEUE="lots", KRASIS_KEEP_ALIVE="5m").wait_ready()
+    log = daemon.stderr()
+    assert "replacing stale socket" in log
+    assert "bad setting" in log and "KRASIS_MAX_QUEUE" in log
+    assert "max_queue=512" in log and "keep_alive_s=300.0" in log
+    assert daemon.stop() == 0
+    assert not path.exists()
+
+
+def test_tcp_listener_refuses_foreign_host(tmp_path):
+    port = free_port()
+    daemon = Proc(tmp_path, KRASIS_HOST=f"127.0.0.1:{port}").wait_ready()
+    try:
+        assert tcp_listen_ports(daemon.proc.pid) == {port}
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/api/version", timeout=5).status_code == 200
+        assert httpx.get(base + "/", headers={"Host": f"localhost:{port}"}).status_code == 200
+        foreign = httpx.get(base + "/api/tags", headers={"Host": "attacker.example"}, timeout=5)
+        assert foreign.status_code == 403 and "attacker.example" in foreign.json()["error"]
+        origin = httpx.get(base + "/api/tags", headers={"Origin": "http://attacker.example"})
+        assert origin.status_code == 403
+        local = httpx.get(base + "/api/tags", headers={"Origin": "http://localhost:3000"})
+        assert local.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    finally:
+        daemon.stop()
