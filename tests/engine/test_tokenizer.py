@@ -215,7 +215,9 @@ def test_chat_template_string_list_and_jinja_file(tmp_path):
 
 
 def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
-    with pytest.raises(TokenizerError, match="tokenizer.json not found"):
+    from krasisd.engine.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="tokenizer.json not found"):
         Tokenizer.from_dir(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x00")
     with pytest.raises(ValueError, match="SentencePiece"):
