@@ -39,6 +39,8 @@ MANIFEST = "manifest.json"
 PROJS = ("gate", "up", "down")
 NP_DTYPES = {"I8": np.int8, "U8": np.uint8, "F32": np.float32}
 HASH_CHUNK_BYTES = 8 << 20
+FINGERPRINT_SAMPLES = 16
+FINGERPRINT_SAMPLE_BYTES = 64 << 10
 
 
 class CacheError(Exception):
@@ -75,12 +77,18 @@ class CpuCache:
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json and each weight file's name, size and safetensors header."""
+    """sha256 over config.json and each weight file's name, size, safetensors header and
+    FINGERPRINT_SAMPLES evenly spaced 64 KiB samples (cheap: ~1 MiB read per file)."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for path in loader.weight_files(model_dir):
-        digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+        size_bytes = path.stat().st_size
+        digest.update(f"{path.name}:{size_bytes}:".encode())
         digest.update(_read_header_bytes(path))
+        with open(path, "rb") as handle:
+            for i in range(FINGERPRINT_SAMPLES):
+                handle.seek(size_bytes * i // FINGERPRINT_SAMPLES)
+                digest.update(handle.read(FINGERPRINT_SAMPLE_BYTES))
     return digest.hexdigest()
 
 
