@@ -109,17 +109,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def default_home() -> Path:
+def default_home(env: dict[str, str] | None = None) -> Path:
     """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis (as the registry)."""
-    if os.environ.get("KRASIS_HOME"):
-        return Path(os.environ["KRASIS_HOME"]).expanduser()
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    env = os.environ if env is None else env
+    if env.get("KRASIS_HOME"):
+        return Path(env["KRASIS_HOME"]).expanduser()
+    data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data) / "krasis"
 
 
-def default_socket(home: Path) -> Path:
+def default_socket(home: Path, env: dict[str, str] | None = None) -> Path:
     """$XDG_RUNTIME_DIR/krasis/krasisd.sock, else $KRASIS_HOME/krasisd.sock."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = (os.environ if env is None else env).get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "krasis" / "krasisd.sock"
     return home / "krasisd.sock"
@@ -271,14 +272,14 @@ def _read_file(path: Path | None) -> dict[str, Any]:
 def load_config(env: dict[str, str] | None = None) -> Config:
     """Build the effective Config from the environment and the optional config file."""
     env = dict(os.environ if env is None else env)
-    home = Path(env["KRASIS_HOME"]).expanduser() if env.get("KRASIS_HOME") else default_home()
+    home = default_home(env)
     config_path = Path(env["KRASIS_CONFIG"]).expanduser() if env.get("KRASIS_CONFIG") \
         else home / "config.toml"
     read = _Reader(env, _read_file(config_path))
     socket_raw = read.raw("KRASIS_SOCKET")
     cfg = Config(
         home=home,
-        socket=Path(str(socket_raw)).expanduser() if socket_raw else None,
+        socket=Path(str(socket_raw)).expanduser() if socket_raw else default_socket(home, env),
         socket_group=read.get("KRASIS_SOCKET_GROUP", "", str),
         host=read.get("KRASIS_HOST", "", _host),
         allow_remote=read.get("KRASIS_ALLOW_REMOTE", False, _bool),

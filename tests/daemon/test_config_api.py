@@ -1,0 +1,118 @@
+"""Settings parsing and the API contract's request parsing (no daemon needed)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+from krasisd import api
+from krasisd.config import load_config, parse_duration_s, parse_host, parse_size_bytes
+
+
+@pytest.mark.parametrize("value,seconds", [
+    ("5m", 300.0), ("1h30m", 5400.0), ("90s", 90.0), ("250ms", 0.25), (120, 120.0),
+    ("45", 45.0), (0, 0.0), ("0", 0.0), (-1, math.inf), ("-1m", math.inf), ("-1", math.inf),
+])
+def test_duration(value, seconds):
+    assert parse_duration_s(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", "5 minutes", "", "m5", True, None, [1]])
+def test_bad_duration(value):
+    with pytest.raises(ValueError):
+        parse_duration_s(value)
+
+
+def test_sizes_and_hosts():
+    assert parse_size_bytes("16GiB") == 16 * 2**30
+    assert parse_size_bytes("1.5GB") == 1_500_000_000
+    assert parse_size_bytes("512") == 512
+    with pytest.raises(ValueError):
+        parse_size_bytes("lots")
+    assert parse_host("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_host("[::1]:9") == ("::1", 9)
+    assert parse_host("localhost") == ("localhost", 11435)
+    with pytest.raises(ValueError):
+        parse_host("localhost:99999")
+
+
+def test_defaults(tmp_path):
+    cfg = load_config({"KRASIS_HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "run")})
+    assert cfg.socket == tmp_path / "run" / "krasis" / "krasisd.sock"
+    assert cfg.host == "" and cfg.tcp_address is None
+    assert cfg.keep_alive_s == 1800.0 and cfg.max_queue == 512 and cfg.quant == "int4"
+    no_runtime = load_config({"KRASIS_HOME": str(tmp_path)})
+    assert no_runtime.socket == tmp_path / "krasisd.sock"
+
+
+def test_env_overrides_file_and_bad_values_fall_back(tmp_path, caplog):
+    (tmp_path / "config.toml").write_text(
+        'keep_alive = "10m"\nmax_queue = 7\nthreads = 3\npreload = ["a", "b"]\nquant = "int9"\n')
+    env = {"KRASIS_HOME": str(tmp_path), "KRASIS_MAX_QUEUE": "9", "KRASIS_MAX_LOADED": "-2"}
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(env)
+    assert cfg.config_file == tmp_path / "config.toml"
+    assert cfg.keep_alive_s == 600.0 and cfg.threads == 3 and cfg.preload == ["a", "b"]
+    assert cfg.max_queue == 9  # the environment wins over the file
+    assert cfg.max_loaded == 2 and cfg.quant == "int4"  # bad values: defaults
+    settings = {r.setting for r in caplog.records if hasattr(r, "setting")}
+    assert settings == {"KRASIS_MAX_LOADED", "KRASIS_QUANT"}
+
+
+def test_non_loopback_host_needs_opt_in(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        off = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_HOST": "0.0.0.0:8000"})
+    assert off.host == "" and "KRASIS_ALLOW_REMOTE" in caplog.text
+    on = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_HOST": "0.0.0.0:8000",
+                      "KRASIS_ALLOW_REMOTE": "1"})
+    assert on.tcp_address == ("0.0.0.0", 8000)
+    local = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_HOST": "127.0.0.1:8001"})
+    assert local.tcp_address == ("127.0.0.1", 8001)
+
+
+def test_unset_is_not_false():
+    unset = api.generate_request({"model": "m", "prompt": "p"})
+    off = api.generate_request({"model": "m", "prompt": "p", "stream": False, "keep_alive": 0})
+    assert unset.stream is True and unset.keep_alive_s is None
+    assert off.stream is False and off.keep_alive_s == 0
+
+
+def test_options_map_to_sampling_options():
+    req = api.generate_request({"model": "m", "prompt": "p", "options": {
+        "temperature": 0, "top_k": 5, "top_p": 0.5, "min_p": 0.1, "seed": 42, "stop": "END",
+        "num_predict": 12, "num_ctx": 256, "repeat_penalty": 1.0, "num_thread": 8}})
+    o = req.options
+    assert (o.temperature, o.top_k, o.top_p, o.min_p, o.seed) == (0.0, 5, 0.5, 0.1, 42)
+    assert (o.stop, o.num_predict, o.num_ctx, o.repeat_penalty) == (["END"], 12, 256, 1.0)
+    defaults = api.generate_request({"model": "m", "prompt": "p"}).options
+    assert defaults.temperature == 0.8 and defaults.num_predict == -1
+
+
+def test_openai_requests():
+    chat = api.openai_chat_request({
+        "model": "m", "messages": [{"role": "developer", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 5, "stop": ["x"], "stream": True,
+        "stream_options": {"include_usage": True}, "response_format": {"type": "json_object"}})
+    assert chat.inference.messages == [{"role": "system", "content": "ab"}]
+    assert chat.inference.options.num_predict == 5 and chat.inference.options.stop == ["x"]
+    assert chat.include_usage and chat.inference.format == "json"
+    assert chat.inference.options.temperature == 1.0  # OpenAI's default, not Ollama's
+    completion = api.openai_completion_request({"model": "m", "prompt": ["p"], "logprobs": 2})
+    assert completion.inference.options.num_predict == 16 and completion.top_logprobs == 2
+    assert completion.inference.logprobs and completion.inference.raw
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b/c", "a\\\\b", "..", "a:b:c",
+                                  "", "x" * 300, "a/..", "~root"])
+def test_names_that_could_be_paths_are_refused(name):
+    with pytest.raises(api.ApiError) as info:
+        api.model_name({"model": name})
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("name", ["krasis-tiny", "deepseek-ai/DeepSeek-V2-Lite:main", "m:q4"])
+def test_good_names(name):
+    assert api.model_name({"model": name}) == name
