@@ -203,7 +203,10 @@ class FakeHub:
             end = min(position + CHUNK_BYTES, len(data))
             if stall_at is not None and position < stall_at:
                 end = min(end, stall_at)
-            await response.write(data[position:end])
+            try:
+                await response.write(data[position:end])
+            except ConnectionError:  # the client went away (a killed pull)
+                return
             self.bytes_sent[(repo_id, path)] += end - position
             position = end
             if self.chunk_delay_s:

@@ -176,3 +176,9 @@ def test_offline_mode_is_a_clear_error(hub, monkeypatch):
 def test_unknown_bare_name(hub):
     with pytest.raises(PullError, match="unknown model"):
         Registry().pull("no-such-alias")
+
+
+def test_plain_http_endpoint_refused_unless_insecure(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.example.org")
+    with pytest.raises(PullError, match="plain-http"):
+        Registry().pull(REPO_ID)

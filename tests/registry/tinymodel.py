@@ -12,7 +12,8 @@ DECOYS = {
 }
 
 
-def write_tiny_model(out_dir: Path, vocab_size: int = 2048, seed: int = 0) -> Path:
+def write_tiny_model(out_dir: Path, vocab_size: int = 2048, seed: int = 0,
+                     max_shard_size: str = "1MB") -> Path:
     """save_pretrained a tiny DeepseekV2ForCausalLM (two shards) plus a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -27,7 +28,7 @@ def write_tiny_model(out_dir: Path, vocab_size: int = 2048, seed: int = 0) -> Pa
         max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
     )
     model = DeepseekV2ForCausalLM(config)
-    model.save_pretrained(out_dir, max_shard_size="1MB")
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
     vocab.update({f"w{i}": i for i in range(3, vocab_size)})
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
