@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from krasisd.engine.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
+# Tokens held back at most: a character needs at most 4 byte tokens, so a longer run that still
+# decodes to nothing new (ids without text) or to U+FFFD (invalid bytes) is let through, which
+# keeps every push's decode short.
+MAX_HELD_TOKENS = 8
 
 
 def context_ids(tokenizer: Tokenizer, prompt_ids: Sequence[int], count: int = 4) -> list[int]:
@@ -59,7 +63,8 @@ class StreamDecoder:
         self._ids.append(token_id)
         emitted_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         window_text = self._decode(self._ids[self._prefix_offset:])
-        if len(window_text) <= len(emitted_text) or window_text.endswith(REPLACEMENT_CHAR):
+        incomplete = len(window_text) <= len(emitted_text) or window_text.endswith(REPLACEMENT_CHAR)
+        if incomplete and len(self._ids) - self._read_offset < MAX_HELD_TOKENS:
             return ""
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)

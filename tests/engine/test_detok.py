@@ -5,7 +5,12 @@ import random
 import pytest
 from test_tokenizer import BACKENDS, CORPUS, UNSEEN, write_model_dir
 
-from krasisd.engine.detokenize import REPLACEMENT_CHAR, StreamDecoder, context_ids
+from krasisd.engine.detokenize import (
+    MAX_HELD_TOKENS,
+    REPLACEMENT_CHAR,
+    StreamDecoder,
+    context_ids,
+)
 from krasisd.engine.tokenizer import Tokenizer
 
 
@@ -112,3 +117,14 @@ def test_ids_past_the_vocabulary_stream_as_nothing(tokenizer):
     ids = tokenizer.encode("héllo", add_special_tokens=False)
     pieces, rest = stream(tokenizer, ids[:2] + [tokenizer.vocab_size + 3] + ids[2:])
     assert "".join(pieces) + rest == "héllo"
+
+
+def test_held_back_tokens_are_bounded(tokenizer):
+    # ids past the vocabulary decode to nothing; the window must not grow with them
+    decoder = StreamDecoder(tokenizer)
+    for _ in range(100):
+        decoder.push(tokenizer.vocab_size + 1)
+    assert len(decoder._ids) - decoder._prefix_offset <= 2 * MAX_HELD_TOKENS
+    ids = tokenizer.encode("héllo 中", add_special_tokens=False)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids)
