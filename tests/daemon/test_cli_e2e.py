@@ -1,8 +1,9 @@
-"""The krasis command against the real krasisd and the bundled krasis-tiny model:
-serve, pull, an interactive answer on a terminal, ps, stop, rm."""
+"""The krasis command against the real krasisd: serve, create (or pull the bundled
+krasis-tiny), an interactive answer on a terminal, Ctrl+C, ps, stop, rm."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,15 +17,31 @@ import pexpect
 import pytest
 from krasis.client import Client, ConnectError
 
-try:
-    from krasis_registry.create import bundled_dir
-
-    BUNDLED = (bundled_dir("krasis-tiny") / "config.json").is_file()
-except Exception:  # noqa: BLE001 - any failure here means there is no bundled model to test
-    BUNDLED = False
-
-pytestmark = pytest.mark.skipif(not BUNDLED, reason="the bundled krasis-tiny is not built")
 START_TIMEOUT_S = 90
+
+
+def write_random_model(out_dir: Path, vocab_size: int = 512) -> Path:
+    """A random DeepSeek-V2 (transformers' code) whose widths fit the INT4 group size (128)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV2Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
+    DeepseekV2ForCausalLM(config).save_pretrained(out_dir)
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
+    return out_dir
 
 
 def krasis(*argv: str, env: dict, timeout_s: float = 300) -> subprocess.CompletedProcess:
@@ -65,23 +82,34 @@ def served(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_pull_run_ps_stop_rm(served):
-    pulled = krasis("pull", "krasis-tiny", env=served)
-    assert pulled.returncode == 0, pulled.stderr
-    assert pulled.stderr.strip().splitlines()[-1] == "success"
-    listed = krasis("list", env=served)
-    assert "krasis-tiny" in listed.stdout
+def test_create_run_ps_stop_rm(served, tmp_path):
+    folder = write_random_model(tmp_path / "weights")
+    created = krasis("create", "tiny", "--from", str(folder), env=served)
+    assert created.returncode == 0, created.stderr
+    assert created.stderr.strip().splitlines()[-1] == "success"
+    assert "tiny:latest" in krasis("list", env=served).stdout
 
-    child = pexpect.spawn(sys.executable, ["-m", "krasis.cli", "run", "krasis-tiny", "--verbose"],
+    child = pexpect.spawn(sys.executable, ["-m", "krasis.cli", "run", "tiny", "--verbose"],
                           env=served, encoding="utf-8", timeout=180, dimensions=(24, 120))
     child.expect_exact(">>> ")
     child.sendline("/set parameter num_predict 12")
     child.expect_exact("Set parameter 'num_predict' to '12'")
     child.sendline("/set parameter seed 7")
-    child.sendline("Tell me about Python modules.")
+    child.sendline("w5 w6 w7")
     child.expect(r"\neval count:\s+(\d+) token\(s\)")
     assert 1 <= int(child.match.group(1)) <= 12
     child.expect(r"eval rate:\s+[\d.]+ tokens/s")
+    child.expect_exact(">>> ")
+    # Ctrl+C stops a long answer and the session goes on
+    child.sendline("/set parameter num_predict 100000")
+    child.sendline("w8 w9")
+    child.expect(r"w\d+ w\d+ w\d+")
+    child.sendintr()
+    child.expect_exact(">>> ", timeout=30)
+    child.sendline("/set parameter num_predict 3")
+    child.sendline("w10")
+    child.expect(r"\neval count:\s+(\d+) token\(s\)")
+    assert 1 <= int(child.match.group(1)) <= 3
     child.expect_exact(">>> ")
     child.sendline("/bye")
     child.expect(pexpect.EOF)
@@ -89,13 +117,13 @@ def test_pull_run_ps_stop_rm(served):
     assert child.exitstatus == 0
 
     ps = krasis("ps", env=served)
-    row = next(line for line in ps.stdout.splitlines() if line.startswith("krasis-tiny"))
+    row = next(line for line in ps.stdout.splitlines() if line.startswith("tiny"))
     assert "100% CPU" in row and "from now" in row
-    assert krasis("stop", "krasis-tiny", env=served).returncode == 0
+    assert krasis("stop", "tiny", env=served).returncode == 0
     deadline = time.monotonic() + 30
-    while "krasis-tiny" in krasis("ps", env=served).stdout and time.monotonic() < deadline:
+    while "tiny" in krasis("ps", env=served).stdout and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "krasis-tiny" not in krasis("ps", env=served).stdout
-    removed = krasis("rm", "krasis-tiny", env=served)
-    assert removed.stdout.strip() == "deleted 'krasis-tiny'"
-    assert "krasis-tiny" not in krasis("list", env=served).stdout
+    assert "tiny" not in krasis("ps", env=served).stdout
+    removed = krasis("rm", "tiny", env=served)
+    assert removed.stdout.strip() == "deleted 'tiny'"
+    assert "tiny" not in krasis("list", env=served).stdout
