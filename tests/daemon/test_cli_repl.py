@@ -125,3 +125,15 @@ def test_format_json_is_sent_until_noformat(daemon, monkeypatch, capsys):
     first, second = daemon.bodies("/api/chat")
     assert first["format"] == "json"
     assert "format" not in second
+
+
+def test_multiline_system_message_and_load(daemon, monkeypatch, capsys):
+    lines = ['/set system """You are', "a test.", '"""', "/load slow-missing", "/load krasis-tiny",
+             "hi", "/show system"]
+    code, out, err = repl(monkeypatch, capsys, lines)
+    assert code == 0
+    assert "Error: model 'slow-missing' not found" in err
+    assert "Loading model 'krasis-tiny'" in out
+    chat = daemon.bodies("/api/chat")[0]
+    assert chat["messages"][0] == {"role": "system", "content": "You are\na test."}
+    assert ">>> You are\na test.\n>>> " in out  # /show system
