@@ -19,6 +19,7 @@ namespace krasis {
 constexpr int kUnit = 64;        // elements per SIMD unit (one zmm of int8)
 constexpr int kHalf = 32;        // smallest group size
 constexpr int kMaxTile = 4;      // tokens per dot-product call
+constexpr int kMaxRows = 4;      // weight rows per dot-product call
 
 struct BlockQ8x64 { int8_t qs[kUnit]; };
 struct BlockQ4x64 { uint8_t qs[kUnit / 2]; };
@@ -33,15 +34,17 @@ struct QActRow {
     const int32_t* sum;
 };
 
-// out[t] = sum_k W[row, k] * A_t[k] for t < T (T in 1..kMaxTile), W's row given by its bytes
-// and scales. K elements, group size G.
-using DotRowsFn = void (*)(const uint8_t* w_row, const float* w_scale, const QActRow* acts, int T,
-                           int K, int G, float* out);
+// A tile of R consecutive weight rows times T activation rows (R <= max_rows[T], T <= kMaxTile):
+// out[r * T + t] = sum_k W[r, k] * A_t[k]. Row r starts at w + r * row_bytes (K or K/2 bytes),
+// its scales at w_scale + r * (K / G). K elements per row, group size G.
+using DotTileFn = void (*)(const uint8_t* w, const float* w_scale, int R, const QActRow* acts,
+                           int T, int K, int G, float* out);
 
 struct KernelTable {
     const char* name;
-    DotRowsFn dot_q8;
-    DotRowsFn dot_q4;
+    DotTileFn dot_q8;
+    DotTileFn dot_q4;
+    int max_rows[kMaxTile + 1];  // by T; index 0 unused
 };
 
 const KernelTable& kernels_scalar();

@@ -77,8 +77,8 @@ KRASIS_AVX2 void dot_q4_avx2_t(const uint8_t* w_row, const float* w_scale, const
     for (int t = 0; t < T; ++t) out[t] = hsum_ps(accf[t]);
 }
 
-KRASIS_AVX2 void dot_q8_avx2(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
-                             int G, float* out) {
+KRASIS_AVX2 void dot_q8_avx2_row(const uint8_t* w, const float* ws, const QActRow* a, int T,
+                                 int K, int G, float* out) {
     switch (T) {
         case 1: return dot_q8_avx2_t<1>(w, ws, a, K, G, out);
         case 2: return dot_q8_avx2_t<2>(w, ws, a, K, G, out);
@@ -87,8 +87,14 @@ KRASIS_AVX2 void dot_q8_avx2(const uint8_t* w, const float* ws, const QActRow* a
     }
 }
 
-KRASIS_AVX2 void dot_q4_avx2(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
-                             int G, float* out) {
+KRASIS_AVX2 void dot_q8_avx2(const uint8_t* w, const float* ws, int R, const QActRow* a, int T,
+                             int K, int G, float* out) {
+    for (int r = 0; r < R; ++r)
+        dot_q8_avx2_row(w + size_t(r) * K, ws + size_t(r) * (K / G), a, T, K, G, out + r * T);
+}
+
+KRASIS_AVX2 void dot_q4_avx2_row(const uint8_t* w, const float* ws, const QActRow* a, int T,
+                                 int K, int G, float* out) {
     switch (T) {
         case 1: return dot_q4_avx2_t<1>(w, ws, a, K, G, out);
         case 2: return dot_q4_avx2_t<2>(w, ws, a, K, G, out);
@@ -97,10 +103,16 @@ KRASIS_AVX2 void dot_q4_avx2(const uint8_t* w, const float* ws, const QActRow* a
     }
 }
 
+KRASIS_AVX2 void dot_q4_avx2(const uint8_t* w, const float* ws, int R, const QActRow* a, int T,
+                             int K, int G, float* out) {
+    for (int r = 0; r < R; ++r)
+        dot_q4_avx2_row(w + size_t(r) * (K / 2), ws + size_t(r) * (K / G), a, T, K, G, out + r * T);
+}
+
 }  // namespace
 
 const KernelTable* kernels_avx2() {
-    static const KernelTable table{"avx2", dot_q8_avx2, dot_q4_avx2};
+    static const KernelTable table{"avx2", dot_q8_avx2, dot_q4_avx2, {0, 1, 1, 1, 1}};
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return nullptr;
     return &table;

@@ -15,6 +15,96 @@ namespace {
 
 // Generic path (any G multiple of 32). INT8: vpdpbusd needs u8 x s8, so activations enter as a + 128 (a ^ 0x80) and the kernel
 // subtracts 128 * sum(w), itself a vpdpbusd of ones and w, shared by the T tokens.
+// Whole 64-element units only (G % 64 == 0): a tile of R rows x T tokens, pointer walks.
+// Each unit's weights are loaded once for T tokens, each activation once for R rows.
+template <int R, int T>
+KRASIS_AVX512 void dot_q8_avx512_tile(const uint8_t* w, const float* w_scale, const QActRow* acts,
+                                      int K, int G, float* out) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int units = G / kUnit, n_groups = K / G;
+    const uint8_t* wr[R];
+    const int8_t* aq[T];
+    __m512 accf[R][T];
+    for (int r = 0; r < R; ++r) {
+        wr[r] = w + size_t(r) * K;
+        for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps();
+    }
+    for (int t = 0; t < T; ++t) aq[t] = acts[t].q;
+    for (int g = 0; g < n_groups; ++g) {
+        __m512i acc[R][T], wsum[R];
+        for (int r = 0; r < R; ++r) {
+            wsum[r] = _mm512_setzero_si512();
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+        }
+        for (int u = 0; u < units; ++u) {
+            __m512i a[T], wv[R];
+            for (int t = 0; t < T; ++t) a[t] = _mm512_xor_si512(_mm512_loadu_si512(aq[t]), flip), aq[t] += kUnit;
+            for (int r = 0; r < R; ++r) {
+                wv[r] = _mm512_loadu_si512(wr[r]);
+                wr[r] += kUnit;
+                wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, wv[r]);
+                for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a[t], wv[r]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m512i offset = _mm512_slli_epi32(wsum[r], 7);
+            const float ws = w_scale[size_t(r) * n_groups + g];
+            for (int t = 0; t < T; ++t) {
+                const __m512 s = _mm512_set1_ps(ws * acts[t].scale[g]);
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][t], offset));
+                accf[r][t] = _mm512_fmadd_ps(dot, s, accf[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) out[r * T + t] = _mm512_reduce_add_ps(accf[r][t]);
+}
+
+template <int R, int T>
+KRASIS_AVX512 void dot_q4_avx512_tile(const uint8_t* w, const float* w_scale, const QActRow* acts,
+                                      int K, int G, float* out) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int units = G / kUnit, n_groups = K / G;
+    const uint8_t* wr[R];
+    const int8_t* aq[T];
+    __m512 accf[R][T];
+    for (int r = 0; r < R; ++r) {
+        wr[r] = w + size_t(r) * (K / 2);
+        for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps();
+    }
+    for (int t = 0; t < T; ++t) aq[t] = acts[t].q;
+    for (int g = 0; g < n_groups; ++g) {
+        __m512i acc[R][T];
+        for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+        for (int u = 0; u < units; ++u) {
+            __m512i a[T];
+            for (int t = 0; t < T; ++t) a[t] = _mm512_loadu_si512(aq[t]), aq[t] += kUnit;
+            for (int r = 0; r < R; ++r) {
+                const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r]));
+                wr[r] += kUnit / 2;
+                const __m512i wv = _mm512_and_si512(
+                    _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), low4);
+                for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], wv, a[t]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const float ws = w_scale[size_t(r) * n_groups + g];
+            for (int t = 0; t < T; ++t) {
+                const __m512i corr = _mm512_zextsi128_si512(_mm_cvtsi32_si128(8 * acts[t].sum[g]));
+                const __m512 s = _mm512_set1_ps(ws * acts[t].scale[g]);
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][t], corr));
+                accf[r][t] = _mm512_fmadd_ps(dot, s, accf[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) out[r * T + t] = _mm512_reduce_add_ps(accf[r][t]);
+}
+
+// Generic path (any G multiple of 32). INT8: vpdpbusd needs u8 x s8, so activations enter as a + 128 (a ^ 0x80) and the kernel
+// subtracts 128 * sum(w), itself a vpdpbusd of ones and w, shared by the T tokens.
 // Whole 64-element units only (G % 64 == 0): pointer walks, no index arithmetic.
 template <int T>
 KRASIS_AVX512 void dot_q8_avx512_units(const uint8_t* w_row, const float* w_scale,
@@ -156,40 +246,39 @@ KRASIS_AVX512 void dot_q4_avx512_t(const uint8_t* w_row, const float* w_scale, c
     for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(accf[t]);
 }
 
-KRASIS_AVX512 void dot_q8_avx512(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
-                                 int G, float* out) {
-    const bool fast = G % kUnit == 0;
-    switch (T) {
-        case 1: return fast ? dot_q8_avx512_units<1>(w, ws, a, K, G, out)
-                          : dot_q8_avx512_t<1>(w, ws, a, K, G, out);
-        case 2: return fast ? dot_q8_avx512_units<2>(w, ws, a, K, G, out)
-                          : dot_q8_avx512_t<2>(w, ws, a, K, G, out);
-        case 3: return fast ? dot_q8_avx512_units<3>(w, ws, a, K, G, out)
-                          : dot_q8_avx512_t<3>(w, ws, a, K, G, out);
-        default: return fast ? dot_q8_avx512_units<4>(w, ws, a, K, G, out)
-                             : dot_q8_avx512_t<4>(w, ws, a, K, G, out);
-    }
+using TileFn = void (*)(const uint8_t*, const float*, const QActRow*, int, int, float*);
+using RowFn = void (*)(const uint8_t*, const float*, const QActRow*, int, int, float*);
+
+// [R - 1][T - 1] -> tile function, for the whole-unit path.
+#define KRASIS_TILES(F)                                                                    \
+    {{F<1, 1>, F<1, 2>, F<1, 3>, F<1, 4>}, {F<2, 1>, F<2, 2>, F<2, 3>, F<2, 4>},          \
+     {F<3, 1>, F<3, 2>, F<3, 3>, F<3, 4>}, {F<4, 1>, F<4, 2>, F<4, 3>, F<4, 4>}}
+
+const TileFn kQ8Tiles[kMaxRows][kMaxTile] = KRASIS_TILES(dot_q8_avx512_tile);
+const TileFn kQ4Tiles[kMaxRows][kMaxTile] = KRASIS_TILES(dot_q4_avx512_tile);
+const RowFn kQ8Rows[kMaxTile] = {dot_q8_avx512_t<1>, dot_q8_avx512_t<2>, dot_q8_avx512_t<3>,
+                                 dot_q8_avx512_t<4>};
+const RowFn kQ4Rows[kMaxTile] = {dot_q4_avx512_t<1>, dot_q4_avx512_t<2>, dot_q4_avx512_t<3>,
+                                 dot_q4_avx512_t<4>};
+
+KRASIS_AVX512 void dot_q8_avx512(const uint8_t* w, const float* ws, int R, const QActRow* a, int T,
+                                 int K, int G, float* out) {
+    if (G % kUnit == 0) return kQ8Tiles[R - 1][T - 1](w, ws, a, K, G, out);
+    for (int r = 0; r < R; ++r)
+        kQ8Rows[T - 1](w + size_t(r) * K, ws + size_t(r) * (K / G), a, K, G, out + r * T);
 }
 
-KRASIS_AVX512 void dot_q4_avx512(const uint8_t* w, const float* ws, const QActRow* a, int T, int K,
-                                 int G, float* out) {
-    const bool fast = G % kUnit == 0;
-    switch (T) {
-        case 1: return fast ? dot_q4_avx512_units<1>(w, ws, a, K, G, out)
-                          : dot_q4_avx512_t<1>(w, ws, a, K, G, out);
-        case 2: return fast ? dot_q4_avx512_units<2>(w, ws, a, K, G, out)
-                          : dot_q4_avx512_t<2>(w, ws, a, K, G, out);
-        case 3: return fast ? dot_q4_avx512_units<3>(w, ws, a, K, G, out)
-                          : dot_q4_avx512_t<3>(w, ws, a, K, G, out);
-        default: return fast ? dot_q4_avx512_units<4>(w, ws, a, K, G, out)
-                             : dot_q4_avx512_t<4>(w, ws, a, K, G, out);
-    }
+KRASIS_AVX512 void dot_q4_avx512(const uint8_t* w, const float* ws, int R, const QActRow* a, int T,
+                                 int K, int G, float* out) {
+    if (G % kUnit == 0) return kQ4Tiles[R - 1][T - 1](w, ws, a, K, G, out);
+    for (int r = 0; r < R; ++r)
+        kQ4Rows[T - 1](w + size_t(r) * (K / 2), ws + size_t(r) * (K / G), a, K, G, out + r * T);
 }
 
 }  // namespace
 
 const KernelTable* kernels_avx512() {
-    static const KernelTable table{"avx512", dot_q8_avx512, dot_q4_avx512};
+    static const KernelTable table{"avx512", dot_q8_avx512, dot_q4_avx512, {0, 4, 4, 2, 2}};
     __builtin_cpu_init();
     const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");

@@ -9,7 +9,7 @@ namespace krasis {
 
 namespace {
 
-void dot_q8_scalar(const uint8_t* w_row, const float* w_scale, const QActRow* acts, int T, int K,
+void dot_q8_row(const uint8_t* w_row, const float* w_scale, const QActRow* acts, int T, int K,
                    int G, float* out) {
     const int8_t* w = reinterpret_cast<const int8_t*>(w_row);
     for (int t = 0; t < T; ++t) {
@@ -30,7 +30,7 @@ inline int q4_at(const uint8_t* w_row, int k) {
     return nibble - 8;
 }
 
-void dot_q4_scalar(const uint8_t* w_row, const float* w_scale, const QActRow* acts, int T, int K,
+void dot_q4_row(const uint8_t* w_row, const float* w_scale, const QActRow* acts, int T, int K,
                    int G, float* out) {
     for (int t = 0; t < T; ++t) {
         float acc = 0.0f;
@@ -43,10 +43,22 @@ void dot_q4_scalar(const uint8_t* w_row, const float* w_scale, const QActRow* ac
     }
 }
 
+void dot_q8_scalar(const uint8_t* w, const float* ws, int R, const QActRow* acts, int T, int K,
+                   int G, float* out) {
+    for (int r = 0; r < R; ++r)
+        dot_q8_row(w + size_t(r) * K, ws + size_t(r) * (K / G), acts, T, K, G, out + r * T);
+}
+
+void dot_q4_scalar(const uint8_t* w, const float* ws, int R, const QActRow* acts, int T, int K,
+                   int G, float* out) {
+    for (int r = 0; r < R; ++r)
+        dot_q4_row(w + size_t(r) * (K / 2), ws + size_t(r) * (K / G), acts, T, K, G, out + r * T);
+}
+
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-    static const KernelTable table{"scalar", dot_q8_scalar, dot_q4_scalar};
+    static const KernelTable table{"scalar", dot_q8_scalar, dot_q4_scalar, {0, 1, 1, 1, 1}};
     return table;
 }
 

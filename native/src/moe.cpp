@@ -69,7 +69,7 @@ void MoeRunner::gate_up(const MoeWeights& w, const KernelTable& kt) {
     const int D = w.hidden, I = w.width, G = w.group_size;
     const int blocks = (I + kRowBlock - 1) / kRowBlock;
     const size_t rb = row_bytes(w.bits, D);
-    const DotRowsFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
+    const DotTileFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
     auto task = [&](int i) {
         const int e = active_[i / blocks];
         const int r0 = (i % blocks) * kRowBlock, r1 = std::min(I, r0 + kRowBlock);
@@ -85,11 +85,14 @@ void MoeRunner::gate_up(const MoeWeights& w, const KernelTable& kt) {
                 acts[t] = {xq_.data() + tok * D, xs_.data() + tok * (D / G),
                            xsum_.data() + tok * (D / G)};
             }
-            for (int n = r0; n < r1; ++n) {
-                float g[kMaxTile], u[kMaxTile];
-                dot(gq + n * rb, gs + size_t(n) * (D / G), acts, T, D, G, g);
-                dot(uq + n * rb, us + size_t(n) * (D / G), acts, T, D, G, u);
-                for (int t = 0; t < T; ++t) h_[size_t(p0 + t) * I + n] = silu(g[t]) * u[t];
+            for (int n = r0; n < r1; n += kt.max_rows[T]) {
+                const int R = std::min(kt.max_rows[T], r1 - n);
+                float g[kMaxRows * kMaxTile], u[kMaxRows * kMaxTile];
+                dot(gq + n * rb, gs + size_t(n) * (D / G), R, acts, T, D, G, g);
+                dot(uq + n * rb, us + size_t(n) * (D / G), R, acts, T, D, G, u);
+                for (int r = 0; r < R; ++r)
+                    for (int t = 0; t < T; ++t)
+                        h_[size_t(p0 + t) * I + n + r] = silu(g[r * T + t]) * u[r * T + t];
             }
         }
     };
@@ -101,7 +104,7 @@ void MoeRunner::down(const MoeWeights& w, const KernelTable& kt, int M, float* o
     const int D = w.hidden, I = w.width, G = w.group_size;
     const int blocks = (D + kRowBlock - 1) / kRowBlock;
     const size_t rb = row_bytes(w.bits, I);
-    const DotRowsFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
+    const DotTileFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
     auto task = [&](int i) {
         const int r0 = i * kRowBlock, r1 = std::min(D, r0 + kRowBlock);
         for (int t = 0; t < M; ++t) std::fill(out + size_t(t) * D + r0, out + size_t(t) * D + r1, 0.0f);
@@ -115,11 +118,13 @@ void MoeRunner::down(const MoeWeights& w, const KernelTable& kt, int M, float* o
                     const size_t p = size_t(p0 + t);
                     acts[t] = {hq_.data() + p * I, hs_.data() + p * (I / G), hsum_.data() + p * (I / G)};
                 }
-                for (int d = r0; d < r1; ++d) {
-                    float y[kMaxTile];
-                    dot(dq + d * rb, ds + size_t(d) * (I / G), acts, T, I, G, y);
-                    for (int t = 0; t < T; ++t)
-                        out[size_t(pair_token_[p0 + t]) * D + d] += pair_weight_[p0 + t] * y[t];
+                for (int d = r0; d < r1; d += kt.max_rows[T]) {
+                    const int R = std::min(kt.max_rows[T], r1 - d);
+                    float y[kMaxRows * kMaxTile];
+                    dot(dq + d * rb, ds + size_t(d) * (I / G), R, acts, T, I, G, y);
+                    for (int r = 0; r < R; ++r)
+                        for (int t = 0; t < T; ++t)
+                            out[size_t(pair_token_[p0 + t]) * D + d + r] += pair_weight_[p0 + t] * y[r * T + t];
                 }
             }
         }
