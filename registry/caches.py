@@ -120,12 +120,15 @@ def build(db: Database, store: Store, model: dict, ref, fmt: str, builder: Build
                 manifest = value if isinstance(value, dict) else {}
         if not out_dir.is_dir():
             raise PullError(f"the {fmt} cache builder wrote nothing to {out_dir}")
-    except Exception as exc:
-        error = f"{fmt} cache build failed: {exc}"
-        log.exception("cache build of %s failed", ref.full)
+    except BaseException as exc:  # a stream closed early (GeneratorExit) counts too
+        error = f"{fmt} cache build failed: {exc}" if isinstance(exc, Exception) else \
+            f"{fmt} cache build cancelled; it is rebuilt on the next pull"
+        log.warning("cache build of %s: %s", ref.full, error)
         records.fail_cache(db, cache_id, error)
         store.remove_tree(out_dir, "caches")
-        raise PullError(error) from exc
+        if isinstance(exc, Exception):
+            raise PullError(error) from exc
+        raise
     layout = manifest.get("layout_version", manifest.get("version"))
     records.finish_cache(db, cache_id, layout, tree_bytes(out_dir), manifest_checksum(manifest))
     log.info("%s cache of %s ready at %s", fmt, ref.full, out_dir)

@@ -44,13 +44,15 @@ def locked(store: Store, ref: ModelRef, body: Callable[[], Iterator[dict]],
 
 
 def guard_failure(ctx: Context, ref: ModelRef, body: Iterator[dict]) -> Iterator[dict]:
-    """On an error, a model still in 'pulling' becomes 'failed' with the error, then re-raise."""
+    """On an error or a closed stream, a model still in 'pulling' becomes 'failed', then re-raise."""
     try:
         yield from body
-    except Exception as exc:
+    except BaseException as exc:  # a stream closed early (GeneratorExit) counts too
+        error = str(exc) if isinstance(exc, Exception) else \
+            "cancelled: pull again to resume (the partial downloads are kept)"
         row = records.get_model(ctx.db, ref.full)
         if row is not None and row["state"] == "pulling":
-            records.set_state(ctx.db, row["id"], "failed", str(exc))
+            records.set_state(ctx.db, row["id"], "failed", error)
         raise
 
 

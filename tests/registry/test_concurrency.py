@@ -47,3 +47,15 @@ def test_remove_refused_while_pulling(hub):
         Registry().remove(REPO_ID)
     assert list(events)[-1] == {"status": "success"}
     Registry().remove(REPO_ID)
+
+
+def test_closing_a_pull_stream_early_marks_it_cancelled(hub):
+    hub.chunk_delay_s = 0.05
+    reg = Registry()
+    events = reg.pull(REPO_ID, build_caches=False)
+    while not next(events)["status"].startswith("pulling model-"):
+        pass
+    events.close()
+    shown = reg.show(REPO_ID)
+    assert shown["state"] == "failed" and "cancelled" in shown["error"]
+    assert list(Registry().pull(REPO_ID, build_caches=False))[-1] == {"status": "success"}
