@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -82,3 +86,38 @@ def _connectable(path: Path) -> bool:
             return True
         except OSError:
             return False
+
+
+class Proc:
+    """A krasisd process with its own home and runtime dir; stderr goes to a file."""
+
+    def __init__(self, root: Path, **env):
+        self.root = root
+        self.socket = root / "run" / "krasis" / "krasisd.sock"
+        self.log = root / f"krasisd-{len(list(root.glob('krasisd-*.log')))}.log"
+        full_env = {**os.environ, "KRASIS_HOME": str(root / "home"),
+                    "XDG_RUNTIME_DIR": str(root / "run"), "KRASIS_LOG_LEVEL": "info", **env}
+        full_env.pop("KRASIS_SOCKET", None)
+        with self.log.open("w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "krasisd"], env=full_env,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+
+    def wait_ready(self, timeout_s: float = 20) -> Proc:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.stderr()
+            try:
+                with uds_client(self.socket, 2) as http:
+                    if http.get("/").status_code == 200:
+                        return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError(self.stderr())
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
