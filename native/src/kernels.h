@@ -26,12 +26,18 @@ struct BlockQ4x64 { uint8_t qs[kUnit / 2]; };
 static_assert(sizeof(BlockQ8x64) == 64, "INT8 unit must be 64 bytes");
 static_assert(sizeof(BlockQ4x64) == 32, "INT4 unit must be 32 bytes");
 
+constexpr int kPair = 2 * kUnit;  // 128 elements: two INT4 units read by one 64-byte load
+
 // One token's activation row, quantized: K int8 values, K/G scales, K/G sums of the int8 values
-// (the INT4 kernels subtract 8 * sum to undo the +8 offset of stored nibbles).
+// (the INT4 kernels subtract 8 * sum to undo the +8 offset of stored nibbles). q_pair, when not
+// null (K % 128 == 0), holds the same values with every 128-element block reordered as
+// [0..31, 64..95, 32..63, 96..127]: the order of the low then high nibbles of a 64-byte load of
+// two INT4 units, so the AVX-512 INT4 kernel needs no lane shuffle.
 struct QActRow {
     const int8_t* q;
     const float* scale;
     const int32_t* sum;
+    const int8_t* q_pair;
 };
 
 // A tile of R consecutive weight rows times T activation rows (R <= max_rows[T], T <= kMaxTile):
@@ -57,7 +63,9 @@ const KernelTable& active_kernels();
 bool select_isa(const char* name);
 
 // Activation quantization (shared by every ISA so they see identical int8 inputs).
-// x float [K] -> q int8 [K], scale float [K/G], sum int32 [K/G].
-void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum);
+// x float [K] -> q int8 [K], scale float [K/G], sum int32 [K/G], and q_pair int8 [K] when
+// q_pair is not null and K % 128 == 0.
+void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum,
+                      int8_t* q_pair);
 
 }  // namespace krasis

@@ -13,6 +13,58 @@ namespace krasis {
 
 namespace {
 
+// INT4 with G % 128 == 0: one 64-byte load holds two units (128 weights); its low nibbles meet
+// activations [0..31, 64..95] and its high nibbles [32..63, 96..127] of the block, which is the
+// order of QActRow::q_pair, so no lane shuffle is needed (3 ALU ops per 64 bytes).
+template <int R, int T>
+KRASIS_AVX512 void dot_q4_avx512_pairs(const uint8_t* w, const float* w_scale, const QActRow* acts,
+                                       int K, int G, float* out) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int pairs = G / kPair, n_groups = K / G;
+    const uint8_t* wr[R];
+    const int8_t* aq[T];
+    __m512 accf[R][T];
+    for (int r = 0; r < R; ++r) {
+        wr[r] = w + size_t(r) * (K / 2);
+        for (int t = 0; t < T; ++t) accf[r][t] = _mm512_setzero_ps();
+    }
+    for (int t = 0; t < T; ++t) aq[t] = acts[t].q_pair;
+    for (int g = 0; g < n_groups; ++g) {
+        __m512i acc[R][T];
+        for (int r = 0; r < R; ++r)
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+        for (int u = 0; u < pairs; ++u) {
+            __m512i a_lo[T], a_hi[T];
+            for (int t = 0; t < T; ++t) {
+                a_lo[t] = _mm512_loadu_si512(aq[t]);
+                a_hi[t] = _mm512_loadu_si512(aq[t] + kUnit);
+                aq[t] += kPair;
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m512i raw = _mm512_loadu_si512(wr[r]);
+                wr[r] += kUnit;
+                const __m512i lo = _mm512_and_si512(raw, low4);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                for (int t = 0; t < T; ++t) {
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo, a_lo[t]);
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi, a_hi[t]);
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const float ws = w_scale[size_t(r) * n_groups + g];
+            for (int t = 0; t < T; ++t) {
+                const __m512i corr = _mm512_zextsi128_si512(_mm_cvtsi32_si128(8 * acts[t].sum[g]));
+                const __m512 s = _mm512_set1_ps(ws * acts[t].scale[g]);
+                const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][t], corr));
+                accf[r][t] = _mm512_fmadd_ps(dot, s, accf[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) out[r * T + t] = _mm512_reduce_add_ps(accf[r][t]);
+}
+
 // Generic path (any G multiple of 32). INT8: vpdpbusd needs u8 x s8, so activations enter as a + 128 (a ^ 0x80) and the kernel
 // subtracts 128 * sum(w), itself a vpdpbusd of ones and w, shared by the T tokens.
 // Whole 64-element units only (G % 64 == 0): a tile of R rows x T tokens, pointer walks.
@@ -256,6 +308,7 @@ using RowFn = void (*)(const uint8_t*, const float*, const QActRow*, int, int, f
 
 const TileFn kQ8Tiles[kMaxRows][kMaxTile] = KRASIS_TILES(dot_q8_avx512_tile);
 const TileFn kQ4Tiles[kMaxRows][kMaxTile] = KRASIS_TILES(dot_q4_avx512_tile);
+const TileFn kQ4PairTiles[kMaxRows][kMaxTile] = KRASIS_TILES(dot_q4_avx512_pairs);
 const RowFn kQ8Rows[kMaxTile] = {dot_q8_avx512_t<1>, dot_q8_avx512_t<2>, dot_q8_avx512_t<3>,
                                  dot_q8_avx512_t<4>};
 const RowFn kQ4Rows[kMaxTile] = {dot_q4_avx512_t<1>, dot_q4_avx512_t<2>, dot_q4_avx512_t<3>,
@@ -270,6 +323,7 @@ KRASIS_AVX512 void dot_q8_avx512(const uint8_t* w, const float* ws, int R, const
 
 KRASIS_AVX512 void dot_q4_avx512(const uint8_t* w, const float* ws, int R, const QActRow* a, int T,
                                  int K, int G, float* out) {
+    if (G % kPair == 0 && a[0].q_pair != nullptr) return kQ4PairTiles[R - 1][T - 1](w, ws, a, K, G, out);
     if (G % kUnit == 0) return kQ4Tiles[R - 1][T - 1](w, ws, a, K, G, out);
     for (int r = 0; r < R; ++r)
         kQ4Rows[T - 1](w + size_t(r) * (K / 2), ws + size_t(r) * (K / G), a, K, G, out + r * T);

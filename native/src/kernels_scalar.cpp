@@ -2,6 +2,7 @@
 // w_row: one weight row (INT8: K bytes; INT4: K/64 BlockQ4x64 units), w_scale: [K/G].
 // acts: T quantized activation rows (K int8 + K/G scales + K/G sums each), out: [T].
 #include <cmath>
+#include <cstring>
 
 #include "kernels.h"
 
@@ -62,7 +63,8 @@ const KernelTable& kernels_scalar() {
     return table;
 }
 
-void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum) {
+void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum,
+                      int8_t* q_pair) {
     for (int g = 0; g < K / G; ++g) {
         const float* xg = x + g * G;
         float amax = 0.0f;
@@ -78,6 +80,12 @@ void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int
         scale[g] = d;
         sum[g] = s;
     }
+    if (q_pair == nullptr || K % kPair != 0) return;
+    constexpr int kQuarter = kPair / 4;
+    static const int kFrom[4] = {0, 2 * kQuarter, kQuarter, 3 * kQuarter};  // block offsets
+    for (int b = 0; b < K; b += kPair)
+        for (int part = 0; part < 4; ++part)
+            std::memcpy(q_pair + b + part * kQuarter, q + b + kFrom[part], kQuarter);
 }
 
 }  // namespace krasis

@@ -22,6 +22,11 @@ inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 inline size_t row_bytes(int bits, int K) { return bits == 8 ? size_t(K) : size_t(K) / 2; }
 
+// q points at [natural K | paired K] int8 values (see QActRow).
+inline QActRow act_row(const int8_t* q, const float* scale, const int32_t* sum, int K) {
+    return {q, scale, sum, K % kPair == 0 ? q + K : nullptr};
+}
+
 }  // namespace
 
 MoeRunner::MoeRunner(int n_threads) : pool_(n_threads > 0 ? n_threads : default_threads()) {}
@@ -54,8 +59,9 @@ void MoeRunner::route(int M, const int64_t* ids, const float* topk_weights, int 
 void MoeRunner::quantize_rows(const float* x, int rows, int K, int G, int8_t* q, float* s,
                               int32_t* sum) {
     auto task = [&](int r) {
-        quantize_act_row(x + size_t(r) * K, K, G, q + size_t(r) * K, s + size_t(r) * (K / G),
-                         sum + size_t(r) * (K / G));
+        int8_t* qr = q + size_t(r) * 2 * K;  // [natural K | paired K]
+        quantize_act_row(x + size_t(r) * K, K, G, qr, s + size_t(r) * (K / G),
+                         sum + size_t(r) * (K / G), qr + K);
     };
     if (size_t(rows) * K < 32768) {
         for (int r = 0; r < rows; ++r) task(r);
@@ -82,8 +88,8 @@ void MoeRunner::gate_up(const MoeWeights& w, const KernelTable& kt) {
             QActRow acts[kMaxTile];
             for (int t = 0; t < T; ++t) {
                 const size_t tok = size_t(pair_token_[p0 + t]);
-                acts[t] = {xq_.data() + tok * D, xs_.data() + tok * (D / G),
-                           xsum_.data() + tok * (D / G)};
+                acts[t] = act_row(xq_.data() + tok * 2 * D, xs_.data() + tok * (D / G),
+                                  xsum_.data() + tok * (D / G), D);
             }
             for (int n = r0; n < r1; n += kt.max_rows[T]) {
                 const int R = std::min(kt.max_rows[T], r1 - n);
@@ -116,7 +122,8 @@ void MoeRunner::down(const MoeWeights& w, const KernelTable& kt, int M, float* o
                 QActRow acts[kMaxTile];
                 for (int t = 0; t < T; ++t) {
                     const size_t p = size_t(p0 + t);
-                    acts[t] = {hq_.data() + p * I, hs_.data() + p * (I / G), hsum_.data() + p * (I / G)};
+                    acts[t] = act_row(hq_.data() + p * 2 * I, hs_.data() + p * (I / G),
+                                      hsum_.data() + p * (I / G), I);
                 }
                 for (int d = r0; d < r1; d += kt.max_rows[T]) {
                     const int R = std::min(kt.max_rows[T], r1 - d);
@@ -138,11 +145,11 @@ void MoeRunner::forward(const float* x, int M, const int64_t* ids, const float* 
     const int D = w.hidden, I = w.width, G = w.group_size, P = M * K;
     const KernelTable& kt = active_kernels();
     route(M, ids, topk_weights, K, w.n_experts);
-    ensure(xq_, size_t(M) * D);
+    ensure(xq_, size_t(M) * 2 * D);
     ensure(xs_, size_t(M) * (D / G));
     ensure(xsum_, size_t(M) * (D / G));
     ensure(h_, size_t(P) * I);
-    ensure(hq_, size_t(P) * I);
+    ensure(hq_, size_t(P) * 2 * I);
     ensure(hs_, size_t(P) * (I / G));
     ensure(hsum_, size_t(P) * (I / G));
     quantize_rows(x, M, D, G, xq_.data(), xs_.data(), xsum_.data());

@@ -3,13 +3,28 @@
 
 #include <sched.h>
 
+#include <chrono>
+
 #include <immintrin.h>
 
 namespace krasis {
 
 namespace {
-constexpr int kSpinIters = 4000;  // a few microseconds of _mm_pause before sleeping
+
+constexpr auto kSpin = std::chrono::microseconds(20);  // then sleep on the condition variable
+
+// Spins (with pause) until done() or kSpin has passed; returns done().
+template <class Done>
+bool spin_briefly(Done done) {
+    const auto deadline = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 0;; ++i) {
+        if (done()) return true;
+        _mm_pause();
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) return done();
+    }
 }
+
+}  // namespace
 
 int default_threads() {
     cpu_set_t set;
@@ -54,8 +69,7 @@ void ThreadPool::run(int n_tasks, TaskFn fn, void* ctx) {
     }
     cv_work_.notify_all();
     drain();
-    for (int spin = 0; spin < kSpinIters && pending_workers_.load() != 0; ++spin) _mm_pause();
-    if (pending_workers_.load() != 0) {
+    if (!spin_briefly([this] { return pending_workers_.load() == 0; })) {
         std::unique_lock<std::mutex> lock(mu_);
         cv_done_.wait(lock, [this] { return pending_workers_.load() == 0; });
     }
@@ -64,7 +78,7 @@ void ThreadPool::run(int n_tasks, TaskFn fn, void* ctx) {
 void ThreadPool::worker_loop() {
     uint64_t seen = 0;
     for (;;) {
-        for (int spin = 0; spin < kSpinIters && generation_.load() == seen; ++spin) _mm_pause();
+        spin_briefly([&] { return generation_.load() != seen; });
         {
             std::unique_lock<std::mutex> lock(mu_);
             cv_work_.wait(lock, [&] { return generation_.load() != seen; });

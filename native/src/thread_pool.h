@@ -1,5 +1,5 @@
 // A persistent thread pool: n_threads - 1 workers plus the calling thread. Idle workers spin
-// for a few microseconds (so back-to-back phases of one MoE call start fast), then sleep on a
+// for 20 microseconds (so back-to-back phases of one MoE call start fast), then sleep on a
 // condition variable. run() hands out task indices through an atomic counter and returns when
 // every worker has checked in, so no worker touches a job after run() returns.
 #pragma once
