@@ -1,7 +1,8 @@
 """Cache builds: the CPU format always, the GPU format with CUDA or on request.
 
 A builder is `builder(model_dir, out_dir, quant=..., group_size=..., progress=cb) -> manifest`
-(krasisd.engine.cpu_cache.build_cpu_cache and krasisd.engine.gpu.cache.build_gpu_cache).
+(krasisd.engine.cpu_cache.build_cpu_cache and krasisd.engine.gpu.cache.build_gpu_cache),
+run in a child process (buildproc.py).
 The row goes building -> ready | failed(error). A build interrupted by a crash leaves its
 row in 'building' with no live lock holder; the next open discards the folder and marks the
 row failed, and the next pull builds it again. Nothing reads a cache that is not ready.
@@ -10,14 +11,13 @@ row failed, and the next pull builds it again. Nothing reads a cache that is not
 import hashlib
 import json
 import logging
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from sqlite_utils import Database
 
 from . import records
+from .buildproc import run_builder
 from .errors import PullError
 from .store import Store, tree_bytes
 
@@ -71,36 +71,6 @@ def manifest_checksum(manifest: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _run_builder(builder: Builder, model_dir: Path, out_dir: Path, quant: str,
-                 group_size: int) -> Iterator[tuple[str, object]]:
-    """Run a builder in a thread; yield ("progress", (done, total)) then ("done", manifest)."""
-    events: queue.Queue = queue.Queue()
-
-    def progress(completed: int, total: int) -> None:
-        events.put(("progress", (int(completed), int(total))))
-
-    def work() -> None:
-        try:
-            manifest = builder(model_dir, out_dir, quant=quant, group_size=group_size,
-                               progress=progress)
-            events.put(("done", manifest))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            events.put(("error", exc))
-
-    thread = threading.Thread(target=work, name=f"cache-build-{out_dir.name}", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = events.get()
-            if kind == "error":
-                raise value
-            yield kind, value
-            if kind == "done":
-                return
-    finally:
-        thread.join()
-
-
 def build(db: Database, store: Store, model: dict, ref, fmt: str, builder: Builder,
           quant: str, group_size: int) -> Iterator[dict]:
     """Build one cache format for a ready model, streaming progress events."""
@@ -112,7 +82,7 @@ def build(db: Database, store: Store, model: dict, ref, fmt: str, builder: Build
     yield {"status": status, "total": 0, "completed": 0}
     model_dir = store.model_dir(ref)
     try:
-        for kind, value in _run_builder(builder, model_dir, out_dir, quant, group_size):
+        for kind, value in run_builder(builder, model_dir, out_dir, quant, group_size):
             if kind == "progress":
                 completed, total = value
                 yield {"status": status, "total": total, "completed": completed}
