@@ -20,21 +20,70 @@ from krasis.client import Client, ConnectError
 START_TIMEOUT_S = 90
 
 
-def write_random_model(out_dir: Path, vocab_size: int = 512) -> Path:
-    """A random DeepSeek-V2 (transformers' code) whose widths fit the INT4 group size (128)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+TINY_CONFIG = {  # DeepSeek-V2's own checkpoint format; widths fit the INT4 group size (128)
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+    "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "n_routed_experts": 4, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "q_lora_rank": None, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16,
+    "v_head_dim": 16, "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 1.0, "norm_topk_prob": False, "scoring_func": "softmax",
+    "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
 
-    torch.manual_seed(0)
-    config = DeepseekV2Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
-        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
-        max_position_embeddings=512, bos_token_id=0, eos_token_id=1)
-    DeepseekV2ForCausalLM(config).save_pretrained(out_dir)
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+
+def _random_weights(c: dict) -> dict:
+    """Every tensor of a DeepseekV2ForCausalLM checkpoint, random (numpy: no torch import)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, heads, v = c["hidden_size"], c["num_attention_heads"], c["vocab_size"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+
+    def mat(rows: int, cols: int):
+        return (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+
+    def mlp(prefix: str, width: int) -> dict:
+        return {f"{prefix}.gate_proj.weight": mat(width, d), f"{prefix}.up_proj.weight":
+                mat(width, d), f"{prefix}.down_proj.weight": mat(d, width)}
+
+    out = {"model.embed_tokens.weight": mat(v, d), "model.norm.weight": np.ones(d, np.float32),
+           "lm_head.weight": mat(v, d)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out |= {f"{p}.input_layernorm.weight": np.ones(d, np.float32),
+                f"{p}.post_attention_layernorm.weight": np.ones(d, np.float32),
+                f"{p}.self_attn.q_proj.weight": mat(heads * qk, d),
+                f"{p}.self_attn.kv_a_proj_with_mqa.weight":
+                    mat(c["kv_lora_rank"] + c["qk_rope_head_dim"], d),
+                f"{p}.self_attn.kv_a_layernorm.weight": np.ones(c["kv_lora_rank"], np.float32),
+                f"{p}.self_attn.kv_b_proj.weight":
+                    mat(heads * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
+                f"{p}.self_attn.o_proj.weight": mat(d, heads * c["v_head_dim"])}
+        if i < c["first_k_dense_replace"]:
+            out |= mlp(f"{p}.mlp", c["intermediate_size"])
+            continue
+        out[f"{p}.mlp.gate.weight"] = mat(c["n_routed_experts"], d)
+        for e in range(c["n_routed_experts"]):
+            out |= mlp(f"{p}.mlp.experts.{e}", c["moe_intermediate_size"])
+        out |= mlp(f"{p}.mlp.shared_experts", c["moe_intermediate_size"] * c["n_shared_experts"])
+    return out
+
+
+def write_random_model(out_dir: Path) -> Path:
+    """A random DeepSeek-V2 folder: config, safetensors and a word-level tokenizer."""
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    out_dir.mkdir(parents=True)
+    (out_dir / "config.json").write_text(json.dumps(TINY_CONFIG))
+    save_file(_random_weights(TINY_CONFIG), str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    vocab |= {f"w{i}": i for i in range(3, TINY_CONFIG["vocab_size"])}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.save(str(out_dir / "tokenizer.json"))
