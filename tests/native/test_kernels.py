@@ -14,7 +14,8 @@ from krasisd.engine.experts import TorchExperts
 from krasisd.engine.quant import dequantize, quantize
 
 ISAS = ["scalar", "avx2", "avx512"]
-# (bits, group, D, I, M, K, E): M not a multiple of the 4-token tile, odd multiples of 32,
+# (bits, group, D, I, M, K, E): M not a multiple of the 4-token tile, odd multiples of 32
+# (half-unit paths),
 # k = 1 and k = 8; every case also routes one expert twice for token 0 when K >= 2.
 CASES = [
     (8, 32, 96, 160, 13, 3, 6),
@@ -25,6 +26,8 @@ CASES = [
     (4, 64, 192, 128, 5, 8, 8),
     (4, 128, 256, 128, 1, 1, 4),
     (4, 96, 192, 192, 7, 2, 5),
+    (8, 128, 384, 256, 7, 3, 6),  # whole-unit tiles with 4- and 3-token tails
+    (4, 128, 384, 256, 7, 3, 6),  # AVX-512 INT4 two-unit path (G % 128 == 0)
 ]
 
 
