@@ -47,6 +47,18 @@ class MLAttention(nn.Module):
             config.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
+        self._absorbed: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head for the absorbed form, made contiguous once:
+        w_uk [H, N, C] (folded into the query) and w_uv_t [H, C, Dv] (into the output)."""
+        weight = self.kv_b_proj.weight
+        if self._absorbed is None or self._absorbed[0] != weight.data_ptr():
+            w_kv = weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)  # [H, N + Dv, C]
+            w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+            self._absorbed = (weight.data_ptr(), w_uk.contiguous(),
+                              w_uv.transpose(1, 2).contiguous())
+        return self._absorbed[1], self._absorbed[2]
 
     def _query(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> q_nope [T, H, N], rotated q_rope [T, H, R]."""
@@ -95,8 +107,7 @@ class MLAttention(nn.Module):
         q_nope, q_rope = self._query(x, cos, sin)  # [T, H, N], [T, H, R]
         entries = self._cached(self._latent(x, cos, sin), cache)  # [S, C + R]
         kv_latent, k_rope = entries.split([self.latent_dim, self.rope_dim], dim=-1)
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, -1)
-        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # [H, N, C], [H, Dv, C]
+        w_uk, w_uv_t = self.absorbed_weights()  # [H, N, C], [H, C, Dv]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, C]
         scores = q_latent @ kv_latent.T + q_rope.transpose(0, 1) @ k_rope.T  # [H, T, S]
         scores = scores.float() * self.scale
@@ -105,7 +116,7 @@ class MLAttention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [H, T, S]
         out_latent = probs @ kv_latent  # [H, T, C]
-        out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # [H, T, Dv]
+        out = torch.bmm(out_latent, w_uv_t)  # [H, T, Dv]
         return self.o_proj(out.transpose(0, 1).reshape(num_new, -1))
 
 
