@@ -128,6 +128,27 @@ def _model_rows(info: dict) -> list[tuple[str, str]]:
     return [(label, str(value)) for label, value in rows if value not in (None, "")]
 
 
+def _source_rows(info: dict) -> list[tuple[str, str]]:
+    """Where the model came from and whether it is usable (krasis' registry fields)."""
+    state = info.get("state")
+    if state and state != "ready" and info.get("error"):
+        state = f"{state}: {info['error']}"
+    commit = str(info.get("commit") or "")[:12]
+    rows = [("source", info.get("source")), ("repo", info.get("repo")),
+            ("revision", info.get("revision")), ("commit", commit), ("state", state)]
+    return [(label, str(value)) for label, value in rows if value]
+
+
+def _cache_row(cache: dict) -> tuple[str, str]:
+    """'cpu int4 g128' -> '1.2 MB ready' (or the build error)."""
+    group = f" g{cache['group_size']}" if cache.get("group_size") else ""
+    label = f"{cache.get('format', '?')} {cache.get('quant', '?')}{group}"
+    state = cache.get("state") or "?"
+    if state != "ready" and cache.get("error"):
+        state = f"{state}: {cache['error']}"
+    return label, f"{human_bytes(cache.get('size_bytes'))}   {state}"
+
+
 def _section(title: str, rows: list[tuple[str, str]]) -> list[str]:
     if not rows:
         return []
@@ -140,6 +161,9 @@ def format_show(info: dict) -> str:
     """`krasis show`: the model's shape, capabilities, parameters, system and license."""
     lines = _section("Model", _model_rows(info))
     lines += _section("Capabilities", [(c, "") for c in info.get("capabilities") or []])
+    lines += _section("Source", _source_rows(info))
+    lines += _section("Caches", [_cache_row(c) for c in info.get("caches") or []
+                                 if isinstance(c, dict)])
     parameters = []
     for line in str(info.get("parameters") or "").splitlines():
         name, _, value = line.strip().partition(" ")

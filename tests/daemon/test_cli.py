@@ -98,6 +98,10 @@ def test_show_prints_model_parameters_and_license(daemon, monkeypatch, capsys):
     assert "2.1M" in out and "8 (2 active)" in out and "4096" in out
     assert 'stop' in out and '"<|end|>"' in out
     assert "MIT License" in out and "more" not in out  # the license is cut to two lines
+    assert "krasis/tiny" in out and "0123456789ab" in out and "0123456789abc" not in out
+    cpu = next(line for line in out.splitlines() if "cpu int4 g128" in line)
+    assert "1.5 MB" in cpu and "ready" in cpu
+    assert "failed: no GPU" in out
     code, out, _ = run_cli(monkeypatch, capsys, "show", "krasis-tiny", "--template")
     assert out == "{{ .Prompt }}\n"
 

@@ -134,7 +134,12 @@ class FakeDaemon:
                            "deepseek2.context_length": 4096, "deepseek2.embedding_length": 64,
                            "deepseek2.block_count": 2, "deepseek2.expert_count": 8,
                            "deepseek2.expert_used_count": 2},
-            "capabilities": ["completion"]})
+            "capabilities": ["completion"], "source": "hub", "repo": "krasis/tiny",
+            "commit": "0123456789abcdef", "state": "ready",
+            "caches": [{"format": "cpu", "quant": "int4", "group_size": 128,
+                        "size_bytes": 1_500_000, "state": "ready", "error": None},
+                       {"format": "gpu", "quant": "int4", "group_size": 128,
+                        "size_bytes": None, "state": "failed", "error": "no GPU"}]})
 
     async def _delete(self, request: web.Request) -> web.Response:
         name = request[BODY]["model"]
