@@ -13,6 +13,8 @@ S = weight slots (an expert's position in the arena), P = padded sorted rows.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,50 @@ def default_config(rows_per_expert: float, device_type: str) -> KernelConfig:
     if rows_per_expert <= 64:
         return KernelConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4)
     return KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+
+
+CANDIDATES = (
+    KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(32, 64, 128, 8, 4, 4),
+    KernelConfig(32, 128, 64, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
+    KernelConfig(64, 128, 128, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3),
+)
+AUTOTUNE_ENV = "KRASIS_MOE_AUTOTUNE"
+_tuned: dict[tuple, KernelConfig] = {}
+log = logging.getLogger(__name__)
+
+
+def _bucket(rows_per_expert: float) -> int:
+    for edge in (2, 8, 32, 128, 512, 2048):
+        if rows_per_expert <= edge:
+            return edge
+    return 1 << 30
+
+
+def tuned_config(key: tuple, run) -> KernelConfig:
+    """The fastest candidate for ``key``, timed once with ``run(config)`` on the real inputs."""
+    if key in _tuned:
+        return _tuned[key]
+    best, best_ms = None, float("inf")
+    for cfg in CANDIDATES:
+        try:
+            run(cfg)  # compile and warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                run(cfg)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / 3
+        except Exception as exc:  # e.g. out of shared memory for this tile
+            log.debug("moe config %s failed: %s", cfg, exc)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError("no MoE kernel configuration ran on this device")
+    log.info("moe kernel %s: %s (%.3f ms)", key, best, best_ms)
+    _tuned[key] = best
+    return best
 
 
 @dataclass
@@ -211,10 +257,25 @@ def moe_triton(
     config: KernelConfig | None = None,
 ) -> torch.Tensor:  # [T, D] bf16
     """Routed experts for many tokens with the two Triton kernels."""
+    num_experts = slot_of_expert.numel()
+    rows_per_expert = x.shape[0] * topk_ids.shape[1] / num_experts
+    if config is None and x.is_cuda and os.environ.get(AUTOTUNE_ENV, "1") != "0":
+        key = (bits, group_size, x.shape[1], views["w13_s"].shape[-1], num_experts,
+               topk_ids.shape[1], _bucket(rows_per_expert))
+
+        def run(cfg):
+            return _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits,
+                               group_size, cfg)
+
+        config = tuned_config(key, run)
+    cfg = config or default_config(rows_per_expert, x.device.type)
+    return _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg)
+
+
+def _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg):
     t, d = x.shape
     num_experts = slot_of_expert.numel()
     inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
-    cfg = config or default_config(t * topk_ids.shape[1] / num_experts, x.device.type)
     routes = sort_routes(topk_ids, num_experts, cfg.block_m)
     slots_ext = torch.cat([slot_of_expert, slot_of_expert[:1]])  # past-the-end blocks -> any slot
     block_slot = slots_ext[routes.block_expert.clamp(max=num_experts)].contiguous()  # [P/BM]

@@ -1,0 +1,130 @@
+"""Micro-benchmark of the routed-expert kernels on one DeepSeek-V2-Lite MoE layer.
+
+E = 64 experts, K = 6 per token, D = 2048, I = 1408, INT4 and INT8 with group 128, uniform
+random routing. For several token counts M: the Triton w4a16/w8a16 kernels (every candidate
+tile configuration), dequantize + ``torch._grouped_mm``, and ``torch._grouped_mm`` on
+already-bf16 weights (the ceiling of that path). Times are medians of
+``triton.testing.do_bench``; TFLOP/s counts 2*M*K*3*D*I; GB/s counts the quantized bytes of
+the experts the tokens touch.
+
+Run on the GPU machine:  PYTHONPATH=. python3 bench/gpu_moe_kernel.py --out kernel.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+
+import torch
+import triton
+
+from krasisd.engine.gpu.format import ExpertLayout, QuantSpec, dequantize_kmajor
+from krasisd.engine.gpu.moe_grouped import moe_grouped_mm
+from krasisd.engine.gpu.moe_triton import CANDIDATES, _moe_triton, default_config
+
+E, K, D, I = 64, 6, 2048, 1408  # noqa: E741
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bf16_grouped(x, w13, w2, ids, weights):
+    """_grouped_mm on predequantized bf16 experts: the ceiling of the dequant path."""
+    t = x.shape[0]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    xs = x[order // K]
+    gate_up = torch._grouped_mm(xs, w13, offs=offs)
+    h = (torch.nn.functional.silu(gate_up[:, :I].float()) * gate_up[:, I:].float()).bfloat16()
+    ys = torch._grouped_mm(h, w2, offs=offs).float() * weights.reshape(-1)[order, None]
+    return torch.zeros(t, D, device=x.device).index_add_(0, order // K, ys)
+
+
+def measure_m(m: int, bits: int, layout, views, w13, w2) -> list[dict]:
+    """Every variant at M tokens; one row per variant."""
+    slots = torch.arange(E, dtype=torch.int32, device="cuda")
+    x = torch.randn(m, D, device="cuda").bfloat16()
+    ids = torch.rand(m, E, device="cuda").topk(K, dim=-1).indices
+    weights = torch.rand(m, K, device="cuda")
+    touched = torch.unique(ids).numel()
+    flops = 2 * m * K * 3 * D * I
+    ref = bf16_grouped(x, w13, w2, ids, weights)
+    variants = {}
+    for cfg in CANDIDATES:
+        name = (f"triton[{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "
+                f"s{cfg.num_stages}]")
+        variants[name] = partial(_moe_triton, x, views, slots, ids, weights, bits, 128, cfg)
+    variants["dequant+grouped_mm"] = partial(moe_grouped_mm, x, views, slots, ids, weights,
+                                             layout.spec)
+    variants["bf16 grouped_mm (no dequant)"] = partial(bf16_grouped, x, w13, w2, ids, weights)
+    times = {}
+    for name, fn in variants.items():
+        try:
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            times[name] = (bench_ms(fn), err)
+        except Exception as exc:  # e.g. a tile that needs more shared memory than there is
+            log(f"  {name} failed at M={m}: {type(exc).__name__}: {str(exc)[:120]}")
+    triton_names = [k for k in times if k.startswith("triton")]
+    best = min(triton_names, key=lambda k: times[k][0]) if triton_names else None
+    heuristic = default_config(m * K / E, "cuda")
+    log(f"int{bits} M={m:>5}: best {best} {times.get(best, (0,))[0]:.3f} ms; "
+        + "; ".join(f"{k} {v[0]:.3f} ms" for k, v in times.items() if not k.startswith("triton"))
+        + f" (heuristic tile {heuristic.block_m}x{heuristic.block_n}x{heuristic.block_k})")
+    return [{"bits": bits, "tokens": m, "variant": name, "ms": ms, "rel_err": err,
+             "tflops": flops / ms / 1e9, "weight_gb_s": touched * layout.expert_bytes / ms / 1e6,
+             "best_triton": name == best}
+            for name, (ms, err) in sorted(times.items(), key=lambda kv: kv[1][0])]
+
+
+def run_bits(bits: int, sizes: list[int]) -> list[dict]:
+    layout = ExpertLayout(D, I, QuantSpec(bits, 128))
+    gen = torch.Generator(device="cuda").manual_seed(bits)
+    gate = torch.randn(E, I, D, device="cuda", generator=gen) / D**0.5
+    up = torch.randn(E, I, D, device="cuda", generator=gen) / D**0.5
+    down = torch.randn(E, D, I, device="cuda", generator=gen) / I**0.5
+    blobs = layout.pack_experts(gate, up, down)
+    del gate, up, down
+    views = layout.views(blobs)
+    w13 = dequantize_kmajor(views["w13_q"], views["w13_s"], layout.spec, torch.bfloat16)
+    w2 = dequantize_kmajor(views["w2_q"], views["w2_s"], layout.spec, torch.bfloat16)
+    rows = []
+    for m in sizes:
+        rows += measure_m(m, bits, layout, views, w13, w2)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,16,128,512,2048,8192")
+    parser.add_argument("--bits", default="4,8")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        log("needs a CUDA GPU")
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        rows += run_bits(bits, sizes)
+    log("\n| bits | M | variant | ms | TFLOP/s | weights GB/s | rel err |")
+    log("|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        if r["best_triton"] or not r["variant"].startswith("triton"):
+            log(f"| {r['bits']} | {r['tokens']} | {r['variant']} | {r['ms']:.3f} | "
+                f"{r['tflops']:.0f} | {r['weight_gb_s']:.0f} | {r['rel_err']:.1e} |")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
