@@ -36,7 +36,7 @@ def slow_builder(model_dir, out_dir, quant="int4", group_size=128, progress=None
     (out_dir / "half-written.bin").write_bytes(bytes(4096))
     if progress:
         progress(1, 10)
-    Path(os.environ["KRASIS_TEST_MARKER"]).write_text("building")
+    Path(os.environ["KRASIS_TEST_MARKER"]).write_text(str(os.getpid()))
     time.sleep(120)
     raise RuntimeError("slow_builder was not killed")
 
@@ -45,3 +45,8 @@ def failing_builder(model_dir, out_dir, quant="int4", group_size=128, progress=N
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "junk.bin").write_bytes(b"junk")
     raise RuntimeError("the weights do not fit the format")
+
+
+def crashing_builder(model_dir, out_dir, quant="int4", group_size=128, progress=None) -> dict:
+    """Dies the way a native fault would: no exception, no result."""
+    os._exit(3)

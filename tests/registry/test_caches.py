@@ -2,7 +2,7 @@
 
 import pytest
 from conftest import REPO_ID
-from fakebuilders import failing_builder, fast_builder
+from fakebuilders import crashing_builder, failing_builder, fast_builder
 from krasis_registry import CacheNotReady, PullError, Registry
 from krasis_registry import caches as caches_module
 from krasis_registry import registry as registry_module
@@ -38,6 +38,14 @@ def test_failed_build_is_recorded_and_cleaned(tiny_model_dir):
     reg = Registry(cache_builders={"cpu": fast_builder})
     assert list(reg.build_caches("m"))[-1] == {"status": "success"}
     assert reg.cache_dir("m").is_dir()
+
+
+def test_builder_process_crash_is_a_failed_build(tiny_model_dir):
+    reg = Registry(cache_builders={"cpu": crashing_builder})
+    with pytest.raises(PullError, match="ended without a result .exit code 3"):
+        list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
+    [cache] = reg.show("m")["caches"]
+    assert cache["state"] == "failed" and "exit code 3" in cache["error"]
 
 
 def test_gpu_format_built_when_asked_or_with_cuda(tiny_model_dir, monkeypatch):

@@ -82,6 +82,15 @@ def test_resume_when_server_ignores_range(hub, tiny_files, krasis_home):
     assert (reg.model_dir(REPO_ID) / BIG).read_bytes() == tiny_files[BIG]
 
 
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def _cache_rows(reg: Registry) -> list[dict]:
     return reg.show(REPO_ID)["caches"]
 
@@ -98,6 +107,7 @@ def test_kill_during_cache_build(hub, tmp_path, krasis_home):
         assert [c["state"] for c in _cache_rows(Registry())] == ["building"]
     finally:
         _kill(proc)
+    _wait_for(lambda: not _alive(int(marker.read_text())), proc, timeout_s=10)  # builder died too
     cache_root = krasis_home / "caches" / "krasis-test" / "tiny-moe" / "latest"
     assert (cache_root / "cpu-int4-g128" / "half-written.bin").exists()
 
