@@ -192,6 +192,12 @@ def print_table(results, h2d, rate):
                 f"| {r['compute_floor_ms']:.0f} ms | {r['peak_alloc_bytes'] / 2**30:.2f} GiB |")
 
 
+def write_json(path, h2d, rate, dense, expert_bytes, results) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"h2d_bytes_per_s": h2d, "bf16_flops_per_s": rate, "dense_bytes": dense,
+                   "expert_bytes_total": expert_bytes, "results": results}, handle, indent=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,500,1000,2000,5000,10000")
@@ -242,11 +248,9 @@ def main(argv=None) -> int:
                 log(f"{name} {impl} failed: {type(exc).__name__}: {exc}")
                 if args.smoke:
                     raise
+            if args.out:  # after every scenario, so a run cut short keeps what it measured
+                write_json(args.out, h2d, rate, dense, host.total_bytes, results)
     print_table(results, h2d, rate)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"h2d_bytes_per_s": h2d, "bf16_flops_per_s": rate, "dense_bytes": dense,
-                       "expert_bytes_total": host.total_bytes, "results": results}, handle, indent=1)
     return 0
 
 
