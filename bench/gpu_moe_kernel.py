@@ -101,16 +101,45 @@ def run_bits(bits: int, sizes: list[int]) -> list[dict]:
     return rows
 
 
+def attention_backends(tokens: int) -> list[dict]:
+    """Causal SDPA at MLA's head sizes (q/k 192, v 128, 16 heads) with each fused backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 16, tokens, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 16, tokens, 192, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 16, tokens, 128, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 16 * tokens * tokens / 2 * (192 + 128)
+    rows = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.FLASH_ATTENTION):
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        try:
+            run()
+            ms = bench_ms(run)
+            rows.append({"backend": backend.name, "tokens": tokens, "ms": ms,
+                         "tflops": flops / ms / 1e9})
+            log(f"attention {backend.name} T={tokens}: {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+        except Exception as exc:  # this backend refuses these head sizes
+            log(f"attention {backend.name} T={tokens}: refused ({str(exc).splitlines()[0][:100]})")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,16,128,512,2048,8192")
     parser.add_argument("--bits", default="4,8")
+    parser.add_argument("--attention-tokens", default="2000,10000")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         log("needs a CUDA GPU")
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
+    attention = []
+    for tokens in (int(t) for t in args.attention_tokens.split(",") if t):
+        attention += attention_backends(tokens)
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         rows += run_bits(bits, sizes)
@@ -122,7 +151,7 @@ def main(argv=None) -> int:
                 f"{r['tflops']:.0f} | {r['weight_gb_s']:.0f} | {r['rel_err']:.1e} |")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(rows, handle, indent=1)
+            json.dump({"moe": rows, "attention": attention}, handle, indent=1)
     return 0
 
 

@@ -36,7 +36,9 @@ def moe_grouped_mm(
     slots = slot_of_expert.to(torch.int64)
     flat = topk_ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat, stable=True)  # [T*K]
-    offs = torch.cumsum(torch.bincount(flat, minlength=num_experts), 0).to(torch.int32)  # [E]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]; bincount would sync the host
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # [E] cumulative row ends
     token_of_row = order // k  # [T*K]
     xs = x[token_of_row].to(torch.bfloat16)  # [T*K, D]
     w13 = dequantize_kmajor(views["w13_q"][slots], views["w13_s"][slots], spec, torch.bfloat16)

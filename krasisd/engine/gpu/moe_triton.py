@@ -105,7 +105,8 @@ def sort_routes(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sorte
     """moe_align_block_size in torch, without host syncs (buffers sized for the worst case)."""
     t, k = topk_ids.shape
     flat = topk_ids.reshape(-1).to(torch.int64)  # [T*K]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]; bincount would sync the host
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     pad_end = torch.cumsum(padded, 0)  # [E]
     order = torch.argsort(flat, stable=True)  # [T*K]
