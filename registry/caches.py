@@ -8,9 +8,12 @@ row in 'building' with no live lock holder; the next open discards the folder an
 row failed, and the next pull builds it again. Nothing reads a cache that is not ready.
 """
 
+import functools
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Builder = Callable[..., dict]
 FORMATS = ("cpu", "gpu")
+CUDA_PROBE_TIMEOUT_S = 120
 
 
 def _build_cpu(model_dir, out_dir, **kwargs) -> dict:
@@ -42,12 +46,20 @@ def _build_gpu(model_dir, out_dir, **kwargs) -> dict:
 DEFAULT_BUILDERS: dict[str, Builder] = {"cpu": _build_cpu, "gpu": _build_gpu}
 
 
+@functools.cache
 def cuda_available() -> bool:
+    """torch.cuda.is_available(), asked in a child process unless torch is already loaded here
+    (the daemon does not import torch; the answer is kept for the life of the process)."""
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)"
     try:
-        import torch
-    except ImportError:
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                                timeout=CUDA_PROBE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot tell whether CUDA is present (%s): building the cpu format only", exc)
         return False
-    return bool(torch.cuda.is_available())
+    return result.returncode == 0
 
 
 def formats_to_build(build_caches: bool | Iterable[str]) -> list[str]:

@@ -27,6 +27,7 @@ from .store import Store, default_home
 log = logging.getLogger(__name__)
 
 FilesStep = Callable[[Context], Iterator[dict]]
+DTYPE_LEVELS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 class Registry:
@@ -189,7 +190,7 @@ class Registry:
 def _tag_item(row: dict) -> dict:
     """An Ollama /api/tags item."""
     config = json.loads(row["config_json"]) if row["config_json"] else {}
-    dtype = config.get("torch_dtype") or config.get("dtype") or ""
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
     return {
         "name": row["name"], "model": row["name"], "size": row["size_bytes"],
         "digest": row["digest"] or "", "modified_at": row["updated_at"],
@@ -197,6 +198,6 @@ def _tag_item(row: dict) -> dict:
             "parent_model": row["repo"] or "", "format": "safetensors",
             "family": row["model_type"] or "", "families": [row["model_type"]] if
             row["model_type"] else [], "parameter_size": human_count(row["params_total"]),
-            "quantization_level": str(dtype).upper(),
+            "quantization_level": DTYPE_LEVELS.get(dtype, dtype.upper()),
         },
     }

@@ -52,6 +52,8 @@ def test_pull_records_model(hub, tiny_files):
     [item] = reg.list()
     assert item["name"] == f"{REPO_ID}:latest"
     assert item["details"]["family"] == "deepseek_v2"
+    assert item["details"]["quantization_level"] == "F32"
+    assert item["details"]["parameter_size"].endswith("M")
     assert len(item["digest"]) == 64
 
 
