@@ -87,3 +87,41 @@ def test_build_rejects_bad_quant_and_keeps_old_cache(model_dir, tmp_path):
         build_gpu_cache(folder, out, quant="int4", group_size=128)  # 32-wide experts
     assert load_gpu_cache(out).layout.spec.bits == 8
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_create_backend_builds_once_then_loads(model_dir, tmp_path, monkeypatch):
+    from krasisd.engine.gpu import backend as gpu_backend
+    from krasisd.engine.gpu.cache import build_gpu_cache as real_build
+
+    folder, _ = model_dir
+    config = ModelConfig.from_dict(dict(TINY_V2))
+    builds = []
+
+    def counting_build(*args, **kwargs):
+        builds.append(args)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_backend, "build_gpu_cache", counting_build)
+    kwargs = dict(cache_dir=tmp_path / "gpu", device="cpu", dense_bytes=1000, max_tokens=64,
+                  budget="1GiB")
+    first = gpu_backend.create_backend(folder, config, "int4", **kwargs)
+    second = gpu_backend.create_backend(folder, config, "int4", **kwargs)
+    assert len(builds) == 1
+    assert first.plan.resident_fraction == 1.0 and second.layout.spec.group_size == 32
+    x = torch.randn(3, config.hidden_size)
+    ids, w = torch.tensor([[0, 1], [2, 3], [1, 7]]), torch.rand(3, 2)
+    assert torch.equal(first(1, x, ids, w), second(1, x, ids, w))
+
+
+def test_group_size_and_workspace_estimates():
+    from krasisd.engine.gpu.backend import pick_group_size, prefill_workspace_bytes
+
+    assert pick_group_size(2048, 1408) == 128 and pick_group_size(64, 32) == 32
+    with pytest.raises(ValueError):
+        pick_group_size(2048, 1400)
+    config = ModelConfig.from_dict(dict(TINY_V2))
+    small = prefill_workspace_bytes(config, 100, 8192)
+    assert 0 < small < prefill_workspace_bytes(config, 1000, 8192)
+    assert prefill_workspace_bytes(config, 1000, 64) < prefill_workspace_bytes(config, 1000, 1000)
+    assert prefill_workspace_bytes(config, 100, 64, "grouped_mm") > prefill_workspace_bytes(
+        config, 100, 64, "triton")
