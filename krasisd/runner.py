@@ -114,6 +114,8 @@ def serve_one(engine, request: dict, channel: Channel, model: str,
                 return
     except (PromptError, ValueError) as exc:
         channel.send({"type": "error", "id": request_id, "status": 400, "error": str(exc)})
+    except OSError:
+        raise  # the channel to the daemon is gone: the runner exits
     except Exception as exc:  # noqa: BLE001 - any engine failure is this request's error
         log.exception("generation failed", extra={"model": model})
         channel.send({"type": "error", "id": request_id, "status": 500,
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     channel.send({"type": "ready", "pid": os.getpid()})
     try:
         serve(engine, channel, args.model)
+    except OSError as exc:
+        log.info("daemon went away; runner exits", extra={"model": args.model, "error": str(exc)})
     finally:
         close = getattr(engine, "close", None)
         if close is not None:

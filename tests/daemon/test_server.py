@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -95,3 +97,59 @@ def test_tcp_listener_refuses_foreign_host(tmp_path):
         assert local.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
     finally:
         daemon.stop()
+
+
+def test_socket_group_mode_0660(tmp_path):
+    import grp
+
+    from krasisd.server import bind_unix_socket
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    sock = bind_unix_socket(tmp_path / "s.sock", group)
+    try:
+        info = (tmp_path / "s.sock").stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == os.getgid()
+    finally:
+        sock.close()
+
+
+def test_preload_and_full_queue_gives_503(tmp_path, fake_env):
+    from conftest import fake_config
+    from fakes import FakeRegistry
+    from harness import DaemonThread
+
+    cfg = fake_config(tmp_path, preload=["fake"], max_queue=1)
+    daemon = DaemonThread(cfg, FakeRegistry(tmp_path / "models")).start()
+    try:
+        with daemon.client() as http:
+            deadline = time.monotonic() + 20
+            while not http.get("/api/ps").json()["models"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [m["model"] for m in http.get("/api/ps").json()["models"]] == ["fake:latest"]
+            long = {"model": "fake", "prompt": "x", "options": {"num_predict": 100000}}
+            statuses = []
+
+            def queued() -> None:
+                with daemon.client() as second:
+                    statuses.append(second.post("/api/generate", json={
+                        **long, "options": {"num_predict": 1}}).status_code)
+
+            waiting = threading.Thread(target=queued)
+            with daemon.client() as first, first.stream("POST", "/api/generate", json=long) as r1:
+                lines = r1.iter_lines()  # keep the iterator: dropping it closes the stream
+                next(lines)  # running
+                waiting.start()
+                deadline = time.monotonic() + 10
+                while not daemon.daemon.scheduler.loaded["fake:latest"].waiting and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.01)
+                refused = http.post("/api/generate", json=long)
+                assert refused.status_code == 503
+                assert "KRASIS_MAX_QUEUE" in refused.json()["error"]
+                refused_v1 = http.post("/v1/completions", json={"model": "fake", "prompt": "x"})
+                assert refused_v1.status_code == 503
+                assert "KRASIS_MAX_QUEUE" in refused_v1.json()["error"]["message"]
+            waiting.join(20)  # the first client left: the queued request runs
+            assert statuses == [200]
+    finally:
+        daemon.close()
