@@ -18,7 +18,7 @@ from krasisd.engine.experts import TorchExperts  # noqa: E402
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec  # noqa: E402
 from krasisd.engine.gpu.host import HostExperts  # noqa: E402
 from krasisd.engine.gpu.moe_grouped import moe_grouped_mm  # noqa: E402
-from krasisd.engine.gpu.moe_triton import moe_triton, sort_routes  # noqa: E402
+from krasisd.engine.gpu.moe_triton import KernelConfig, moe_triton, sort_routes  # noqa: E402
 from krasisd.engine.gpu.placement import PlacementRequest, plan_placement  # noqa: E402
 from krasisd.engine.gpu.prefill import GpuExperts  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_sort_routes_pads_each_expert_to_blocks():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("impl", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["triton", "triton-reshape", "grouped_mm"])
 def test_kernels_match_float_reference_in_scattered_slots(bits, impl):
     layout = ExpertLayout(D, I, QuantSpec(bits, 32))
     host = HostExperts.from_stacked(_weights([0]), layout.spec, pin=False)
@@ -67,8 +67,9 @@ def test_kernels_match_float_reference_in_scattered_slots(bits, impl):
     ids[ids == 4] = 5  # expert 4 gets no tokens
     ref = TorchExperts(host.unpack())(0, x.float(), ids, w)
     views = layout.views(arena)
-    if impl == "triton":
-        out = moe_triton(x, views, slots, ids, w, bits, 32)
+    if impl.startswith("triton"):
+        cfg = KernelConfig(16, 32, 32, 8, 1, 1, reshape_unpack=impl.endswith("reshape"))
+        out = moe_triton(x, views, slots, ids, w, bits, 32, cfg)
     else:
         out = moe_grouped_mm(x, views, slots, ids, w, layout.spec)
     assert out.shape == (9, D) and out.dtype == torch.bfloat16

@@ -55,8 +55,10 @@ def test_kernel_matches_reference(experts, cuda, tokens, impl):
     assert _rel(out, expected) < REL_TOL
 
 
-@pytest.mark.parametrize("cfg", [KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
-                                 KernelConfig(128, 128, 64, 8, 8, 3)])
+@pytest.mark.parametrize("cfg", [
+    KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
+    KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(64, 128, 64, 8, 4, 3, reshape_unpack=True),
+])
 def test_kernel_configs_agree(experts, cuda, cfg):
     layout, views, slots, ref = experts
     x = torch.randn(600, D, device=cuda).bfloat16()

@@ -32,6 +32,7 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    reshape_unpack: bool = False  # INT4: load each word once and reshape (else gather + shift)
 
 
 def default_config(rows_per_expert: float, device_type: str) -> KernelConfig:
@@ -49,6 +50,8 @@ CANDIDATES = (
     KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(32, 64, 128, 8, 4, 4),
     KernelConfig(32, 128, 64, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
     KernelConfig(64, 128, 128, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3),
+    KernelConfig(16, 64, 128, 8, 4, 4, True), KernelConfig(64, 128, 64, 8, 4, 3, True),
+    KernelConfig(128, 128, 64, 8, 8, 3, True),
 )
 AUTOTUNE_ENV = "KRASIS_MOE_AUTOTUNE"
 _tuned: dict[tuple, KernelConfig] = {}
@@ -125,15 +128,20 @@ def sort_routes(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sorte
 @triton.jit
 def _load_weight_tile(w_ptr, s_ptr, k0, offs_k, offs_n, n_mask, stride_wk, stride_wn,
                       stride_sk, stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RESHAPE: tl.constexpr):
     """Integer weights [BLOCK_K, BLOCK_N] as bf16 (exact) and their scales [BLOCK_N] as f32."""
     if BITS == 4:
-        offs_k8 = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_ptr + offs_k8[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=n_mask[None, :], other=0)  # [BK/8, BN] int32
-        shifts = tl.arange(0, 8) * 4
-        nib = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN]
-        q = tl.reshape(nib - 8, (BLOCK_K, BLOCK_N))
+        if RESHAPE:  # each word loaded once, its 8 nibbles spread over 8 rows by a reshape
+            offs_k8 = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(w_ptr + offs_k8[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                            mask=n_mask[None, :], other=0)  # [BK/8, BN] int32
+            shifts = tl.arange(0, 8) * 4
+            nib = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BK/8, 8, BN]
+            q = tl.reshape(nib - 8, (BLOCK_K, BLOCK_N))
+        else:  # each word gathered by the 8 rows it holds (L1 hits), then shifted
+            words = tl.load(w_ptr + ((k0 + offs_k) // 8)[:, None] * stride_wk
+                            + offs_n[None, :] * stride_wn, mask=n_mask[None, :], other=0)
+            q = ((words >> ((offs_k % 8) * 4)[:, None]) & 0xF) - 8  # [BK, BN]
     else:
         q = tl.load(w_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=n_mask[None, :], other=0)  # [BK, BN] int8
@@ -168,7 +176,7 @@ def _gate_up_kernel(
     num_slots, N, K, top_k, num_m_blocks,
     stride_xm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_hm,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     # x [T, K=D] bf16; w [S, D(/8), 2N] gate cols [0, N), up cols [N, 2N); h [P, N] bf16
     pid_m, pid_n = _tile_ids(tl.cdiv(N, BLOCK_N), GROUP_M, num_m_blocks)
@@ -190,9 +198,11 @@ def _gate_up_kernel(
         a = tl.load(x_ptr + tokens[:, None] * stride_xm + (k0 + offs_k)[None, :],
                     mask=row_mask[:, None], other=0.0)  # [BM, BK]
         qg, sg = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
-                                   stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N)
+                                   stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
+                                   RESHAPE)
         qu, su = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n + N, n_mask, stride_wk,
-                                   stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N)
+                                   stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
+                                   RESHAPE)
         acc_g += _dot(a, qg, DOT_F32) * sg[None, :]
         acc_u += _dot(a, qu, DOT_F32) * su[None, :]
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, [BM, BN]
@@ -206,7 +216,7 @@ def _down_kernel(
     num_slots, N, K, num_m_blocks,
     stride_hm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     # h [P, K=I] bf16 sorted rows; w [S, I(/8), N=D]; y [T*K, D] bf16 scaled by routing weight
     pid_m, pid_n = _tile_ids(tl.cdiv(N, BLOCK_N), GROUP_M, num_m_blocks)
@@ -227,7 +237,8 @@ def _down_kernel(
         a = tl.load(h_ptr + rows[:, None] * stride_hm + (k0 + offs_k)[None, :],
                     mask=row_mask[:, None], other=0.0)  # [BM, BK]
         q, s = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
-                                 stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N)
+                                 stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
+                                   RESHAPE)
         acc += _dot(a, q, DOT_F32) * s[None, :]
     route_w = tl.load(weights_ptr + slot_ids, mask=row_mask, other=0.0)  # [BM] f32
     acc = acc * route_w[:, None]
@@ -299,7 +310,7 @@ def _launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg):
         x.stride(0), w.stride(0), w.stride(1), w.stride(2), s.stride(0), s.stride(1), s.stride(2),
         h.stride(0),
         GROUP=group_size, BITS=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        GROUP_M=cfg.group_m, DOT_F32=h.device.type != "cuda",
+        GROUP_M=cfg.group_m, DOT_F32=h.device.type != "cuda", RESHAPE=cfg.reshape_unpack,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -316,6 +327,6 @@ def _launch_down(h, views, y, topk_weights, routes, block_slot, bits, group_size
         h.stride(0), w.stride(0), w.stride(1), w.stride(2), s.stride(0), s.stride(1), s.stride(2),
         y.stride(0),
         GROUP=group_size, BITS=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        GROUP_M=cfg.group_m, DOT_F32=h.device.type != "cuda",
+        GROUP_M=cfg.group_m, DOT_F32=h.device.type != "cuda", RESHAPE=cfg.reshape_unpack,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
