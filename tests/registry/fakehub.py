@@ -193,15 +193,18 @@ class FakeHub:
         return start if start < size else None
 
     async def _send(self, request, response, repo_id, path, data, start) -> None:
-        stall_at = self.stall_after_bytes.get(path)
+        """Send data[start:] in chunks; wait while a stall point is set for path and reached
+        (until the test clears it, or the client goes away)."""
         position = start
         while position < len(data):
+            stall_at = self.stall_after_bytes.get(path)
             if stall_at is not None and position >= stall_at:
-                while request.transport is not None and not request.transport.is_closing():
-                    await asyncio.sleep(0.05)
-                return
+                if request.transport is None or request.transport.is_closing():
+                    return
+                await asyncio.sleep(0.02)
+                continue
             end = min(position + CHUNK_BYTES, len(data))
-            if stall_at is not None and position < stall_at:
+            if stall_at is not None:
                 end = min(end, stall_at)
             try:
                 await response.write(data[position:end])

@@ -1,40 +1,51 @@
 """Two pulls of one model at once share one download; a pull blocks removal."""
 
 import threading
+import time
 
 import pytest
 from conftest import REPO_ID
 from krasis_registry import ModelInUse, Registry
 
 
-def test_two_concurrent_pulls_share_one_download(hub, tiny_files):
-    hub.chunk_delay_s = 0.05
-    barrier = threading.Barrier(2)
-    results: dict[int, list[dict]] = {}
+def test_two_concurrent_pulls_share_one_download(hub, tiny_files, krasis_home):
+    big = "model-00002-of-00002.safetensors"
+    hub.stall_after_bytes[big] = 100_000  # the first pull holds the lock mid-file
+    part = krasis_home / "partials" / "krasis-test" / "tiny-moe" / "latest" / f"{big}.part"
+    results: dict[str, list[dict]] = {"first": [], "second": []}
     errors: list[BaseException] = []
 
-    def pull(slot: int) -> None:
+    def pull(slot: str) -> None:
         try:
-            reg = Registry()
-            barrier.wait(10)
-            results[slot] = list(reg.pull(REPO_ID, build_caches=False))
+            for event in Registry().pull(REPO_ID, build_caches=False):
+                results[slot].append(event)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=pull, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    first = threading.Thread(target=pull, args=("first",))
+    first.start()
+    _wait(lambda: part.is_file() and part.stat().st_size >= 100_000)
+    second = threading.Thread(target=pull, args=("second",))
+    second.start()
+    _wait(lambda: bool(results["second"]))
+    assert results["second"][0]["status"] == f"waiting for another pull of {REPO_ID}:latest"
+    hub.stall_after_bytes.clear()
+    first.join(60)
+    second.join(60)
     assert not errors
-    assert [r[-1] for r in results.values()] == [{"status": "success"}] * 2
-    waited = [r for r in results.values() if r[0]["status"].startswith("waiting for another")]
-    assert len(waited) == 1
-    assert any("up to date" in e["status"] for e in waited[0])
+    assert results["first"][-1] == results["second"][-1] == {"status": "success"}
+    assert any("up to date" in e["status"] for e in results["second"])
     for path, data in tiny_files.items():
         if hub.requests_for(path):
             assert hub.served(path) == len(data), path  # each byte fetched once
             assert len(hub.requests_for(path)) == 1
+
+
+def _wait(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_remove_refused_while_pulling(hub):
