@@ -125,3 +125,15 @@ def test_group_size_and_workspace_estimates():
     assert prefill_workspace_bytes(config, 1000, 64) < prefill_workspace_bytes(config, 1000, 1000)
     assert prefill_workspace_bytes(config, 100, 64, "grouped_mm") > prefill_workspace_bytes(
         config, 100, 64, "triton")
+
+
+def test_gpu_prefill_threshold_setting(monkeypatch):
+    from krasisd.engine.gpu.backend import DEFAULT_MIN_TOKENS, gpu_prefill_min_tokens
+
+    monkeypatch.delenv("KRASIS_GPU_PREFILL_MIN_TOKENS", raising=False)
+    assert gpu_prefill_min_tokens() == DEFAULT_MIN_TOKENS
+    monkeypatch.setenv("KRASIS_GPU_PREFILL_MIN_TOKENS", "200")
+    assert gpu_prefill_min_tokens() == 200
+    assert gpu_prefill_min_tokens(5) == 5
+    for bad in ("many", "0", "-3"):
+        assert gpu_prefill_min_tokens(bad) == DEFAULT_MIN_TOKENS

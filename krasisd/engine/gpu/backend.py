@@ -10,6 +10,7 @@ I = expert intermediate, E = experts, H = heads.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,26 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_TOKENS = 8192
 BF16_BYTES = 2
+MIN_TOKENS_ENV = "KRASIS_GPU_PREFILL_MIN_TOKENS"
+# Provisional: below this a prompt goes through the decode path. The crossover is where
+# T / prefill_wall(T) beats the decode path's tokens per second; set it from both benches.
+DEFAULT_MIN_TOKENS = 32
+
+
+def gpu_prefill_min_tokens(setting: str | int | None = None) -> int:
+    """Prompt length from which prefill takes the GPU path (``KRASIS_GPU_PREFILL_MIN_TOKENS``)."""
+    raw = setting if setting is not None else os.environ.get(MIN_TOKENS_ENV, "")
+    if raw == "":
+        return DEFAULT_MIN_TOKENS
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = -1
+    if value < 1:
+        log.warning("%s=%r is not a positive integer; using %d", MIN_TOKENS_ENV, raw,
+                    DEFAULT_MIN_TOKENS)
+        return DEFAULT_MIN_TOKENS
+    return value
 
 
 def pick_group_size(hidden: int, intermediate: int) -> int:

@@ -170,7 +170,7 @@ def _tile_ids(num_n_tiles, GROUP_M: tl.constexpr, num_m_blocks):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "num_m_blocks"])  # vary with the prompt length
 def _gate_up_kernel(
     x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_slot_ptr, num_rows_ptr,
     num_slots, N, K, top_k, num_m_blocks,
@@ -210,7 +210,7 @@ def _gate_up_kernel(
     tl.store(h_ptrs, h.to(tl.bfloat16), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots", "num_m_blocks"])
 def _down_kernel(
     h_ptr, w_ptr, s_ptr, y_ptr, weights_ptr, sorted_ids_ptr, block_slot_ptr, num_rows_ptr,
     num_slots, N, K, num_m_blocks,

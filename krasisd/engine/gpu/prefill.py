@@ -259,6 +259,15 @@ class GpuExperts:
 
         return moe_grouped_mm(x, self.views, slot_of_expert, topk_ids, topk_weights, spec)
 
+    def close(self) -> None:
+        """Release the device arena; the backend cannot be called afterwards."""
+        self._pending.clear()
+        self._current = None
+        self.arena, self.views = None, {}
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     # -- accounting -----------------------------------------------------------------------
 
     def take_stats(self) -> StreamStats:
