@@ -45,12 +45,12 @@ class RepoSnapshot:
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [OSError]
-    for module_name in ("httpx2", "httpx", "requests"):
+    """Connection and timeout errors of whichever HTTP library huggingface_hub uses."""
+    errors: list[type[BaseException]] = []
+    for module_name, attribute in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                                   ("requests", "RequestException")):
         with contextlib.suppress(ImportError):
-            module = __import__(module_name)
-            base = getattr(module, "TransportError", None) or module.RequestException
-            errors.append(base)
+            errors.append(getattr(__import__(module_name), attribute))
     return tuple(errors)
 
 

@@ -133,17 +133,21 @@ def _fetch(ctx: Context, hub: Hub, ref: ModelRef, model_id: int, commit: str,
         return
     url = hub.file_url(ref.hub_repo, commit, remote.path)
     last_s = 0.0
-    with hub.errors(ref.hub_repo):
-        steps = transfer(hub, url, remote, part)
-        while True:
-            try:
-                completed = next(steps)
-            except StopIteration as stop:
-                sha256 = stop.value
-                break
-            if time.monotonic() - last_s >= EVENT_INTERVAL_S:
-                last_s = time.monotonic()
-                yield {**event, "completed": completed}
+    try:
+        with hub.errors(ref.hub_repo):
+            steps = transfer(hub, url, remote, part)
+            while True:
+                try:
+                    completed = next(steps)
+                except StopIteration as stop:
+                    sha256 = stop.value
+                    break
+                if time.monotonic() - last_s >= EVENT_INTERVAL_S:
+                    last_s = time.monotonic()
+                    yield {**event, "completed": completed}
+    except OSError as exc:  # the hub's own errors are PullErrors by now: this is the local disk
+        raise PullError(f"writing {remote.path} under {ctx.store.home} failed: {exc}; "
+                        "the bytes already written are kept") from exc
     yield {**event, "completed": remote.size_bytes}
     move_into_place(part, dest)
     drop_meta(part)

@@ -184,3 +184,14 @@ def test_plain_http_endpoint_refused_unless_insecure(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example.org")
     with pytest.raises(PullError, match="plain-http"):
         Registry().pull(REPO_ID)
+
+
+def test_unreachable_hub(hub, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(PullError, match="cannot reach"):
+        list(Registry().pull(REPO_ID, build_caches=False))
