@@ -1,10 +1,13 @@
 """Two pulls of one model at once share one download; a pull blocks removal."""
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from conftest import REPO_ID
+from conftest import REPO_ID, subprocess_env
 from krasis_registry import ModelInUse, Registry
 
 
@@ -39,6 +42,33 @@ def test_two_concurrent_pulls_share_one_download(hub, tiny_files, krasis_home):
         if hub.requests_for(path):
             assert hub.served(path) == len(data), path  # each byte fetched once
             assert len(hub.requests_for(path)) == 1
+
+
+def test_a_pull_in_another_process_waits_then_reuses(hub, tiny_files, krasis_home):
+    big = "model-00002-of-00002.safetensors"
+    hub.stall_after_bytes[big] = 100_000
+    part = krasis_home / "partials" / "krasis-test" / "tiny-moe" / "latest" / f"{big}.part"
+    first_events: list[dict] = []
+    first = threading.Thread(
+        target=lambda: first_events.extend(Registry().pull(REPO_ID, build_caches=False)))
+    first.start()
+    _wait(lambda: part.is_file() and part.stat().st_size >= 100_000)
+    child = subprocess.Popen([sys.executable, "-c", "import child; child.main()", "pull",
+                              REPO_ID], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        waiting = json.loads(child.stdout.readline())
+        assert waiting["status"] == f"waiting for another pull of {REPO_ID}:latest"
+        hub.stall_after_bytes.clear()
+        first.join(60)
+        child_events = [json.loads(line) for line in child.stdout]
+        assert child.wait(60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert first_events[-1] == child_events[-1] == {"status": "success"}
+    assert hub.served(big) == len(tiny_files[big])
+    assert len(hub.requests_for(big)) == 1
 
 
 def _wait(predicate, timeout_s: float = 30.0) -> None:
