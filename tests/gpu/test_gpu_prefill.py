@@ -27,7 +27,9 @@ from krasisd.engine.gpu.synthetic import (
     synthetic_model,
 )
 
-REL_TOL = 5e-2  # fixed bound for the bundled model (trained weights, 2 layers)
+# bundled model (trained weights): on the CPU its bf16 run differs from float32 by 3e-3 to
+# 6e-3 relative L2; 2e-2 leaves a margin of three
+REL_TOL = 2e-2
 BUNDLED_TINY = Path(__file__).resolve().parents[2] / "registry" / "bundled" / "krasis-tiny"
 
 
@@ -107,3 +109,4 @@ def test_bundled_tiny_model_gpu_vs_cpu(cuda, tmp_path, quant):
     expected = prefill_logits(cpu.model, ids, last_only=False)
     got = prefill_logits(gpu.model, ids.to(cuda), last_only=False).cpu()
     assert _rel(got, expected) < REL_TOL
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
