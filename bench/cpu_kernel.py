@@ -3,6 +3,11 @@ machine's read bandwidth measured here (the fraction is the figure of merit), an
 CPU prefill at M=64 and M=512. Shapes default to DeepSeek-V2-Lite (D=2048, I=1408, top-6 of 64).
 
     python3 bench/cpu_kernel.py [--threads 1 2] [--quant int4 int8] [--group-size 128]
+    python3 bench/cpu_kernel.py --accuracy [--seeds 3] [--tokens 64]
+
+--accuracy measures instead the max and mean logit error of INT8 and INT4 against the float
+model, through load(), on random transformers DeepSeek-V2 models, and the round-to-nearest
+weight error of each format.
 
 Weights are random bytes in the CPU layout (the kernel's speed does not depend on values);
 each M=1 call routes to fresh random experts of the next of --layers layers (default 4 layers,
@@ -12,12 +17,19 @@ each M=1 call routes to fresh random experts of the next of --layers layers (def
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import krasis_native
 import numpy as np
+import torch
+
+from krasisd.engine import engine as engine_mod
+from krasisd.engine.quant import quantization_error
 
 
 def make_layer(n_experts: int, hidden: int, width: int, bits: int, group_size: int, rng):
@@ -37,17 +49,6 @@ def layer_bytes_per_expert(layer) -> int:
     return sum(a[0].nbytes for a in layer)
 
 
-def read_bandwidth_gbs(runner, n_bytes: int, repeats: int) -> float:
-    buf = np.ones(n_bytes, dtype=np.uint8)
-    runner.stream_read(buf)  # touch pages
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.stream_read(buf)
-        times.append(time.perf_counter() - t0)
-    return n_bytes / statistics.median(times) / 1e9
-
-
 def time_forward(runner, layers, bits, group_size, tokens, n_experts, top_k, calls, rng) -> float:
     """Median seconds per fused MoE call over ``calls`` calls, cycling through ``layers``
     with fresh random routing."""
@@ -65,6 +66,74 @@ def time_forward(runner, layers, bits, group_size, tokens, n_experts, top_k, cal
     return statistics.median(times)
 
 
+def save_random_deepseek(path: Path, seed: int) -> None:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = DeepseekV2Config(
+        vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=64,
+        q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+    )
+    DeepseekV2ForCausalLM(config).save_pretrained(path)
+
+
+def logit_errors(model_dir: Path, cache_root: Path, prompt: list[int]) -> dict[str, dict]:
+    ref = engine_mod.load(model_dir, quant="none").logits(prompt)  # [T, V]
+    scale = float(ref.abs().max())
+    out = {}
+    for quant in ("int8", "int4"):
+        engine = engine_mod.load(model_dir, quant=quant, cache_dir=cache_root / quant)
+        logits = engine.logits(prompt)  # [T, V]
+        diff = (logits - ref).abs()  # [T, V]
+        top1 = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        out[quant] = {"max": float(diff.max()) / scale, "mean": float(diff.mean()) / scale,
+                      "top1": top1}
+        engine.close()
+    return out
+
+
+def accuracy(args) -> None:
+    """Logit error of INT8/INT4 vs float through load(), on random DeepSeek-V2 models."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    weights = torch.randn(256, 2048)
+    for bits in (8, 4):
+        err = quantization_error(weights, bits, 128)
+        print(f"INT{bits} g128 round-to-nearest weight error: rel RMS {err['rel_rms']:.2%}")
+    results: dict[str, list[dict]] = {"int8": [], "int4": []}
+    for seed in range(args.seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp) / "model"
+            save_random_deepseek(model_dir, seed)
+            prompt = torch.randint(0, 512, (args.tokens,), generator=torch.Generator().manual_seed(seed))
+            for quant, err in logit_errors(model_dir, Path(tmp) / "cache", prompt.tolist()).items():
+                results[quant].append(err)
+    for quant, runs in results.items():
+        print(f"{quant}: logit error / max|float logit| over {args.seeds} random models, "
+              f"{args.tokens} tokens: max {max(r['max'] for r in runs):.2%}, "
+              f"mean {statistics.mean(r['mean'] for r in runs):.3%}, "
+              f"top-1 agreement {statistics.mean(r['top1'] for r in runs):.1%}")
+
+
+def m1_rounds(runner, layers, bits, args, read_buf, rng) -> tuple[float, float, float]:
+    """Interleaved rounds of (read probe, M=1 kernel calls), so both see the same load on a
+    shared machine; returns medians of (read GB/s, kernel GB/s, kernel / read)."""
+    bytes_per_call = args.top_k * layer_bytes_per_expert(layers[0])
+    reads, kernels, fractions = [], [], []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        runner.stream_read(read_buf)
+        read_gbs = read_buf.nbytes / (time.perf_counter() - t0) / 1e9
+        seconds = time_forward(runner, layers, bits, args.group_size, 1, args.experts, args.top_k,
+                               args.calls, rng)
+        reads.append(read_gbs)
+        kernels.append(bytes_per_call / seconds / 1e9)
+        fractions.append(kernels[-1] / read_gbs)
+    return statistics.median(reads), statistics.median(kernels), statistics.median(fractions)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
@@ -74,38 +143,43 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1408)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=6)
-    parser.add_argument("--calls", type=int, default=60, help="M=1 calls per figure")
+    parser.add_argument("--calls", type=int, default=30, help="M=1 calls per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of read probe + M=1 calls")
     parser.add_argument("--layers", type=int, default=4, help="distinct layers cycled at M=1")
     parser.add_argument("--read-mib", type=int, default=1024)
     parser.add_argument("--prefill", type=int, nargs="*", default=[64, 512])
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead: logit error of INT8/INT4 on random models through load()")
+    parser.add_argument("--seeds", type=int, default=3, help="random models for --accuracy")
+    parser.add_argument("--tokens", type=int, default=64, help="prompt tokens for --accuracy")
     args = parser.parse_args()
+    if args.accuracy:
+        return accuracy(args)
     rng = np.random.default_rng(0)
     print(f"isa={krasis_native.isa()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} "
-          f"D={args.hidden} I={args.width} "
-          f"top-{args.top_k} of {args.experts}, group {args.group_size}")
-    for threads in args.threads:
-        runner = krasis_native.MoE(threads)
-        read_gbs = read_bandwidth_gbs(runner, args.read_mib << 20, repeats=5)
-        print(f"\nthreads={threads}: memory read {read_gbs:.1f} GB/s (native sum over "
-              f"{args.read_mib} MiB, median of 5)")
-        for quant in args.quant:
-            bits = 4 if quant == "int4" else 8
-            layers = [make_layer(args.experts, args.hidden, args.width, bits, args.group_size, rng)
-                      for _ in range(args.layers)]
-            per_call = [time_forward(runner, layers, bits, args.group_size, 1, args.experts,
-                                     args.top_k, args.calls, rng) for _ in range(3)]
-            seconds = statistics.median(per_call)
-            gbs = args.top_k * layer_bytes_per_expert(layers[0]) / seconds / 1e9
-            print(f"  {quant} M=1: {seconds * 1e3:.3f} ms/layer, {gbs:.1f} GB/s of expert "
-                  f"weights = {gbs / read_gbs:.0%} of read bandwidth")
+          f"D={args.hidden} I={args.width} top-{args.top_k} of {args.experts}, "
+          f"group {args.group_size}")
+    read_buf = np.ones(args.read_mib << 20, dtype=np.uint8)
+    for quant in args.quant:
+        bits = 4 if quant == "int4" else 8
+        layers = [make_layer(args.experts, args.hidden, args.width, bits, args.group_size, rng)
+                  for _ in range(args.layers)]
+        for threads in args.threads:
+            runner = krasis_native.MoE(threads)
+            read_gbs, kernel_gbs, fraction = m1_rounds(runner, layers, bits, args, read_buf, rng)
+            ms = args.top_k * layer_bytes_per_expert(layers[0]) / kernel_gbs / 1e6
+            print(f"{quant} threads={threads} M=1: {ms:.3f} ms/layer, {kernel_gbs:.1f} GB/s of "
+                  f"expert weights; memory read {read_gbs:.1f} GB/s; fraction {fraction:.0%}")
             for tokens in args.prefill:
                 seconds = statistics.median(
-                    [time_forward(runner, layers[:1], bits, args.group_size, tokens, args.experts,
-                                  args.top_k, 1, rng) for _ in range(3)])
+                    [time_forward(runner, layers[:1], bits, args.group_size, tokens,
+                                  args.experts, args.top_k, 1, rng) for _ in range(3)])
                 flops = 2 * tokens * args.top_k * 3 * args.hidden * args.width
-                print(f"  {quant} M={tokens}: {seconds * 1e3:.1f} ms/layer, "
+                print(f"{quant} threads={threads} M={tokens}: {seconds * 1e3:.1f} ms/layer, "
                       f"{flops / seconds / 1e9:.1f} GFLOP/s")
-            del layers
+        del layers
+    print(f"load at end={os.getloadavg()[0]:.1f} (medians over {args.rounds} rounds; "
+          "read = native sum of a buffer larger than L3 with the same threads)")
 
 
 if __name__ == "__main__":

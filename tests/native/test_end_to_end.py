@@ -2,9 +2,10 @@
 
 Tolerances: with RTN weights the routed experts' outputs carry ~0.6% (INT8) and ~10% (INT4)
 relative weight error (test_quant measures it) plus ~1% from int8 activations. The experts are
-one of several terms in the residual stream, so logits move by a fraction of that: we allow 2%
-(INT8) and 10% (INT4) of the largest float logit, and check that the native kernels add little
-to what the weight rounding alone costs (same model with dequantized float experts).
+one of several terms in the residual stream, so logits move by a fraction of that (measured by
+`bench/cpu_kernel.py --accuracy`: at most 0.16% and 2.9% of the largest logit): we allow 1%
+(INT8) and 8% (INT4), and check that the native kernels add little to what the weight rounding
+alone costs (same model with dequantized float experts).
 """
 
 import krasis_native
@@ -18,7 +19,7 @@ from krasisd.engine.native_experts import NativeExperts
 from krasisd.engine.quant import dequantize
 
 PROMPT = list(range(3, 40))
-LOGIT_TOL = {"int8": 0.02, "int4": 0.10}
+LOGIT_TOL = {"int8": 0.01, "int4": 0.08}
 
 
 @pytest.fixture(scope="module")
