@@ -126,6 +126,26 @@ def attention_backends(tokens: int) -> list[dict]:
     return rows
 
 
+def absorbed_attention(tokens: int) -> dict:
+    """Causal MLA attention in absorbed form (scores over the 576-wide latent, 16 heads), as the
+    decode path computes it, for comparison with expanded SDPA at the same prompt length."""
+    heads, latent, rope, v_dim = 16, 512, 64, 128
+    q_lat = torch.randn(heads, tokens, latent + rope, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(tokens, latent + rope, device="cuda", dtype=torch.bfloat16)
+    w_uv = torch.randn(heads, latent, v_dim, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(tokens, tokens, device="cuda", dtype=torch.bool).tril()
+
+    def run():
+        scores = (q_lat @ kv.T).float() * (192**-0.5)  # [H, T, S]
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).bfloat16()
+        return torch.bmm(probs @ kv[:, :latent], w_uv)  # [H, T, Dv]
+
+    ms = bench_ms(run)
+    flops = 2 * heads * tokens * tokens * (latent + rope + latent) + 2 * heads * tokens * latent * v_dim
+    log(f"attention ABSORBED (bmm + softmax) T={tokens}: {ms:.2f} ms, {flops / ms / 1e9:.0f} TFLOP/s")
+    return {"backend": "ABSORBED_BMM", "tokens": tokens, "ms": ms, "tflops": flops / ms / 1e9}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,16,128,512,2048,8192")
@@ -140,6 +160,8 @@ def main(argv=None) -> int:
     attention = []
     for tokens in (int(t) for t in args.attention_tokens.split(",") if t):
         attention += attention_backends(tokens)
+        if tokens <= 4096:  # [H, T, T] float scores: 16 x 4096^2 x 4 bytes = 1 GiB
+            attention.append(absorbed_attention(tokens))
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         rows += run_bits(bits, sizes)

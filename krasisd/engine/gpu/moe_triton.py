@@ -290,7 +290,7 @@ def _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_si
     inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
     routes = sort_routes(topk_ids, num_experts, cfg.block_m)
     slots_ext = torch.cat([slot_of_expert, slot_of_expert[:1]])  # past-the-end blocks -> any slot
-    block_slot = slots_ext[routes.block_expert.clamp(max=num_experts)].contiguous()  # [P/BM]
+    block_slot = slots_ext[routes.block_expert.clamp(max=num_experts).long()].contiguous()  # [P/BM]
     x = x.contiguous()
     h = torch.empty(routes.sorted_ids.numel(), inter, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(routes.num_slots, d, dtype=torch.bfloat16, device=x.device)
