@@ -26,13 +26,15 @@ READ_BYTES = 8 << 20
 class _Hashes:
     """sha256 of the content, and git's blob sha1 (`blob <size>\\0` + content) for small files."""
 
-    def __init__(self, size_bytes: int):
+    def __init__(self, remote: RemoteFile):
         self.sha256 = hashlib.sha256()
-        self.git = hashlib.sha1(f"blob {size_bytes}\0".encode())
+        # git's id is needed only where the hub gives no sha256 (small, non-LFS files)
+        self.git = None if remote.sha256 else hashlib.sha1(f"blob {remote.size_bytes}\0".encode())
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)
-        self.git.update(data)
+        if self.git is not None:
+            self.git.update(data)
 
 
 def _identity(remote: RemoteFile) -> dict:
@@ -74,7 +76,7 @@ def _hash_existing(part: Path, hashes: _Hashes) -> None:
 def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[int, None, str]:
     """Download remote into part, yielding bytes completed; verify; return its sha256 hex."""
     have_bytes = _prepare_partial(part, remote)
-    hashes = _Hashes(remote.size_bytes)
+    hashes = _Hashes(remote)
     _hash_existing(part, hashes)
     yield have_bytes
     if have_bytes < remote.size_bytes:
@@ -87,7 +89,7 @@ def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[in
                 log.warning("server ignored Range for %s: starting over", remote.path)
                 with open(part, "wb"):
                     pass
-                have_bytes, hashes = 0, _Hashes(remote.size_bytes)
+                have_bytes, hashes = 0, _Hashes(remote)
             elif have_bytes:
                 _check_content_range(response, have_bytes, remote.path)
             with open(part, "ab") as handle:
@@ -95,6 +97,8 @@ def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[in
                     handle.write(chunk)
                     hashes.update(chunk)
                     have_bytes += len(chunk)
+                    if have_bytes > remote.size_bytes:
+                        break
                     yield have_bytes
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -150,7 +154,7 @@ def matches(path: Path, remote: RemoteFile) -> str | None:
     """
     if path.stat().st_size != remote.size_bytes:
         return None
-    hashes = _Hashes(remote.size_bytes)
+    hashes = _Hashes(remote)
     _hash_existing(path, hashes)
     got = hashes.sha256.hexdigest() if remote.sha256 else hashes.git.hexdigest()
     return hashes.sha256.hexdigest() if got == (remote.sha256 or remote.blob_id) else None
