@@ -1,0 +1,271 @@
+"""One-token decode steps whose GPU parts replay as CUDA graphs, so batch-1 decode is not
+bound by Python and kernel launches.
+
+A step is a fixed program over static buffers: GPU pieces, split where the CPU experts
+take over (see krasisd.engine.gpu.hybrid):
+
+    piece: embed, [whole layers...], attention + norm + router + copies to pinned memory (layer l)
+    host:  record an event, start the CPU experts of layer l in the worker thread
+    piece: resident experts + shared experts of layer l (the GPU runs them beside the CPU)
+    host:  join the CPU experts
+    piece: copy the CPU sum back and add, [whole layers...], ... final norm and lm_head
+
+Layers with every routed expert on the GPU (and dense layers) run whole inside a piece, so
+with all experts resident a step is one graph. Attention reads a fixed window of the KV
+cache (a bucket: a power of two >= the context, masked past the current position), one set
+of graphs per bucket, captured on the first step that needs it. The position and token id
+live in device buffers filled before each replay. ``use_graphs=False`` runs the same
+pieces eagerly over the exact context (the fallback, and the reference in tests).
+
+Legend: D = hidden, H = heads, C = kv_lora_rank, R = rope dims, S = attended positions,
+M = cache capacity, Hkv = key/value heads, Dh = head dim, V = vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 256
+
+
+@dataclass
+class Piece:
+    """GPU work between two host actions, and its graph per bucket once captured."""
+
+    ops: list = field(default_factory=list)  # callables taking the bucket S
+    graphs: dict = field(default_factory=dict)  # S -> torch.cuda.CUDAGraph
+
+    def run(self, bucket: int) -> None:
+        graph = self.graphs.get(bucket)
+        if graph is not None:
+            graph.replay()
+            return
+        for op in self.ops:
+            op(bucket)
+
+
+def bucket_for(num_total: int, capacity: int, min_bucket: int = MIN_BUCKET) -> int:
+    """The attended window for ``num_total`` cached tokens: a power of two, within capacity."""
+    bucket = max(min_bucket, 1 << max(0, num_total - 1).bit_length())
+    return min(bucket, capacity)
+
+
+class DecodeStep:
+    """``step(token_id) -> logits [V]`` for one sequence bound to one KV cache."""
+
+    def __init__(self, model, cache, use_graphs: bool = True, min_bucket: int = MIN_BUCKET):
+        self.model, self.cache = model, cache
+        self.backend = model.expert_backend
+        self.config = model.config
+        embed = model.model.embed_tokens.weight
+        self.device, self.dtype = embed.device, embed.dtype
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.min_bucket = min_bucket
+        self.heat = getattr(self.backend, "heat", None)
+        self._hybrid = hasattr(self.backend, "gpu_part") and hasattr(self.backend, "submit_cpu")
+        self.generation = getattr(self.backend, "generation", 0)
+        dev, hidden = self.device, self.config.hidden_size
+        self.ids = torch.zeros(1, dtype=torch.long, device=dev)  # [1]
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # [1]
+        self.x = torch.zeros(1, hidden, dtype=self.dtype, device=dev)  # [1, D] residual
+        self.h = torch.zeros_like(self.x)  # [1, D] after attention
+        self.normed = torch.zeros_like(self.x)  # [1, D] the experts' input
+        self.shared = torch.zeros_like(self.x)  # [1, D] shared experts' output
+        self.partial = torch.zeros(1, hidden, dtype=torch.float32, device=dev)  # GPU experts
+        k = max(self.config.num_experts_per_tok, 1)
+        self.topk_ids = torch.zeros(1, k, dtype=torch.long, device=dev)
+        self.topk_weights = torch.zeros(1, k, dtype=torch.float32, device=dev)
+        self.logits = torch.zeros(1, self.config.vocab_size, dtype=torch.float32, device=dev)
+        self.inv_freq = model.rotary.inv_freq.to(dev)  # [R/2]
+        self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
+        self.program = self._build_program()
+        self._pools: dict[int, object] = {}
+        self.graph_failures = 0
+
+    # -- program --------------------------------------------------------------------------
+
+    def _build_program(self) -> list:
+        """Pieces and host actions ("submit", layer) / ("wait", layer) in step order."""
+        program, piece = [], Piece([self._embed])
+        for layer in self.model.model.layers:
+            piece.ops.append(self._attention_op(layer))
+            idx = layer.layer_idx
+            if layer.is_moe and self._hybrid and self.backend.has_cpu_part(idx):
+                piece.ops.append(self._route_op(layer))
+                program += [piece, ("submit", idx), Piece([self._gpu_experts_op(layer)]),
+                            ("wait", idx)]
+                piece = Piece([self._merge_op(layer)])
+            else:
+                piece.ops.append(self._ffn_op(layer))
+        piece.ops.append(self._head)
+        program.append(piece)
+        return program
+
+    def __call__(self, token_id: int) -> torch.Tensor:
+        """Decode one token at the cache's current length; returns float32 logits [V]."""
+        cache = self.cache
+        cache.check_room(1)
+        self.ids.fill_(int(token_id))
+        self.pos.fill_(cache.length)
+        bucket = bucket_for(cache.length + 1, cache.max_tokens, self.min_bucket)
+        capture = self.use_graphs and bucket not in self._pools
+        self._run(bucket if self.use_graphs else cache.length + 1)
+        if capture:
+            self._capture(bucket)
+        cache.advance(1)
+        return self.logits[0].clone()
+
+    def _run(self, bucket: int) -> None:
+        job = None
+        for item in self.program:
+            if isinstance(item, Piece):
+                item.run(bucket)
+            elif item[0] == "submit":
+                job = self.backend.submit_cpu(item[1], self.staging)
+            elif job is not None:
+                job.result()
+                job = None
+
+    def _capture(self, bucket: int) -> None:
+        """Record every piece for ``bucket`` (the eager step just run was the warm-up)."""
+        pool = torch.cuda.graph_pool_handle()
+        self._pools[bucket] = pool
+        pieces = [p for p in self.program if isinstance(p, Piece)]
+        try:
+            for piece in pieces:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    for op in piece.ops:
+                        op(bucket)
+                piece.graphs[bucket] = graph
+        except Exception as exc:  # capture is an optimisation: keep decoding eagerly
+            self.graph_failures += 1
+            self.use_graphs = False
+            for piece in pieces:
+                piece.graphs.clear()
+            log.warning("CUDA graph capture failed, decoding without graphs: %s", exc)
+        log.debug("captured %d decode graphs for a %d-token window", len(pieces), bucket)
+
+    # -- ops (each writes static buffers only) --------------------------------------------
+
+    def _embed(self, bucket: int) -> None:
+        self.x.copy_(self.model.model.embed_tokens(self.ids))
+
+    def _head(self, bucket: int) -> None:
+        self.logits.copy_(self.model.lm_head(self.model.model.norm(self.x)).float())
+
+    def _attention_op(self, layer):
+        def op(bucket: int) -> None:
+            normed = layer.input_layernorm(self.x)
+            attn = layer.self_attn
+            out = self._mla(attn, normed, bucket) if self.config.is_mla else self._gqa(
+                attn, normed, bucket)
+            self.h.copy_(self.x + out)
+        return op
+
+    def _ffn_op(self, layer):
+        def op(bucket: int) -> None:
+            normed = layer.post_attention_layernorm(self.h)
+            if not layer.is_moe:
+                out = layer.mlp(normed)
+            elif self._hybrid:
+                ids, weights = layer.mlp.gate(normed)
+                self._record_heat(layer.layer_idx, ids)
+                out = self.backend.gpu_part(layer.layer_idx, normed, ids, weights).to(self.dtype)
+                out = self._plus_shared(layer, normed, out)
+            else:
+                out = layer.mlp(normed, self.backend)
+            self.x.copy_(self.h + out)
+        return op
+
+    def _route_op(self, layer):
+        def op(bucket: int) -> None:
+            normed = layer.post_attention_layernorm(self.h)
+            self.normed.copy_(normed)
+            ids, weights = layer.mlp.gate(normed)  # [1, K] each
+            self.topk_ids.copy_(ids)
+            self.topk_weights.copy_(weights)
+            self._record_heat(layer.layer_idx, ids)
+            self.backend.stage_to_host(layer.layer_idx, normed, ids, weights)
+        return op
+
+    def _gpu_experts_op(self, layer):
+        def op(bucket: int) -> None:
+            idx = layer.layer_idx
+            if self.backend.has_gpu_part(idx):
+                self.partial.copy_(self.backend.gpu_part(idx, self.normed, self.topk_ids,
+                                                         self.topk_weights))
+            else:
+                self.partial.zero_()
+            if hasattr(layer.mlp, "shared_experts"):
+                self.shared.copy_(layer.mlp.shared_experts(self.normed))
+        return op
+
+    def _merge_op(self, layer):
+        def op(bucket: int) -> None:
+            staging = self.staging
+            staging.out_dev.copy_(staging.out, non_blocking=True)
+            moe = (self.partial + staging.out_dev).to(self.dtype)  # [1, D]
+            if hasattr(layer.mlp, "shared_experts"):
+                moe = moe + self.shared
+            self.x.copy_(self.h + moe)
+        return op
+
+    def _plus_shared(self, layer, normed, out):
+        if hasattr(layer.mlp, "shared_experts"):
+            return out + layer.mlp.shared_experts(normed)
+        return out
+
+    def _record_heat(self, layer_idx: int, ids) -> None:
+        if self.heat is not None:
+            self.heat.record(layer_idx, ids)
+
+    # -- attention over a fixed window ----------------------------------------------------
+
+    def _cos_sin(self):
+        freqs = self.pos.float()[:, None] * self.inv_freq[None, :]  # [1, R/2]
+        factor = self.model.rotary.attention_factor
+        return freqs.cos() * factor, freqs.sin() * factor
+
+    def _masked(self, bucket: int) -> torch.Tensor:
+        """[1, S] True where a position is past the current token."""
+        return (torch.arange(bucket, device=self.device) > self.pos)[None, :]
+
+    def _mla(self, attn, x, bucket: int) -> torch.Tensor:
+        """Absorbed MLA over entries [S, C + R] of the layer's compressed cache: [1, D]."""
+        cos, sin = self._cos_sin()
+        q_nope, q_rope = attn._query(x, cos, sin)  # [1, H, N], [1, H, R]
+        layer_entries = self.cache.entries[attn.layer_idx]  # [M, C + R]
+        layer_entries.index_copy_(0, self.pos, attn._latent(x, cos, sin))
+        entries = layer_entries[:bucket]  # [S, C + R]
+        kv_latent, k_rope = entries.split([attn.latent_dim, attn.rope_dim], dim=-1)
+        w_kv = attn.kv_b_proj.weight.view(attn.num_heads, attn.nope_dim + attn.v_dim, -1)
+        w_uk, w_uv = w_kv.split([attn.nope_dim, attn.v_dim], dim=1)  # [H, N, C], [H, Dv, C]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, 1, C]
+        scores = q_latent @ kv_latent.T + q_rope.transpose(0, 1) @ k_rope.T  # [H, 1, S]
+        scores = (scores.float() * attn.scale).masked_fill(self._masked(bucket), float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [H, 1, S]
+        out = torch.bmm(probs @ kv_latent, w_uv.transpose(1, 2))  # [H, 1, Dv]
+        return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
+
+    def _gqa(self, attn, x, bucket: int) -> torch.Tensor:
+        """Grouped-query attention over keys/values [S, Hkv, Dh] of the layer: [1, D]."""
+        cos, sin = self._cos_sin()
+        q = attn.q_norm(attn.q_proj(x).view(1, attn.num_heads, attn.head_dim))
+        k = attn.k_norm(attn.k_proj(x).view(1, attn.num_kv_heads, attn.head_dim))
+        v = attn.v_proj(x).view(1, attn.num_kv_heads, attn.head_dim)
+        q, k = attn.rotary.apply(q, cos, sin), attn.rotary.apply(k, cos, sin)
+        keys, values = self.cache.keys[attn.layer_idx], self.cache.values[attn.layer_idx]
+        keys.index_copy_(0, self.pos, k)
+        values.index_copy_(0, self.pos, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys[:bucket].transpose(0, 1), values[:bucket].transpose(0, 1),
+            attn_mask=~self._masked(bucket), scale=attn.scale, enable_gqa=True,
+        )  # [H, 1, Dh]
+        return attn.o_proj(out.transpose(0, 1).reshape(1, -1))

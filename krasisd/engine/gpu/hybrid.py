@@ -1,0 +1,387 @@
+"""Hybrid decode experts: the routed experts resident on the GPU are computed there, the
+others on the CPU with the native kernels, at the same time; the two parts are summed on
+the GPU.
+
+Per MoE layer and decode step (``start`` then ``finish``):
+1. on the GPU: the router's output and the normed hidden state go to pinned host buffers
+   (one hidden-state copy, plus the [T, K] ids and weights), then an event is recorded;
+2. a worker thread waits for that event and runs the native kernels over the slots whose
+   expert is not resident (the call releases the GIL); meanwhile the caller enqueues the
+   resident experts' Triton kernels (and the shared experts), which the GPU runs while the
+   CPU computes;
+3. ``finish`` joins the worker, copies its [T, D] result back through a pinned buffer (one
+   copy) and adds it to the GPU part.
+Prompts longer than ``max_decode_tokens`` go to the streaming prefill backend (GpuExperts).
+
+Resident experts are the GpuExperts placement's (one arena serves prefill and decode).
+Slots of non-resident experts are never computed on the GPU: slots are compacted so the
+resident ones come first and the kernels stop at their count, all on the device (no host
+sync), so the GPU part can be captured in a CUDA graph (krasisd.engine.gpu.graphs).
+The CPU part gets every slot of the token, with the resident ones redirected to one of the
+token's CPU experts at weight 0, so a step with no resident expert is exactly the CPU path.
+
+Legend: T = tokens, K = experts per token, P = T*K slots, D = hidden, E = experts,
+I = expert intermediate, BM = rows per kernel block.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from krasisd.engine.engine import Engine
+from krasisd.engine.gpu.graphs import DecodeStep
+from krasisd.engine.gpu.moe_triton import (
+    SortedRoutes,
+    _launch_down,
+    _launch_gate_up,
+    default_config,
+)
+from krasisd.engine.heat import ExpertHeat, replace_experts
+from krasisd.engine.kv_cache import KVCache, new_kv_cache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_DECODE_TOKENS = 32
+
+
+@dataclass
+class HostStaging:
+    """Pinned host buffers of one token count: what the CPU reads and what it writes."""
+
+    x: torch.Tensor  # [T, D] float32, the normed hidden state
+    ids: torch.Tensor  # [T, K] int64
+    weights: torch.Tensor  # [T, K] float32
+    out: torch.Tensor  # [T, D] float32, the CPU experts' sum
+    out_dev: torch.Tensor  # [T, D] float32 on the device: where ``out`` lands
+
+
+@dataclass
+class Pending:
+    """A layer between ``start`` and ``finish``."""
+
+    layer: int
+    dtype: torch.dtype
+    gpu_out: torch.Tensor | None  # [T, D] float32, resident experts' sum
+    cpu_job: Future | None
+    staging: HostStaging | None
+
+
+class HybridExperts:
+    """ExpertBackend: resident experts on the GPU and the others on the CPU, concurrently."""
+
+    def __init__(self, gpu, cpu, device=None, use_gpu_experts: bool = True,
+                 max_decode_tokens: int = DEFAULT_MAX_DECODE_TOKENS, cpu_thread: bool = True,
+                 heat=None):
+        """``gpu``: a GpuExperts (or None), ``cpu``: a NativeExperts (or None)."""
+        if gpu is None and cpu is None:
+            raise ValueError("HybridExperts needs a GPU backend, a CPU backend, or both")
+        if max_decode_tokens < 1:
+            raise ValueError(f"max_decode_tokens must be >= 1, got {max_decode_tokens}")
+        self.gpu, self.cpu = gpu, cpu
+        self.device = torch.device(device if device is not None else gpu.device)
+        self._cuda = self.device.type == "cuda"
+        self.use_gpu_experts = use_gpu_experts and gpu is not None
+        self.max_decode_tokens = max_decode_tokens
+        self.heat = heat
+        layers = sorted(gpu.host.layers) if gpu is not None else sorted(cpu.cache.layers)
+        self.moe_layers = layers
+        self.num_experts = gpu.host.num_experts if gpu is not None else int(
+            cpu.cache.manifest["n_experts"])
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="krasis-cpu-experts") if (
+            cpu_thread and cpu is not None) else None
+        self._staging: dict[int, HostStaging] = {}
+        self._events: dict[int, torch.cuda.Event] = {}
+        self.generation = 0  # bumped when residency changes (captured graphs are stale)
+        self.refresh_residency()
+
+    # -- residency ------------------------------------------------------------------------
+
+    def refresh_residency(self) -> None:
+        """(Re)read which experts are resident from the GPU backend's placement."""
+        num = self.num_experts
+        self.generation += 1
+        self.resident_np: dict[int, np.ndarray] = {}
+        self._resident_dev: dict[int, torch.Tensor] = {}
+        self._slot_map: dict[int, torch.Tensor] = {}
+        for layer in self.moe_layers:
+            ids = self.gpu.plan.resident.get(layer, ()) if self.use_gpu_experts else ()
+            mask = np.zeros(num, dtype=bool)
+            mask[list(ids)] = True
+            if self.cpu is None and not mask.all():
+                raise ValueError(f"layer {layer}: {num - int(mask.sum())} experts are not "
+                                 "resident on the GPU and there is no CPU backend")
+            self.resident_np[layer] = mask
+            self._resident_dev[layer] = torch.from_numpy(mask).to(self.device)  # [E] bool
+            if mask.any():
+                self._slot_map[layer] = self.gpu._resident_tensor[layer]  # [E] int32 arena slot
+
+    def resident_fraction(self) -> float:
+        total = len(self.moe_layers) * self.num_experts
+        return sum(int(m.sum()) for m in self.resident_np.values()) / total if total else 0.0
+
+    def has_gpu_part(self, layer: int) -> bool:
+        return bool(self.resident_np[layer].any())
+
+    def has_cpu_part(self, layer: int) -> bool:
+        return not bool(self.resident_np[layer].all())
+
+    # -- the ExpertBackend call -----------------------------------------------------------
+
+    def __call__(self, layer_idx, x, topk_ids, topk_weights):
+        """[T, D] -> [T, D]: long prompts stream through GpuExperts, short ones go hybrid."""
+        if layer_idx not in self.resident_np:
+            raise KeyError(f"layer {layer_idx} has no routed experts")
+        if x.shape[0] > self.max_decode_tokens and self.gpu is not None:
+            if self.heat is not None:
+                self.heat.record(layer_idx, topk_ids)
+            return self.gpu(layer_idx, x, topk_ids, topk_weights)
+        return self.finish(self.start(layer_idx, x, topk_ids, topk_weights))
+
+    def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> Pending:
+        """Hand the CPU its slots and enqueue the resident experts on the GPU."""
+        if self.heat is not None:
+            self.heat.record(layer, topk_ids)
+        job, staging = None, None
+        if self.has_cpu_part(layer):
+            staging = self.stage_to_host(layer, x, topk_ids, topk_weights)
+            job = self.submit_cpu(layer, staging)
+        gpu_out = None
+        if self.has_gpu_part(layer):
+            gpu_out = self.gpu_part(layer, x, topk_ids, topk_weights)
+        return Pending(layer, x.dtype, gpu_out, job, staging)
+
+    def finish(self, pending: Pending) -> torch.Tensor:
+        """Join the CPU part and return the [T, D] sum in the activations' dtype."""
+        out = pending.gpu_out
+        if pending.staging is not None:
+            cpu_dev = self.cpu_result(pending)  # [T, D] float32 on the device
+            out = cpu_dev if out is None else out + cpu_dev
+        return out.to(pending.dtype)
+
+    # -- CPU side -------------------------------------------------------------------------
+
+    def staging(self, num_tokens: int, top_k: int) -> HostStaging:
+        """Pinned buffers for ``num_tokens`` (made once, reused every step)."""
+        staging = self._staging.get(num_tokens)
+        if staging is None:
+            hidden, pin = self.cpu.hidden, self._cuda
+            staging = HostStaging(
+                x=torch.empty(num_tokens, hidden, dtype=torch.float32, pin_memory=pin),
+                ids=torch.empty(num_tokens, top_k, dtype=torch.int64, pin_memory=pin),
+                weights=torch.empty(num_tokens, top_k, dtype=torch.float32, pin_memory=pin),
+                out=torch.empty(num_tokens, hidden, dtype=torch.float32, pin_memory=pin),
+                out_dev=torch.empty(num_tokens, hidden, dtype=torch.float32, device=self.device))
+            self._staging[num_tokens] = staging
+            self._events[num_tokens] = torch.cuda.Event() if self._cuda else None
+        return staging
+
+    def stage_to_host(self, layer: int, x, topk_ids, topk_weights) -> HostStaging:
+        """Enqueue the device-to-host copies of one layer's CPU inputs (no host sync)."""
+        staging = self.staging(x.shape[0], topk_ids.shape[1])
+        staging.x.copy_(x, non_blocking=self._cuda)
+        staging.ids.copy_(topk_ids, non_blocking=self._cuda)
+        staging.weights.copy_(topk_weights, non_blocking=self._cuda)
+        return staging
+
+    def submit_cpu(self, layer: int, staging: HostStaging) -> Future | None:
+        """Start the CPU experts once the staged copies have landed; None when run inline."""
+        event = self._events[staging.x.shape[0]]
+        if event is not None:
+            event.record(torch.cuda.current_stream(self.device))
+        if self._pool is None:
+            self.run_cpu(layer, staging, event)
+            return None
+        return self._pool.submit(self.run_cpu, layer, staging, event)
+
+    def run_cpu(self, layer: int, staging: HostStaging, event) -> None:
+        """Worker: wait for the copies, then the native kernels into ``staging.out``."""
+        if event is not None:
+            event.synchronize()  # releases the GIL
+        ids, weights = cpu_slots(staging.ids.numpy(), staging.weights.numpy(),
+                                 self.resident_np[layer])
+        if ids is None:
+            staging.out.numpy().fill(0.0)  # numpy: this thread is outside inference mode
+            return
+        arrays = self.cpu.cache.layers[layer].arrays()
+        self.cpu.runner.forward(staging.x.numpy(), ids, weights, *arrays, self.cpu.bits,
+                                self.cpu.group_size, staging.out.numpy())
+
+    def cpu_result(self, pending: Pending) -> torch.Tensor:
+        """Wait for the CPU part and enqueue its copy to the device: [T, D] float32."""
+        if pending.cpu_job is not None:
+            pending.cpu_job.result()
+        staging = pending.staging
+        staging.out_dev.copy_(staging.out, non_blocking=self._cuda)
+        return staging.out_dev
+
+    # -- GPU side -------------------------------------------------------------------------
+
+    def gpu_part(self, layer: int, x, topk_ids, topk_weights) -> torch.Tensor:
+        """Resident experts only, with the Triton kernels: [T, D] float32 (sync-free)."""
+        t, k = topk_ids.shape
+        on_gpu = self._resident_dev[layer][topk_ids]  # [T, K] bool
+        routes = resident_routes(topk_ids, on_gpu, self._block_m(t, k))
+        block_slot = self._slot_map[layer][routes.block_expert.long()]  # [P] int32
+        spec = self.gpu.layout.spec
+        cfg = default_config(1.0, self.device.type)
+        views = self.gpu.views
+        inter = views["w2_q"].shape[1] * (8 if spec.bits == 4 else 1)
+        xb = x.to(torch.bfloat16).contiguous()  # [T, D]
+        h = torch.empty(routes.sorted_ids.numel(), inter, dtype=torch.bfloat16, device=x.device)
+        y = torch.zeros(t * k, x.shape[1], dtype=torch.bfloat16, device=x.device)  # [P, D]
+        _launch_gate_up(xb, views, h, routes, block_slot, spec.bits, spec.group_size, cfg)
+        _launch_down(h, views, y, topk_weights, routes, block_slot, spec.bits, spec.group_size,
+                     cfg)
+        return y.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, D]
+
+    def _block_m(self, t: int, k: int) -> int:
+        return default_config(1.0, self.device.type).block_m
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for backend in (self.gpu, self.cpu):
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+
+
+def resident_routes(topk_ids: torch.Tensor, on_gpu: torch.Tensor, block_m: int) -> SortedRoutes:
+    """One kernel row block per slot, resident slots first; the kernels stop after them.
+
+    Built with cumsum and scatter only, so no host sync and fixed shapes: [P * BM] rows.
+    """
+    t, k = topk_ids.shape
+    p = t * k
+    flat_on = on_gpu.reshape(-1)  # [P] bool
+    num_on = flat_on.sum()  # [] device scalar
+    rank_on = torch.cumsum(flat_on, 0) - 1  # [P]
+    rank_off = num_on + torch.cumsum(~flat_on, 0) - 1  # [P]
+    dest = torch.where(flat_on, rank_on, rank_off)  # [P] position of each slot
+    slots = torch.arange(p, device=topk_ids.device)
+    order = torch.empty_like(slots).scatter_(0, dest, slots)  # [P] slot at each position
+    sorted_ids = torch.full((p, block_m), p, dtype=torch.int32, device=topk_ids.device)
+    sorted_ids[:, 0] = order.to(torch.int32)
+    block_expert = topk_ids.reshape(-1)[order].to(torch.int32)  # [P]
+    num_rows = (num_on * block_m).to(torch.int32).reshape(1)
+    return SortedRoutes(sorted_ids.reshape(-1), block_expert, num_rows, p, k, block_m)
+
+
+def cpu_slots(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray):
+    """The CPU's view of [T, K] routes: resident slots get weight 0 and one of the token's
+    CPU experts (so no extra expert is read); (None, None) when every slot is resident."""
+    on_cpu = ~resident[ids]  # [T, K]
+    if not on_cpu.any():
+        return None, None
+    if on_cpu.all():
+        return ids, weights
+    fallback = ids[on_cpu][0]
+    first = on_cpu.argmax(axis=1)  # [T]
+    own = ids[np.arange(ids.shape[0]), first]
+    row_fill = np.where(on_cpu.any(axis=1), own, fallback)  # [T]
+    ids = np.ascontiguousarray(np.where(on_cpu, ids, row_fill[:, None]))
+    weights = np.ascontiguousarray(np.where(on_cpu, weights, 0.0).astype(np.float32))
+    return ids, weights
+
+
+class HybridEngine(Engine):
+    """An Engine whose one-token forwards run as DecodeSteps (CUDA graphs on the GPU).
+
+    ``new_cache`` hands out pooled KV storage when a previous cache of enough capacity is no
+    longer referenced, so a new request replays the graphs already captured for it.
+    """
+
+    POOLED_CACHES = 2
+
+    def __init__(self, *args, use_graphs: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_graphs = use_graphs
+        self._pool: list[tuple[KVCache, weakref.ref]] = []  # (storage, its current handle)
+        self._steps: dict[int, DecodeStep] = {}  # id(storage) -> DecodeStep
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        """An empty cache for ``max_tokens`` tokens (reusing free pooled storage)."""
+        for i, (storage, handle) in enumerate(self._pool):
+            if handle() is None and storage.max_tokens >= max_tokens:
+                cache = copy.copy(storage)  # shares the tensors, own length
+                cache.reset()
+                self._pool[i] = (storage, weakref.ref(cache))
+                return cache
+        cache = super().new_cache(max_tokens)
+        if len(self._pool) < self.POOLED_CACHES:
+            self._pool.append((copy.copy(cache), weakref.ref(cache)))
+        return cache
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
+        """As Engine.forward; one token with a cache goes through the decode step."""
+        ids = self._ids(input_ids)  # validates
+        if cache is None or ids.shape[0] != 1:
+            return super().forward(ids, cache)
+        step = self._step_for(cache)
+        return step(int(ids[0]))[None, :]  # [1, V]
+
+    def _step_for(self, cache: KVCache) -> DecodeStep:
+        key = _storage_key(cache)
+        step = self._steps.get(key)
+        generation = getattr(self.expert_backend, "generation", 0)
+        if step is None or step.generation != generation:
+            if len(self._steps) >= self.POOLED_CACHES + 1:
+                self._steps.clear()
+            step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs)
+            self._steps[key] = step
+        step.cache = cache  # the same storage, possibly a new handle
+        return step
+
+    def rebalance(self, min_gain: float = 0.02) -> dict:
+        """Re-place GPU experts by the heat recorded so far (call between requests)."""
+        backend = self.expert_backend
+        if getattr(backend, "heat", None) is None:
+            raise ValueError("this engine records no expert heat")
+        return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
+
+
+def _storage_key(cache: KVCache) -> int:
+    tensor = getattr(cache, "entries", None)
+    if tensor is None:
+        tensor = cache.keys
+    return tensor.data_ptr()
+
+
+def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
+                budget=None, max_tokens: int = 8192, heat: dict | None = None,
+                use_gpu_experts: bool = True, use_graphs: bool = True, cpu_cache_dir=None,
+                gpu_cache_dir=None) -> HybridEngine:
+    """Load ``model_dir`` for hybrid decode from the dual-format cache (building what is
+    missing once); ``engine.load_times_s`` says where the load time went."""
+    from krasisd.engine.engine import load
+    from krasisd.engine.gpu.backend import create_backend
+    from krasisd.engine.gpu.synthetic import dense_bytes
+
+    times, start = {}, time.perf_counter()
+    base = load(model_dir, quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
+                dtype=torch.bfloat16)
+    times["dense_and_cpu_cache"] = time.perf_counter() - start
+    kv_bytes = new_kv_cache(base.config, max_tokens, torch.bfloat16, "meta").nbytes
+    gpu = create_backend(model_dir, base.config, quant, cache_dir=gpu_cache_dir, device=device,
+                         dense_bytes=dense_bytes(base.model), kv_cache_bytes=kv_bytes,
+                         max_tokens=max_tokens, budget=budget, heat=heat)
+    times["gpu_cache_and_placement"] = time.perf_counter() - start - times["dense_and_cpu_cache"]
+    backend = HybridExperts(gpu, base.expert_backend, device, use_gpu_experts=use_gpu_experts,
+                            heat=ExpertHeat(sorted(gpu.host.layers), gpu.host.num_experts, device))
+    engine = HybridEngine(base.config, base.model, backend, base.tokenizer, base.eos_token_ids,
+                          base.model_dir, use_graphs=use_graphs)
+    engine.load_times_s = times
+    log.info("hybrid engine ready in %.2f s: %.0f%% of routed experts on the GPU",
+             time.perf_counter() - start, 100 * backend.resident_fraction())
+    return engine
