@@ -115,7 +115,7 @@ def build_backend(host, cfg, budget_bytes, dense, kv_bytes, max_tokens, impl, de
     for chunk in CHUNK_CHOICES:
         try:
             return gpu_experts_for(host, cfg, device, budget_bytes, dense, kv_bytes, max_tokens,
-                                   impl=impl, chunk_tokens=chunk), chunk
+                                   impl=impl, chunk_tokens=chunk, time_copies=True), chunk
         except PlacementError as exc:
             last = exc
     raise last

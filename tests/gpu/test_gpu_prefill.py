@@ -82,7 +82,7 @@ def test_short_prompt_copies_only_routed_experts(cuda):
     config = _config()
     host = synthetic_host_experts(config, QuantSpec(4, 64), cuda, seed=6)
     model = synthetic_model(config, cuda, torch.bfloat16, seed=6)
-    model.expert_backend = GpuExperts(host, _plan(host, 0), cuda)
+    model.expert_backend = GpuExperts(host, _plan(host, 0), cuda, time_copies=True)
     prefill_logits(model, torch.tensor([3], device=cuda))
     stats = model.expert_backend.take_stats()
     assert stats.experts_copied == len(host.layers) * config.num_experts_per_tok

@@ -74,7 +74,8 @@ def prefill_workspace_bytes(config, max_tokens: int, chunk_tokens: int, impl: st
 
 def gpu_experts_for(host: HostExperts, config, device, budget_bytes: int, dense_bytes: int,
                     kv_cache_bytes: int, max_tokens: int, heat=None, impl: str | None = None,
-                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> GpuExperts:
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, time_copies: bool = False
+                    ) -> GpuExperts:
     """Plan the budget for prompts up to ``max_tokens`` and build the backend."""
     impl = impl or ("triton" if torch.device(device).type == "cuda" else "grouped_mm")
     workspace_bytes = prefill_workspace_bytes(config, max_tokens, chunk_tokens, impl)
@@ -84,7 +85,8 @@ def gpu_experts_for(host: HostExperts, config, device, budget_bytes: int, dense_
         moe_layers=tuple(sorted(host.layers)), num_experts=host.num_experts, heat=heat)
     plan = plan_placement(request)
     log.info("gpu placement: %s", plan.summary())
-    return GpuExperts(host, plan, device, impl=impl, chunk_tokens=chunk_tokens)
+    return GpuExperts(host, plan, device, impl=impl, chunk_tokens=chunk_tokens,
+                      time_copies=time_copies)
 
 
 def default_gpu_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:

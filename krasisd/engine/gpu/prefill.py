@@ -60,7 +60,8 @@ class GpuExperts:
     """ExpertBackend: resident experts plus double-buffered streaming from pinned memory."""
 
     def __init__(self, host: HostExperts, plan: PlacementPlan, device, impl: str | None = None,
-                 chunk_tokens: int = 8192, full_copy_fraction: float = 0.9, kernel_config=None):
+                 chunk_tokens: int = 8192, full_copy_fraction: float = 0.9, kernel_config=None,
+                 time_copies: bool = False):
         self.device = torch.device(device)
         self.impl = impl or ("triton" if self.device.type == "cuda" else "grouped_mm")
         if self.impl not in IMPLS:
@@ -70,6 +71,7 @@ class GpuExperts:
         self.host, self.plan, self.layout = host, plan, host.layout
         self.chunk_tokens, self.full_copy_fraction = chunk_tokens, full_copy_fraction
         self.kernel_config = kernel_config
+        self.time_copies = time_copies  # keep timing events until take_stats() (benchmarks)
         self.moe_layers = sorted(host.layers)
         self._next_layer = dict(zip(self.moe_layers, self.moe_layers[1:] + [None], strict=True))
         self._cuda = self.device.type == "cuda"
@@ -129,14 +131,16 @@ class GpuExperts:
         if not self._cuda:
             self._copy_runs(host, expert_ids, base)
             return None
-        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        timing = self.time_copies
+        start, done = torch.cuda.Event(enable_timing=timing), torch.cuda.Event(enable_timing=timing)
         with torch.cuda.stream(self.copy_stream):
             if wait_free and self._half_free[half] is not None:
                 self.copy_stream.wait_event(self._half_free[half])  # last reader of this half
             start.record(self.copy_stream)
             self._copy_runs(host, expert_ids, base)
             done.record(self.copy_stream)
-        self.stats.timed.append((start, done))
+        if timing:
+            self.stats.timed.append((start, done))
         return done
 
     def _copy_runs(self, host: torch.Tensor, expert_ids: list[int], base: int) -> None:
