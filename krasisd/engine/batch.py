@@ -1,0 +1,226 @@
+"""Continuous batching: sequences decoding at the same time share one forward per step.
+
+``batched_decode`` runs one decode step for B sequences, each with its own KV cache (their
+lengths differ): embeddings, norms, router, routed and shared experts and the output head
+run once over the B tokens (so each expert's weights are read once per step, not once per
+sequence); attention runs per sequence over its own cache, so nothing needs padding or
+masking.
+
+``BatchingEngine`` wraps an Engine for a runner that serves several requests at once, one
+thread per request: ``generate`` is ``Engine.generate`` (the same streaming, sampling and
+stop rules, from krasisd.engine.generate), but one-token forwards from different threads
+are gathered into one ``batched_decode``. The first waiting thread leads: it runs the step
+when every registered sequence that is not prefilling has submitted its token, when
+``max_batch`` are waiting, or ``max_wait_ms`` after the first submission. Prompts (prefill)
+run one at a time, between steps.
+
+Legend: B = sequences in the step, D = hidden, V = vocab, R = rotary dims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from krasisd.engine.generate import generate_stream
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def batched_decode(model, token_ids: list[int], caches: list) -> torch.Tensor:
+    """One decode step of B sequences: token_ids [B], caches [B] -> float32 logits [B, V]."""
+    if len(token_ids) != len(caches) or not caches:
+        raise ValueError("batched_decode needs one token per cache and at least one cache")
+    if len({id(c) for c in caches}) != len(caches):
+        raise ValueError("a cache appears twice in one batch")
+    for cache in caches:
+        cache.check_room(1)
+    device = model.model.embed_tokens.weight.device
+    ids = torch.tensor(token_ids, dtype=torch.long, device=device)  # [B]
+    positions = torch.tensor([c.length for c in caches], dtype=torch.long, device=device)
+    cos, sin = model.rotary.cos_sin(positions)  # [B, R/2] each
+    x = model.model.embed_tokens(ids)  # [B, D]
+    backend = model.expert_backend
+    for layer in model.model.layers:
+        normed = layer.input_layernorm(x)  # [B, D]
+        attn = torch.cat([
+            layer.self_attn.decode(normed[b : b + 1], cos[b : b + 1], sin[b : b + 1], cache)
+            for b, cache in enumerate(caches)
+        ])  # [B, D]
+        h = x + attn
+        x = h + layer._ffn(layer.post_attention_layernorm(h), backend)
+    logits = model.lm_head(model.model.norm(x)).float()  # [B, V]
+    for cache in caches:
+        cache.advance(1)
+    return logits
+
+
+@dataclass
+class _Request:
+    token_id: int
+    cache: object
+    submitted_s: float = field(default_factory=time.perf_counter)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class BatchStats:
+    """Steps run and sequences decoded since creation (mean batch = tokens / steps)."""
+
+    steps: int = 0
+    tokens: int = 0
+    prefills: int = 0
+
+
+class BatchingEngine:
+    """An Engine-shaped wrapper whose concurrent one-token forwards share one step."""
+
+    def __init__(self, engine, max_batch: int = 8, max_wait_ms: float = 5.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.engine = engine
+        self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1e3
+        self._cond = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._stepping = False
+        self._active = 0  # sequences inside generate()
+        self._prefilling = 0
+        self.stats = BatchStats()
+
+    # the surface generate_stream uses
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def eos_token_ids(self):
+        return self.engine.eos_token_ids
+
+    def new_cache(self, max_tokens: int):
+        with self._model_lock:
+            return self.engine.new_cache(max_tokens)
+
+    def generate(self, prompt_ids, options,
+                 should_cancel: Callable[[], bool] | None = None) -> Iterator:
+        """Stream GenerationChunks, decoding in steps shared with other threads."""
+        stream = generate_stream(self, prompt_ids, options, should_cancel)  # checks the prompt
+        return self._registered(stream)
+
+    def _registered(self, stream) -> Iterator:
+        with self._cond:
+            self._active += 1
+        try:
+            yield from stream
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def forward(self, input_ids, cache=None) -> torch.Tensor:
+        """As Engine.forward; a single token with a cache joins the next shared step."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)  # [T]
+        if cache is None or ids.numel() != 1:
+            return self._prefill(ids, cache)
+        return self._decode(int(ids[0]), cache)[None, :]  # [1, V]
+
+    def _prefill(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        with self._cond:
+            self._prefilling += 1
+        try:
+            with self._model_lock:
+                self.stats.prefills += 1
+                return self.engine.forward(ids, cache)
+        finally:
+            with self._cond:
+                self._prefilling -= 1
+                self._cond.notify_all()
+
+    def _decode(self, token_id: int, cache) -> torch.Tensor:
+        if not 0 <= token_id < self.engine.config.vocab_size:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        request = _Request(token_id, cache)
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify_all()
+            while not request.done:
+                if not self._stepping and self._ready():
+                    batch = self._pending[: self.max_batch]
+                    del self._pending[: len(batch)]
+                    self._stepping = True
+                    self._cond.release()
+                    try:
+                        self._step(batch)
+                    finally:
+                        self._cond.acquire()
+                        self._stepping = False
+                        self._cond.notify_all()
+                else:
+                    self._cond.wait(timeout=self._wait_left())
+        if request.error is not None:
+            raise request.error
+        return request.logits
+
+    def _ready(self) -> bool:
+        if not self._pending:
+            return False
+        waiting_for = self._active - self._prefilling
+        if len(self._pending) >= min(self.max_batch, max(waiting_for, 1)):
+            return True
+        return time.perf_counter() - self._pending[0].submitted_s >= self.max_wait_s
+
+    def _wait_left(self) -> float:
+        if not self._pending:
+            return self.max_wait_s
+        age = time.perf_counter() - self._pending[0].submitted_s
+        return max(self.max_wait_s - age, 1e-4)
+
+    def _step(self, batch: list[_Request]) -> None:
+        """Run one shared step; each request gets its logits row or its own error."""
+        runnable = []
+        for request in batch:
+            try:
+                request.cache.check_room(1)
+                runnable.append(request)
+            except ValueError as exc:
+                request.error = exc
+        try:
+            if runnable:
+                self._run(runnable)
+        except Exception as exc:  # every waiting request sees the failure, none hangs
+            for request in runnable:
+                request.error = exc
+        finally:
+            for request in batch:
+                request.done = True
+
+    def _run(self, batch: list[_Request]) -> None:
+        with self._model_lock:
+            if len(batch) == 1:  # the engine's own one-token path (CUDA graphs on the GPU)
+                logits = self.engine.forward([batch[0].token_id], batch[0].cache)  # [1, V]
+            else:
+                logits = batched_decode(self.engine._live(), [r.token_id for r in batch],
+                                        [r.cache for r in batch])  # [B, V]
+        for i, request in enumerate(batch):
+            request.logits = logits[i]
+        self.stats.steps += 1
+        self.stats.tokens += len(batch)
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.engine.close()

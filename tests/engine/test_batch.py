@@ -1,0 +1,140 @@
+"""Continuous batching: a shared decode step equals each sequence decoded on its own.
+
+The models are small random DeepSeek-V2 (MLA) and Qwen3-MoE (GQA) models in float32 on the
+CPU with the float expert reference. Batched and sequential steps run the same operations on
+different row counts, so matmul kernels may sum in another order: 1e-4 absolute on logits
+of magnitude about 1 is far above that rounding and far below any real mistake.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from krasisd.engine.batch import BatchingEngine, batched_decode
+from krasisd.engine.config import ModelConfig
+from krasisd.engine.engine import Engine
+from krasisd.engine.experts import TorchExperts
+from krasisd.engine.gpu.synthetic import (
+    TINY_DEEPSEEK_V2,
+    synthetic_expert_weights,
+    synthetic_model,
+)
+from krasisd.engine.options import SamplingOptions
+
+ATOL = 1e-4
+QWEN3_TINY = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=96,
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+    num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+    rope_theta=10000.0, max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=1,
+)
+
+
+def _engine(raw: dict, seed: int = 0) -> Engine:
+    torch.manual_seed(seed)
+    config = ModelConfig.from_dict(raw)
+    model = synthetic_model(config, "cpu", torch.float32, seed=seed)
+    experts = {layer: synthetic_expert_weights(config, layer, "cpu", seed)
+               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
+    return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+
+
+@pytest.fixture(scope="module", params=["deepseek-v2", "qwen3-moe"])
+def engine(request):
+    torch.set_num_threads(1)
+    raw = TINY_DEEPSEEK_V2 if request.param == "deepseek-v2" else QWEN3_TINY
+    return _engine(raw)
+
+
+PROMPTS = [[5, 6, 7], [9, 3, 2, 8, 8, 4, 30], [11], [40, 41, 42, 43, 44]]
+
+
+def test_batched_decode_equals_sequential_decode(engine):
+    steps = 8
+    expected_tokens, expected_logits = [], []
+    for prompt in PROMPTS:  # one sequence at a time, through Engine.forward
+        cache = engine.new_cache(len(prompt) + steps)
+        logits = engine.forward(prompt, cache)[-1]
+        tokens, rows = [], []
+        for _ in range(steps):
+            tokens.append(int(logits.argmax()))
+            logits = engine.forward([tokens[-1]], cache)[-1]
+            rows.append(logits)
+        expected_tokens.append(tokens)
+        expected_logits.append(torch.stack(rows))
+    caches = [engine.new_cache(len(p) + steps) for p in PROMPTS]
+    last = [engine.forward(p, c)[-1] for p, c in zip(PROMPTS, caches, strict=True)]
+    got_tokens, got_logits = [[] for _ in PROMPTS], [[] for _ in PROMPTS]
+    for _ in range(steps):
+        tokens = [int(row.argmax()) for row in last]
+        logits = batched_decode(engine.model, tokens, caches)  # [B, V]
+        for b, token in enumerate(tokens):
+            got_tokens[b].append(token)
+            got_logits[b].append(logits[b])
+        last = list(logits)
+    assert got_tokens == expected_tokens
+    for b in range(len(PROMPTS)):
+        torch.testing.assert_close(torch.stack(got_logits[b]), expected_logits[b], rtol=0,
+                                   atol=ATOL)
+    assert [c.length for c in caches] == [len(p) + steps for p in PROMPTS]
+
+
+def test_batched_decode_rejects_bad_batches(engine):
+    cache = engine.new_cache(4)
+    with pytest.raises(ValueError, match="one token per cache"):
+        batched_decode(engine.model, [1, 2], [cache])
+    with pytest.raises(ValueError, match="twice"):
+        batched_decode(engine.model, [1, 2], [cache, cache])
+    full = engine.new_cache(1)
+    engine.forward([3], full)
+    with pytest.raises(ValueError, match="context full"):
+        batched_decode(engine.model, [1, 2], [cache, full])
+    assert cache.length == 0 and full.length == 1  # nothing half-written
+
+
+def _greedy(num_predict: int) -> SamplingOptions:
+    return SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=num_predict,
+                           num_ctx=64)
+
+
+def test_concurrent_generations_share_steps_and_match_single_streams(engine):
+    num_predict = 6
+    expected = [[c.token_id for c in engine.generate(p, _greedy(num_predict)) if not c.done]
+                for p in PROMPTS]
+    batching = BatchingEngine(engine, max_batch=8, max_wait_ms=200)
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            chunks = list(batching.generate(PROMPTS[i], _greedy(num_predict)))
+            assert chunks[-1].done and chunks[-1].done_reason == "length"
+            results[i] = [c.token_id for c in chunks if not c.done]
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert [results[i] for i in range(len(PROMPTS))] == expected
+    stats = batching.stats
+    # every token after the first of each stream went through a shared step, and so did
+    # one-token prompts (a one-token forward with a cache is a decode step)
+    one_token_prompts = sum(len(p) == 1 for p in PROMPTS)
+    assert stats.tokens == len(PROMPTS) * (num_predict - 1) + one_token_prompts
+    assert stats.steps < stats.tokens  # some steps held more than one sequence
+    assert stats.prefills == len(PROMPTS) - one_token_prompts
+
+
+def test_batching_engine_checks_its_settings_and_prompts(engine):
+    with pytest.raises(ValueError):
+        BatchingEngine(engine, max_batch=0)
+    with pytest.raises(ValueError):
+        BatchingEngine(engine, max_wait_ms=-1)
+    with pytest.raises(ValueError, match="empty"):
+        BatchingEngine(engine).generate([], _greedy(2))
