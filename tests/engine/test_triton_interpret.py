@@ -55,7 +55,7 @@ def test_sort_routes_pads_each_expert_to_blocks():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("impl", ["triton", "triton-reshape", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["triton", "triton-reshape", "triton-exact", "grouped_mm"])
 def test_kernels_match_float_reference_in_scattered_slots(bits, impl):
     layout = ExpertLayout(D, I, QuantSpec(bits, 32))
     host = HostExperts.from_stacked(_weights([0]), layout.spec, pin=False)
@@ -68,7 +68,8 @@ def test_kernels_match_float_reference_in_scattered_slots(bits, impl):
     ref = TorchExperts(host.unpack())(0, x.float(), ids, w)
     views = layout.views(arena)
     if impl.startswith("triton"):
-        cfg = KernelConfig(16, 32, 32, 8, 1, 1, reshape_unpack=impl.endswith("reshape"))
+        cfg = KernelConfig(16, 32, 32, 8, 1, 1, reshape_unpack=impl.endswith("reshape"),
+                           scale_after_dot=impl.endswith("exact"))
         out = moe_triton(x, views, slots, ids, w, bits, 32, cfg)
     else:
         out = moe_grouped_mm(x, views, slots, ids, w, layout.spec)

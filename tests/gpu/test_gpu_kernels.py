@@ -58,6 +58,7 @@ def test_kernel_matches_reference(experts, cuda, tokens, impl):
 @pytest.mark.parametrize("cfg", [
     KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
     KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(64, 128, 64, 8, 4, 3, reshape_unpack=True),
+    KernelConfig(64, 128, 64, 8, 4, 3, scale_after_dot=True),
 ])
 def test_kernel_configs_agree(experts, cuda, cfg):
     layout, views, slots, ref = experts

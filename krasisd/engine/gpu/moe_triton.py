@@ -33,6 +33,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     reshape_unpack: bool = False  # INT4: load each word once and reshape (else gather + shift)
+    scale_after_dot: bool = False  # exact integer weights in the dot, scaled after (no
+    # in-place accumulation across K blocks); else dequantize to bf16 first and accumulate
 
 
 def default_config(rows_per_expert: float, device_type: str) -> KernelConfig:
@@ -51,7 +53,7 @@ CANDIDATES = (
     KernelConfig(32, 128, 64, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
     KernelConfig(64, 128, 128, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3),
     KernelConfig(16, 64, 128, 8, 4, 4, True), KernelConfig(64, 128, 64, 8, 4, 3, True),
-    KernelConfig(128, 128, 64, 8, 8, 3, True),
+    KernelConfig(128, 128, 64, 8, 8, 3, True), KernelConfig(64, 128, 64, 8, 4, 3, False, True),
 )
 AUTOTUNE_ENV = "KRASIS_MOE_AUTOTUNE"
 _tuned: dict[tuple, KernelConfig] = {}
@@ -129,7 +131,7 @@ def sort_routes(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Sorte
 def _load_weight_tile(w_ptr, s_ptr, k0, offs_k, offs_n, n_mask, stride_wk, stride_wn,
                       stride_sk, stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, RESHAPE: tl.constexpr):
-    """Integer weights [BLOCK_K, BLOCK_N] as bf16 (exact) and their scales [BLOCK_N] as f32."""
+    """Integer weights [BLOCK_K, BLOCK_N] and their scales [BLOCK_N], both as f32."""
     if BITS == 4:
         if RESHAPE:  # each word loaded once, its 8 nibbles spread over 8 rows by a reshape
             offs_k8 = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -146,16 +148,24 @@ def _load_weight_tile(w_ptr, s_ptr, k0, offs_k, offs_n, n_mask, stride_wk, strid
         q = tl.load(w_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=n_mask[None, :], other=0)  # [BK, BN] int8
     scale = tl.load(s_ptr + (k0 // GROUP) * stride_sk + offs_n * stride_sn, mask=n_mask, other=0.0)
-    # int -> f32 -> bf16: exact for |q| <= 127 (a direct int -> bf16 cast misbehaves in the interpreter)
-    return q.to(tl.float32).to(tl.bfloat16), scale.to(tl.float32)
+    # via f32: a direct int -> bf16 cast misbehaves in the interpreter
+    return q.to(tl.float32), scale.to(tl.float32)
 
 
 @triton.jit
-def _dot(a, b, DOT_F32: tl.constexpr):
-    """bf16 tensor-core dot; f32 operands for the CPU interpreter, whose bf16 dot is wrong."""
+def _mma(acc, a, q, scale, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc [BM, BN] += a [BM, BK] @ (q [BK, BN] * scale [BN]), in one of two orders.
+
+    DOT_F32 gives f32 operands for the CPU interpreter, whose bf16 dot is wrong.
+    """
+    if SCALE_AFTER:  # integer weights are exact in bf16 (|q| <= 127)
+        if DOT_F32:
+            return acc + tl.dot(a.to(tl.float32), q) * scale[None, :]
+        return acc + tl.dot(a, q.to(tl.bfloat16)) * scale[None, :]
+    w = q * scale[None, :]  # [BK, BN] dequantized
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), w.to(tl.bfloat16).to(tl.float32), acc)
+    return tl.dot(a, w.to(tl.bfloat16), acc)
 
 
 @triton.jit
@@ -177,6 +187,7 @@ def _gate_up_kernel(
     stride_xm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_hm,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, RESHAPE: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
 ):
     # x [T, K=D] bf16; w [S, D(/8), 2N] gate cols [0, N), up cols [N, 2N); h [P, N] bf16
     pid_m, pid_n = _tile_ids(tl.cdiv(N, BLOCK_N), GROUP_M, num_m_blocks)
@@ -203,8 +214,8 @@ def _gate_up_kernel(
         qu, su = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n + N, n_mask, stride_wk,
                                    stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
                                    RESHAPE)
-        acc_g += _dot(a, qg, DOT_F32) * sg[None, :]
-        acc_u += _dot(a, qu, DOT_F32) * su[None, :]
+        acc_g = _mma(acc_g, a, qg, sg, SCALE_AFTER, DOT_F32)
+        acc_u = _mma(acc_u, a, qu, su, SCALE_AFTER, DOT_F32)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, [BM, BN]
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(tl.bfloat16), mask=row_mask[:, None] & n_mask[None, :])
@@ -217,6 +228,7 @@ def _down_kernel(
     stride_hm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, RESHAPE: tl.constexpr,
+    SCALE_AFTER: tl.constexpr,
 ):
     # h [P, K=I] bf16 sorted rows; w [S, I(/8), N=D]; y [T*K, D] bf16 scaled by routing weight
     pid_m, pid_n = _tile_ids(tl.cdiv(N, BLOCK_N), GROUP_M, num_m_blocks)
@@ -239,7 +251,7 @@ def _down_kernel(
         q, s = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
                                  stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
                                    RESHAPE)
-        acc += _dot(a, q, DOT_F32) * s[None, :]
+        acc = _mma(acc, a, q, s, SCALE_AFTER, DOT_F32)
     route_w = tl.load(weights_ptr + slot_ids, mask=row_mask, other=0.0)  # [BM] f32
     acc = acc * route_w[:, None]
     y_ptrs = y_ptr + slot_ids.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -311,6 +323,7 @@ def _launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg):
         h.stride(0),
         GROUP=group_size, BITS=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         GROUP_M=cfg.group_m, DOT_F32=h.device.type != "cuda", RESHAPE=cfg.reshape_unpack,
+        SCALE_AFTER=cfg.scale_after_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -328,5 +341,6 @@ def _launch_down(h, views, y, topk_weights, routes, block_slot, bits, group_size
         y.stride(0),
         GROUP=group_size, BITS=bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         GROUP_M=cfg.group_m, DOT_F32=h.device.type != "cuda", RESHAPE=cfg.reshape_unpack,
+        SCALE_AFTER=cfg.scale_after_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
