@@ -4,8 +4,10 @@ Two kernels over tokens sorted by expert (each expert's rows padded to BLOCK_M):
 ``_gate_up_kernel`` computes ``silu(x @ gate) * (x @ up)`` for one (row block, I tile) and
 writes it in sorted order; ``_down_kernel`` multiplies by ``down``, scales by the routing
 weight and scatters to ``[T*K, D]``; the K slots of a token are then summed. Weights are
-dequantized in registers: ``acc += dot(x, q) * scale`` per K block inside one scale group,
-so the integer weights enter the tensor cores exactly.
+dequantized in registers, one K block (inside one scale group) at a time: by default
+``acc = dot(x, bf16(q * scale), acc)``, which keeps the tensor-core accumulation in place
+across K blocks; ``scale_after_dot`` computes ``acc += dot(x, q) * scale`` instead, with
+the integer weights entering the tensor cores exactly. The tile autotune picks per shape.
 
 Legend: T = tokens, K = experts per token, E = experts, D = hidden, I = intermediate,
 S = weight slots (an expert's position in the arena), P = padded sorted rows.
