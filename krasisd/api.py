@@ -241,8 +241,14 @@ def generate_request(body: dict) -> InferenceRequest:
         stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
 
 
+def _no_tools(body: dict) -> None:
+    if body.get("tools"):
+        raise bad_request("tools are not supported by krasis models")
+
+
 def chat_request(body: dict) -> InferenceRequest:
     """POST /api/chat."""
+    _no_tools(body)
     return InferenceRequest(
         model=model_name(body), options=sampling_options(body.get("options")),
         messages=chat_messages(body.get("messages")), format=json_format(body),
@@ -305,6 +311,7 @@ class OpenAIRequest:
 
 def openai_chat_request(body: dict) -> OpenAIRequest:
     """POST /v1/chat/completions."""
+    _no_tools(body)
     stream, include_usage = _openai_stream(body)
     messages = chat_messages(body.get("messages"), openai=True)
     if not messages:

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -104,7 +105,7 @@ class RunnerProcess:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *_runner_argv(spec, cfg, child.fileno()), pass_fds=(child.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True, env=_runner_env(cfg))
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=_LINE_LIMIT_BYTES)
@@ -196,6 +197,14 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     await proc.wait()
+
+
+def _runner_env(cfg: Config) -> dict[str, str]:
+    """The daemon's environment, plus settings the engine reads itself (from the config file)."""
+    env = dict(os.environ)
+    if cfg.vram_budget_bytes is not None:
+        env["KRASIS_VRAM_BUDGET"] = str(cfg.vram_budget_bytes)
+    return env
 
 
 def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:

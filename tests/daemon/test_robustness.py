@@ -36,6 +36,10 @@ BAD_REQUESTS = [
      "format"),
     ("POST", "/api/chat", b'{"model": "fake", "messages": [{"role": "robot"}]}', 400, "role"),
     ("POST", "/api/chat", b'{"model": "fake", "messages": "hi"}', 400, "'messages'"),
+    ("POST", "/api/chat", b'{"model": "fake", "messages": [], "tools": [{"type": "function"}]}',
+     400, "tools"),
+    ("POST", "/v1/chat/completions", b'{"model": "fake", "messages": [{"role": "user", '
+     b'"content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400, "text parts"),
     ("POST", "/api/chat", b'{"model": "broken", "messages": [{"role": "user", "content": "x"}]}',
      500, "broken"),
     ("POST", "/api/pull", b'{"model": "../../etc/passwd"}', 400, "invalid model name"),
