@@ -84,7 +84,7 @@ class ExpertHeat:
 
     def take_new(self) -> dict[int, list[int]]:
         """Counts recorded since the last call (what to add to the registry)."""
-        host = self.counts.cpu()
+        host = self.counts.to("cpu", copy=True)  # [L * E], a snapshot even on the CPU
         new = (host - self._taken).view(len(self.moe_layers), self.num_experts)
         self._taken = host
         return {layer: new[i].tolist() for i, layer in enumerate(self.moe_layers)
