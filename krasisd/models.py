@@ -94,15 +94,21 @@ async def iterate_in_thread(make: Callable[[], Iterator[dict]]) -> AsyncIterator
     stop = threading.Event()
 
     def produce() -> None:
+        items = None
         try:
-            for item in make():
+            items = make()
+            for item in items:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
-                if stop.is_set():
-                    return
+                if stop.is_set():  # the client left: stop at this step
+                    break
             loop.call_soon_threadsafe(queue.put_nowait, _END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             with contextlib.suppress(RuntimeError):  # the loop may be closed at shutdown
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # in this thread, so the registry's cleanup runs here
 
     threading.Thread(target=produce, daemon=True, name="registry-stream").start()
     try:

@@ -73,7 +73,7 @@ async def ps(request: web.Request) -> web.Response:
         models.append({
             "name": spec.name, "model": spec.name, "size": spec.size_bytes,
             "digest": spec.digest, "details": spec.details,
-            "expires_at": _expires_at(expires_in_s), "size_vram": 0,
+            "expires_at": _expires_at(expires_in_s), "size_vram": item["vram_bytes"],
             "pid": item["pid"], "active_requests": item["active"],
         })
     return web.json_response({"models": models})

@@ -158,6 +158,14 @@ def serve(engine, channel: Channel, model: str) -> None:
         cancelled.discard(request_id)
 
 
+def _vram_bytes() -> int:
+    """GPU memory this runner holds (0 without CUDA), for /api/ps."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.memory_reserved())
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="krasis-runner")
     parser.add_argument("--fd", type=int, required=True)
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     load_ms = (time.monotonic() - started) * 1000
     log.info("model loaded", extra={"model": args.model, "pid": os.getpid(), "load_ms": load_ms})
-    channel.send({"type": "ready", "pid": os.getpid()})
+    channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes()})
     try:
         serve(engine, channel, args.model)
     except OSError as exc:

@@ -87,6 +87,8 @@ class RunnerProcess:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Queue] = {}
+        self._stopping = False
+        self.vram_bytes = 0
         self._read_task = asyncio.create_task(self._read_loop())
 
     @property
@@ -126,7 +128,9 @@ class RunnerProcess:
         load_ns = time.monotonic_ns() - started_ns
         log.info("runner ready", extra={"model": spec.name, "pid": proc.pid,
                                         "load_ms": load_ns // 1_000_000})
-        return cls(spec, proc, reader, writer, load_ns)
+        runner = cls(spec, proc, reader, writer, load_ns)
+        runner.vram_bytes = int(message.get("vram_bytes") or 0)
+        return runner
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Run one request: yields chunk events and ends with the done event."""
@@ -171,16 +175,19 @@ class RunnerProcess:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.proc.wait(), 5.0)
         reason = describe_exit(self.proc.returncode)
-        if self._pending:
-            log.error("runner died with requests in flight", extra={
-                "model": self.spec.name, "pid": self.pid, "reason": reason,
-                "requests": len(self._pending)})
+        if self._stopping:
+            message = f"{self.spec.name} was unloaded (the daemon is stopping or made room)"
+        else:
+            message = (f"the runner for {self.spec.name} stopped unexpectedly ({reason}); "
+                       "retry the request")
+            log.error("runner exited", extra={"model": self.spec.name, "pid": self.pid,
+                                              "reason": reason, "requests": len(self._pending)})
         for queue in self._pending.values():
-            queue.put_nowait({"type": "died", "error": f"the runner for {self.spec.name} "
-                              f"stopped unexpectedly ({reason}); retry the request"})
+            queue.put_nowait({"type": "died", "error": message})
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the runner to exit (closing its channel), then terminate, then kill."""
+        self._stopping = True
         with contextlib.suppress(ConnectionError, RuntimeError):
             self._writer.close()
         try:

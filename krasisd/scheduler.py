@@ -70,12 +70,13 @@ class Scheduler:
 
     def __init__(self, runner_factory: Callable[[ModelSpec], Awaitable[Any]],
                  probe: Callable[[], Hardware], *, keep_alive_s: float, max_queue: int,
-                 max_loaded: int):
+                 max_loaded: int, wait_for_room_s: float = 600.0):
         self._factory = runner_factory
         self._probe = probe
         self.keep_alive_s = keep_alive_s
         self.max_queue = max_queue
         self.max_loaded = max_loaded
+        self.wait_for_room_s = wait_for_room_s  # how long a load waits for a busy model
         self.loaded: dict[str, Loaded] = {}
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
@@ -199,7 +200,7 @@ class Scheduler:
 
     async def _make_room(self, new: Loaded) -> None:
         """Unload idle models until ``new`` fits by count and by memory estimate."""
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + self.wait_for_room_s
         while not self._fits(new):
             victim = self._idle_victim(new)
             if victim is not None:
@@ -271,6 +272,7 @@ class Scheduler:
                 continue
             expires = entry.expires_at if entry.active == 0 else math.inf
             out.append({"spec": entry.spec, "pid": entry.runner.pid, "active": entry.active,
+                        "vram_bytes": getattr(entry.runner, "vram_bytes", 0),
                         "expires_in_s": expires - time.monotonic()
                         if not math.isinf(expires) else None,
                         "keep_alive_s": entry.keep_alive_s})
