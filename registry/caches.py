@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 Builder = Callable[..., dict]
 FORMATS = ("cpu", "gpu")
+GROUP_SIZES = (128, 64, 32)
+INT4_UNIT = 64
 CUDA_PROBE_TIMEOUT_S = 120
 
 
@@ -73,6 +75,31 @@ def formats_to_build(build_caches: bool | Iterable[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown cache format(s) {unknown}: use {list(FORMATS)}")
     return ["cpu"] + [f for f in FORMATS if f in wanted and f != "cpu"]
+
+
+def auto_group_size(config: dict, quant: str) -> int | None:
+    """The group size the engine picks for this model (krasisd.engine.native_experts.
+    pick_group_size, mirrored so the daemon need not import torch; a test keeps them equal):
+    the largest of 128, 64, 32 dividing the hidden size and the expert width, INT4 also
+    needing multiples of 64. None when no group size fits."""
+    hidden = int(config.get("hidden_size") or 0)
+    width = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 0)
+    if hidden <= 0 or width <= 0:
+        return None
+    if quant == "int4" and (hidden % INT4_UNIT or width % INT4_UNIT):
+        return None
+    return next((g for g in GROUP_SIZES if hidden % g == 0 and width % g == 0), None)
+
+
+def record_not_applicable(db: Database, model: dict, fmt: str, quant: str) -> dict:
+    """A failed row (group size 0) saying why this format cannot hold the model's shapes."""
+    config = json.loads(model["config_json"] or "{}")
+    error = (f"not built: {quant} needs the hidden size ({config.get('hidden_size')}) and the "
+             f"expert width ({config.get('moe_intermediate_size')}) to be multiples of 32"
+             f"{' and of 64' if quant == 'int4' else ''}; use another quantization")
+    cache_id = records.begin_cache(db, model["id"], fmt, quant, 0, "")
+    records.fail_cache(db, cache_id, error)
+    return {"status": f"skipping {fmt} cache: {error}"}
 
 
 def manifest_checksum(manifest: dict) -> str:

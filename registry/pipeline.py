@@ -1,5 +1,6 @@
 """Steps shared by pull and create: the per-model lock, finishing a model, its cache builds."""
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+ENGINE_CACHE_DIR = ".krasis-cache"
+
 
 @dataclass
 class Context:
@@ -25,7 +28,7 @@ class Context:
     db: Database
     builders: dict[str, Builder] = field(default_factory=dict)
     quant: str = "int4"
-    group_size: int = 128
+    group_size: int | None = None  # None: the group size the engine picks for the model
 
 
 def locked(store: Store, ref: ModelRef, body: Callable[[], Iterator[dict]],
@@ -65,6 +68,8 @@ def sweep_model_dir(ctx: Context, ref: ModelRef, model_id: int) -> Iterator[dict
     for entry in sorted(model_dir.iterdir()):
         if entry.name in known and entry.is_file() and not entry.is_symlink():
             continue
+        if entry.name == ENGINE_CACHE_DIR:  # the engine's own cache when given none of ours
+            continue
         log.warning("removing orphan %s from %s", entry.name, model_dir)
         yield {"status": f"removing orphan {entry.name}"}
         if entry.is_dir() and not entry.is_symlink():
@@ -92,16 +97,23 @@ def finish(ctx: Context, ref: ModelRef, model_id: int) -> Iterator[dict]:
 
 def build_caches(ctx: Context, ref: ModelRef, formats: Iterable[str],
                  rebuild: bool = False) -> Iterator[dict]:
-    """Build the missing (or failed) cache formats of a ready model."""
+    """Build the missing (or failed) cache formats of a ready model.
+
+    The group size is ctx.group_size, or when None the one the engine would pick; a model
+    whose shapes fit no group size of the quantization gets a failed row saying so, and
+    the stream goes on (the model itself is usable)."""
     model = records.get_model(ctx.db, ref.full)
     caches.sweep_cache_orphans(ctx.db, ctx.store, model, ref)
+    group_size = ctx.group_size or caches.auto_group_size(
+        json.loads(model["config_json"] or "{}"), ctx.quant)
     ready = {(c["format"], c["quant"], c["group_size"])
              for c in records.caches_of(ctx.db, model["id"]) if c["state"] == "ready"}
     for fmt in formats:
-        if not rebuild and (fmt, ctx.quant, ctx.group_size) in ready:
-            continue
         builder = ctx.builders.get(fmt)
         if builder is None:
             raise ValueError(f"no builder for the {fmt} cache format")
-        yield from caches.build(ctx.db, ctx.store, model, ref, fmt, builder, ctx.quant,
-                                ctx.group_size)
+        if group_size is None:
+            yield caches.record_not_applicable(ctx.db, model, fmt, ctx.quant)
+        elif rebuild or (fmt, ctx.quant, group_size) not in ready:
+            yield from caches.build(ctx.db, ctx.store, model, ref, fmt, builder, ctx.quant,
+                                    group_size)

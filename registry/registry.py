@@ -35,11 +35,11 @@ class Registry:
 
     def __init__(self, home: str | Path | None = None,
                  cache_builders: dict[str, Builder] | None = None,
-                 quant: str = "int4", group_size: int = 128):
+                 quant: str = "int4", group_size: int | None = None):
         self.store = Store(Path(home) if home is not None else default_home())
         self.builders = {**DEFAULT_BUILDERS, **(cache_builders or {})}
         self.quant = quant
-        self.group_size = int(group_size)
+        self.group_size = int(group_size) if group_size else None  # None: as the engine picks
         with self._db() as db:
             migrate(db, self.store.global_lock_path())
             recover(db, self.store)

@@ -9,7 +9,7 @@ from krasis_registry import registry as registry_module
 
 
 def test_cache_build_progress_and_ready(tiny_model_dir, krasis_home):
-    reg = Registry(cache_builders={"cpu": fast_builder})
+    reg = Registry(cache_builders={"cpu": fast_builder}, group_size=128)
     evs = list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
     building = [e for e in evs if e["status"] == "building cpu cache"]
     assert [(e["completed"], e["total"]) for e in building] == [(0, 0), (1, 3), (2, 3), (3, 3)]
@@ -26,7 +26,7 @@ def test_cache_build_progress_and_ready(tiny_model_dir, krasis_home):
 
 
 def test_failed_build_is_recorded_and_cleaned(tiny_model_dir):
-    reg = Registry(cache_builders={"cpu": failing_builder})
+    reg = Registry(cache_builders={"cpu": failing_builder}, group_size=128)
     with pytest.raises(PullError, match="cpu cache build failed: the weights do not fit"):
         list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
     [cache] = reg.show("m")["caches"]
@@ -35,13 +35,13 @@ def test_failed_build_is_recorded_and_cleaned(tiny_model_dir):
     with pytest.raises(CacheNotReady):
         reg.cache_dir("m")
     assert reg.model_dir("m").is_dir()  # the files stay ready
-    reg = Registry(cache_builders={"cpu": fast_builder})
+    reg = Registry(cache_builders={"cpu": fast_builder}, group_size=128)
     assert list(reg.build_caches("m"))[-1] == {"status": "success"}
     assert reg.cache_dir("m").is_dir()
 
 
 def test_builder_process_crash_is_a_failed_build(tiny_model_dir):
-    reg = Registry(cache_builders={"cpu": crashing_builder})
+    reg = Registry(cache_builders={"cpu": crashing_builder}, group_size=128)
     with pytest.raises(PullError, match="ended without a result .exit code 3"):
         list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
     [cache] = reg.show("m")["caches"]
@@ -49,7 +49,7 @@ def test_builder_process_crash_is_a_failed_build(tiny_model_dir):
 
 
 def test_gpu_format_built_when_asked_or_with_cuda(tiny_model_dir, monkeypatch):
-    reg = Registry(cache_builders={"cpu": fast_builder, "gpu": fast_builder})
+    reg = Registry(cache_builders={"cpu": fast_builder, "gpu": fast_builder}, group_size=128)
     list(reg.create("m", tiny_model_dir, build_caches=["gpu"]))
     assert sorted(c["format"] for c in reg.show("m")["caches"]) == ["cpu", "gpu"]
     assert reg.cache_dir("m", "gpu").name == "gpu-int4-g128"
@@ -63,7 +63,7 @@ def test_gpu_format_built_when_asked_or_with_cuda(tiny_model_dir, monkeypatch):
 
 
 def test_pull_builds_caches_after_download(hub):
-    reg = Registry(cache_builders={"cpu": fast_builder})
+    reg = Registry(cache_builders={"cpu": fast_builder}, group_size=128)
     evs = list(reg.pull(REPO_ID, build_caches=["cpu"]))
     statuses = [e["status"] for e in evs]
     assert statuses.index("writing manifest") < statuses.index("building cpu cache")
@@ -92,14 +92,41 @@ def test_real_bundled_krasis_tiny():
         bundled_dir("krasis-tiny")
     except PullError:
         pytest.skip("registry/bundled/krasis-tiny is not in this checkout yet")
-    reg = Registry()
-    assert list(reg.pull("krasis-tiny", build_caches=False))[-1] == {"status": "success"}
+    reg = Registry(quant="int8")
+    assert list(reg.pull("krasis-tiny", build_caches=["cpu"]))[-1] == {"status": "success"}
     assert (reg.model_dir("krasis-tiny") / "config.json").is_file()
+    assert reg.cache_dir("krasis-tiny", "cpu", "int8").is_dir()
+
+
+def test_format_that_cannot_fit_the_model_is_skipped_not_fatal(tiny_model_dir):
+    reg = Registry(cache_builders={"cpu": failing_builder})  # int4, group size as the engine
+    evs = list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
+    assert evs[-1] == {"status": "success"}
+    assert any(e["status"].startswith("skipping cpu cache: not built: int4") for e in evs)
+    [cache] = reg.show("m")["caches"]
+    assert (cache["state"], cache["group_size"]) == ("failed", 0)
+    assert "expert width (32)" in cache["error"]
+    with pytest.raises(CacheNotReady):
+        reg.cache_dir("m", "cpu", "int4")
+
+
+@pytest.mark.parametrize("hidden, width", [(2048, 1408), (2048, 768), (192, 96), (64, 32),
+                                           (96, 96), (4096, 1536), (100, 60)])
+@pytest.mark.parametrize("quant, bits", [("int4", 4), ("int8", 8)])
+def test_group_size_matches_the_engine(hidden, width, quant, bits):
+    native_experts = pytest.importorskip("krasisd.engine.native_experts")
+    ours = caches_module.auto_group_size(
+        {"hidden_size": hidden, "moe_intermediate_size": width}, quant)
+    try:
+        engine = native_experts.pick_group_size(hidden, width, bits)
+    except ValueError:
+        engine = None
+    assert ours == engine
 
 
 def test_real_cpu_cache_builder(tiny_model_dir):
     cpu_cache = pytest.importorskip("krasisd.engine.cpu_cache")
-    reg = Registry(quant="int8", group_size=32)  # the tiny model's expert width is 32
+    reg = Registry(quant="int8")  # the tiny model's expert width, 32, sets the group size
     evs = list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
     assert evs[-1] == {"status": "success"}
     [cache] = reg.show("m")["caches"]

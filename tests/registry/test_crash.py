@@ -111,7 +111,7 @@ def test_kill_during_cache_build(hub, tmp_path, krasis_home):
     cache_root = krasis_home / "caches" / "krasis-test" / "tiny-moe" / "latest"
     assert (cache_root / "cpu-int4-g128" / "half-written.bin").exists()
 
-    reg = Registry(cache_builders={"cpu": fast_builder})
+    reg = Registry(cache_builders={"cpu": fast_builder}, group_size=128)
     [cache] = _cache_rows(reg)
     assert cache["state"] == "failed" and "interrupted" in cache["error"]
     assert not (cache_root / "cpu-int4-g128").exists()

@@ -121,7 +121,11 @@ def test_orphans_from_other_tools_cleaned(hub, krasis_home):
     hf_leftover.mkdir(parents=True)
     (hf_leftover / "abc.incomplete").write_bytes(b"x" * 100)
     (model_dir / "model.safetensors.1a2b.incomplete").write_bytes(b"x" * 100)
+    engine_cache = model_dir / ".krasis-cache" / "cpu-int8-g32"
+    engine_cache.mkdir(parents=True)
+    (engine_cache / "manifest.json").write_text("{}")
     evs = list(reg.pull(REPO_ID, build_caches=False))
     assert any(e["status"].startswith("removing orphan") for e in evs)
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(
-        f["path"] for f in reg.show(REPO_ID)["files"])
+        [".krasis-cache"] + [f["path"] for f in reg.show(REPO_ID)["files"]])
+    assert (engine_cache / "manifest.json").is_file()  # the engine's own cache is not an orphan
