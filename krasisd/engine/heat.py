@@ -193,9 +193,7 @@ def replace_experts(hybrid, heat: dict[int, list[int]], min_gain: float = 0.02) 
         return report
     start = time.perf_counter()
     hybrid.gpu = None
-    del old.arena, old.views  # free the old arena before the new one is allocated
-    if old.device.type == "cuda":
-        torch.cuda.empty_cache()
+    old.close()  # frees the old arena before the new one is allocated
     hybrid.gpu = GpuExperts(old.host, plan, old.device, impl=old.impl,
                             chunk_tokens=old.chunk_tokens,
                             full_copy_fraction=old.full_copy_fraction,

@@ -19,15 +19,26 @@ pieces eagerly over the exact context (the fallback, and the reference in tests)
 
 Legend: D = hidden, H = heads, C = kv_lora_rank, R = rope dims, S = attended positions,
 M = cache capacity, Hkv = key/value heads, Dh = head dim, V = vocab.
+
+``HybridEngine`` is the Engine that decodes through these steps; ``load_hybrid`` builds one
+from a model folder and its dual-format cache.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from krasisd.engine.engine import Engine
+from krasisd.engine.gpu.hybrid import HybridExperts
+from krasisd.engine.heat import ExpertHeat, replace_experts
+from krasisd.engine.kv_cache import KVCache, new_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +280,96 @@ class DecodeStep:
             attn_mask=~self._masked(bucket), scale=attn.scale, enable_gqa=True,
         )  # [H, 1, Dh]
         return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
+
+
+class HybridEngine(Engine):
+    """An Engine whose one-token forwards run as DecodeSteps (CUDA graphs on the GPU).
+
+    ``new_cache`` hands out pooled KV storage when a previous cache of enough capacity is no
+    longer referenced, so a new request replays the graphs already captured for it.
+    """
+
+    POOLED_CACHES = 2
+
+    def __init__(self, *args, use_graphs: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_graphs = use_graphs
+        self._pool: list[tuple[KVCache, weakref.ref]] = []  # (storage, its current handle)
+        self._steps: dict[int, DecodeStep] = {}  # id(storage) -> DecodeStep
+
+    def new_cache(self, max_tokens: int) -> KVCache:
+        """An empty cache for ``max_tokens`` tokens (reusing free pooled storage)."""
+        for i, (storage, handle) in enumerate(self._pool):
+            if handle() is None and storage.max_tokens >= max_tokens:
+                cache = copy.copy(storage)  # shares the tensors, own length
+                cache.reset()
+                self._pool[i] = (storage, weakref.ref(cache))
+                return cache
+        cache = super().new_cache(max_tokens)
+        if len(self._pool) < self.POOLED_CACHES:
+            self._pool.append((copy.copy(cache), weakref.ref(cache)))
+        return cache
+
+    @torch.inference_mode()
+    def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
+        """As Engine.forward; one token with a cache goes through the decode step."""
+        ids = self._ids(input_ids)  # validates
+        if cache is None or ids.shape[0] != 1:
+            return super().forward(ids, cache)
+        step = self._step_for(cache)
+        return step(int(ids[0]))[None, :]  # [1, V]
+
+    def _step_for(self, cache: KVCache) -> DecodeStep:
+        key = _storage_key(cache)
+        step = self._steps.get(key)
+        generation = getattr(self.expert_backend, "generation", 0)
+        if step is None or step.generation != generation:
+            if len(self._steps) >= self.POOLED_CACHES + 1:
+                self._steps.clear()
+            step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs)
+            self._steps[key] = step
+        step.cache = cache  # the same storage, possibly a new handle
+        return step
+
+    def rebalance(self, min_gain: float = 0.02) -> dict:
+        """Re-place GPU experts by the heat recorded so far (call between requests)."""
+        backend = self.expert_backend
+        if getattr(backend, "heat", None) is None:
+            raise ValueError("this engine records no expert heat")
+        return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
+
+
+def _storage_key(cache: KVCache) -> int:
+    tensor = getattr(cache, "entries", None)
+    if tensor is None:
+        tensor = cache.keys
+    return tensor.data_ptr()
+
+
+def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
+                budget=None, max_tokens: int = 8192, heat: dict | None = None,
+                use_gpu_experts: bool = True, use_graphs: bool = True, cpu_cache_dir=None,
+                gpu_cache_dir=None) -> HybridEngine:
+    """Load ``model_dir`` for hybrid decode from the dual-format cache (building what is
+    missing once); ``engine.load_times_s`` says where the load time went."""
+    from krasisd.engine.engine import load
+    from krasisd.engine.gpu.backend import create_backend
+    from krasisd.engine.gpu.synthetic import dense_bytes
+
+    times, start = {}, time.perf_counter()
+    base = load(model_dir, quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
+                dtype=torch.bfloat16)
+    times["dense_and_cpu_cache"] = time.perf_counter() - start
+    kv_bytes = new_kv_cache(base.config, max_tokens, torch.bfloat16, "meta").nbytes
+    gpu = create_backend(model_dir, base.config, quant, cache_dir=gpu_cache_dir, device=device,
+                         dense_bytes=dense_bytes(base.model), kv_cache_bytes=kv_bytes,
+                         max_tokens=max_tokens, budget=budget, heat=heat)
+    times["gpu_cache_and_placement"] = time.perf_counter() - start - times["dense_and_cpu_cache"]
+    backend = HybridExperts(gpu, base.expert_backend, device, use_gpu_experts=use_gpu_experts,
+                            heat=ExpertHeat(sorted(gpu.host.layers), gpu.host.num_experts, device))
+    engine = HybridEngine(base.config, base.model, backend, base.tokenizer, base.eos_token_ids,
+                          base.model_dir, use_graphs=use_graphs)
+    engine.load_times_s = times
+    log.info("hybrid engine ready in %.2f s: %.0f%% of routed experts on the GPU",
+             time.perf_counter() - start, 100 * backend.resident_fraction())
+    return engine

@@ -26,30 +26,35 @@ I = expert intermediate, BM = rows per kernel block.
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
-import weakref
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from krasisd.engine.engine import Engine
-from krasisd.engine.gpu.graphs import DecodeStep
 from krasisd.engine.gpu.moe_triton import (
+    AUTOTUNE_ENV,
+    KernelConfig,
     SortedRoutes,
     _launch_down,
     _launch_gate_up,
     default_config,
 )
-from krasisd.engine.heat import ExpertHeat, replace_experts
-from krasisd.engine.kv_cache import KVCache, new_kv_cache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DECODE_TOKENS = 32
+# Decode tiles: one routed slot per 16-row block; the weight tile width sets how many
+# programs stream the weights (memory-bound), so only N, K, warps and unpacking vary.
+DECODE_CANDIDATES = tuple(
+    KernelConfig(16, block_n, block_k, 8, warps, 4, reshape)
+    for block_n, block_k, warps in ((32, 128, 2), (64, 128, 4), (32, 64, 2), (128, 128, 4),
+                                    (64, 64, 4))
+    for reshape in (False, True)
+)
+_decode_tuned: dict[tuple, KernelConfig] = {}
 
 
 @dataclass
@@ -227,13 +232,15 @@ class HybridExperts:
 
     def gpu_part(self, layer: int, x, topk_ids, topk_weights) -> torch.Tensor:
         """Resident experts only, with the Triton kernels: [T, D] float32 (sync-free)."""
+        cfg = self._kernel_config(layer, x, topk_ids, topk_weights)
+        return self._gpu_part(layer, x, topk_ids, topk_weights, cfg)
+
+    def _gpu_part(self, layer, x, topk_ids, topk_weights, cfg) -> torch.Tensor:
         t, k = topk_ids.shape
         on_gpu = self._resident_dev[layer][topk_ids]  # [T, K] bool
-        routes = resident_routes(topk_ids, on_gpu, self._block_m(t, k))
+        routes = resident_routes(topk_ids, on_gpu, cfg.block_m)
         block_slot = self._slot_map[layer][routes.block_expert.long()]  # [P] int32
-        spec = self.gpu.layout.spec
-        cfg = default_config(1.0, self.device.type)
-        views = self.gpu.views
+        spec, views = self.gpu.layout.spec, self.gpu.views
         inter = views["w2_q"].shape[1] * (8 if spec.bits == 4 else 1)
         xb = x.to(torch.bfloat16).contiguous()  # [T, D]
         h = torch.empty(routes.sorted_ids.numel(), inter, dtype=torch.bfloat16, device=x.device)
@@ -243,8 +250,19 @@ class HybridExperts:
                      cfg)
         return y.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, D]
 
-    def _block_m(self, t: int, k: int) -> int:
-        return default_config(1.0, self.device.type).block_m
+    def _kernel_config(self, layer, x, topk_ids, topk_weights) -> KernelConfig:
+        """The fastest decode tile for this shape, timed once on the first call (CUDA)."""
+        fixed = default_config(1.0, self.device.type)
+        if not self._cuda or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+            return fixed
+        spec = self.gpu.layout.spec
+        key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
+               topk_ids.numel())
+        if key not in _decode_tuned:
+            _decode_tuned[key] = _fastest(
+                lambda cfg: self._gpu_part(layer, x, topk_ids, topk_weights, cfg), fixed)
+            log.info("decode MoE kernel %s: %s", key, _decode_tuned[key])
+        return _decode_tuned[key]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -254,6 +272,27 @@ class HybridExperts:
             close = getattr(backend, "close", None)
             if callable(close):
                 close()
+
+
+def _fastest(run, fallback: KernelConfig, repeats: int = 20) -> KernelConfig:
+    best, best_ms = fallback, float("inf")
+    for cfg in DECODE_CANDIDATES:
+        try:
+            run(cfg)  # compile and warm up
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                run(cfg)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / repeats
+        except Exception as exc:  # e.g. a tile this device cannot run
+            log.debug("decode config %s failed: %s", cfg, exc)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
 
 
 def resident_routes(topk_ids: torch.Tensor, on_gpu: torch.Tensor, block_m: int) -> SortedRoutes:
@@ -293,95 +332,3 @@ def cpu_slots(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray):
     weights = np.ascontiguousarray(np.where(on_cpu, weights, 0.0).astype(np.float32))
     return ids, weights
 
-
-class HybridEngine(Engine):
-    """An Engine whose one-token forwards run as DecodeSteps (CUDA graphs on the GPU).
-
-    ``new_cache`` hands out pooled KV storage when a previous cache of enough capacity is no
-    longer referenced, so a new request replays the graphs already captured for it.
-    """
-
-    POOLED_CACHES = 2
-
-    def __init__(self, *args, use_graphs: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.use_graphs = use_graphs
-        self._pool: list[tuple[KVCache, weakref.ref]] = []  # (storage, its current handle)
-        self._steps: dict[int, DecodeStep] = {}  # id(storage) -> DecodeStep
-
-    def new_cache(self, max_tokens: int) -> KVCache:
-        """An empty cache for ``max_tokens`` tokens (reusing free pooled storage)."""
-        for i, (storage, handle) in enumerate(self._pool):
-            if handle() is None and storage.max_tokens >= max_tokens:
-                cache = copy.copy(storage)  # shares the tensors, own length
-                cache.reset()
-                self._pool[i] = (storage, weakref.ref(cache))
-                return cache
-        cache = super().new_cache(max_tokens)
-        if len(self._pool) < self.POOLED_CACHES:
-            self._pool.append((copy.copy(cache), weakref.ref(cache)))
-        return cache
-
-    @torch.inference_mode()
-    def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
-        """As Engine.forward; one token with a cache goes through the decode step."""
-        ids = self._ids(input_ids)  # validates
-        if cache is None or ids.shape[0] != 1:
-            return super().forward(ids, cache)
-        step = self._step_for(cache)
-        return step(int(ids[0]))[None, :]  # [1, V]
-
-    def _step_for(self, cache: KVCache) -> DecodeStep:
-        key = _storage_key(cache)
-        step = self._steps.get(key)
-        generation = getattr(self.expert_backend, "generation", 0)
-        if step is None or step.generation != generation:
-            if len(self._steps) >= self.POOLED_CACHES + 1:
-                self._steps.clear()
-            step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs)
-            self._steps[key] = step
-        step.cache = cache  # the same storage, possibly a new handle
-        return step
-
-    def rebalance(self, min_gain: float = 0.02) -> dict:
-        """Re-place GPU experts by the heat recorded so far (call between requests)."""
-        backend = self.expert_backend
-        if getattr(backend, "heat", None) is None:
-            raise ValueError("this engine records no expert heat")
-        return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
-
-
-def _storage_key(cache: KVCache) -> int:
-    tensor = getattr(cache, "entries", None)
-    if tensor is None:
-        tensor = cache.keys
-    return tensor.data_ptr()
-
-
-def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
-                budget=None, max_tokens: int = 8192, heat: dict | None = None,
-                use_gpu_experts: bool = True, use_graphs: bool = True, cpu_cache_dir=None,
-                gpu_cache_dir=None) -> HybridEngine:
-    """Load ``model_dir`` for hybrid decode from the dual-format cache (building what is
-    missing once); ``engine.load_times_s`` says where the load time went."""
-    from krasisd.engine.engine import load
-    from krasisd.engine.gpu.backend import create_backend
-    from krasisd.engine.gpu.synthetic import dense_bytes
-
-    times, start = {}, time.perf_counter()
-    base = load(model_dir, quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
-                dtype=torch.bfloat16)
-    times["dense_and_cpu_cache"] = time.perf_counter() - start
-    kv_bytes = new_kv_cache(base.config, max_tokens, torch.bfloat16, "meta").nbytes
-    gpu = create_backend(model_dir, base.config, quant, cache_dir=gpu_cache_dir, device=device,
-                         dense_bytes=dense_bytes(base.model), kv_cache_bytes=kv_bytes,
-                         max_tokens=max_tokens, budget=budget, heat=heat)
-    times["gpu_cache_and_placement"] = time.perf_counter() - start - times["dense_and_cpu_cache"]
-    backend = HybridExperts(gpu, base.expert_backend, device, use_gpu_experts=use_gpu_experts,
-                            heat=ExpertHeat(sorted(gpu.host.layers), gpu.host.num_experts, device))
-    engine = HybridEngine(base.config, base.model, backend, base.tokenizer, base.eos_token_ids,
-                          base.model_dir, use_graphs=use_graphs)
-    engine.load_times_s = times
-    log.info("hybrid engine ready in %.2f s: %.0f%% of routed experts on the GPU",
-             time.perf_counter() - start, 100 * backend.resident_fraction())
-    return engine
