@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ from typing import Any
 from krasisd.runners import ModelSpec
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 def canonical_name(name: str) -> str:
@@ -58,18 +61,35 @@ class ModelCatalog:
         model_dir = Path(self.registry.model_dir(name))
         item = next((m for m in self.registry.list() if m.get("name") in (name, full)), {})
         size_bytes = int(item.get("size") or _folder_bytes(model_dir))
+        quant, cache_dir = self._pick_format(name, model_dir)
         return ModelSpec(name=full, model_dir=model_dir, size_bytes=size_bytes,
                          digest=str(item.get("digest", "")), details=item.get("details") or {},
-                         cache_dir=self._cache_dir(name))
+                         cache_dir=cache_dir, quant=quant)
 
-    def _cache_dir(self, name: str) -> Path | None:
-        if self.quant == "none":
-            return None
-        try:
-            path = Path(self.registry.cache_dir(name, fmt="cpu", quant=self.quant))
-        except Exception:  # noqa: BLE001 - no cache: the engine loads the weights directly
-            return None
-        return path if path.exists() else None
+    def _pick_format(self, name: str, model_dir: Path) -> tuple[str, Path | None]:
+        """KRASIS_QUANT when the model's shapes allow it, else INT8, else the plain weights.
+
+        A ready CPU cache of that format is used; without one the engine finds or builds
+        its own.
+        """
+        preferred = {"int4": ["int4", "int8", "none"], "int8": ["int8", "none"]}
+        config = _read_config(model_dir)
+        for quant in preferred.get(self.quant, ["none"]):
+            if quant == "none":
+                break
+            if not quant_fits(config, quant):
+                continue
+            if quant != self.quant:
+                log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
+                            extra={"model": name, "wanted": self.quant, "using": quant})
+            try:
+                return quant, Path(self.registry.cache_dir(name, fmt="cpu", quant=quant))
+            except Exception:  # noqa: BLE001 - no ready cache: the engine uses its own
+                return quant, None
+        if self.quant != "none":
+            log.warning("no quantized format fits the model; loading its weights as they are",
+                        extra={"model": name, "wanted": self.quant})
+        return "none", None
 
     def pull(self, name: str, insecure: bool = False) -> AsyncIterator[dict]:
         """Progress events of a pull (Ollama's /api/pull shape)."""
@@ -81,6 +101,22 @@ class ModelCatalog:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def quant_fits(config: dict, quant: str) -> bool:
+    """Whether the CPU expert kernels can hold this model in ``quant``: the hidden size and the
+    expert width must be multiples of 32, and of 64 for INT4 (as the engine's group sizes)."""
+    hidden = int(config.get("hidden_size") or 0)
+    width = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 0)
+    unit = 64 if quant == "int4" else 32
+    return hidden > 0 and width > 0 and hidden % unit == 0 and width % unit == 0
+
+
+def _read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _folder_bytes(folder: Path) -> int:

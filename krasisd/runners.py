@@ -60,6 +60,7 @@ class ModelSpec:
     digest: str = ""
     details: dict = field(default_factory=dict)
     cache_dir: Path | None = None
+    quant: str | None = None  # None: KRASIS_QUANT
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -217,7 +218,7 @@ def _runner_env(cfg: Config) -> dict[str, str]:
 def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
     argv = [sys.executable, "-m", "krasisd.runner", "--fd", str(fd), "--model", spec.name,
             "--model-dir", str(spec.model_dir), "--loader", cfg.runner_loader,
-            "--quant", cfg.quant, "--device", cfg.device, "--log-format", cfg.log_format,
+            "--quant", spec.quant or cfg.quant, "--device", cfg.device, "--log-format", cfg.log_format,
             "--log-level", cfg.log_level]
     if cfg.threads:
         argv += ["--threads", str(cfg.threads)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -116,3 +117,26 @@ def test_names_that_could_be_paths_are_refused(name):
 @pytest.mark.parametrize("name", ["krasis-tiny", "deepseek-ai/DeepSeek-V2-Lite:main", "m:q4"])
 def test_good_names(name):
     assert api.model_name({"model": name}) == name
+
+
+@pytest.mark.parametrize("hidden,width,wanted,expected", [
+    (2048, 1408, "int4", ("int4", "cache-int4")),
+    (192, 96, "int4", ("int8", None)),  # no INT4 layout fits; INT8 has no ready cache
+    (100, 50, "int4", ("none", None)),
+    (2048, 1408, "none", ("none", None)),
+])
+def test_format_falls_back_when_shapes_do_not_fit(tmp_path, hidden, width, wanted, expected):
+    from krasis_registry import CacheNotReady
+
+    from krasisd.models import ModelCatalog
+
+    class Registry:
+        def cache_dir(self, name, fmt="cpu", quant="int4"):
+            if quant == "int4":
+                return tmp_path / "cache-int4"
+            raise CacheNotReady("no cache")
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"hidden_size": hidden, "moe_intermediate_size": width}))
+    quant, cache_dir = ModelCatalog(Registry(), wanted)._pick_format("m", tmp_path)
+    assert (quant, cache_dir.name if cache_dir else None) == expected
