@@ -14,7 +14,7 @@ from . import records
 from .caches import DEFAULT_BUILDERS, Builder, formats_to_build
 from .create import bundled_dir, import_files
 from .db import connect, migrate
-from .errors import CacheNotReady, InvalidName, ModelNotFound, PullError
+from .errors import CacheNotReady, InvalidName, ModelNotFound, PullError, RegistryError
 from .hub import Hub
 from .modelinfo import human_count
 from .names import ALIASES, ModelRef, parse_name
@@ -36,7 +36,11 @@ class Registry:
     def __init__(self, home: str | Path | None = None,
                  cache_builders: dict[str, Builder] | None = None,
                  quant: str = "int4", group_size: int | None = None):
-        self.store = Store(Path(home) if home is not None else default_home())
+        home = Path(home) if home is not None else default_home()
+        try:
+            self.store = Store(home)
+        except OSError as exc:
+            raise RegistryError(f"cannot use {home} as the krasis home: {exc}") from exc
         self.builders = {**DEFAULT_BUILDERS, **(cache_builders or {})}
         self.quant = quant
         self.group_size = int(group_size) if group_size else None  # None: as the engine picks

@@ -70,3 +70,12 @@ def test_default_home_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_home() == tmp_path / "home" / ".local" / "share" / "krasis"
+
+
+def test_unusable_home_is_a_clear_error(tmp_path):
+    from krasis_registry import RegistryError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(RegistryError, match="cannot use .* as the krasis home"):
+        Registry(home=blocker / "home")
