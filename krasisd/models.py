@@ -37,6 +37,7 @@ class ModelCatalog:
     def __init__(self, registry: Any, quant: str = "int4"):
         self.registry = registry
         self.quant = quant
+        self._warned: set[str] = set()  # models whose format fallback was logged
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
 
     async def _call(self, fn: Callable, *args, **kwargs):
@@ -79,14 +80,16 @@ class ModelCatalog:
                 break
             if not quant_fits(config, quant):
                 continue
-            if quant != self.quant:
+            if quant != self.quant and name not in self._warned:
+                self._warned.add(name)
                 log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
                             extra={"model": name, "wanted": self.quant, "using": quant})
             try:
                 return quant, Path(self.registry.cache_dir(name, fmt="cpu", quant=quant))
             except Exception:  # noqa: BLE001 - no ready cache: the engine uses its own
                 return quant, None
-        if self.quant != "none":
+        if self.quant != "none" and name not in self._warned:
+            self._warned.add(name)
             log.warning("no quantized format fits the model; loading its weights as they are",
                         extra={"model": name, "wanted": self.quant})
         return "none", None

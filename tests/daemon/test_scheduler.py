@@ -172,3 +172,24 @@ def test_load_failure_reaches_every_waiter_and_is_not_cached():
             await drain(scheduler, spec("a"))
         assert calls == ["a", "a"]
     asyncio.run(main())
+
+
+def test_cancelled_waiters_leave_the_queue():
+    async def main():
+        gate = asyncio.Event()
+        scheduler, _ = make(max_queue=1, gate=gate)
+        running = asyncio.create_task(drain(scheduler, spec("a")))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(drain(scheduler, spec("a")))
+        await asyncio.sleep(0.05)
+        assert scheduler.loaded["a"].waiting == 1
+        queued.cancel()  # its client went away while it waited
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert scheduler.loaded["a"].waiting == 0 and scheduler.loaded["a"].active == 1
+        again = asyncio.create_task(drain(scheduler, spec("a")))  # the slot is free again
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert (await again)[-1]["type"] == "done" and (await running)[-1]["type"] == "done"
+        assert scheduler.loaded["a"].active == 0
+    asyncio.run(main())
