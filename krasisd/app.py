@@ -98,6 +98,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status, message = 400, f"invalid JSON in request body: {exc}"
     except UnicodeDecodeError:
         status, message = 400, "request body is not valid UTF-8"
+    except ConnectionError:
+        raise  # the client went away mid-response: there is nobody to answer
     except Exception as exc:  # noqa: BLE001 - every error becomes a response
         status, message = status_for(exc)
     if status >= 500:

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.timeout(90)
 BAD_REQUESTS = [
     ("POST", "/api/generate", b'{"model": "fake", "prompt": ', 400, "invalid JSON"),
     ("POST", "/api/generate", b'["not", "an", "object"]', 400, "JSON object"),
+    ("POST", "/api/generate", b'{"model": "\xff\xfe"}', 400, "UTF-8"),
     ("POST", "/api/generate", b'{"prompt": "x"}', 400, "missing field 'model'"),
     ("POST", "/api/generate", b'{"model": 7, "prompt": "x"}', 400, "'model'"),
     ("POST", "/api/generate", b'{"model": "fake", "prompt": 5}', 400, "'prompt'"),
