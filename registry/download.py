@@ -29,7 +29,8 @@ class _Hashes:
     def __init__(self, remote: RemoteFile):
         self.sha256 = hashlib.sha256()
         # git's id is needed only where the hub gives no sha256 (small, non-LFS files)
-        self.git = None if remote.sha256 else hashlib.sha1(f"blob {remote.size_bytes}\0".encode())
+        header = f"blob {remote.size_bytes}\0".encode()
+        self.git = None if remote.sha256 else hashlib.sha1(header)
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)

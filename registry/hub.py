@@ -1,4 +1,4 @@
-"""The Hugging Face Hub through huggingface_hub: repo metadata, file lists, URLs, auth, typed errors."""
+"""The Hugging Face Hub via huggingface_hub: metadata, file lists, URLs, auth, typed errors."""
 
 import contextlib
 import ipaddress

@@ -64,7 +64,7 @@ def _check_component(text: str, original: str) -> None:
 
 
 def parse_name(text: str) -> ModelRef:
-    """Parse and validate `name[:tag]` or `org/repo[:tag]`; refuse anything that could escape the store."""
+    """Parse and validate `name[:tag]` or `org/repo[:tag]`; refuse what could escape the store."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidName("a model name is required")
     original = text

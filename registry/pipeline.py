@@ -47,7 +47,7 @@ def locked(store: Store, ref: ModelRef, body: Callable[[], Iterator[dict]],
 
 
 def guard_failure(ctx: Context, ref: ModelRef, body: Iterator[dict]) -> Iterator[dict]:
-    """On an error or a closed stream, a model still in 'pulling' becomes 'failed', then re-raise."""
+    """On an error or a closed stream, a model still 'pulling' becomes 'failed'; re-raise."""
     try:
         yield from body
     except BaseException as exc:  # a stream closed early (GeneratorExit) counts too

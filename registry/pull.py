@@ -129,7 +129,8 @@ def _fetch(ctx: Context, hub: Hub, ref: ModelRef, model_id: int, commit: str,
     sha256 = matches(dest, remote) if dest.is_file() else None
     if sha256 is not None:
         yield {**event, "completed": remote.size_bytes}
-        records.complete_file(ctx.db, model_id, remote.path, sha256, remote.sha256 or remote.blob_id)
+        records.complete_file(ctx.db, model_id, remote.path, sha256,
+                              remote.sha256 or remote.blob_id)
         return
     url = hub.file_url(ref.hub_repo, commit, remote.path)
     last_s = 0.0

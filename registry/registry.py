@@ -64,7 +64,7 @@ class Registry:
 
     def pull(self, name: str, revision: str | None = None,
              build_caches: bool | Iterable[str] = True, insecure: bool = False) -> Iterator[dict]:
-        """Pull a model (alias, org/repo, or the bundled krasis-tiny); stream Ollama-style events."""
+        """Pull a model (alias, org/repo, or bundled krasis-tiny); stream Ollama-style events."""
         ref = parse_name(name)
         formats = formats_to_build(build_caches)
         if ref.is_bundled:

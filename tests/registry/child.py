@@ -12,6 +12,7 @@ def main() -> None:
     if command == "pull":
         events = Registry().pull(name, build_caches=False)
     else:
-        events = Registry(cache_builders={"cpu": slow_builder}, group_size=128).build_caches(name, ["cpu"])
+        registry = Registry(cache_builders={"cpu": slow_builder}, group_size=128)
+        events = registry.build_caches(name, ["cpu"])
     for event in events:
         print(json.dumps(event), flush=True)

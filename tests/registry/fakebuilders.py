@@ -1,4 +1,4 @@
-"""Stand-in cache builders with the build_cpu_cache signature: fast, slow (to be killed), failing."""
+"""Stand-in cache builders with build_cpu_cache's signature: fast, slow (to kill), failing."""
 
 import json
 import os

@@ -2,7 +2,7 @@
 
 Routes (those huggingface_hub 2.x calls for model_info, list_repo_tree and file URLs):
   GET  /api/models/{org}/{name}[/revision/{rev}]  -> {"id", "sha", "siblings", "gated", ...}
-  GET  /api/models/{org}/{name}/tree/{rev}        -> [{"type": "file", "path", "size", "oid", "lfs"}]
+  GET  /api/models/{org}/{name}/tree/{rev}        -> [{"type", "path", "size", "oid", "lfs"}]
   HEAD, GET /{org}/{name}/resolve/{rev}/{path}    -> bytes, with X-Repo-Commit, ETag and Range
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, GatedRepo, EntryNotFound), which
 huggingface_hub turns into its typed exceptions. The server counts the bytes it sends per
