@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -108,6 +109,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     return web.json_response(error_body(request.path, status, message), status=status)
 
 
+@web.middleware
+async def log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request: method, path, status and duration (as Ollama's access log)."""
+    started = time.monotonic()
+    status = 499  # the client went away before an answer (nginx's convention)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        log.info("request", extra={"method": request.method, "path": request.path,
+                                   "status": status,
+                                   "duration_ms": round((time.monotonic() - started) * 1000, 1)})
+
+
 # ------------------------------------------------------------------ guards
 
 def _is_tcp(request: web.Request) -> bool:
@@ -171,7 +187,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def make_app(daemon: Daemon) -> web.Application:
     """The application with its middlewares, routes and body size limit."""
-    app = web.Application(middlewares=[guard_middleware, errors_middleware],
+    app = web.Application(middlewares=[log_middleware, guard_middleware, errors_middleware],
                           client_max_size=daemon.config.max_body_bytes)
     app[DAEMON_KEY] = daemon
     for method, path, handler in ROUTES:

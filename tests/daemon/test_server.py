@@ -56,6 +56,7 @@ def test_process_title_and_effective_config_logged(proc):
     log = proc.stderr()
     assert 'msg="starting krasisd"' in log and "keep_alive_s=1800.0" in log
     assert f"socket={proc.socket}" in log and "max_queue=512" in log
+    assert "msg=request method=GET path=/ status=200 duration_ms=" in log
 
 
 def test_second_daemon_exits_with_a_clear_message(proc):
