@@ -126,3 +126,25 @@ def test_runner_process_title_and_unload(served, client):
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not os.path.exists(f"/proc/{pid}") and http.get("/api/ps").json()["models"] == []
+
+
+def test_32_concurrent_streams_on_the_real_model(served):
+    import asyncio
+
+    daemon, name, _ = served
+
+    async def one(index: int) -> list[dict]:
+        transport = httpx.AsyncHTTPTransport(uds=str(daemon.socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                     timeout=120) as http:
+            async with http.stream("POST", "/api/chat", json={
+                    "model": name, "options": {"num_predict": 2, "seed": index},
+                    "messages": [{"role": "user", "content": f"Question {index}"}]}) as r:
+                return [json.loads(line) async for line in r.aiter_lines()]
+
+    async def run_all():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(asyncio.wait_for(run_all(), 180))
+    assert all(lines[-1].get("done") is True for lines in results), [r[-1] for r in results]
+    assert all(1 <= lines[-1]["eval_count"] <= 2 for lines in results)
