@@ -147,4 +147,4 @@ def test_32_concurrent_streams_on_the_real_model(served):
 
     results = asyncio.run(asyncio.wait_for(run_all(), 180))
     assert all(lines[-1].get("done") is True for lines in results), [r[-1] for r in results]
-    assert all(1 <= lines[-1]["eval_count"] <= 2 for lines in results)
+    assert all(lines[-1]["eval_count"] <= 2 for lines in results)  # EOS may come first
