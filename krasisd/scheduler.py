@@ -88,7 +88,7 @@ class Scheduler:
         """Run ``request`` on the model's runner; the first event has ``load_duration``."""
         for _attempt in range(2):
             entry = await self._enqueue(spec, keep_alive_s)
-            runner, holding = None, False
+            holding = False
             try:
                 runner = await self._await_runner(entry)
                 async with entry.lock:
