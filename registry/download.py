@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 READ_BYTES = 8 << 20
 
 
+class Incomplete(PullError):
+    """The body ended before the file did (the bytes received are kept)."""
+
+
 class _Hashes:
     """sha256 of the content, and git's blob sha1 (`blob <size>\\0` + content) for small files."""
 
@@ -118,7 +122,7 @@ def _check_content_range(response, have_bytes: int, path: str) -> None:
 
 def _verify(part: Path, remote: RemoteFile, have_bytes: int, hashes: _Hashes) -> None:
     if have_bytes < remote.size_bytes:
-        raise PullError(
+        raise Incomplete(
             f"download of {remote.path} stopped at {have_bytes} of {remote.size_bytes} bytes; "
             "the bytes are kept: pull again to resume"
         )

@@ -141,7 +141,7 @@ class Hub:
         except HfHubHTTPError as exc:
             raise PullError(f"hub error for {repo}: {_first_line(exc)}") from exc
         except TRANSPORT_ERRORS as exc:
-            raise PullError(f"cannot reach {self.endpoint} for {repo}: {exc}") from exc
+            raise PullError(f"connection to {self.endpoint} failed ({repo}): {exc}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

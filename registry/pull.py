@@ -8,12 +8,12 @@ digest", "writing manifest", cache builds, and {"status": "success"}.
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from . import records
-from .download import drop_meta, matches, transfer
+from .download import Incomplete, drop_meta, matches, transfer
 from .errors import PullError
-from .hub import Hub, RemoteFile
+from .hub import TRANSPORT_ERRORS, Hub, RemoteFile
 from .names import ModelRef, safe_file_path
 from .pipeline import Context, finish, sweep_model_dir
 from .selection import select
@@ -22,6 +22,7 @@ from .store import move_into_place
 log = logging.getLogger(__name__)
 
 EVENT_INTERVAL_S = 0.25
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)  # then the error; the bytes stay for the next pull
 
 
 def pull_files(ctx: Context, hub: Hub, ref: ModelRef, revision: str | None) -> Iterator[dict]:
@@ -133,6 +134,27 @@ def _fetch(ctx: Context, hub: Hub, ref: ModelRef, model_id: int, commit: str,
                               remote.sha256 or remote.blob_id)
         return
     url = hub.file_url(ref.hub_repo, commit, remote.path)
+    for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None), start=1):
+        try:
+            sha256 = yield from _transfer_events(ctx, hub, ref, url, remote, part, event)
+            break
+        except PullError as exc:
+            if delay_s is None or not _retryable(exc):
+                raise
+            log.warning("%s: %s; resuming in %.1f s (attempt %d)", remote.path, exc, delay_s,
+                        attempt + 1)
+            yield {**event, "status": f"retrying {remote.path} in {delay_s:g}s: {exc}",
+                   "completed": part.stat().st_size if part.exists() else 0}
+            time.sleep(delay_s)
+    yield {**event, "completed": remote.size_bytes}
+    move_into_place(part, dest)
+    drop_meta(part)
+    records.complete_file(ctx.db, model_id, remote.path, sha256, remote.sha256 or remote.blob_id)
+
+
+def _transfer_events(ctx: Context, hub: Hub, ref: ModelRef, url: str, remote: RemoteFile,
+                     part, event: dict) -> Generator[dict, None, str]:
+    """One transfer attempt as progress events; returns the verified sha256."""
     last_s = 0.0
     try:
         with hub.errors(ref.hub_repo):
@@ -141,15 +163,15 @@ def _fetch(ctx: Context, hub: Hub, ref: ModelRef, model_id: int, commit: str,
                 try:
                     completed = next(steps)
                 except StopIteration as stop:
-                    sha256 = stop.value
-                    break
+                    return stop.value
                 if time.monotonic() - last_s >= EVENT_INTERVAL_S:
                     last_s = time.monotonic()
                     yield {**event, "completed": completed}
     except OSError as exc:  # the hub's own errors are PullErrors by now: this is the local disk
         raise PullError(f"writing {remote.path} under {ctx.store.home} failed: {exc}; "
                         "the bytes already written are kept") from exc
-    yield {**event, "completed": remote.size_bytes}
-    move_into_place(part, dest)
-    drop_meta(part)
-    records.complete_file(ctx.db, model_id, remote.path, sha256, remote.sha256 or remote.blob_id)
+
+
+def _retryable(exc: PullError) -> bool:
+    """A dropped connection or a short body: worth resuming at once; hub refusals are not."""
+    return isinstance(exc, Incomplete) or isinstance(exc.__cause__, TRANSPORT_ERRORS)

@@ -60,6 +60,8 @@ class FakeHub:
         self.bytes_sent: Counter = Counter()
         self.file_requests: list[dict] = []
         self.stall_after_bytes: dict[str, int] = {}
+        self.drop_after_bytes: dict[str, int] = {}  # cut the connection there ...
+        self.drops_left: Counter = Counter()  # ... this many times per path
         self.chunk_delay_s = 0.0
         self.corrupt_paths: set[str] = set()
         self.ignore_range = False
@@ -203,9 +205,15 @@ class FakeHub:
                     return
                 await asyncio.sleep(0.02)
                 continue
+            drop_at = self.drop_after_bytes.get(path) if self.drops_left[path] > 0 else None
+            if drop_at is not None and position >= drop_at:
+                self.drops_left[path] -= 1
+                request.transport.close()  # the body ends short of its Content-Length
+                return
             end = min(position + CHUNK_BYTES, len(data))
-            if stall_at is not None:
-                end = min(end, stall_at)
+            for limit in (stall_at, drop_at):
+                if limit is not None and limit > position:
+                    end = min(end, limit)
             try:
                 await response.write(data[position:end])
             except ConnectionError:  # the client went away (a killed pull)

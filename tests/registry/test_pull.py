@@ -193,5 +193,37 @@ def test_unreachable_hub(hub, monkeypatch):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    with pytest.raises(PullError, match="cannot reach"):
+    with pytest.raises(PullError, match="connection to .* failed"):
         list(Registry().pull(REPO_ID, build_caches=False))
+
+
+def test_dropped_connection_resumes_within_the_pull(hub, tiny_files, monkeypatch):
+    from krasis_registry import pull as pull_module
+
+    monkeypatch.setattr(pull_module, "RETRY_DELAYS_S", (0.01, 0.01))
+    big = "model-00002-of-00002.safetensors"
+    hub.drop_after_bytes[big] = 300_000
+    hub.drops_left[big] = 2
+    reg = Registry()
+    evs = list(reg.pull(REPO_ID, build_caches=False))
+    assert evs[-1] == {"status": "success"}
+    assert sum(e["status"].startswith(f"retrying {big}") for e in evs) == 2
+    assert [r["range"] for r in hub.requests_for(big)] == [None, "bytes=300000-",
+                                                           "bytes=300000-"]
+    assert hub.served(big) == len(tiny_files[big])
+    assert (reg.model_dir(REPO_ID) / big).read_bytes() == tiny_files[big]
+
+
+def test_connection_dropping_every_time_fails_and_keeps_the_bytes(hub, monkeypatch,
+                                                                  krasis_home):
+    from krasis_registry import pull as pull_module
+
+    monkeypatch.setattr(pull_module, "RETRY_DELAYS_S", (0.01,))
+    big = "model-00002-of-00002.safetensors"
+    hub.drop_after_bytes[big] = 300_000
+    hub.drops_left[big] = 99
+    with pytest.raises(PullError, match="connection to .* failed|stopped at"):
+        list(Registry().pull(REPO_ID, build_caches=False))
+    [part] = krasis_home.glob(f"partials/**/{big}.part")
+    assert part.stat().st_size == 300_000
+    assert len(hub.requests_for(big)) == 2
