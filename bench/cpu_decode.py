@@ -6,12 +6,16 @@ read per token and the read bandwidth measured on this machine, i.e. the rooflin
     python3 bench/cpu_decode.py                       # 4 layers, bf16, 2 threads, ctx 100 and 1000
     python3 bench/cpu_decode.py --write-checkpoint DIR   # also save the weights as safetensors
     python3 bench/cpu_decode.py --model-dir DIR --quant int4   # load() a folder, native experts
+
+On a machine shared with other work, set OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin
+at barriers while their partner is descheduled make 2-thread runs several times slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -165,7 +169,9 @@ def main(argv=None) -> int:
     print(f"{config.architecture} {config.num_hidden_layers} layers, q_lora_rank="
           f"{config.q_lora_rank}, experts {args.quant}, {args.threads} threads, "
           f"backend {type(engine.expert_backend).__name__}")
-    print(f"measured read bandwidth: {bandwidth_gbs:.1f} GB/s")
+    print(f"measured read bandwidth: {bandwidth_gbs:.1f} GB/s; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     for context in (int(c) for c in args.contexts.split(",")):
         run_ms = time_decode(engine, context, args.steps, args.runs)
         ms = statistics.median(run_ms)
