@@ -56,9 +56,9 @@ def test_kernel_matches_reference(experts, cuda, tokens, impl):
 
 
 @pytest.mark.parametrize("cfg", [
-    KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
-    KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(64, 128, 64, 8, 4, 3, reshape_unpack=True),
-    KernelConfig(64, 128, 64, 8, 4, 3, scale_after_dot=True),
+    KernelConfig(16, 64, 128, 8, 4, 4, True), KernelConfig(64, 64, 64, 8, 4, 3, True),
+    KernelConfig(128, 64, 64, 8, 8, 4, True), KernelConfig(64, 128, 64, 8, 8, 3, True, True),
+    KernelConfig(64, 128, 64, 8, 8, 3, False),
 ])
 def test_kernel_configs_agree(experts, cuda, cfg):
     layout, views, slots, ref = experts

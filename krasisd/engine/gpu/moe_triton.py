@@ -40,22 +40,26 @@ class KernelConfig:
 
 
 def default_config(rows_per_expert: float, device_type: str) -> KernelConfig:
-    """Heuristic tiles: small M blocks when experts see few rows, big ones for long prompts."""
+    """Fixed tiles (used when autotuning is off): small M blocks when experts see few rows.
+
+    Chosen from sm_90 builds without register spills (see docs/gpu-format.md).
+    """
     if device_type != "cuda":
-        return KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
+        return KernelConfig(16, 32, 32, 8, 1, 1, reshape_unpack=True)
     if rows_per_expert <= 16:
-        return KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return KernelConfig(16, 64, 128, 8, 4, 4, reshape_unpack=True)
     if rows_per_expert <= 64:
-        return KernelConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=4)
-    return KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+        return KernelConfig(64, 64, 64, 8, 4, 3, reshape_unpack=True)
+    return KernelConfig(64, 128, 64, 8, 8, 4, reshape_unpack=True)
 
 
+# Autotune candidates. INT4 "gather" tiles pipeline 8x the weight bytes through shared memory
+# (155-311 KB on sm_90), so only one stays, for comparison; scale_after_dot spills registers.
 CANDIDATES = (
-    KernelConfig(16, 64, 128, 8, 4, 4), KernelConfig(32, 64, 128, 8, 4, 4),
-    KernelConfig(32, 128, 64, 8, 4, 4), KernelConfig(64, 128, 64, 8, 4, 3),
-    KernelConfig(64, 128, 128, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3),
-    KernelConfig(16, 64, 128, 8, 4, 4, True), KernelConfig(64, 128, 64, 8, 4, 3, True),
-    KernelConfig(128, 128, 64, 8, 8, 3, True), KernelConfig(64, 128, 64, 8, 4, 3, False, True),
+    KernelConfig(16, 64, 128, 8, 4, 4, True), KernelConfig(16, 128, 128, 8, 4, 4, True),
+    KernelConfig(64, 64, 64, 8, 4, 3, True), KernelConfig(64, 128, 64, 8, 8, 4, True),
+    KernelConfig(128, 64, 64, 8, 8, 4, True), KernelConfig(128, 128, 64, 8, 8, 3, True),
+    KernelConfig(64, 128, 64, 8, 8, 3, True, True), KernelConfig(64, 128, 64, 8, 8, 3, False),
 )
 AUTOTUNE_ENV = "KRASIS_MOE_AUTOTUNE"
 _tuned: dict[tuple, KernelConfig] = {}
