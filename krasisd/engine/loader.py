@@ -27,6 +27,7 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ROUTER_KEYS = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 ExpertWeights = dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
 
 
@@ -139,6 +140,11 @@ def plan_tensors(model: CausalLM, config: ModelConfig, index: dict[str, TensorIn
         shown = ", ".join(missing[:5]) + more
         raise ModelLoadError(f"{len(missing)} tensors missing from the checkpoint: {shown}")
     for name, shape in expected.items():
+        if index[name].dtype not in FLOAT_DTYPES:
+            raise UnsupportedModelError(
+                f"tensor {name} is stored as {index[name].dtype}; only {', '.join(FLOAT_DTYPES)} "
+                "weights are supported"
+            )
         if index[name].shape != shape:
             raise ModelLoadError(
                 f"tensor {name} has shape {list(index[name].shape)} in {index[name].path.name}, "

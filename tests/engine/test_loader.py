@@ -151,6 +151,15 @@ def test_shape_mismatch_names_the_tensor(model_dir):
         load(model_dir)
 
 
+def test_non_float_weights_are_refused(model_dir):
+    tensors = weights_of(model_dir)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match=f"{name} is stored as I8"):
+        load(model_dir)
+
+
 def test_missing_tensor_is_named(model_dir):
     tensors = weights_of(model_dir)
     del tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
