@@ -140,3 +140,18 @@ def test_format_falls_back_when_shapes_do_not_fit(tmp_path, hidden, width, wante
         {"hidden_size": hidden, "moe_intermediate_size": width}))
     quant, cache_dir = ModelCatalog(Registry(), wanted)._pick_format("m", tmp_path)
     assert (quant, cache_dir.name if cache_dir else None) == expected
+
+
+def test_structured_log_formats():
+    from krasisd.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("krasisd.x", logging.INFO, __file__, 1, "runner ready", (), None)
+    record.model = "krasis-tiny:latest"
+    record.load_ms = 12
+    record.note = 'two words "quoted"'
+    text = TextFormatter().format(record)
+    assert 'level=INFO source=krasisd.x msg="runner ready" model=krasis-tiny:latest' in text
+    assert 'load_ms=12 note="two words \\"quoted\\""' in text
+    parsed = json.loads(JsonFormatter().format(record))
+    assert parsed["msg"] == "runner ready" and parsed["model"] == "krasis-tiny:latest"
+    assert parsed["load_ms"] == 12 and parsed["level"] == "INFO"
