@@ -62,6 +62,8 @@ def test_kernel_matches_reference(experts, cuda, tokens, impl):
 ])
 def test_kernel_configs_agree(experts, cuda, cfg):
     layout, views, slots, ref = experts
+    if layout.spec.bits == 8:
+        pytest.skip("tile variants differ only in the INT4 unpack; INT8 runs the default tiles")
     x = torch.randn(600, D, device=cuda).bfloat16()
     ids = torch.randint(0, E, (600, K), device=cuda)
     w = torch.rand(600, K, device=cuda)
