@@ -70,7 +70,7 @@ def main() -> int:
 
 def _pull_and_kill(work: Path, kill_after_s: float, hub) -> tuple[int, int]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
-    child = subprocess.Popen([sys.executable, "-c", "import child; child.main()", "pull",
+    child = subprocess.Popen([sys.executable, "-c", "import registry_child; registry_child.main()", "pull",
                               REPO_ID], env=env, stdout=subprocess.DEVNULL)
     part = (work / "home" / "partials" / "demo-org" / "tiny-moe" / "latest" /
             f"{WEIGHTS}.part")

@@ -1,6 +1,5 @@
 """Fixtures: a tiny random model, the stand-in hub serving it, a Registry pointed at both."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,11 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fakehub import FakeHub, Repo  # noqa: E402
+from regtest import REPO_ID  # noqa: E402
 from tinymodel import repo_files, write_tiny_model  # noqa: E402
-
-REPO_ID = "krasis-test/tiny-moe"
-HERE = Path(__file__).parent
-REPO_ROOT = HERE.parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +41,3 @@ def hub(tiny_files, tmp_path, monkeypatch):
                         str(tmp_path / "hf-home" / "token"))
     yield server
     server.stop()
-
-
-def subprocess_env() -> dict[str, str]:
-    """The test's environment for a child process, with the project importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(HERE), env.get("PYTHONPATH", "")])
-    return env
-
-
-def events(iterator) -> list[dict]:
-    return list(iterator)

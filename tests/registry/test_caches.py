@@ -1,11 +1,11 @@
 """Cache builds after a pull or import: progress, states, failures, formats, the real builder."""
 
 import pytest
-from conftest import REPO_ID
 from fakebuilders import crashing_builder, failing_builder, fast_builder
 from krasis_registry import CacheNotReady, PullError, Registry
 from krasis_registry import caches as caches_module
 from krasis_registry import registry as registry_module
+from regtest import REPO_ID
 
 
 def test_cache_build_progress_and_ready(tiny_model_dir, krasis_home):

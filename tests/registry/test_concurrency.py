@@ -7,8 +7,8 @@ import threading
 import time
 
 import pytest
-from conftest import REPO_ID, subprocess_env
 from krasis_registry import ModelInUse, Registry
+from regtest import REPO_ID, subprocess_env
 
 
 def test_two_concurrent_pulls_share_one_download(hub, tiny_files, krasis_home):
@@ -53,8 +53,9 @@ def test_a_pull_in_another_process_waits_then_reuses(hub, tiny_files, krasis_hom
         target=lambda: first_events.extend(Registry().pull(REPO_ID, build_caches=False)))
     first.start()
     _wait(lambda: part.is_file() and part.stat().st_size >= 100_000)
-    child = subprocess.Popen([sys.executable, "-c", "import child; child.main()", "pull",
-                              REPO_ID], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+    code = "import registry_child; registry_child.main()"
+    child = subprocess.Popen([sys.executable, "-c", code, "pull", REPO_ID],
+                             env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     try:
         waiting = json.loads(child.stdout.readline())
         assert waiting["status"] == f"waiting for another pull of {REPO_ID}:latest"

@@ -7,16 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ID, subprocess_env
 from fakebuilders import fast_builder
 from krasis_registry import CacheNotReady, Registry
+from regtest import REPO_ID, subprocess_env
 
 BIG = "model-00002-of-00002.safetensors"
 STALL_AT_BYTES = 400_000
 
 
 def _child(command: str, name: str, env: dict | None = None) -> subprocess.Popen:
-    code = "import child; child.main()"
+    code = "import registry_child; registry_child.main()"
     return subprocess.Popen([sys.executable, "-c", code, command, name],
                             env=env or subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

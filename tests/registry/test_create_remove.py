@@ -4,9 +4,9 @@ import errno
 import os
 
 import pytest
-from conftest import REPO_ID
 from krasis_registry import InvalidName, ModelInUse, ModelNotFound, PullError, Registry
 from krasis_registry import create as create_module
+from regtest import REPO_ID
 
 
 def test_create_hard_links_on_same_filesystem(tiny_model_dir, krasis_home):

@@ -6,9 +6,9 @@ import shutil
 from collections import namedtuple
 
 import pytest
-from conftest import REPO_ID
 from fakehub import Repo
 from krasis_registry import ModelNotFound, PullError, Registry
+from regtest import REPO_ID
 
 TAKEN = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
          "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",

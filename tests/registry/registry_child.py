@@ -1,4 +1,5 @@
-"""A child process for kill -9 tests: `python -c 'import child; child.main()' pull|build NAME`."""
+"""A child process for kill -9 tests, run as
+`python -c 'import registry_child; registry_child.main()' pull|build NAME`."""
 
 import json
 import sys
