@@ -58,6 +58,12 @@ def test_ollama_generate_raw(ollama_client):
     assert answer.response == "[as is]"
 
 
+def test_long_prompt_keeps_its_end(ollama_client):
+    answer = ollama_client.generate(model="fake", prompt="abcdefghij", raw=True,
+                                    options={"num_predict": 1, "num_ctx": 5})
+    assert answer.response == "[ghij]" and answer.prompt_eval_count == 4
+
+
 def test_ollama_chat(ollama_client):
     messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
                 {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]

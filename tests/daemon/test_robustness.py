@@ -37,6 +37,8 @@ BAD_REQUESTS = [
      "format"),
     ("POST", "/api/chat", b'{"model": "fake", "messages": [{"role": "robot"}]}', 400, "role"),
     ("POST", "/api/chat", b'{"model": "fake", "messages": "hi"}', 400, "'messages'"),
+    ("POST", "/api/generate", b'{"model": "fake", "prompt": "def f(", "suffix": "return 1"}',
+     400, "suffix"),
     ("POST", "/api/chat", b'{"model": "fake", "messages": [], "tools": [{"type": "function"}]}',
      400, "tools"),
     ("POST", "/v1/chat/completions", b'{"model": "fake", "messages": [{"role": "user", '
