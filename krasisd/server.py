@@ -144,6 +144,9 @@ def _listeners(cfg: Config, lock: SocketLock) -> tuple[list[socket.socket], bool
     passed = systemd.listen_fds() if systemd is not None else []
     if passed:
         names = {str(s.getsockname()[0]).lower() for s in passed if s.family != socket.AF_UNIX}
+        tcp = None if names else bind_tcp(cfg)  # KRASIS_HOST beside a passed Unix socket
+        if tcp is not None:
+            return passed + [tcp], False, {cfg.tcp_address[0].lower()}
         return passed, False, names
     lock.acquire()
     sockets = [bind_unix_socket(cfg.socket, cfg.socket_group)]
