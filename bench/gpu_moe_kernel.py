@@ -59,8 +59,10 @@ def measure_m(m: int, bits: int, layout, views, w13, w2) -> list[dict]:
     ref = bf16_grouped(x, w13, w2, ids, weights)
     variants = {}
     for cfg in CANDIDATES:
+        unpack = "reshape" if cfg.reshape_unpack else "gather"
+        order = " scale-after" if cfg.scale_after_dot else ""
         name = (f"triton[{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "
-                f"s{cfg.num_stages}]")
+                f"s{cfg.num_stages} {unpack}{order}]")
         variants[name] = partial(_moe_triton, x, views, slots, ids, weights, bits, 128, cfg)
     variants["dequant+grouped_mm"] = partial(moe_grouped_mm, x, views, slots, ids, weights,
                                              layout.spec)
