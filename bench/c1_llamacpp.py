@@ -1,0 +1,206 @@
+"""Scenario C1 (DESIGN.md): CPU decode of DeepSeek-V2-Lite shapes cut to 4 layers (q_lora_rank
+1536), random weights, krasis INT4 group 128 against llama.cpp Q4_0 on the same weights and the
+same thread count, in the same run.
+
+    python3 bench/c1_llamacpp.py --work DIR [--threads 2] [--contexts 100 1000] [--decode 32]
+        [--llama-src PATH]   # llama.cpp source (convert_hf_to_gguf.py, conversion/, gguf-py/)
+
+Needs llama-cpp-python (built from source) importable, and its llama.cpp sources for the
+conversion (the sdist's vendor/llama.cpp). Each step reuses its output in --work when present:
+the random checkpoint (bf16 safetensors and a small byte-level BPE tokenizer), the krasis CPU
+cache, model-bf16.gguf and model-q4_0.gguf. Decode speed: a prompt of N tokens is prefilled,
+then --decode single tokens are timed (same token each step; speed does not depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from krasisd.engine import engine as engine_mod
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "deepseek-v2-lite.json"
+STD = 0.02
+
+
+def c1_config(path: Path) -> dict:
+    config = json.loads(path.read_text())
+    config.update(num_hidden_layers=4, q_lora_rank=1536, bos_token_id=0, eos_token_id=1)
+    return config
+
+
+def tensor_shapes(config: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Checkpoint tensor names and shapes, grouped into one shard per layer (HF names)."""
+    d, inter, moe_i = config["hidden_size"], config["intermediate_size"], config["moe_intermediate_size"]
+    heads, nope, rope, v = (config[k] for k in ("num_attention_heads", "qk_nope_head_dim",
+                                                 "qk_rope_head_dim", "v_head_dim"))
+    q_rank, kv_rank, vocab = config["q_lora_rank"], config["kv_lora_rank"], config["vocab_size"]
+    shards = {"embed": {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,),
+                        "lm_head.weight": (vocab, d)}}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        s = {f"{p}.input_layernorm.weight": (d,), f"{p}.post_attention_layernorm.weight": (d,),
+             f"{p}.self_attn.q_a_proj.weight": (q_rank, d), f"{p}.self_attn.q_a_layernorm.weight": (q_rank,),
+             f"{p}.self_attn.q_b_proj.weight": (heads * (nope + rope), q_rank),
+             f"{p}.self_attn.kv_a_proj_with_mqa.weight": (kv_rank + rope, d),
+             f"{p}.self_attn.kv_a_layernorm.weight": (kv_rank,),
+             f"{p}.self_attn.kv_b_proj.weight": (heads * (nope + v), kv_rank),
+             f"{p}.self_attn.o_proj.weight": (d, heads * v)}
+        if layer < config["first_k_dense_replace"]:
+            s.update({f"{p}.mlp.gate_proj.weight": (inter, d), f"{p}.mlp.up_proj.weight": (inter, d),
+                      f"{p}.mlp.down_proj.weight": (d, inter)})
+        else:
+            shared = moe_i * config["n_shared_experts"]
+            s[f"{p}.mlp.gate.weight"] = (config["n_routed_experts"], d)
+            for name, shape in (("gate_proj", (shared, d)), ("up_proj", (shared, d)), ("down_proj", (d, shared))):
+                s[f"{p}.mlp.shared_experts.{name}.weight"] = shape
+            for e in range(config["n_routed_experts"]):
+                for name, shape in (("gate_proj", (moe_i, d)), ("up_proj", (moe_i, d)), ("down_proj", (d, moe_i))):
+                    s[f"{p}.mlp.experts.{e}.{name}.weight"] = shape
+        shards[f"layer{layer}"] = s
+    return shards
+
+
+def write_checkpoint(model_dir: Path, config: dict, seed: int = 0) -> None:
+    """Random bf16 weights (norms = 1) in one safetensors shard per layer, plus a tokenizer."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for shard, shapes in tensor_shapes(config).items():
+        tensors = {name: (torch.ones(shape) if len(shape) == 1 else
+                          torch.randn(shape, generator=gen) * STD).to(torch.bfloat16)
+                   for name, shape in shapes.items()}
+        save_file(tensors, str(model_dir / f"{shard}.safetensors"), metadata={"format": "pt"})
+        weight_map.update({name: f"{shard}.safetensors" for name in tensors})
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (model_dir / "config.json").write_text(json.dumps(config, indent=1))
+    write_tokenizer(model_dir)
+
+
+def write_tokenizer(model_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20] * 50, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>"
+                            ).save_pretrained(model_dir)
+
+
+def convert_to_gguf(model_dir: Path, llama_src: Path, out_bf16: Path) -> None:
+    """convert_hf_to_gguf.py with the BPE pre-tokenizer check bypassed (home-made tokenizer)."""
+    code = (
+        "import sys; sys.path[:0] = [{src!r}, {src!r} + '/gguf-py']\n"
+        "import conversion.base as base\n"
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'deepseek-llm'\n"
+        "import convert_hf_to_gguf as c\n"
+        "sys.argv = ['convert', {model!r}, '--outfile', {out!r}, '--outtype', 'bf16']\n"
+        "c.main()\n"
+    ).format(src=str(llama_src), model=str(model_dir), out=str(out_bf16))
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def quantize_q4_0(src: Path, dst: Path, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError("llama_model_quantize failed")
+
+
+def krasis_decode(model_dir: Path, cache_dir: Path, threads: int, contexts, n_decode: int):
+    engine = engine_mod.load(model_dir, quant="int4", threads=threads, cache_dir=cache_dir)
+    backend = engine.model.expert_backend
+    spent = {"s": 0.0}
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        out = backend(*args)
+        spent["s"] += time.perf_counter() - t0
+        return out
+
+    engine.model.expert_backend = timed
+    results = {}
+    for ctx in contexts:
+        cache = engine.new_cache(ctx + n_decode + 2)
+        engine.forward(list(range(2, ctx + 2)), cache)
+        engine.forward([5], cache)  # warm-up step
+        spent["s"] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            engine.forward([5], cache)
+        seconds = time.perf_counter() - t0
+        results[ctx] = (n_decode / seconds, spent["s"] / n_decode * 1e3)
+    engine.close()
+    return results
+
+
+def llama_decode(gguf: Path, threads: int, contexts, n_decode: int):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=max(contexts) + n_decode + 8, n_batch=512, verbose=False)
+    results = {}
+    for ctx in contexts:
+        llm.reset()
+        llm.eval(list(range(2, ctx + 2)))
+        llm.eval([5])
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            llm.eval([5])
+        results[ctx] = n_decode / (time.perf_counter() - t0)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--llama-src", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--skip-llama", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    model_dir = args.work / "model"
+    if not (model_dir / "config.json").is_file():
+        write_checkpoint(model_dir, c1_config(args.config))
+    krasis = krasis_decode(model_dir, args.work / "cpu-int4-g128", args.threads, args.contexts,
+                           args.decode)
+    llama = {}
+    if not args.skip_llama:
+        q4 = args.work / "model-q4_0.gguf"
+        if not q4.is_file():
+            bf16 = args.work / "model-bf16.gguf"
+            if not bf16.is_file():
+                convert_to_gguf(model_dir, args.llama_src, bf16)
+            quantize_q4_0(bf16, q4, args.threads)
+        llama = llama_decode(q4, args.threads, args.contexts, args.decode)
+    print(f"C1: DeepSeek-V2-Lite shapes, 4 layers, random weights, threads={args.threads}, "
+          f"{args.decode} decode steps")
+    for ctx in args.contexts:
+        tok_s, experts_ms = krasis[ctx]
+        line = (f"context {ctx}: krasis INT4 g128 {tok_s:.1f} tok/s "
+                f"(routed experts {experts_ms:.1f} ms/token)")
+        if ctx in llama:
+            line += f"; llama.cpp Q4_0 {llama[ctx]:.1f} tok/s; ratio {tok_s / llama[ctx]:.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
