@@ -69,15 +69,8 @@ def render_prompt(engine, request: dict, model: str) -> tuple[str, bool]:
         messages = [{"role": "system", "content": request["system"]}] if request.get("system") \
             else []
         messages.append({"role": "user", "content": request.get("prompt") or ""})
-    if not template:
-        return _plain_prompt(messages), True
     extra = {"suffix": suffix} if suffix else {}
     return engine.chat_prompt(messages, add_generation_prompt=True, **extra), False
-
-
-def _plain_prompt(messages: list[dict]) -> str:
-    """Without a chat template: the contents, one per paragraph (documented in docs/api.md)."""
-    return "\n\n".join(m["content"] for m in messages if m["content"])
 
 
 def prompt_ids(engine, text: str, add_special: bool, num_ctx: int) -> list[int]:

@@ -130,7 +130,7 @@ def build_daemon(cfg: Config, registry: Any = None,
     if registry is None:
         from krasis_registry import Registry
 
-        registry = Registry(home=cfg.home)
+        registry = Registry(home=cfg.home, quant=cfg.quant)
     scheduler = Scheduler(runner_factory or (lambda spec: RunnerProcess.start(spec, cfg)),
                           probe or (lambda: probe_hardware(cfg)), keep_alive_s=cfg.keep_alive_s,
                           max_queue=cfg.max_queue, max_loaded=cfg.max_loaded,
