@@ -68,10 +68,12 @@ def bucket_for(num_total: int, capacity: int, min_bucket: int = MIN_BUCKET) -> i
 
 
 class DecodeStep:
-    """``step(token_id) -> logits [V]`` for one sequence bound to one KV cache."""
+    """``step(token_id, cache) -> logits [V]``; graphs are bound to the cache's storage, so
+    every cache passed must share it (the handles HybridEngine.new_cache hands out do)."""
 
     def __init__(self, model, cache, use_graphs: bool = True, min_bucket: int = MIN_BUCKET):
-        self.model, self.cache = model, cache
+        self.model = model
+        self.cache = copy.copy(cache)  # the storage, not the caller's handle
         self.backend = model.expert_backend
         self.config = model.config
         embed = model.model.embed_tokens.weight
@@ -118,9 +120,11 @@ class DecodeStep:
         program.append(piece)
         return program
 
-    def __call__(self, token_id: int) -> torch.Tensor:
+    def __call__(self, token_id: int, cache=None) -> torch.Tensor:
         """Decode one token at the cache's current length; returns float32 logits [V]."""
-        cache = self.cache
+        cache = cache if cache is not None else self.cache
+        if _storage_key(cache) != _storage_key(self.cache):
+            raise ValueError("this decode step is bound to another KV cache")
         cache.check_room(1)
         self.ids.fill_(int(token_id))
         self.pos.fill_(cache.length)
@@ -317,7 +321,7 @@ class HybridEngine(Engine):
         if cache is None or ids.shape[0] != 1:
             return super().forward(ids, cache)
         step = self._step_for(cache)
-        return step(int(ids[0]))[None, :]  # [1, V]
+        return step(int(ids[0]), cache)[None, :]  # [1, V]
 
     def _step_for(self, cache: KVCache) -> DecodeStep:
         key = _storage_key(cache)
@@ -328,7 +332,6 @@ class HybridEngine(Engine):
                 self._steps.clear()
             step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs)
             self._steps[key] = step
-        step.cache = cache  # the same storage, possibly a new handle
         return step
 
     def rebalance(self, min_gain: float = 0.02) -> dict:

@@ -150,6 +150,11 @@ class HybridExperts:
             return self.gpu(layer_idx, x, topk_ids, topk_weights)
         return self.finish(self.start(layer_idx, x, topk_ids, topk_weights))
 
+    def begin_forward(self, num_tokens: int, top_k: int) -> None:
+        """Prefill hook (krasisd.engine.gpu.driver): long prompts start their copies early."""
+        if self.gpu is not None and num_tokens > self.max_decode_tokens:
+            self.gpu.begin_forward(num_tokens, top_k)
+
     def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
               topk_weights: torch.Tensor) -> Pending:
         """Hand the CPU its slots and enqueue the resident experts on the GPU."""
