@@ -182,3 +182,19 @@ def test_english_check_rejects_random_tokens(config, training_words):
         ids = [rng.randrange(first_plain_id, config["vocab_size"]) for _ in range(20)]
         fractions.append(english_fraction(tok.decode(ids), training_words)[0])
     assert max(fractions) < MIN_ENGLISH_FRACTION
+
+
+def test_krasis_engine_runs_it_like_transformers(hf_model, hf_tokenizer, recipe):
+    from krasisd.engine import load
+
+    model, _ = hf_model
+    ids = hf_tokenizer(recipe.SAMPLE_PROMPT).input_ids
+    engine = load(MODEL_DIR, quant="none", device="cpu", threads=1, dtype=torch.float32)
+    try:
+        assert engine.eos_token_ids == {hf_tokenizer.eos_token_id}
+        assert engine.tokenizer.encode(recipe.SAMPLE_PROMPT) == ids
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)  # [1, T+20]
+        assert engine.greedy(ids, max_new_tokens=20) == ref[0, len(ids):].tolist()
+    finally:
+        engine.close()
