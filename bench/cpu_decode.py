@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quant", choices=("none", "int8", "int4"), default="none")
     parser.add_argument("--model-dir", type=Path, help="load() this folder instead")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="with --model-dir: convert the weights (default: as stored)")
     parser.add_argument("--write-checkpoint", type=Path, help="save the random weights here")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -124,7 +126,7 @@ def bytes_per_token(engine: Engine, context: int, quant_bits: int) -> dict[str, 
     expert_params = 3 * config.hidden_size * config.moe_intermediate_size
     expert_bytes = expert_params * quant_bits // 8
     routed = moe_layers * config.num_experts_per_tok * expert_bytes
-    cache = config.num_hidden_layers * context * config.kv_cache_width * 2
+    cache = config.num_hidden_layers * context * config.kv_cache_width * engine.dtype.itemsize
     return {"dense": dense, "routed": routed, "kv_cache": cache}
 
 
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     config = bench_config(args)
     if args.model_dir:
-        engine = load(args.model_dir, quant=args.quant, threads=args.threads)
+        engine = load(args.model_dir, quant=args.quant, threads=args.threads, dtype=args.dtype)
         config = engine.config
     elif args.quant != "none":
         print("--quant int8/int4 needs --model-dir (write one with --write-checkpoint)")
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
             write_checkpoint(args.config, config, state, args.write_checkpoint)
             print(f"wrote {args.write_checkpoint}")
         del state
-    bits = {"none": 16, "int8": 8, "int4": 4}[args.quant]
+    bits = {"none": 8 * engine.dtype.itemsize, "int8": 8, "int4": 4}[args.quant]
     bandwidth_gbs = read_bandwidth_gbs(args.threads)
     print(f"{config.architecture} {config.num_hidden_layers} layers, q_lora_rank="
           f"{config.q_lora_rank}, experts {args.quant}, {args.threads} threads, "

@@ -217,6 +217,12 @@ def test_bad_options_are_value_errors(model_dir, kwargs, message):
         load(model_dir, **kwargs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_load_error(model_dir):
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        load(model_dir, device="cuda")
+
+
 def test_forward_rejects_bad_ids_and_full_cache(model_dir):
     engine = load(model_dir)
     with pytest.raises(ValueError, match="empty"):

@@ -106,17 +106,20 @@ class MLAttention(nn.Module):
         num_new = x.shape[0]
         q_nope, q_rope = self._query(x, cos, sin)  # [T, H, N], [T, H, R]
         entries = self._cached(self._latent(x, cos, sin), cache)  # [S, C + R]
-        kv_latent, k_rope = entries.split([self.latent_dim, self.rope_dim], dim=-1)
+        num_total = entries.shape[0]
         w_uk, w_uv_t = self.absorbed_weights()  # [H, N, C], [H, C, Dv]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, C]
-        scores = q_latent @ kv_latent.T + q_rope.transpose(0, 1) @ k_rope.T  # [H, T, S]
-        scores = scores.float() * self.scale
+        q_full = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [H, T, C + R]
+        # one GEMM over the cache: rows are (head, token) pairs
+        scores = q_full.reshape(-1, entries.shape[1]) @ entries.T  # [H*T, S]
+        scores = scores.view(self.num_heads, num_new, num_total).float() * self.scale
         if num_new > 1:
-            mask = causal_mask(num_new, entries.shape[0], x.device)  # [T, S]
+            mask = causal_mask(num_new, num_total, x.device)  # [T, S]
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [H, T, S]
-        out_latent = probs @ kv_latent  # [H, T, C]
-        out = torch.bmm(out_latent, w_uv_t)  # [H, T, Dv]
+        probs = scores.softmax(dim=-1).to(entries.dtype)  # [H, T, S]
+        kv_latent = entries[:, : self.latent_dim]  # [S, C], a strided view
+        out_latent = probs.view(-1, num_total) @ kv_latent  # [H*T, C]
+        out = torch.bmm(out_latent.view(self.num_heads, num_new, -1), w_uv_t)  # [H, T, Dv]
         return self.o_proj(out.transpose(0, 1).reshape(num_new, -1))
 
 
