@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from functools import partial
 
-import torch
-import triton
+if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from krasisd.engine.gpu.format import ExpertLayout, QuantSpec, dequantize_kmajor
-from krasisd.engine.gpu.moe_grouped import moe_grouped_mm
-from krasisd.engine.gpu.moe_triton import CANDIDATES, _moe_triton, default_config
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from krasisd.engine.gpu.format import ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
+from krasisd.engine.gpu.moe_grouped import moe_grouped_mm  # noqa: E402
+from krasisd.engine.gpu.moe_triton import CANDIDATES, _moe_triton, default_config  # noqa: E402
 
 E, K, D, I = 64, 6, 2048, 1408  # noqa: E741
+GROUP, DEVICE = 128, "cuda"
 
 
 def log(msg: str) -> None:
@@ -32,6 +38,10 @@ def log(msg: str) -> None:
 
 
 def bench_ms(fn) -> float:
+    if DEVICE != "cuda":  # --smoke: one timed call on the CPU
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -50,10 +60,10 @@ def bf16_grouped(x, w13, w2, ids, weights):
 
 def measure_m(m: int, bits: int, layout, views, w13, w2) -> list[dict]:
     """Every variant at M tokens; one row per variant."""
-    slots = torch.arange(E, dtype=torch.int32, device="cuda")
-    x = torch.randn(m, D, device="cuda").bfloat16()
-    ids = torch.rand(m, E, device="cuda").topk(K, dim=-1).indices
-    weights = torch.rand(m, K, device="cuda")
+    slots = torch.arange(E, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(m, D, device=DEVICE).bfloat16()
+    ids = torch.rand(m, E, device=DEVICE).topk(K, dim=-1).indices
+    weights = torch.rand(m, K, device=DEVICE)
     touched = torch.unique(ids).numel()
     flops = 2 * m * K * 3 * D * I
     ref = bf16_grouped(x, w13, w2, ids, weights)
@@ -63,7 +73,9 @@ def measure_m(m: int, bits: int, layout, views, w13, w2) -> list[dict]:
         order = " scale-after" if cfg.scale_after_dot else ""
         name = (f"triton[{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} "
                 f"s{cfg.num_stages} {unpack}{order}]")
-        variants[name] = partial(_moe_triton, x, views, slots, ids, weights, bits, 128, cfg)
+        if DEVICE != "cuda":
+            cfg = default_config(1, DEVICE)
+        variants[name] = partial(_moe_triton, x, views, slots, ids, weights, bits, GROUP, cfg)
     variants["dequant+grouped_mm"] = partial(moe_grouped_mm, x, views, slots, ids, weights,
                                              layout.spec)
     variants["bf16 grouped_mm (no dequant)"] = partial(bf16_grouped, x, w13, w2, ids, weights)
@@ -87,11 +99,11 @@ def measure_m(m: int, bits: int, layout, views, w13, w2) -> list[dict]:
 
 
 def run_bits(bits: int, sizes: list[int]) -> list[dict]:
-    layout = ExpertLayout(D, I, QuantSpec(bits, 128))
-    gen = torch.Generator(device="cuda").manual_seed(bits)
-    gate = torch.randn(E, I, D, device="cuda", generator=gen) / D**0.5
-    up = torch.randn(E, I, D, device="cuda", generator=gen) / D**0.5
-    down = torch.randn(E, D, I, device="cuda", generator=gen) / I**0.5
+    layout = ExpertLayout(D, I, QuantSpec(bits, GROUP))
+    gen = torch.Generator(device=DEVICE).manual_seed(bits)
+    gate = torch.randn(E, I, D, device=DEVICE, generator=gen) / D**0.5
+    up = torch.randn(E, I, D, device=DEVICE, generator=gen) / D**0.5
+    down = torch.randn(E, D, I, device=DEVICE, generator=gen) / I**0.5
     blobs = layout.pack_experts(gate, up, down)
     del gate, up, down
     views = layout.views(blobs)
@@ -107,9 +119,9 @@ def attention_backends(tokens: int) -> list[dict]:
     """Causal SDPA at MLA's head sizes (q/k 192, v 128, 16 heads) with each fused backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(1, 16, tokens, 192, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 16, tokens, 192, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, 16, tokens, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, 16, tokens, 192, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(1, 16, tokens, 192, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn(1, 16, tokens, 128, device=DEVICE, dtype=torch.bfloat16)
     flops = 2 * 16 * tokens * tokens / 2 * (192 + 128)
     rows = []
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -132,10 +144,10 @@ def absorbed_attention(tokens: int) -> dict:
     """Causal MLA attention in absorbed form (scores over the 576-wide latent, 16 heads), as the
     decode path computes it, for comparison with expanded SDPA at the same prompt length."""
     heads, latent, rope, v_dim = 16, 512, 64, 128
-    q_lat = torch.randn(heads, tokens, latent + rope, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(tokens, latent + rope, device="cuda", dtype=torch.bfloat16)
-    w_uv = torch.randn(heads, latent, v_dim, device="cuda", dtype=torch.bfloat16)
-    mask = torch.ones(tokens, tokens, device="cuda", dtype=torch.bool).tril()
+    q_lat = torch.randn(heads, tokens, latent + rope, device=DEVICE, dtype=torch.bfloat16)
+    kv = torch.randn(tokens, latent + rope, device=DEVICE, dtype=torch.bfloat16)
+    w_uv = torch.randn(heads, latent, v_dim, device=DEVICE, dtype=torch.bfloat16)
+    mask = torch.ones(tokens, tokens, device=DEVICE, dtype=torch.bool).tril()
 
     def run():
         scores = (q_lat @ kv.T).float() * (192**-0.5)  # [H, T, S]
@@ -154,9 +166,15 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--attention-tokens", default="2000,10000")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU (Triton interpreter): checks this script")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        log("needs a CUDA GPU")
+    if args.smoke:
+        global E, K, D, I, GROUP, DEVICE  # noqa: E741
+        E, K, D, I, GROUP, DEVICE = 8, 2, 64, 32, 32, "cpu"  # noqa: E741
+        args.attention_tokens = ""
+    elif not torch.cuda.is_available():
+        log("needs a CUDA GPU (or --smoke)")
         return 2
     sizes = [int(s) for s in args.sizes.split(",")]
     attention = []
