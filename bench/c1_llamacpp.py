@@ -10,22 +10,30 @@ conversion (the sdist's vendor/llama.cpp). Each step reuses its output in --work
 the random checkpoint (bf16 safetensors and a small byte-level BPE tokenizer), the krasis CPU
 cache, model-bf16.gguf and model-q4_0.gguf. Decode speed: a prompt of N tokens is prefilled,
 then --decode single tokens are timed (same token each step; speed does not depend on it).
+
+OMP_WAIT_POLICY defaults to PASSIVE here (set before torch loads OpenMP): with torch's OpenMP
+workers spinning between ops, a 2-core decode measured 3-8x slower (set OMP_WAIT_POLICY=ACTIVE
+to see it). The engine should set this itself.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import subprocess
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
-from safetensors.torch import save_file
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from krasisd.engine import engine as engine_mod
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from krasisd.engine import engine as engine_mod  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "deepseek-v2-lite.json"
 STD = 0.02
@@ -192,7 +200,8 @@ def main() -> None:
             quantize_q4_0(bf16, q4, args.threads)
         llama = llama_decode(q4, args.threads, args.contexts, args.decode)
     print(f"C1: DeepSeek-V2-Lite shapes, 4 layers, random weights, threads={args.threads}, "
-          f"{args.decode} decode steps")
+          f"{args.decode} decode steps, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     for ctx in args.contexts:
         tok_s, experts_ms = krasis[ctx]
         line = (f"context {ctx}: krasis INT4 g128 {tok_s:.1f} tok/s "
