@@ -317,11 +317,12 @@ class HybridEngine(Engine):
     @torch.inference_mode()
     def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
         """As Engine.forward; one token with a cache goes through the decode step."""
-        ids = self._ids(input_ids)  # validates
-        if cache is None or ids.shape[0] != 1:
-            return super().forward(ids, cache)
-        step = self._step_for(cache)
-        return step(int(ids[0]), cache)[None, :]  # [1, V]
+        token = _single_token(input_ids) if cache is not None else None
+        if token is None:
+            return super().forward(input_ids, cache)
+        if not 0 <= token < self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return self._step_for(cache)(token, cache)[None, :]  # [1, V]
 
     def _step_for(self, cache: KVCache) -> DecodeStep:
         key = _storage_key(cache)
@@ -340,6 +341,15 @@ class HybridEngine(Engine):
         if getattr(backend, "heat", None) is None:
             raise ValueError("this engine records no expert heat")
         return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
+
+
+def _single_token(input_ids) -> int | None:
+    """The id when ``input_ids`` holds exactly one token (read on the host), else None."""
+    if isinstance(input_ids, int | list | tuple):
+        flat = [input_ids] if isinstance(input_ids, int) else list(input_ids)
+        return int(flat[0]) if len(flat) == 1 and isinstance(flat[0], int) else None
+    ids = torch.as_tensor(input_ids)
+    return int(ids.reshape(-1)[0]) if ids.numel() == 1 else None
 
 
 def _storage_key(cache: KVCache) -> int:

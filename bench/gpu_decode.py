@@ -1,0 +1,471 @@
+"""GPU hybrid decode benchmark: the seed's decode table for S1 (16 GiB) and S2 (4 GiB), and S2
+with GPU experts off (every routed expert on the CPU), plus TTFT of a 10K-token prompt,
+load time from the dual-format cache (warm and cold), cache size on disk, the share of
+experts resident on the GPU, and 1 / 4 / 8 concurrent streams.
+
+DeepSeek-V2-Lite shapes (bench/configs/deepseek-v2-lite.json), synthetic weights drawn on
+the GPU and quantized there straight into both cache formats (INT4, group 128); the dense
+weights go to one bf16 safetensors file. A load reads them back as a runner would: dense
+to the GPU, the GPU cache into pinned memory, the CPU cache memory-mapped; nothing is
+re-quantized. Each decode row gives ms per token (avg, p50, min, max over all timed tokens
+of several runs) and the physical limits beside it: CPU expert bytes per token over the
+host read rate measured here with the native thread pool, and GPU bytes per token over the
+device copy rate measured here.
+
+    PYTHONPATH=. python3 bench/gpu_decode.py --out results.json     # on the GPU machine
+    python3 bench/gpu_decode.py --smoke                             # tiny model, CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if "--smoke" in sys.argv:  # the tiny model runs the Triton kernels on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from krasisd.engine.batch import batched_decode  # noqa: E402
+from krasisd.engine.config import ModelConfig  # noqa: E402
+from krasisd.engine.cpu_cache import FORMAT as CPU_FORMAT  # noqa: E402
+from krasisd.engine.cpu_cache import _file_record as cpu_file_record  # noqa: E402
+from krasisd.engine.cpu_cache import load_cpu_cache  # noqa: E402
+from krasisd.engine.gpu.backend import gpu_experts_for  # noqa: E402
+from krasisd.engine.gpu.cache import _file_record as gpu_file_record  # noqa: E402
+from krasisd.engine.gpu.cache import _manifest as gpu_manifest  # noqa: E402
+from krasisd.engine.gpu.cache import load_gpu_cache  # noqa: E402
+from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
+from krasisd.engine.gpu.format import ExpertLayout, QuantSpec  # noqa: E402
+from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
+from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
+from krasisd.engine.gpu.placement import PlacementError, parse_vram_budget  # noqa: E402
+from krasisd.engine.gpu.synthetic import (  # noqa: E402
+    TINY_DEEPSEEK_V2,
+    dense_bytes,
+    synthetic_expert_weights,
+    synthetic_model,
+)
+from krasisd.engine.heat import ExpertHeat, hit_rate  # noqa: E402
+from krasisd.engine.kv_cache import new_kv_cache  # noqa: E402
+from krasisd.engine.models import build_model  # noqa: E402
+from krasisd.engine.native_experts import NativeExperts  # noqa: E402
+from krasisd.engine.quant import LAYOUT_VERSION as CPU_LAYOUT  # noqa: E402
+from krasisd.engine.quant import quantize  # noqa: E402
+
+CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "deepseek-v2-lite.json"
+GROUP_SIZE = 128
+CHUNK_CHOICES = (8192, 4096, 2048, 1024)
+
+SEED_DECODE = {100: (177.0, 5.6)}  # context: (ms/token, tok/s) of the seed, docs/PERFORMANCE.md
+TARGETS = {"S1": 500.0, "S2": 80.0, "S2-cpu": 80.0}  # tok/s at context 1000 (issue 7)
+
+
+# -- measurements of the machine ----------------------------------------------------------
+
+def measure_bandwidths(device: str, threads: int, small: bool) -> dict:
+    """Host read rate with the native pool, device copy rate and pinned host-to-device rate."""
+    import krasis_native
+    import numpy as np
+
+    nbytes = (64 << 20) if small else (4 << 30)
+    buf = np.ones(nbytes // 8, dtype=np.uint64)  # touched: no page faults while timed
+    runner = krasis_native.MoE(threads)
+    best_s = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        runner.stream_read(buf)
+        best_s = min(best_s, time.perf_counter() - start)
+    out = {"host_read_bytes_s": nbytes / best_s, "threads": threads,
+           "hbm_bytes_s": 3.35e12, "h2d_bytes_s": 55e9}  # placeholders off the GPU
+    del buf, runner
+    if device == "cuda":
+        out["hbm_bytes_s"] = _copy_rate(torch.empty(2 << 30, dtype=torch.uint8, device="cuda"),
+                                        torch.empty(2 << 30, dtype=torch.uint8, device="cuda"), 2)
+        out["h2d_bytes_s"] = _copy_rate(torch.empty(1 << 30, dtype=torch.uint8, device="cuda"),
+                                        torch.ones(1 << 30, dtype=torch.uint8, pin_memory=True), 1)
+    return out
+
+
+def _copy_rate(dst, src, passes: int) -> float:
+    """Bytes moved per second by dst.copy_(src) (read + write when ``passes`` is 2)."""
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return passes * dst.numel() / statistics.median(times[1:])
+
+
+# -- the dual-format cache of a synthetic model --------------------------------------------
+
+def bench_config(smoke: bool) -> ModelConfig:
+    if smoke:
+        return ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, hidden_size=128,
+                                          moe_intermediate_size=64))
+    return ModelConfig.from_file(CONFIG_PATH)
+
+
+def build_caches(root: Path, device: str, smoke: bool) -> tuple[ModelConfig, dict]:
+    """Dense weights (bf16 safetensors) and both expert caches, quantized on ``device``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    config = bench_config(smoke)
+    group = 32 if smoke else GROUP_SIZE
+    layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, QuantSpec(4, group))
+    model = synthetic_model(config, device, torch.bfloat16)
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
+              str(root / "dense.safetensors"))
+    del model
+    (root / "cpu").mkdir()
+    (root / "gpu").mkdir()
+    names = []
+    for layer in range(config.num_hidden_layers):
+        if not config.is_moe_layer(layer):
+            continue
+        gate, up, down = synthetic_expert_weights(config, layer, device)
+        name = f"layer_{layer:03d}.safetensors"
+        blobs = layout.pack_experts(gate, up, down).cpu()  # [E, B]
+        save_file({"experts": blobs}, str(root / "gpu" / name),
+                  metadata={"format": "krasis-gpu-experts"})
+        tensors = {}
+        for proj, w in (("gate", gate), ("up", up), ("down", down)):
+            q, scales = quantize(w, 4, group)
+            tensors[f"{proj}.qweight"], tensors[f"{proj}.scales"] = q.cpu(), scales.cpu()
+        save_file(tensors, str(root / "cpu" / name), metadata={"format": CPU_FORMAT,
+                                                                "quant": "int4"})
+        names.append((layer, name))
+        del gate, up, down, blobs, tensors
+    with ThreadPoolExecutor(8) as pool:  # checksums: hashlib releases the GIL
+        cpu_records = list(pool.map(lambda n: cpu_file_record(root / "cpu" / n[1], n[1]), names))
+        gpu_records = list(pool.map(lambda n: gpu_file_record(root / "gpu" / n[1]), names))
+    cpu_manifest = {
+        "format": CPU_FORMAT, "layout_version": CPU_LAYOUT, "quant": "int4", "bits": 4,
+        "group_size": group, "n_experts": config.n_routed_experts, "hidden": config.hidden_size,
+        "width": config.moe_intermediate_size, "model_fingerprint": "synthetic",
+        "created": time.time(), "layers": {str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)},
+    }
+    files = {str(layer): r for (layer, _), r in zip(names, gpu_records, strict=True)}
+    (root / "cpu" / "manifest.json").write_text(json.dumps(cpu_manifest))
+    (root / "gpu" / "manifest.json").write_text(
+        json.dumps(gpu_manifest(config, layout, "synthetic", files)))
+    sizes = {part: sum(p.stat().st_size for p in (root / part).iterdir()) for part in ("cpu", "gpu")}
+    sizes["dense"] = (root / "dense.safetensors").stat().st_size
+    return config, sizes
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (needs root); False when not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as handle:
+            handle.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def load_caches(root: Path, config: ModelConfig, device: str) -> tuple[dict, dict]:
+    """What a runner loads: dense weights to the device, GPU cache pinned, CPU cache mapped."""
+    from safetensors.torch import load_file
+
+    times, start = {}, time.perf_counter()
+    state = load_file(str(root / "dense.safetensors"), device=device)
+    with torch.device("meta"):
+        model = build_model(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+    sync(device)
+    times["dense_s"] = time.perf_counter() - start
+    host = load_gpu_cache(root / "gpu", pin=device == "cuda")
+    times["gpu_cache_s"] = time.perf_counter() - start - times["dense_s"]
+    cpu_cache = load_cpu_cache(root / "cpu")
+    times["cpu_cache_s"] = time.perf_counter() - start - times["dense_s"] - times["gpu_cache_s"]
+    times["total_s"] = time.perf_counter() - start
+    return {"config": config, "model": model, "host": host, "cpu_cache": cpu_cache}, times
+
+
+def release_loaded(loaded: dict) -> None:
+    import gc
+
+    loaded.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        empty_host = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host is not None:
+            empty_host()  # give cached pinned blocks back, so the next load pins afresh
+
+
+def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int,
+                use_graphs: bool) -> tuple[HybridEngine, dict]:
+    """A HybridEngine over the loaded caches, placed under ``budget``."""
+    config, model, host = loaded["config"], loaded["model"], loaded["host"]
+    device = model.lm_head.weight.device
+    dense = dense_bytes(model)
+    kv_bytes = new_kv_cache(config, max_tokens, torch.bfloat16, "meta").nbytes
+    start, last = time.perf_counter(), None
+    for chunk in CHUNK_CHOICES:
+        try:
+            gpu = gpu_experts_for(host, config, device, parse_vram_budget(budget), dense,
+                                  kv_bytes, max_tokens, chunk_tokens=chunk)
+            break
+        except PlacementError as exc:
+            last = exc
+    else:
+        raise last
+    sync(device)
+    arena_s = time.perf_counter() - start
+    heat = ExpertHeat(sorted(host.layers), host.num_experts, device)
+    backend = HybridExperts(gpu, NativeExperts(loaded["cpu_cache"], threads=threads), device,
+                            use_gpu_experts=gpu_experts, heat=heat)
+    engine = HybridEngine(config, model, backend, eos_token_ids=set(), use_graphs=use_graphs)
+    info = dict(gpu.plan.summary(), chunk_tokens=chunk, arena_upload_s=arena_s,
+                decode_resident_fraction=backend.resident_fraction())
+    return engine, info
+
+
+def release(engine) -> None:
+    import gc
+
+    model = engine.model
+    engine._steps.clear()
+    engine.close()
+    model.expert_backend = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def physical_limits(engine, bw: dict) -> dict:
+    """Bytes per token on each side over the measured rates, with the routes seen so far."""
+    backend, config = engine.expert_backend, engine.config
+    resident = {layer: tuple(int(e) for e in mask.nonzero()[0])
+                for layer, mask in backend.resident_np.items()}
+    hits = hit_rate(backend.heat.as_dict(), resident)
+    slots = len(backend.moe_layers) * config.num_experts_per_tok  # routed experts per token
+    cpu_layer_bytes = statistics.mean(r["bytes"] for r in backend.cpu.cache.manifest["layers"]
+                                      .values()) if backend.cpu.cache.layers else 0
+    cpu_expert_bytes = cpu_layer_bytes / config.n_routed_experts
+    cpu_bytes = slots * (1 - hits) * cpu_expert_bytes
+    model = engine.model
+    dense = dense_bytes(model) - model.model.embed_tokens.weight.numel() * 2
+    gpu_bytes = dense + slots * hits * backend.gpu.layout.expert_bytes
+    cpu_s, gpu_s = cpu_bytes / bw["host_read_bytes_s"], gpu_bytes / bw["hbm_bytes_s"]
+    return {"hit_rate": hits, "cpu_bytes_per_token": cpu_bytes,
+            "gpu_bytes_per_token": gpu_bytes, "cpu_limit_tok_s": 1 / cpu_s if cpu_s else None,
+            "gpu_limit_tok_s": 1 / gpu_s, "limit_tok_s": 1 / max(cpu_s, gpu_s)}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_run(engine, cache, context: int, steps: int, first_token: int) -> list[float]:
+    """ms of each of ``steps`` greedy tokens after ``context`` cached tokens."""
+    cache.length = context  # the prefilled prefix stays valid; later positions are rewritten
+    token, times_ms = first_token, []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = engine.forward([token], cache)[-1]
+        token = int(logits.argmax())  # syncs
+        times_ms.append(1e3 * (time.perf_counter() - start))
+    return times_ms
+
+
+def prefill(engine, cache, ids, chunk: int) -> tuple[float, int]:
+    """Prefill ``ids`` into an empty cache: (seconds to the first token, that token)."""
+    device = engine.device
+    cache.reset()
+    sync(device)
+    start = time.perf_counter()
+    logits = prefill_logits(engine.model, ids, cache, chunk_tokens=chunk)
+    token = int(logits[-1].argmax())
+    seconds = time.perf_counter() - start
+    cache.advance(ids.shape[0])
+    return seconds, token
+
+
+def decode_table(engine, chunk, contexts, steps, runs, ttft_runs, rng) -> list[dict]:
+    device, vocab = engine.device, engine.config.vocab_size
+    cache = engine.new_cache(max(contexts) + steps + 1)
+    rows = []
+    for context in contexts:
+        ids = torch.randint(0, vocab, (context,), generator=rng).to(device)
+        ttfts = []
+        for _ in range(ttft_runs if context == max(contexts) else 1):
+            seconds, token = prefill(engine, cache, ids, chunk)
+            ttfts.append(seconds)
+        decode_run(engine, cache, context, steps, token)  # warm-up: captures this window's graphs
+        times = [ms for _ in range(runs) for ms in decode_run(engine, cache, context, steps, token)]
+        avg = statistics.mean(times)
+        rows.append({"context": context, "avg_ms": avg, "p50_ms": statistics.median(times),
+                     "min_ms": min(times), "max_ms": max(times), "tok_s": 1e3 / avg,
+                     "ttft_s": statistics.median(ttfts), "tokens_timed": len(times)})
+    return rows
+
+
+def streams_table(engine, counts, steps, context, rng) -> list[dict]:
+    """Aggregate tok/s with B sequences sharing each step (B = 1 takes the graph path)."""
+    device, vocab, rows = engine.device, engine.config.vocab_size, []
+    for count in counts:
+        caches = [engine.new_cache(context + steps + 2) for _ in range(count)]
+        tokens = []
+        for cache in caches:
+            ids = torch.randint(0, vocab, (context,), generator=rng).to(device)
+            tokens.append(int(engine.forward(ids, cache)[-1].argmax()))
+        for warm in (True, False):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(2 if warm else steps):
+                if count == 1:
+                    logits = engine.forward([tokens[0]], caches[0])
+                else:
+                    logits = batched_decode(engine.model, tokens, caches)  # [B, V]
+                tokens = logits.argmax(-1).tolist()
+            seconds = time.perf_counter() - start
+        rows.append({"streams": count, "tok_s": count * steps / seconds,
+                     "per_stream_tok_s": steps / seconds})
+        del caches
+    return rows
+
+
+def run_scenario(name, loaded, budget, gpu_experts, args, bw, rng) -> dict:
+    engine, plan_info = make_engine(loaded, budget, gpu_experts, args.threads,
+                                          max_tokens=max(args.contexts) + args.steps + 2,
+                                          use_graphs=not args.no_graphs)
+    log(f"\n{name}: budget {budget}, GPU experts {'on' if gpu_experts else 'off'}, "
+        f"{plan_info}")
+    rows = decode_table(engine, plan_info["chunk_tokens"], args.contexts, args.steps, args.runs,
+                        args.ttft_runs, rng)
+    limits = physical_limits(engine, bw)
+    for row in rows:
+        log(f"{name} ctx {row['context']:>6}: avg {row['avg_ms']:7.2f} ms  p50 "
+            f"{row['p50_ms']:7.2f}  min {row['min_ms']:7.2f}  max {row['max_ms']:7.2f}  "
+            f"{row['tok_s']:7.1f} tok/s   TTFT {row['ttft_s'] * 1e3:8.1f} ms   "
+            f"limit {limits['limit_tok_s']:.0f} tok/s")
+    streams = []
+    if not args.skip_streams:
+        streams = streams_table(engine, args.streams, args.stream_steps, 100, rng)
+        for row in streams:
+            log(f"{name} {row['streams']} streams: {row['tok_s']:.1f} tok/s "
+                f"({row['per_stream_tok_s']:.1f} per stream)")
+    result = {"scenario": name, "budget": budget, "gpu_experts": gpu_experts, "plan": plan_info,
+              "rows": rows, "limits": limits, "streams": streams,
+              "graph_failures": sum(s.graph_failures for s in engine._steps.values())}
+    release(engine)
+    return result
+
+
+def print_summary(results, bw, loads, sizes) -> None:
+    log(f"\nmeasured: host read {bw['host_read_bytes_s'] / 1e9:.1f} GB/s "
+        f"({bw['threads']} threads), device copy {bw['hbm_bytes_s'] / 1e12:.2f} TB/s, "
+        f"pinned H2D {bw['h2d_bytes_s'] / 1e9:.1f} GB/s")
+    log(f"cache on disk: cpu {sizes['cpu'] / 1e9:.2f} GB, gpu {sizes['gpu'] / 1e9:.2f} GB, "
+        f"dense {sizes['dense'] / 1e9:.2f} GB")
+    for kind, times in loads.items():
+        log(f"load ({kind}): " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+    log("\n| scenario | resident | context | avg ms | p50 ms | min ms | max ms | tok/s "
+        "| limit tok/s | TTFT |")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for res in results:
+        frac = res["plan"]["decode_resident_fraction"]
+        for r in res["rows"]:
+            log(f"| {res['scenario']} | {100 * frac:.0f}% | {r['context']} | {r['avg_ms']:.2f} "
+                f"| {r['p50_ms']:.2f} | {r['min_ms']:.2f} | {r['max_ms']:.2f} "
+                f"| {r['tok_s']:.1f} | {res['limits']['limit_tok_s']:.0f} "
+                f"| {r['ttft_s'] * 1e3:.0f} ms |")
+    for res in results:
+        if res["streams"]:
+            log(f"{res['scenario']} streams: " + ", ".join(
+                f"{r['streams']}: {r['tok_s']:.1f} tok/s" for r in res["streams"]))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", default="100,1000,10000")
+    parser.add_argument("--steps", type=int, default=32, help="tokens per timed run")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ttft-runs", type=int, default=3)
+    parser.add_argument("--streams", default="1,4,8")
+    parser.add_argument("--stream-steps", type=int, default=24)
+    parser.add_argument("--skip-streams", action="store_true")
+    parser.add_argument("--scenarios", default="S1=16GiB,S2=4GiB,S2-cpu=4GiB:off")
+    parser.add_argument("--threads", type=int, default=None, help="CPU expert threads "
+                        "(default: cores minus one)")
+    parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--cache-dir", default=None, help="where to write the caches")
+    parser.add_argument("--out", default=None, help="write all numbers as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    args = parser.parse_args(argv)
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.streams = [int(c) for c in args.streams.split(",")]
+    if args.smoke:
+        args.contexts, args.steps, args.runs, args.ttft_runs = [20, 60], 4, 2, 1
+        args.stream_steps, args.scenarios = 3, "S1=1GiB,S2-cpu=1GiB:off"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        log("needs a CUDA GPU (or --smoke)")
+        return 2
+    device = "cpu" if args.smoke else "cuda"
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    args.threads = threads
+    bw = measure_bandwidths(device, threads, small=args.smoke)
+    log(f"host read {bw['host_read_bytes_s'] / 1e9:.1f} GB/s with {threads} threads, device copy "
+        f"{bw['hbm_bytes_s'] / 1e9:.0f} GB/s, pinned H2D {bw['h2d_bytes_s'] / 1e9:.1f} GB/s")
+    rng = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory(dir=args.cache_dir) as tmp:
+        start = time.perf_counter()
+        config, sizes = build_caches(Path(tmp), device, smoke=args.smoke)
+        log(f"caches built in {time.perf_counter() - start:.1f} s: "
+            f"{json.dumps({k: round(v / 1e9, 2) for k, v in sizes.items()})} GB")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        loads = {}
+        cold = False if args.smoke else drop_page_cache()  # never on a shared dev machine
+        loaded, loads["cold" if cold else "cold (not permitted: page cache kept)"] = (
+            load_caches(Path(tmp), config, device))
+        release_loaded(loaded)
+        loaded, loads["warm"] = load_caches(Path(tmp), config, device)
+        for kind, times in loads.items():
+            log(f"load {kind}: {json.dumps({k: round(v, 2) for k, v in times.items()})} s")
+        results = []
+        for spec in args.scenarios.split(","):
+            name, _, rest = spec.partition("=")
+            budget, _, mode = rest.partition(":")
+            try:
+                results.append(run_scenario(name, loaded, budget, mode != "off", args, bw, rng))
+            except Exception as exc:  # report and go on with the other scenarios
+                log(f"{name} failed: {type(exc).__name__}: {exc}")
+                if args.smoke:
+                    raise
+    print_summary(results, bw, loads, sizes)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump({"bandwidths": bw, "cache_bytes": sizes, "loads": loads,
+                       "results": results}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
