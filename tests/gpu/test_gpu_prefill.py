@@ -62,7 +62,8 @@ def test_gpu_prefill_matches_cpu_and_ignores_residency(cuda, quant):
     bf16_model = synthetic_model(config, "cpu", torch.bfloat16, seed=5)
     bf16_model.expert_backend = TorchExperts(host.unpack(torch.bfloat16))
     bound = 1.5 * _rel(prefill_logits(bf16_model, ids, last_only=False), expected) + 5e-3
-    gpu_model = synthetic_model(config, cuda, torch.bfloat16, seed=5)
+    # built on the CPU and moved: a CUDA generator draws other numbers than a CPU one
+    gpu_model = synthetic_model(config, "cpu", torch.bfloat16, seed=5).to(cuda)
     total = len(host.layers) * host.num_experts
     results = []
     for resident in (0, total // 3, total):
