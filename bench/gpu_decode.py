@@ -397,6 +397,40 @@ def print_summary(results, bw, loads, sizes) -> None:
                 f"{r['streams']}: {r['tok_s']:.1f} tok/s" for r in res["streams"]))
 
 
+def cpu_streams(args) -> int:
+    """1 / 4 / 8 streams on the CPU alone: a small DeepSeek-shaped model, native INT4 experts."""
+    from krasisd.engine.cpu_cache import CpuCache, LayerExperts
+    from krasisd.engine.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    raw = json.loads(CONFIG_PATH.read_text())
+    raw.update(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2816,
+               num_hidden_layers=4, vocab_size=32000, num_attention_heads=8,
+               num_key_value_heads=8)
+    config = ModelConfig.from_dict(raw)
+    model = synthetic_model(config, "cpu", torch.bfloat16)
+    layers = {}
+    for layer in range(config.num_hidden_layers):
+        if config.is_moe_layer(layer):
+            arrays = []
+            for w in synthetic_expert_weights(config, layer, "cpu"):
+                q, scales = quantize(w, 4, GROUP_SIZE)
+                arrays += [q.numpy(), scales.numpy()]
+            layers[layer] = LayerExperts(*arrays)
+    cache = CpuCache({"bits": 4, "group_size": GROUP_SIZE, "hidden": config.hidden_size,
+                      "n_experts": config.n_routed_experts}, layers)
+    engine = Engine(config, model, NativeExperts(cache, threads=args.threads),
+                    eos_token_ids=set())
+    rows = streams_table(engine, args.streams, args.stream_steps, 100,
+                         torch.Generator().manual_seed(0))
+    log(f"CPU only ({args.threads} threads), hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, 64 INT4 experts top-6:")
+    for row in rows:
+        log(f"  {row['streams']} streams: {row['tok_s']:.1f} tok/s "
+            f"({row['per_stream_tok_s']:.1f} per stream)")
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="100,1000,10000")
@@ -413,6 +447,8 @@ def parse_args(argv):
     parser.add_argument("--cache-dir", default=None, help="where to write the caches")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--cpu-streams", action="store_true",
+                        help="only 1/4/8 streams of a small model on the CPU (no GPU needed)")
     args = parser.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     args.streams = [int(c) for c in args.streams.split(",")]
@@ -424,6 +460,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cpu_streams:
+        args.threads = args.threads or 2
+        return cpu_streams(args)
     if not args.smoke and not torch.cuda.is_available():
         log("needs a CUDA GPU (or --smoke)")
         return 2

@@ -65,8 +65,8 @@ def exact_experts(config, layer: int, bits: int, group: int, seed: int):
     """gate/up [E, I, D] and down [E, D, I] that both formats represent exactly.
 
     INT8: q * 2^e with q in [-127, 127] and a 127 in every group (both scales are 2^e).
-    INT4: 0 or -7 * 2^e, with a -7 * 2^e in every group (CPU scale 7 * 2^e / 8, q = -8;
-    GPU scale 2^e, q = -7): the only values on both INT4 grids.
+    INT4: 0 or s * 7 * 2^e with one sign s per group and at least one nonzero (CPU scale
+    -s * 7 * 2^e / 8, q = -8; GPU scale 2^e, q = 7s): the only values on both INT4 grids.
     """
     gen = torch.Generator().manual_seed(seed * 1000 + layer)
     e, i, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
@@ -78,8 +78,10 @@ def exact_experts(config, layer: int, bits: int, group: int, seed: int):
             q[..., 0] = 127.0
             step_std = 1 / (73 * cols**0.5)  # |q| ~ 73 on average
         else:
-            q = -7.0 * (torch.rand(shape, generator=gen) < 0.5)
-            q[..., 0] = -7.0
+            sign = torch.randint(0, 2, shape[:-1], generator=gen).float() * 2 - 1  # per group
+            q = 7.0 * (torch.rand(shape, generator=gen) < 0.5)
+            q[..., 0] = 7.0
+            q *= sign[..., None]
             step_std = 1 / (5 * cols**0.5)
         exponent = torch.round(torch.log2(torch.tensor(step_std)) +
                                torch.randint(-1, 2, shape[:-1], generator=gen))
