@@ -49,10 +49,8 @@ DEFAULT_MAX_DECODE_TOKENS = 32
 # Decode tiles: one routed slot per 16-row block; the weight tile width sets how many
 # programs stream the weights (memory-bound), so only N, K, warps and unpacking vary.
 DECODE_CANDIDATES = tuple(
-    KernelConfig(16, block_n, block_k, 8, warps, 4, reshape)
-    for block_n, block_k, warps in ((32, 128, 2), (64, 128, 4), (32, 64, 2), (128, 128, 4),
-                                    (64, 64, 4))
-    for reshape in (False, True)
+    KernelConfig(16, block_n, block_k, 8, warps, 4)
+    for block_n, block_k, warps in ((32, 128, 2), (64, 128, 4), (64, 64, 4), (128, 128, 4))
 )
 _decode_tuned: dict[tuple, KernelConfig] = {}
 
@@ -256,9 +254,11 @@ class HybridExperts:
         return y.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, D]
 
     def _kernel_config(self, layer, x, topk_ids, topk_weights) -> KernelConfig:
-        """The fastest decode tile for this shape, timed once on the first call (CUDA)."""
+        """The fastest decode tile for one-token steps, timed once per shape (CUDA); other
+        token counts take the fixed tile (each candidate costs a compile)."""
         fixed = default_config(1.0, self.device.type)
-        if not self._cuda or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        tune = self._cuda and topk_ids.shape[0] == 1
+        if not tune or os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return fixed
         spec = self.gpu.layout.spec
         key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
