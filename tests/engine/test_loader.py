@@ -248,3 +248,13 @@ def test_eos_ids_and_closed_engine(model_dir):
     engine.close()
     with pytest.raises(KrasisEngineError, match="closed"):
         engine.logits([1, 2])
+
+
+def test_int8_quant_goes_through_the_native_expert_hook(model_dir, reference_logits, tmp_path):
+    pytest.importorskip("krasis_native")
+    pytest.importorskip("krasisd.engine.native_experts")
+    engine = load(model_dir, quant="int8", threads=1, cache_dir=tmp_path / "cpu-cache")
+    assert type(engine.expert_backend).__name__ == "NativeExperts"
+    assert (tmp_path / "cpu-cache").is_dir()
+    diff = (engine.logits(IDS) - reference_logits).abs().max().item()
+    assert 0 < diff < 0.05
