@@ -240,8 +240,11 @@ class HybridExperts:
 
     def _gpu_part(self, layer, x, topk_ids, topk_weights, cfg) -> torch.Tensor:
         t, k = topk_ids.shape
-        on_gpu = self._resident_dev[layer][topk_ids]  # [T, K] bool
-        routes = resident_routes(topk_ids, on_gpu, cfg.block_m)
+        if self.resident_np[layer].all():  # nothing to compact: fewer kernels per step
+            routes = all_routes(topk_ids, cfg.block_m)
+        else:
+            on_gpu = self._resident_dev[layer][topk_ids]  # [T, K] bool
+            routes = resident_routes(topk_ids, on_gpu, cfg.block_m)
         block_slot = self._slot_map[layer][routes.block_expert.long()]  # [P] int32
         spec, views = self.gpu.layout.spec, self.gpu.views
         inter = views["w2_q"].shape[1] * (8 if spec.bits == 4 else 1)
@@ -298,6 +301,24 @@ def _fastest(run, fallback: KernelConfig, repeats: int = 20) -> KernelConfig:
         if ms < best_ms:
             best, best_ms = cfg, ms
     return best
+
+
+_ALL_ROUTES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def all_routes(topk_ids: torch.Tensor, block_m: int) -> SortedRoutes:
+    """One kernel row block per slot, in slot order (every expert resident): [P * BM] rows."""
+    t, k = topk_ids.shape
+    p, device = t * k, topk_ids.device
+    key = (p, block_m, device)
+    if key not in _ALL_ROUTES:  # made once per shape, outside any graph capture
+        sorted_ids = torch.full((p, block_m), p, dtype=torch.int32, device=device)
+        sorted_ids[:, 0] = torch.arange(p, dtype=torch.int32, device=device)
+        num_rows = torch.full((1,), p * block_m, dtype=torch.int32, device=device)
+        _ALL_ROUTES[key] = (sorted_ids.reshape(-1), num_rows)
+    sorted_ids, num_rows = _ALL_ROUTES[key]
+    block_expert = topk_ids.reshape(-1).to(torch.int32)  # [P]
+    return SortedRoutes(sorted_ids, block_expert, num_rows, p, k, block_m)
 
 
 def resident_routes(topk_ids: torch.Tensor, on_gpu: torch.Tensor, block_m: int) -> SortedRoutes:
