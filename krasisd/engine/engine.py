@@ -70,17 +70,23 @@ class Engine:
         return ids.to(self.device)
 
     @torch.inference_mode()
-    def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """input_ids [T] -> float32 logits [T, V]; appends the tokens to ``cache`` when given.
 
         One token with a cache takes the decode path (absorbed MLA); more take prefill.
+        ``last_only`` returns [1, V], the logits of the last token only: a long prompt then
+        never materialises T x V logits.
         """
         model = self._live()
         ids = self._ids(input_ids)
         if cache is None:
-            return model.prefill(ids, None)
+            return model.prefill(ids, None, last_only=last_only)
         cache.check_room(ids.shape[0])
-        logits = model.decode(ids, cache) if ids.shape[0] == 1 else model.prefill(ids, cache)
+        if ids.shape[0] == 1:
+            logits = model.decode(ids, cache)
+        else:
+            logits = model.prefill(ids, cache, last_only=last_only)
         cache.advance(ids.shape[0])
         return logits
 
@@ -96,7 +102,7 @@ class Engine:
         if max_new_tokens == 0:
             return []
         cache = self.new_cache(len(ids) + max_new_tokens)
-        logits = self.forward(ids, cache)[-1]  # [V]
+        logits = self.forward(ids, cache, last_only=True)[-1]  # [V]
         new_tokens: list[int] = []
         while True:
             token = int(torch.argmax(logits))

@@ -135,15 +135,17 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.expert_backend = None
 
-    def prefill(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """input_ids [T] -> float32 logits [T, V]; full attention over cache + new tokens."""
-        return self._run(input_ids, cache, decode=False)
+    def prefill(self, input_ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """input_ids [T] -> float32 logits [T, V] ([1, V] with ``last_only``); full attention
+        over cache + new tokens."""
+        return self._run(input_ids, cache, decode=False, last_only=last_only)
 
     def decode(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
         """input_ids [T] (usually T = 1) -> float32 logits [T, V] through the cached decode path."""
         return self._run(input_ids, cache, decode=True)
 
-    def _run(self, input_ids: torch.Tensor, cache, decode: bool) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, cache, decode: bool,
+             last_only: bool = False) -> torch.Tensor:
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[0], device=input_ids.device)
         cos, sin = self.rotary.cos_sin(positions)  # [T, R/2] each
@@ -151,6 +153,8 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             step = layer.decode if decode else layer.prefill
             x = step(x, cos, sin, cache, self.expert_backend)
+        if last_only:
+            x = x[-1:]  # [1, D]: the output head only where the next token is drawn
         x = self.model.norm(x)
         return self.lm_head(x).float()  # [T, V]
 
