@@ -137,12 +137,22 @@ class DecodeStep:
         return self.logits[0].clone()
 
     def _run(self, bucket: int) -> None:
-        job = None
+        """Pieces in order. Replaying graphs, the GPU experts' piece is enqueued before the
+        CPU part runs on this thread; eagerly, the CPU part runs in the backend's worker
+        while this thread launches that piece's kernels."""
+        graphed = any(bucket in item.graphs for item in self.program if isinstance(item, Piece))
+        job = handoff = None
         for item in self.program:
             if isinstance(item, Piece):
                 item.run(bucket)
             elif item[0] == "submit":
-                job = self.backend.submit_cpu(item[1], self.staging)
+                if graphed:
+                    handoff = (item[1], self.backend.handoff_event(self.staging))
+                else:
+                    job = self.backend.submit_cpu(item[1], self.staging)
+            elif handoff is not None:
+                self.backend.run_cpu(handoff[0], self.staging, handoff[1])
+                handoff = None
             elif job is not None:
                 job.result()
                 job = None

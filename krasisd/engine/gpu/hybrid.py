@@ -8,7 +8,8 @@ Per MoE layer and decode step (``start`` then ``finish``):
 2. a worker thread waits for that event and runs the native kernels over the slots whose
    expert is not resident (the call releases the GIL); meanwhile the caller enqueues the
    resident experts' Triton kernels (and the shared experts), which the GPU runs while the
-   CPU computes;
+   CPU computes (when those are one graph replay, the caller enqueues it first and runs
+   the CPU part itself, which saves the thread hand-off);
 3. ``finish`` joins the worker, copies its [T, D] result back through a pinned buffer (one
    copy) and adds it to the GPU part.
 Prompts longer than ``max_decode_tokens`` go to the streaming prefill backend (GpuExperts).
@@ -202,13 +203,18 @@ class HybridExperts:
 
     def submit_cpu(self, layer: int, staging: HostStaging) -> Future | None:
         """Start the CPU experts once the staged copies have landed; None when run inline."""
-        event = self._events[staging.x.shape[0]]
-        if event is not None:
-            event.record(torch.cuda.current_stream(self.device))
+        event = self.handoff_event(staging)
         if self._pool is None:
             self.run_cpu(layer, staging, event)
             return None
         return self._pool.submit(self.run_cpu, layer, staging, event)
+
+    def handoff_event(self, staging: HostStaging):
+        """Record (and return) the event after which the staged copies are on the host."""
+        event = self._events[staging.x.shape[0]]
+        if event is not None:
+            event.record(torch.cuda.current_stream(self.device))
+        return event
 
     def run_cpu(self, layer: int, staging: HostStaging, event) -> None:
         """Worker: wait for the copies, then the native kernels into ``staging.out``."""
