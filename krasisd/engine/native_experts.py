@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
-from krasisd.engine.quant import BITS, INT4_UNIT
+from krasisd.engine.quant import BITS, INT4_UNIT, quantize
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,26 @@ class NativeExperts:
     def close(self) -> None:
         """Drop the mapped cache (the pages go when the last array does)."""
         self.cache = CpuCache(self.cache.manifest, {})
+
+
+class NativeLinear:
+    """A quantized ``nn.Linear`` without bias for the CPU path (dense weights, output head):
+    W [N, K] quantized once into the CPU layout, applied by the native kernels."""
+
+    def __init__(self, weight: torch.Tensor, bits: int = 8, group_size: int = DEFAULT_GROUP_SIZE,
+                 runner=None):
+        qweight, scales = quantize(weight.detach().cpu(), bits, group_size)
+        self.qweight, self.scales = qweight.numpy(), scales.numpy()
+        self.bits, self.group_size = bits, group_size
+        self.out_features, self.in_features = weight.shape
+        self.runner = runner if runner is not None else _native().MoE(0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.detach().reshape(-1, self.in_features).to("cpu", torch.float32).contiguous()  # [T, K]
+        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)  # [T, N]
+        self.runner.linear(x2.numpy(), self.qweight, self.scales, self.bits, self.group_size, out)
+        y = torch.from_numpy(out).reshape(*x.shape[:-1], self.out_features)
+        return y.to(device=x.device, dtype=x.dtype)
 
 
 def pick_group_size(hidden: int, width: int, bits: int) -> int:

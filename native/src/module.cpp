@@ -73,6 +73,26 @@ void moe_forward(MoeRunner& self, const py::array& x, const py::array& ids, cons
     self.forward(xp, int(M), idp, wp, int(K), w, op);
 }
 
+void linear(MoeRunner& self, const py::array& x, const py::array& qweight, const py::array& scales,
+            int bits, int group_size, py::array& out) {
+    if (x.ndim() != 2 || qweight.ndim() != 2) throw py::value_error("x and qweight must be 2-D");
+    const py::ssize_t M = x.shape(0), K = x.shape(1), N = qweight.shape(0);
+    if (bits != 4 && bits != 8) throw py::value_error("bits must be 4 or 8");
+    if (group_size <= 0 || group_size % krasis::kHalf != 0 || K % group_size != 0)
+        throw py::value_error("group_size must be a positive multiple of 32 dividing K");
+    if (bits == 4 && K % krasis::kUnit != 0) throw py::value_error("INT4 needs K a multiple of 64");
+    const float* xp = checked<float>(x, "x", {M, K});
+    const uint8_t* qp = bits == 8
+        ? reinterpret_cast<const uint8_t*>(checked<int8_t>(qweight, "qweight", {N, K}))
+        : checked<uint8_t>(qweight, "qweight", {N, K / 2});
+    const float* sp = checked<float>(scales, "scales", {N, K / group_size});
+    float* op = const_cast<float*>(checked<float>(out, "out", {M, N}));
+    if (!out.writeable()) throw py::value_error("out: not writeable");
+    if (M == 0 || N == 0) return;
+    py::gil_scoped_release release;
+    self.linear(xp, int(M), qp, sp, int(N), int(K), bits, group_size, op);
+}
+
 uint64_t stream_read(MoeRunner& self, const py::buffer& buf) {
     const py::buffer_info info = buf.request();
     const size_t n_bytes = size_t(info.size) * size_t(info.itemsize);
@@ -114,6 +134,9 @@ PYBIND11_MODULE(krasis_native, m) {
              py::arg("down_q"), py::arg("down_s"), py::arg("bits"), py::arg("group_size"),
              py::arg("out"),
              "out[M, D] = sum_k w[:, k] * down(SiLU(gate x) * up x) over the routed experts.")
+        .def("linear", &linear, py::arg("x"), py::arg("qweight"), py::arg("scales"),
+             py::arg("bits"), py::arg("group_size"), py::arg("out"),
+             "out[M, N] = x[M, K] @ W.T for a quantized W [N, K] in the CPU layout.")
         .def("stream_read", &stream_read, py::arg("buffer"),
              "Sum a buffer's 64-bit words with the pool (read-bandwidth probe).");
 }

@@ -158,6 +158,40 @@ void MoeRunner::forward(const float* x, int M, const int64_t* ids, const float* 
     down(w, kt, M, out);
 }
 
+void MoeRunner::linear(const float* x, int M, const uint8_t* w_q, const float* w_s, int N, int K,
+                       int bits, int group_size, float* out) {
+    std::lock_guard<std::mutex> lock(call_mu_);
+    const int G = group_size;
+    const KernelTable& kt = active_kernels();
+    const DotTileFn dot = bits == 8 ? kt.dot_q8 : kt.dot_q4;
+    const size_t rb = row_bytes(bits, K);
+    ensure(xq_, size_t(M) * 2 * K);
+    ensure(xs_, size_t(M) * (K / G));
+    ensure(xsum_, size_t(M) * (K / G));
+    quantize_rows(x, M, K, G, xq_.data(), xs_.data(), xsum_.data());
+    const int blocks = (N + kRowBlock - 1) / kRowBlock;
+    auto task = [&](int i) {
+        const int r0 = i * kRowBlock, r1 = std::min(N, r0 + kRowBlock);
+        for (int t0 = 0; t0 < M; t0 += kMaxTile) {
+            const int T = std::min(kMaxTile, M - t0);
+            QActRow acts[kMaxTile];
+            for (int t = 0; t < T; ++t) {
+                const size_t tok = size_t(t0 + t);
+                acts[t] = act_row(xq_.data() + tok * 2 * K, xs_.data() + tok * (K / G),
+                                  xsum_.data() + tok * (K / G), K);
+            }
+            for (int n = r0; n < r1; n += kt.max_rows[T]) {
+                const int R = std::min(kt.max_rows[T], r1 - n);
+                float y[kMaxRows * kMaxTile];
+                dot(w_q + n * rb, w_s + size_t(n) * (K / G), R, acts, T, K, G, y);
+                for (int r = 0; r < R; ++r)
+                    for (int t = 0; t < T; ++t) out[size_t(t0 + t) * N + n + r] = y[r * T + t];
+            }
+        }
+    };
+    pool_.parallel_for(blocks, task);
+}
+
 uint64_t MoeRunner::stream_read(const uint8_t* data, size_t n_bytes) {
     const size_t n_words = n_bytes / sizeof(uint64_t);
     const int n_tasks = pool_.size() * 8;

@@ -35,6 +35,10 @@ class MoeRunner {
     void forward(const float* x, int M, const int64_t* ids, const float* topk_weights, int K,
                  const MoeWeights& w, float* out);
 
+    // A quantized linear layer: x [M, K] float32 times W [N, K] (CPU layout) -> out [M, N].
+    void linear(const float* x, int M, const uint8_t* w_q, const float* w_s, int N, int K,
+                int bits, int group_size, float* out);
+
     // Sums a buffer with the pool's threads (for read-bandwidth measurements).
     uint64_t stream_read(const uint8_t* data, size_t n_bytes);
 

@@ -148,6 +148,23 @@ def test_env_var_forces_avx2():
     assert out.stdout.strip() == "avx2"
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits,group", [(8, 32), (8, 128), (4, 64), (4, 128)])
+def test_linear_matches_reference(isa, bits, group, use_isa):
+    from krasisd.engine.native_experts import NativeLinear
+
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(100, 256, generator=gen) * 0.05  # [N, K], N not a multiple of 16
+    x = torch.randn(2, 3, 256, generator=gen)  # [2, 3, K]: 6 tokens, a 4 + 2 tile split
+    use_isa(isa)
+    layer = NativeLinear(weight, bits=bits, group_size=group, runner=krasis_native.MoE(2))
+    got = layer(x)
+    deq = dequantize(torch.from_numpy(layer.qweight), torch.from_numpy(layer.scales), bits, group)
+    want = fake_quant_act(x.reshape(6, 256), group).double() @ deq.double().T  # [6, N]
+    assert got.shape == (2, 3, 100)
+    assert float((got.reshape(6, 100) - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
 def test_bad_inputs_raise_value_error():
     x, ids, weights, arrays, _ = make_case(8, 64, 192, 128, 2, 2, 4)
     runner = krasis_native.MoE(1)
@@ -161,6 +178,8 @@ def test_bad_inputs_raise_value_error():
         runner.forward(*ok[:-1], 32, out)  # scales were made for group 64
     with pytest.raises(ValueError, match="bits"):
         runner.forward(*ok[:-2], 5, 64, out)
+    with pytest.raises(ValueError, match="shape"):
+        runner.linear(ok[0], arrays[0][0], arrays[1][0], 8, 64, np.empty((2, 100), np.float32))
     out.setflags(write=False)
     with pytest.raises(ValueError, match="writeable"):
         runner.forward(*ok, out)
