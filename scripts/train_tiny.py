@@ -5,7 +5,8 @@ The corpus is the documentation topics in ``pydoc_data.topics`` plus the docstri
 standard library (read with ``ast``, nothing is imported), so training needs no network.
 A slice of the documents, chosen by a hash of their text, is held out for evaluation.
 
-    python3 scripts/train_tiny.py --out registry/bundled/krasis-tiny --steps 3000 --threads 1
+    python3 scripts/train_tiny.py --out registry/bundled/krasis-tiny --steps 1500 \
+        --publish-every 250 --threads 1 --seed 1234
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every default is the recipe of the bundled model."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, type=pathlib.Path, help="output model folder")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--vocab-size", type=int, default=2048)
@@ -70,11 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--publish-every", type=int, default=0,
                    help="also write the model to --out at every this many steps (0: only at the end)")
     args = p.parse_args(argv)
-    for name in ("steps", "threads", "vocab_size", "seq_len", "batch_size", "layers", "experts"):
+    for name in ("steps", "threads", "vocab_size", "seq_len", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.layers < 2:
         p.error("--layers must be at least 2 (one dense layer, then MoE layers)")
+    if args.experts < 3:
+        p.error("--experts must be at least 3 (each token picks 2)")
+    if args.publish_every < 0:
+        p.error("--publish-every must be 0 or more")
     if not 0 < args.heldout_percent < 50:
         p.error("--heldout-percent must be between 1 and 49")
     return args
