@@ -366,8 +366,12 @@ def run_scenario(name, loaded, budget, gpu_experts, args, bw, rng) -> dict:
         for row in streams:
             log(f"{name} {row['streams']} streams: {row['tok_s']:.1f} tok/s "
                 f"({row['per_stream_tok_s']:.1f} per stream)")
+    replacement = engine.rebalance(min_gain=0.0)  # by the heat of this run: its cost
+    log(f"{name} re-placement: hit rate {replacement['hit_rate_before']:.3f} -> "
+        f"{replacement['hit_rate_after']:.3f}, {replacement['experts_changed']} experts moved, "
+        f"{replacement['bytes_copied'] / 1e9:.2f} GB copied in {replacement['ms']:.0f} ms")
     result = {"scenario": name, "budget": budget, "gpu_experts": gpu_experts, "plan": plan_info,
-              "rows": rows, "limits": limits, "streams": streams,
+              "rows": rows, "limits": limits, "streams": streams, "replacement": replacement,
               "graph_failures": sum(s.graph_failures for s in engine._steps.values())}
     release(engine)
     return result
