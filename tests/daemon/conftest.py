@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from krasisd.config import Config
-
 HERE = Path(__file__).parent
 
 
@@ -26,20 +24,10 @@ def fake_env():
             os.environ[key] = value
 
 
-def fake_config(root: Path, **overrides) -> Config:
-    """A Config for a daemon whose runners load tests/daemon/fake_engine.py."""
-    values = dict(home=root / "home", socket=root / "run" / "krasisd.sock",
-                  runner_loader="fake_engine:load", quant="none", device="cpu",
-                  load_timeout_s=60.0)
-    values.update(overrides)
-    (root / "home").mkdir(parents=True, exist_ok=True)
-    return Config(**values)
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, fake_env):
     """A real daemon (server, scheduler, runner processes) over a fake registry and engine."""
-    from fakes import FakeRegistry
+    from fakes import FakeRegistry, fake_config
     from harness import DaemonThread
 
     root = tmp_path_factory.mktemp("krasisd")

@@ -7,6 +7,8 @@ from pathlib import Path
 from krasis_registry import InvalidName, ModelInUse, ModelNotFound, PullError
 from krasis_registry.names import parse_name
 
+from krasisd.config import Config
+
 
 class FakeRegistry:
     """Models are folders under ``root``; pull of 'krasis-tiny' makes one."""
@@ -71,3 +73,13 @@ class FakeRegistry:
         yield {"status": "importing"}
         self.add(name)
         yield {"status": "success"}
+
+
+def fake_config(root: Path, **overrides) -> Config:
+    """A Config for a daemon whose runners load tests/daemon/fake_engine.py."""
+    values = dict(home=root / "home", socket=root / "run" / "krasisd.sock",
+                  runner_loader="fake_engine:load", quant="none", device="cpu",
+                  load_timeout_s=60.0)
+    values.update(overrides)
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    return Config(**values)

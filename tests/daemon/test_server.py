@@ -115,8 +115,7 @@ def test_socket_group_mode_0660(tmp_path):
 
 
 def test_preload_and_full_queue_gives_503(tmp_path, fake_env):
-    from conftest import fake_config
-    from fakes import FakeRegistry
+    from fakes import FakeRegistry, fake_config
     from harness import DaemonThread
 
     cfg = fake_config(tmp_path, preload=["fake"], max_queue=1)

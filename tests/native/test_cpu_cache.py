@@ -123,7 +123,7 @@ def test_factory_reuses_a_valid_cache(built, tiny_model_dir):
 
 
 def test_cache_of_other_weights_is_rebuilt(built, tiny_model_dir, tmp_path):
-    from conftest import save_tiny_deepseek
+    from native_models import save_tiny_deepseek
 
     other = tmp_path / "other-model"
     save_tiny_deepseek(other, seed=1)
