@@ -121,12 +121,15 @@ def convert_to_gguf(model_dir: Path, llama_src: Path, out_bf16: Path) -> None:
 
 
 def quantize_q4_0(src: Path, dst: Path, threads: int) -> None:
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                      ctypes.byref(params)) != 0:
         raise RuntimeError("llama_model_quantize failed")
 
 
