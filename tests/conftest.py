@@ -1,6 +1,14 @@
 """Shared fixtures: every test gets its own KRASIS_HOME and runtime dir."""
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. This must be decided before
+# any test module imports a kernel: @triton.jit reads the variable when the kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
