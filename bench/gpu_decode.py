@@ -406,13 +406,13 @@ def cpu_streams(args) -> int:
     from krasisd.engine.cpu_cache import CpuCache, LayerExperts
     from krasisd.engine.engine import Engine
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # torch's OpenMP pool beside the native pool oversubscribes
     raw = json.loads(CONFIG_PATH.read_text())
     raw.update(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2816,
                num_hidden_layers=4, vocab_size=32000, num_attention_heads=8,
                num_key_value_heads=8)
     config = ModelConfig.from_dict(raw)
-    model = synthetic_model(config, "cpu", torch.bfloat16)
+    model = synthetic_model(config, "cpu", torch.float32)  # CPU matmuls at one row: float32
     layers = {}
     for layer in range(config.num_hidden_layers):
         if config.is_moe_layer(layer):
