@@ -471,6 +471,7 @@ def main(argv=None) -> int:
         log("needs a CUDA GPU (or --smoke)")
         return 2
     device = "cpu" if args.smoke else "cuda"
+    torch.set_num_threads(1)  # the CPU's cores belong to the native expert pool
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     args.threads = threads
     bw = measure_bandwidths(device, threads, small=args.smoke)

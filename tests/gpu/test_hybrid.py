@@ -175,6 +175,7 @@ def _teacher_forced(engine, sequence: list[int]) -> torch.Tensor:
                                         ("qwen3-moe", "int4")], ids=lambda p: "-".join(p))
 def setup(request):
     torch.manual_seed(0)
+    torch.set_num_threads(4)  # leaves cores to the native pools (oversubscription stalls)
     return Setup(*request.param, device=torch.device("cuda"))
 
 
