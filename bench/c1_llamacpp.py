@@ -160,8 +160,19 @@ def krasis_decode(model_dir: Path, cache_dir: Path, threads: int, contexts, n_de
     return results
 
 
-def llama_decode(gguf: Path, threads: int, contexts, n_decode: int):
+def llama_decode(gguf: Path, threads: int, contexts, n_decode: int, extra_bufts: bool = True):
     import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    if not extra_bufts:  # the high-level API has no switch for llama_model_params.use_extra_bufts
+        default_params = llama_cpp.llama_model_default_params
+
+        def params_without_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = params_without_extra_bufts
 
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                           n_ctx=max(contexts) + n_decode + 8, n_batch=512, verbose=False)
@@ -186,6 +197,9 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--no-extra-bufts", action="store_true",
+                        help="llama.cpp without repacked/AMX weight buffers (a build on an AMX "
+                             "Xeon aborted creating the Q4_0 context with them)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model_dir = args.work / "model"
@@ -201,7 +215,8 @@ def main() -> None:
             if not bf16.is_file():
                 convert_to_gguf(model_dir, args.llama_src, bf16)
             quantize_q4_0(bf16, q4, args.threads)
-        llama = llama_decode(q4, args.threads, args.contexts, args.decode)
+        llama = llama_decode(q4, args.threads, args.contexts, args.decode,
+                             extra_bufts=not args.no_extra_bufts)
     print(f"C1: DeepSeek-V2-Lite shapes, 4 layers, random weights, threads={args.threads}, "
           f"{args.decode} decode steps, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
           f"load average {os.getloadavg()[0]:.1f}")
