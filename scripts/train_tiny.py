@@ -64,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--balance-coef", type=float, default=0.01, help="expert load-balance loss")
     p.add_argument("--hidden-size", type=int, default=192)
     p.add_argument("--layers", type=int, default=5, help="1 dense layer, the rest MoE")
-    p.add_argument("--experts", type=int, default=8, help="routed experts per MoE layer")
-    p.add_argument("--moe-intermediate", type=int, default=96)
+    p.add_argument("--experts", type=int, default=6, help="routed experts per MoE layer")
+    p.add_argument("--moe-intermediate", type=int, default=128,
+                   help="expert width; a multiple of 64 keeps INT4 caches possible")
     p.add_argument("--heldout-percent", type=int, default=5)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--publish-every", type=int, default=0,
