@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -133,7 +134,8 @@ def quantize_q4_0(src: Path, dst: Path, threads: int) -> None:
         raise RuntimeError("llama_model_quantize failed")
 
 
-def krasis_decode(model_dir: Path, cache_dir: Path, threads: int, contexts, n_decode: int):
+def krasis_decode(model_dir: Path, cache_dir: Path, threads: int, contexts, n_decode: int,
+                  runs: int = 1):
     engine = engine_mod.load(model_dir, quant="int4", threads=threads, cache_dir=cache_dir)
     backend = engine.model.expert_backend
     spent = {"s": 0.0}
@@ -147,20 +149,25 @@ def krasis_decode(model_dir: Path, cache_dir: Path, threads: int, contexts, n_de
     engine.model.expert_backend = timed
     results = {}
     for ctx in contexts:
-        cache = engine.new_cache(ctx + n_decode + 2)
+        cache = engine.new_cache(ctx + runs * n_decode + 2)
         engine.forward(list(range(2, ctx + 2)), cache)
         engine.forward([5], cache)  # warm-up step
-        spent["s"] = 0.0
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            engine.forward([5], cache)
-        seconds = time.perf_counter() - t0
-        results[ctx] = (n_decode / seconds, spent["s"] / n_decode * 1e3)
+        per_run = []
+        for _ in range(runs):  # each run decodes n_decode more tokens (context grows slightly)
+            spent["s"] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(n_decode):
+                engine.forward([5], cache)
+            seconds = time.perf_counter() - t0
+            per_run.append((n_decode / seconds, spent["s"] / n_decode * 1e3))
+        results[ctx] = (statistics.median(r[0] for r in per_run),
+                        statistics.median(r[1] for r in per_run))
     engine.close()
     return results
 
 
-def llama_decode(gguf: Path, threads: int, contexts, n_decode: int, extra_bufts: bool = True):
+def llama_decode(gguf: Path, threads: int, contexts, n_decode: int, extra_bufts: bool = True,
+                 runs: int = 1):
     import llama_cpp
     import llama_cpp.llama as llama_module
 
@@ -175,16 +182,19 @@ def llama_decode(gguf: Path, threads: int, contexts, n_decode: int, extra_bufts:
         llama_module.llama_cpp.llama_model_default_params = params_without_extra_bufts
 
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=max(contexts) + n_decode + 8, n_batch=512, verbose=False)
+                          n_ctx=max(contexts) + runs * n_decode + 8, n_batch=512, verbose=False)
     results = {}
     for ctx in contexts:
         llm.reset()
         llm.eval(list(range(2, ctx + 2)))
         llm.eval([5])
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            llm.eval([5])
-        results[ctx] = n_decode / (time.perf_counter() - t0)
+        per_run = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for _ in range(n_decode):
+                llm.eval([5])
+            per_run.append(n_decode / (time.perf_counter() - t0))
+        results[ctx] = statistics.median(per_run)
     return results
 
 
@@ -196,6 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=5,
+                        help="timed runs of --decode steps per context; the median is printed")
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--no-extra-bufts", action="store_true",
                         help="llama.cpp without repacked/AMX weight buffers (a build on an AMX "
@@ -206,7 +218,7 @@ def main() -> None:
     if not (model_dir / "config.json").is_file():
         write_checkpoint(model_dir, c1_config(args.config))
     krasis = krasis_decode(model_dir, args.work / "cpu-int4-g128", args.threads, args.contexts,
-                           args.decode)
+                           args.decode, args.runs)
     llama = {}
     if not args.skip_llama:
         q4 = args.work / "model-q4_0.gguf"
@@ -216,9 +228,9 @@ def main() -> None:
                 convert_to_gguf(model_dir, args.llama_src, bf16)
             quantize_q4_0(bf16, q4, args.threads)
         llama = llama_decode(q4, args.threads, args.contexts, args.decode,
-                             extra_bufts=not args.no_extra_bufts)
+                             extra_bufts=not args.no_extra_bufts, runs=args.runs)
     print(f"C1: DeepSeek-V2-Lite shapes, 4 layers, random weights, threads={args.threads}, "
-          f"{args.decode} decode steps, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"median of {args.runs} x {args.decode} decode steps, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
           f"load average {os.getloadavg()[0]:.1f}")
     for ctx in args.contexts:
         tok_s, experts_ms = krasis[ctx]

@@ -164,6 +164,8 @@ def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
                                 for layer, lists in loaded.expert_weights.items()})
     else:
         backend = _native_backend(model_dir, loaded.config, quant, cache_dir, threads)
+        if target.type == "cpu":  # CPU-only: the dense weights are quantized too (DESIGN.md)
+            _quantize_dense(model, quant, backend)
     tokenizer = _load_tokenizer(model_dir)
     eos = set(loaded.config.eos_token_ids) | _generation_eos(model_dir)
     if tokenizer is not None:
@@ -210,6 +212,13 @@ def _native_backend(model_dir: Path, config: ModelConfig, quant: str, cache_dir,
         raise
     except Exception as exc:  # e.g. the expert cache cannot be built or read
         raise ModelLoadError(f"cannot set up {quant} CPU experts for {model_dir}: {exc}") from exc
+
+
+def _quantize_dense(model: CausalLM, quant: str, backend) -> None:
+    """Dense linears -> native INT4/INT8 on the expert backend's thread pool (dense_quant)."""
+    dense_quant = importlib.import_module("krasisd.engine.dense_quant")
+    bits = 8 if quant == "int8" else 4
+    dense_quant.quantize_dense_linears(model, bits, runner=backend.runner)
 
 
 def _load_tokenizer(model_dir: Path):

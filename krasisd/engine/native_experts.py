@@ -78,6 +78,17 @@ class NativeLinear:
         self.out_features, self.in_features = weight.shape
         self.runner = runner if runner is not None else _native().MoE(0)
 
+    @classmethod
+    def from_quantized(cls, qweight: np.ndarray, scales: np.ndarray, bits: int, group_size: int,
+                       in_features: int, runner) -> NativeLinear:
+        """A NativeLinear over weights already in the CPU layout (no re-quantization)."""
+        layer = cls.__new__(cls)
+        layer.qweight, layer.scales = qweight, scales
+        layer.bits, layer.group_size = bits, group_size
+        layer.out_features, layer.in_features = int(qweight.shape[0]), int(in_features)
+        layer.runner = runner
+        return layer
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.detach().reshape(-1, self.in_features).to("cpu", torch.float32).contiguous()  # [T, K]
         out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)  # [T, N]
