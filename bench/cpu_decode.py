@@ -7,8 +7,10 @@ read per token and the read bandwidth measured on this machine, i.e. the rooflin
     python3 bench/cpu_decode.py --write-checkpoint DIR   # also save the weights as safetensors
     python3 bench/cpu_decode.py --model-dir DIR --quant int4   # load() a folder, native experts
 
-On a machine shared with other work, set OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin
-at barriers while their partner is descheduled make 2-thread runs several times slower.
+OMP_WAIT_POLICY defaults to PASSIVE here (set before torch loads OpenMP): OpenMP threads that
+spin at barriers while their partner is descheduled, or beside the native kernels' thread pool,
+make 2-thread runs several times slower. With --quant int8/int4 the dense weights are quantized
+too (CPU-only path); "dense" read per token then counts their packed bytes.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
-import time
-from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from krasisd.engine.config import ModelConfig
-from krasisd.engine.engine import Engine, load
-from krasisd.engine.experts import TorchExperts
-from krasisd.engine.models import build_model
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from krasisd.engine.config import ModelConfig  # noqa: E402
+from krasisd.engine.engine import Engine, load  # noqa: E402
+from krasisd.engine.experts import TorchExperts  # noqa: E402
+from krasisd.engine.models import build_model  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "deepseek-v2-lite.json"
 
@@ -122,6 +127,8 @@ def bytes_per_token(engine: Engine, context: int, quant_bits: int) -> dict[str, 
     config, model = engine.config, engine.model
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if n != "model.embed_tokens.weight")
+    dense += sum(m.native.qweight.nbytes + m.native.scales.nbytes  # quantized dense linears
+                 for m in model.modules() if hasattr(m, "native"))
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     expert_params = 3 * config.hidden_size * config.moe_intermediate_size
     expert_bytes = expert_params * quant_bits // 8
