@@ -132,20 +132,20 @@ class BatchingEngine:
                 self._active -= 1
                 self._cond.notify_all()
 
-    def forward(self, input_ids, cache=None) -> torch.Tensor:
+    def forward(self, input_ids, cache=None, last_only: bool = False) -> torch.Tensor:
         """As Engine.forward; a single token with a cache joins the next shared step."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)  # [T]
         if cache is None or ids.numel() != 1:
-            return self._prefill(ids, cache)
+            return self._prefill(ids, cache, last_only)
         return self._decode(int(ids[0]), cache)[None, :]  # [1, V]
 
-    def _prefill(self, ids: torch.Tensor, cache) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, cache, last_only: bool) -> torch.Tensor:
         with self._cond:
             self._prefilling += 1
         try:
             with self._model_lock:
                 self.stats.prefills += 1
-                return self.engine.forward(ids, cache)
+                return self.engine.forward(ids, cache, last_only=last_only)
         finally:
             with self._cond:
                 self._prefilling -= 1

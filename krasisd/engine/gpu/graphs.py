@@ -269,14 +269,14 @@ class DecodeStep:
         layer_entries = self.cache.entries[attn.layer_idx]  # [M, C + R]
         layer_entries.index_copy_(0, self.pos, attn._latent(x, cos, sin))
         entries = layer_entries[:bucket]  # [S, C + R]
-        kv_latent, k_rope = entries.split([attn.latent_dim, attn.rope_dim], dim=-1)
-        w_kv = attn.kv_b_proj.weight.view(attn.num_heads, attn.nope_dim + attn.v_dim, -1)
-        w_uk, w_uv = w_kv.split([attn.nope_dim, attn.v_dim], dim=1)  # [H, N, C], [H, Dv, C]
+        w_uk, w_uv_t = _absorbed(attn)  # [H, N, C], [H, C, Dv]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, 1, C]
-        scores = q_latent @ kv_latent.T + q_rope.transpose(0, 1) @ k_rope.T  # [H, 1, S]
+        q_full = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [H, 1, C + R]
+        scores = q_full.reshape(attn.num_heads, -1) @ entries.T  # [H, S]: one GEMM
         scores = (scores.float() * attn.scale).masked_fill(self._masked(bucket), float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv_latent.dtype)  # [H, 1, S]
-        out = torch.bmm(probs @ kv_latent, w_uv.transpose(1, 2))  # [H, 1, Dv]
+        probs = scores.softmax(dim=-1).to(entries.dtype)  # [H, S]
+        out_latent = probs @ entries[:, : attn.latent_dim]  # [H, C]
+        out = torch.bmm(out_latent[:, None, :], w_uv_t)  # [H, 1, Dv]
         return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
 
     def _gqa(self, attn, x, bucket: int) -> torch.Tensor:
@@ -325,11 +325,12 @@ class HybridEngine(Engine):
         return cache
 
     @torch.inference_mode()
-    def forward(self, input_ids, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """As Engine.forward; one token with a cache goes through the decode step."""
         token = _single_token(input_ids) if cache is not None else None
         if token is None:
-            return super().forward(input_ids, cache)
+            return super().forward(input_ids, cache, last_only=last_only)
         if not 0 <= token < self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return self._step_for(cache)(token, cache)[None, :]  # [1, V]
@@ -351,6 +352,15 @@ class HybridEngine(Engine):
         if getattr(backend, "heat", None) is None:
             raise ValueError("this engine records no expert heat")
         return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
+
+
+def _absorbed(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj split for the absorbed form: w_uk [H, N, C], w_uv_t [H, C, Dv]."""
+    if hasattr(attn, "absorbed_weights"):  # cached by the model, made contiguous once
+        return attn.absorbed_weights()
+    w_kv = attn.kv_b_proj.weight.view(attn.num_heads, attn.nope_dim + attn.v_dim, -1)
+    w_uk, w_uv = w_kv.split([attn.nope_dim, attn.v_dim], dim=1)
+    return w_uk, w_uv.transpose(1, 2)
 
 
 def _single_token(input_ids) -> int | None:
