@@ -290,25 +290,33 @@ def test_pooled_cache_reuses_captured_graphs(setup):
     assert list(engine._steps.values()) == [step]
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("fraction", FRACTIONS)
-def test_bundled_tiny_model_int8(tmp_path_factory, fraction):
+def test_bundled_tiny_model(tmp_path_factory, fraction, quant):
     if not (BUNDLED_TINY / "config.json").is_file():
         pytest.skip("krasis-tiny is not bundled in this checkout")
     from krasisd.engine import load
     from krasisd.engine.gpu.graphs import load_hybrid
+    from krasisd.engine.native_experts import native_expert_backend, pick_group_size
 
-    # INT4 is not possible here: the native INT4 kernels need widths that are multiples of
-    # 64, and krasis-tiny's experts are 96 wide.
+    config = json.loads((BUNDLED_TINY / "config.json").read_text())
+    try:
+        pick_group_size(config["hidden_size"], config["moe_intermediate_size"],
+                        8 if quant == "int8" else 4)
+    except ValueError as exc:
+        pytest.skip(f"the native {quant} kernels cannot hold krasis-tiny's widths: {exc}")
     tmp = tmp_path_factory.mktemp("tiny-caches")
-    cpu = load(BUNDLED_TINY, quant="int8", device="cpu", dtype="float32", cache_dir=tmp / "cpu")
+    # the CPU path's experts with float32 dense weights (a CPU-only load would quantize them)
+    cpu = load(BUNDLED_TINY, quant="none", device="cpu", dtype="float32")
+    native = native_expert_backend(BUNDLED_TINY, cpu.config, quant, cache_dir=tmp / "cpu")
+    cpu.expert_backend = cpu.model.expert_backend = native
     prompt = cpu.tokenizer.encode("The quick brown fox")
     tokens = cpu.greedy(prompt, STEPS)
-    engine = load_hybrid(BUNDLED_TINY, quant="int8", max_tokens=256, cpu_cache_dir=tmp / "cpu",
+    engine = load_hybrid(BUNDLED_TINY, quant=quant, max_tokens=256, cpu_cache_dir=tmp / "cpu",
                          gpu_cache_dir=tmp / "gpu")
     backend = engine.expert_backend
     backend.gpu = GpuExperts(backend.gpu.host, _plan(backend.gpu.host, fraction), "cuda")
     backend.refresh_residency()
-    config = json.loads((BUNDLED_TINY / "config.json").read_text())
     assert backend.num_experts == config["n_routed_experts"]
     got = engine.greedy(prompt, STEPS)
     same = next((i for i, (a, b) in enumerate(zip(got, tokens, strict=False)) if a != b),
