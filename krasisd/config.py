@@ -150,7 +150,7 @@ class Config:
     load_timeout_s: float = 600.0
     log_level: str = "INFO"
     log_format: str = "text"
-    runner_loader: str = "krasisd.engine:load"
+    runner_loader: str = "krasisd.engine.serving:load_for_serving"
     config_file: Path | None = None
 
     def __post_init__(self):
@@ -299,7 +299,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         log_level=read.get("KRASIS_LOG_LEVEL", "INFO",
                            lambda r: _choice("debug", "info", "warning", "error")(r).upper()),
         log_format=read.get("KRASIS_LOG_FORMAT", "text", _choice("text", "json")),
-        runner_loader=read.get("KRASIS_RUNNER_LOADER", "krasisd.engine:load", _loader),
+        runner_loader=read.get("KRASIS_RUNNER_LOADER", "krasisd.engine.serving:load_for_serving", _loader),
         config_file=config_path if config_path.is_file() else None,
     )
     _check_host(cfg)

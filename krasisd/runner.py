@@ -169,7 +169,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--loader", default="krasisd.engine:load")
+    parser.add_argument("--loader", default="krasisd.engine.serving:load_for_serving")
     parser.add_argument("--quant", default="int4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)

@@ -1,0 +1,43 @@
+"""The loader runner processes use: the hybrid GPU+CPU engine when a GPU is there, else the CPU.
+
+``load(device="cuda")`` alone moves the dense model to the GPU but keeps every routed expert on
+the CPU; a server wants hot experts resident on the GPU, streaming prefill for long prompts and
+graph-captured decode steps, which ``krasisd.engine.gpu.graphs.load_hybrid`` assembles from the
+dual-format cache. The VRAM budget comes from ``KRASIS_VRAM_BUDGET`` (see gpu/placement.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("krasisd.engine.serving")
+
+
+def wants_gpu(device: str) -> bool:
+    """Whether ``device`` ("auto", "cpu" or "cuda") resolves to a CUDA GPU here."""
+    if device == "cpu":
+        return False
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    return torch.cuda.is_available()
+
+
+def load_for_serving(model_dir, quant: str = "int4", device: str = "auto",
+                     threads: int | None = None, cache_dir=None):
+    """An Engine for a runner: hybrid for quantized models on a GPU machine, else ``load()``.
+
+    ``cache_dir`` is the CPU-format cache (the registry's); the GPU-format cache is found or
+    built where ``krasisd.engine.gpu.backend.create_backend`` keeps it, inside the model folder.
+    """
+    from krasisd.engine.engine import load
+
+    if quant == "none" or not wants_gpu(device):
+        return load(model_dir, quant=quant, device="cpu" if device == "auto" else device,
+                    threads=threads, cache_dir=cache_dir)
+    from krasisd.engine.gpu.graphs import load_hybrid
+
+    log.info("loading %s for hybrid GPU+CPU serving (%s)", model_dir, quant)
+    return load_hybrid(model_dir, quant=quant, device="cuda", threads=threads,
+                       cpu_cache_dir=cache_dir)

@@ -1,0 +1,34 @@
+import pytest
+
+from krasisd.engine.serving import load_for_serving, wants_gpu
+
+
+def test_cpu_device_never_wants_the_gpu():
+    assert wants_gpu("cpu") is False
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert wants_gpu("auto") is False
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        wants_gpu("cuda")
+
+
+def test_without_a_gpu_serving_loads_the_cpu_engine(monkeypatch, tmp_path):
+    import torch
+
+    from krasisd.engine import engine as engine_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = {}
+
+    def fake_load(model_dir, **kwargs):
+        seen.update(kwargs, model_dir=model_dir)
+        return "cpu-engine"
+
+    monkeypatch.setattr(engine_mod, "load", fake_load)
+    assert load_for_serving(tmp_path, quant="int4", device="auto", cache_dir=tmp_path / "c") \
+        == "cpu-engine"
+    assert seen["device"] == "cpu" and seen["quant"] == "int4" and seen["cache_dir"] == tmp_path / "c"
