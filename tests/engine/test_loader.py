@@ -257,4 +257,6 @@ def test_int8_quant_goes_through_the_native_expert_hook(model_dir, reference_log
     assert type(engine.expert_backend).__name__ == "NativeExperts"
     assert (tmp_path / "cpu-cache").is_dir()
     diff = (engine.logits(IDS) - reference_logits).abs().max().item()
-    assert 0 < diff < 0.05
+    # INT8 experts and INT8 dense linears (dense_quant.py); random models this small magnify
+    # rounding (5.5% of the largest logit seen here; test_dense_quant.py allows 10% too)
+    assert 0 < diff < 0.10 * reference_logits.abs().max().item()
