@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
+from krasisd.engine.cache_files import replace_dir, sha256_file
 from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ FORMAT = "krasis-cpu-experts"
 MANIFEST = "manifest.json"
 PROJS = ("gate", "up", "down")
 NP_DTYPES = {"I8": np.int8, "U8": np.uint8, "F32": np.float32}
-HASH_CHUNK_BYTES = 8 << 20
 FINGERPRINT_SAMPLES = 16
 FINGERPRINT_SAMPLE_BYTES = 64 << 10
 
@@ -125,7 +124,7 @@ def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
             "layers": files,
         }
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -200,7 +199,7 @@ def _quantize_layer(config, layer_idx: int, index, bits: int, group_size: int):
 def _file_record(path: Path, name: str) -> dict:
     stat = path.stat()
     return {"file": name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": _sha256(path), "header_sha256": hashlib.sha256(_read_header_bytes(path)).hexdigest()}
+            "sha256": sha256_file(path), "header_sha256": hashlib.sha256(_read_header_bytes(path)).hexdigest()}
 
 
 def _verify_file(path: Path, record: dict, full: bool) -> None:
@@ -218,7 +217,7 @@ def _verify_file(path: Path, record: dict, full: bool) -> None:
     if header_digest != record.get("header_sha256"):
         raise CacheError(f"cache file {path.name}: header checksum mismatch")
     if full or stat.st_mtime_ns != record.get("mtime_ns"):
-        if _sha256(path) != record.get("sha256"):
+        if sha256_file(path) != record.get("sha256"):
             raise CacheError(f"cache file {path.name}: checksum mismatch (corrupted)")
 
 
@@ -263,20 +262,3 @@ def _read_header_bytes(path: Path) -> bytes:
     return header
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _replace_dir(new_dir: Path, out_dir: Path) -> None:
-    """Put new_dir at out_dir; an old out_dir is moved aside first, then removed."""
-    old_dir = None
-    if out_dir.exists():
-        old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old_dir)
-    os.replace(new_dir, out_dir)
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
+from krasisd.engine.cache_files import replace_dir, sha256_file
 from krasisd.engine.cpu_cache import model_fingerprint
 from krasisd.engine.gpu.format import FORMAT_NAME, LAYOUT_VERSION, ExpertLayout, QuantSpec
 from krasisd.engine.gpu.host import HostExperts, empty_host
@@ -64,7 +65,7 @@ def build_gpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
                 progress(done, len(layers))
         manifest = _manifest(config, layout, model_fingerprint(model_dir), files)
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -180,7 +181,7 @@ def _read_blobs(path: Path, num: int, expert_bytes: int, pin: bool | None) -> to
 
 def _file_record(path: Path) -> dict:
     header, _ = _header(path)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path),
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "header_sha256": hashlib.sha256(header).hexdigest()}
 
 
@@ -195,24 +196,7 @@ def _verify_file(path: Path, record: dict, full: bool) -> None:
     header, _ = _header(path)
     if hashlib.sha256(header).hexdigest() != record.get("header_sha256"):
         raise GpuCacheError(f"cache file {path.name}: header checksum mismatch")
-    if full and _sha256(path) != record.get("sha256"):
+    if full and sha256_file(path) != record.get("sha256"):
         raise GpuCacheError(f"cache file {path.name}: checksum mismatch (corrupted)")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _replace_dir(new_dir: Path, out_dir: Path) -> None:
-    """Put new_dir at out_dir; an old out_dir is moved aside first, then removed."""
-    old_dir = None
-    if out_dir.exists():
-        old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old_dir)
-    new_dir.rename(out_dir)
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)

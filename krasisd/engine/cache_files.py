@@ -1,0 +1,31 @@
+"""File helpers shared by the CPU- and GPU-format caches: checksums and atomic replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+HASH_CHUNK_BYTES = 8 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a whole file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def replace_dir(new_dir: Path, out_dir: Path) -> None:
+    """Put new_dir at out_dir; an old out_dir is moved aside first, then removed."""
+    old_dir = None
+    if out_dir.exists():
+        old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old_dir)
+    os.replace(new_dir, out_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
