@@ -27,7 +27,7 @@ from krasisd.engine import loader
 from krasisd.engine.cache_files import replace_dir, sha256_file
 from krasisd.engine.cpu_cache import model_fingerprint
 from krasisd.engine.gpu.format import FORMAT_NAME, LAYOUT_VERSION, ExpertLayout, QuantSpec
-from krasisd.engine.gpu.host import HostExperts, empty_host
+from krasisd.engine.gpu.host import HostExperts, can_pin, empty_host, map_pinned
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,13 @@ def _read_blobs(path: Path, num: int, expert_bytes: int, pin: bool | None) -> to
     if not info or info.get("dtype") != "U8" or info.get("shape") != [num, expert_bytes]:
         raise GpuCacheError(f"{path.name}: no {TENSOR} U8 [{num}, {expert_bytes}] tensor")
     start, end = info["data_offsets"]
+    if can_pin() if pin is None else pin:
+        try:
+            mapped = map_pinned(path, base + start, end - start)  # [E*B], no copy
+        except ValueError as exc:
+            raise GpuCacheError(str(exc)) from exc
+        if mapped is not None:
+            return mapped.view(num, expert_bytes)
     buf = empty_host(end - start, pin)  # [E*B]
     with open(path, "rb") as handle:
         handle.seek(base + start)

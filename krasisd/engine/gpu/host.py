@@ -8,11 +8,18 @@ Legend: E = experts, I = intermediate, D = hidden, B = bytes of one expert blob.
 
 from __future__ import annotations
 
+import logging
+import mmap
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
+
+log = logging.getLogger(__name__)
+REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the GPU only ever reads these pages
 
 
 def can_pin() -> bool:
@@ -24,6 +31,48 @@ def empty_host(nbytes: int, pin: bool | None = None) -> torch.Tensor:
     """A uint8 host buffer, page-locked when possible."""
     pin = can_pin() if pin is None else pin
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+def map_pinned(path: Path, offset: int, nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of ``path`` from ``offset`` as a uint8 tensor over the page cache, registered
+    with CUDA as read-only pinned memory; None when the registration is refused.
+
+    No copy and no fresh page-locked allocation: on the GPU machine registering a warm file
+    ran at 32 GB/s, where allocating pinned memory and reading into it ran at 1-6 GB/s
+    (bench/pinned_load.py). A file stays mapped and registered for the life of the process
+    (a mapping freed while registered would leave CUDA a stale range that the next mapping
+    can land on), and loading the same file again reuses its mapping.
+    """
+    whole = _registered_file(path)
+    if whole is None:
+        return None
+    if offset + nbytes > whole.numel():
+        raise ValueError(f"{path.name}: file ends at {whole.numel()} bytes, "
+                         f"before {offset + nbytes}")
+    return whole[offset:offset + nbytes]
+
+
+_REGISTERED: dict[tuple, torch.Tensor] = {}  # (path, inode, size, mtime) -> whole file [bytes]
+
+
+def _registered_file(path: Path) -> torch.Tensor | None:
+    info = path.stat()
+    key = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key in _REGISTERED:
+        return _REGISTERED[key]
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # read-only by design: nothing writes host expert blobs
+        warnings.simplefilter("ignore", UserWarning)
+        whole = torch.frombuffer(mapped, dtype=torch.uint8)  # [file bytes]
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(whole.data_ptr(), whole.numel(), REGISTER_READ_ONLY)
+    if int(err) != 0:
+        cudart.cudaGetLastError()  # clear it, or the next CUDA call reports it
+        log.warning("cudaHostRegister of %s refused (%s); reading into pinned memory", path, err)
+        return None
+    _REGISTERED[key] = whole
+    return whole
 
 
 @dataclass
