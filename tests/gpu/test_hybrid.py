@@ -12,7 +12,10 @@ the CPU, without any hybrid code: (a) the CPU path against float32 with the GPU 
 dequantized experts, (b) bf16 against float32 with the same experts; the hybrid may exceed
 their sum by half, plus 5e-3 for summation order. Greedy decoding must then give
 the CPU path's 64 tokens, except that a step whose top-2 margin in the CPU path is within
-the noise that bound allows may pick the other token; both paths must agree up to there.
+the noise allowed at that step may pick the other token; both paths must agree up to there.
+That allowance is the same sum taken over the step's own logits: bf16 noise is far from
+uniform over the steps (Qwen3-MoE at INT4: 0.17 at one step of bf16 against float32 where
+the whole sequence gives a 0.136 bound), so the sequence-wide bound does not hold per step.
 A hybrid that loses its CPU part, or its GPU part, misses the bound by far (checked).
 """
 
@@ -139,8 +142,9 @@ class Setup:
         return HybridEngine(self.config, model, backend, eos_token_ids=set(),
                             use_graphs=use_graphs)
 
-    def bound(self, sequence: list[int]) -> float:
-        """The noise allowance from format and bf16 differences alone (see the docstring)."""
+    def bound(self, sequence: list[int]) -> tuple[float, torch.Tensor]:
+        """The noise allowance from format and bf16 differences alone (see the docstring):
+        over the whole sequence, and per decode step [STEPS]."""
         ref = _clone(self.model32)
         ref.expert_backend = TorchExperts(self.host.unpack())
         ids = torch.tensor(sequence)
@@ -150,7 +154,14 @@ class Setup:
             bf16 = _clone(self.model32).to(torch.bfloat16)
             bf16.expert_backend = TorchExperts(self.host.unpack(torch.bfloat16))
             bf16_logits = bf16.prefill(ids)[len(PROMPT) - 1 : -1]
-        return 1.5 * (_rel(cpu_logits, ref_logits) + _rel(bf16_logits, ref_logits)) + 5e-3
+        whole = 1.5 * (_rel(cpu_logits, ref_logits) + _rel(bf16_logits, ref_logits)) + 5e-3
+        per_step = 1.5 * (_step_rel(cpu_logits, ref_logits) + _step_rel(bf16_logits, ref_logits))
+        return whole, per_step + 5e-3  # [STEPS]
+
+
+def _step_rel(a, b) -> torch.Tensor:
+    """Relative difference of each row of [STEPS, V] logits: [STEPS]."""
+    return (a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1)
 
 
 def _clone(model):
@@ -184,13 +195,15 @@ def reference(setup):
     tokens = setup.cpu.greedy(PROMPT, STEPS)
     sequence = PROMPT + tokens
     logits = _teacher_forced(setup.cpu, sequence)  # [STEPS, V]
-    return tokens, logits, setup.bound(sequence)
+    bound, step_bounds = setup.bound(sequence)
+    return tokens, logits, bound, step_bounds
 
 
-def _check_greedy(got: list[int], tokens: list[int], logits: torch.Tensor, bound: float):
+def _check_greedy(got: list[int], tokens: list[int], logits: torch.Tensor,
+                  step_bounds: torch.Tensor):
     top2 = logits.topk(2, dim=-1).values  # [STEPS, 2]
     margin = top2[:, 0] - top2[:, 1]
-    allowance = 2 * bound * logits.norm(dim=-1) / logits.shape[-1] ** 0.5  # [STEPS]
+    allowance = 2 * step_bounds * logits.norm(dim=-1) / logits.shape[-1] ** 0.5  # [STEPS]
     for step, (a, b) in enumerate(zip(got, tokens, strict=True)):
         if a != b:
             assert margin[step] < allowance[step], (
@@ -203,13 +216,13 @@ def _check_greedy(got: list[int], tokens: list[int], logits: torch.Tensor, bound
 @pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("use_graphs", [True, False], ids=["graphs", "eager"])
 def test_hybrid_decode_matches_the_cpu_path(setup, reference, fraction, use_graphs):
-    tokens, logits, bound = reference
+    tokens, logits, bound, step_bounds = reference
     engine = setup.hybrid(fraction, use_graphs)
     assert engine.expert_backend.resident_fraction() == pytest.approx(fraction, abs=0.05)
     got = _teacher_forced(engine, PROMPT + tokens)
     assert _rel(got, logits) < bound
     assert (got.argmax(-1) == logits.argmax(-1)).float().mean() >= 0.9
-    _check_greedy(engine.greedy(PROMPT, STEPS), tokens, logits, bound)
+    _check_greedy(engine.greedy(PROMPT, STEPS), tokens, logits, step_bounds)
     if use_graphs:
         steps = list(engine._steps.values())
         assert steps and all(s.graph_failures == 0 and s.use_graphs for s in steps)
@@ -217,7 +230,7 @@ def test_hybrid_decode_matches_the_cpu_path(setup, reference, fraction, use_grap
 
 
 def test_graphs_replay_what_eager_steps_compute(setup, reference):
-    tokens, _, _ = reference
+    tokens, *_ = reference
     sequence = PROMPT + tokens
     eager = _teacher_forced(setup.hybrid(0.3, use_graphs=False), sequence)
     graphed = _teacher_forced(setup.hybrid(0.3, use_graphs=True), sequence)
@@ -226,7 +239,7 @@ def test_graphs_replay_what_eager_steps_compute(setup, reference):
 
 @pytest.mark.parametrize("part", ["cpu", "gpu"])
 def test_bound_catches_a_missing_part(setup, reference, part):
-    tokens, logits, bound = reference
+    tokens, logits, bound, _ = reference
     engine = setup.hybrid(0.5, use_graphs=False)
     backend = engine.expert_backend
     if part == "cpu":
@@ -243,7 +256,7 @@ class _ZeroRunner:
 
 
 def test_heat_counts_every_decode_step_with_graphs(setup, reference):
-    tokens, _, _ = reference
+    tokens, *_ = reference
     layers = sorted(setup.host.layers)
     heat = ExpertHeat(layers, setup.host.num_experts, "cuda")
     engine = setup.hybrid(0.3, use_graphs=True, heat=heat)
@@ -253,7 +266,7 @@ def test_heat_counts_every_decode_step_with_graphs(setup, reference):
 
 
 def test_rebalance_moves_hot_experts_and_keeps_decoding_right(setup, reference):
-    tokens, logits, bound = reference
+    tokens, logits, bound, _ = reference
     heat = ExpertHeat(sorted(setup.host.layers), setup.host.num_experts, "cuda")
     engine = setup.hybrid(0.3, use_graphs=True, heat=heat)
     _teacher_forced(engine, PROMPT + tokens)
