@@ -187,7 +187,7 @@ def _pick(sampler: Sampler, logits: torch.Tensor, history: list[int], state: Jso
 
 def _forward_last(engine, ids: list[int], cache) -> torch.Tensor:
     with torch.inference_mode():
-        return engine.forward(torch.tensor(ids, dtype=torch.long), cache)[-1]  # [V]
+        return engine.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=True)[-1]  # [V]
 
 
 def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,

@@ -62,7 +62,7 @@ class RandomLogitsEngine:
     def new_cache(self, max_tokens):
         return None
 
-    def forward(self, ids, cache):
+    def forward(self, ids, cache, last_only=False):
         logits = torch.randn(len(ids), self.tokenizer.vocab_size, generator=self.generator)
         logits[:, [11, 13, 14]] += 3.0  # "x", EOS and "}}" look attractive
         return logits  # [T, V]
