@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from krasisd.engine.detokenize import StreamDecoder, context_ids
+from krasisd.engine.generate import forward_last
 from krasisd.engine.options import GenerationChunk, SamplingOptions
 from krasisd.engine.sampling import Sampler
 
@@ -185,11 +186,6 @@ def _pick(sampler: Sampler, logits: torch.Tensor, history: list[int], state: Jso
     raise ValueError("no token of this model's vocabulary can continue the JSON answer")
 
 
-def _forward_last(engine, ids: list[int], cache) -> torch.Tensor:
-    with torch.inference_mode():
-        return engine.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=True)[-1]  # [V]
-
-
 def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,
                   should_cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
     """Like engine.generate, but every answer is a prefix of one JSON object."""
@@ -199,7 +195,7 @@ def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,
     counts = {"prompt_eval_count": len(prompt_ids), "eval_count": 0, "eval_duration_ns": 0}
     started_ns = time.perf_counter_ns()
     cache = engine.new_cache(options.num_ctx)
-    logits = _forward_last(engine, history, cache)  # [V]
+    logits = forward_last(engine, history, cache)  # [V]
     counts["prompt_eval_duration_ns"] = time.perf_counter_ns() - started_ns
     state, reason = JsonPrefix(), None
     while reason is None:
@@ -216,7 +212,7 @@ def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,
         if state.done:
             reason = "stop"
         else:
-            logits = _forward_last(engine, [token_id], cache)  # [V]
+            logits = forward_last(engine, [token_id], cache)  # [V]
         counts["eval_duration_ns"] += time.perf_counter_ns() - step_ns
         yield GenerationChunk(token_id=token_id, text=decoder.push(token_id), logprob=logprob)
     yield GenerationChunk(token_id=None, text=decoder.flush(), done=True, done_reason=reason,

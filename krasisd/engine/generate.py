@@ -99,7 +99,8 @@ def _check_prompt(engine, prompt_ids: Sequence[int], options: SamplingOptions) -
     return prompt
 
 
-def _forward_last(engine, ids: list[int], cache) -> torch.Tensor:
+def forward_last(engine, ids: list[int], cache) -> torch.Tensor:
+    """Logits [V] of the last of ``ids`` after appending them all to ``cache``."""
     with torch.inference_mode():
         # last_only: a long prompt never materialises [T, V] logits (1.6 GB at 4K x 102,400)
         logits = engine.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=True)
@@ -131,7 +132,7 @@ def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChun
 
     start_ns = time.perf_counter_ns()
     cache = engine.new_cache(options.num_ctx)
-    last_logits = _forward_last(engine, prompt, cache)  # [V]
+    last_logits = forward_last(engine, prompt, cache)  # [V]
     counters.prompt_eval_count = len(prompt)
     counters.prompt_eval_duration_ns = time.perf_counter_ns() - start_ns
     log.debug("prefill done: %d tokens in %.1f ms", len(prompt),
@@ -154,7 +155,7 @@ def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChun
         if stopped:
             reason = "stop"
         elif _reason_to_end(counters, options, lambda: False) is None:
-            last_logits = _forward_last(engine, [token_id], cache)  # [V]
+            last_logits = forward_last(engine, [token_id], cache)  # [V]
         counters.eval_duration_ns += time.perf_counter_ns() - start_ns
         yield GenerationChunk(token_id=token_id, text=text, logprob=logprob)
     yield counters.final(_final_text(decoder, stops, stopped=reason == "stop"), reason)
