@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HASH_CHUNK_BYTES = 8 << 20
 
@@ -29,3 +35,15 @@ def replace_dir(new_dir: Path, out_dir: Path) -> None:
     os.replace(new_dir, out_dir)
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def load_or_build(load: Callable[[], T], build: Callable[[], object],
+                  invalid: type[Exception], what: str) -> T:
+    """``load()``; when it raises ``invalid`` (missing, stale, corrupt), ``build()`` once and
+    load again. A cache is never used half-built: builds replace the folder atomically."""
+    try:
+        return load()
+    except invalid as exc:
+        log.info("building %s (%s)", what, exc)
+        build()
+        return load()

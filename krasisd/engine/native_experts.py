@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krasisd.engine.cache_files import load_or_build
 from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
 from krasisd.engine.quant import BITS, INT4_UNIT, quantize
 
@@ -121,12 +122,10 @@ def native_expert_backend(model_dir, config, quant: str, cache_dir=None,
     if group_size is None:
         group_size = pick_group_size(config.hidden_size, config.moe_intermediate_size, BITS[quant])
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(model_dir, quant, group_size)
-    try:
-        cache = load_cpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir)
-    except CacheError as exc:
-        log.info("building the CPU %s cache in %s (%s)", quant, cache_dir, exc)
-        build_cpu_cache(model_dir, cache_dir, quant=quant, group_size=group_size)
-        cache = load_cpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir)
+    cache = load_or_build(
+        lambda: load_cpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir),
+        lambda: build_cpu_cache(model_dir, cache_dir, quant=quant, group_size=group_size),
+        CacheError, f"the CPU {quant} cache in {cache_dir}")
     log.info("native experts: %s g%d, %d layers, isa=%s", quant, group_size, len(cache.layers),
              _native().isa())
     return NativeExperts(cache, threads=threads)

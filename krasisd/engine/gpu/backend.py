@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from krasisd.engine.cache_files import load_or_build
 from krasisd.engine.gpu.cache import GpuCacheError, build_gpu_cache, load_gpu_cache
 from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.moe_grouped import grouped_mm_workspace_bytes
@@ -100,12 +101,10 @@ def create_backend(model_dir, config, quant: str, cache_dir=None, device="cuda",
     """GpuExperts for ``model_dir``: loads the GPU cache (building it when missing or stale)."""
     group_size = group_size or pick_group_size(config.hidden_size, config.moe_intermediate_size)
     cache_dir = Path(cache_dir) if cache_dir else default_gpu_cache_dir(model_dir, quant, group_size)
-    try:
-        host = load_gpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir)
-    except GpuCacheError as exc:
-        log.info("building the GPU %s cache in %s (%s)", quant, cache_dir, exc)
-        build_gpu_cache(model_dir, cache_dir, quant=quant, group_size=group_size)
-        host = load_gpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir)
+    host = load_or_build(
+        lambda: load_gpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir),
+        lambda: build_gpu_cache(model_dir, cache_dir, quant=quant, group_size=group_size),
+        GpuCacheError, f"the GPU {quant} cache in {cache_dir}")
     device = torch.device(device)
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
     # the dense weights are already on the device: what they hold counts as available
