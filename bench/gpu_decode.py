@@ -209,7 +209,7 @@ def release_loaded(loaded: dict) -> None:
 
 
 def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int,
-                use_graphs: bool) -> tuple[HybridEngine, dict]:
+                use_graphs: bool, fused: bool = True) -> tuple[HybridEngine, dict]:
     """A HybridEngine over the loaded caches, placed under ``budget``."""
     config, model, host = loaded["config"], loaded["model"], loaded["host"]
     device = model.lm_head.weight.device
@@ -230,7 +230,8 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
     heat = ExpertHeat(sorted(host.layers), host.num_experts, device)
     backend = HybridExperts(gpu, NativeExperts(loaded["cpu_cache"], threads=threads), device,
                             use_gpu_experts=gpu_experts, heat=heat)
-    engine = HybridEngine(config, model, backend, eos_token_ids=set(), use_graphs=use_graphs)
+    engine = HybridEngine(config, model, backend, eos_token_ids=set(), use_graphs=use_graphs,
+                          fused_kernels=fused)
     info = dict(gpu.plan.summary(), chunk_tokens=chunk, arena_upload_s=arena_s,
                 decode_resident_fraction=backend.resident_fraction())
     return engine, info
@@ -346,15 +347,21 @@ def streams_table(engine, counts, steps, context, rng) -> list[dict]:
     return rows
 
 
-def run_scenario(name, loaded, budget, gpu_experts, args, bw, rng) -> dict:
+def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:
+    """One scenario; ``modes``: "off" (no GPU experts), "unfused" (torch ops, not Triton)."""
+    gpu_experts, fused = "off" not in modes, "unfused" not in modes
     engine, plan_info = make_engine(loaded, budget, gpu_experts, args.threads,
-                                          max_tokens=max(args.contexts) + args.steps + 2,
-                                          use_graphs=not args.no_graphs)
+                                    max_tokens=max(args.contexts) + args.steps + 2,
+                                    use_graphs=not args.no_graphs, fused=fused)
     log(f"\n{name}: budget {budget}, GPU experts {'on' if gpu_experts else 'off'}, "
-        f"{plan_info}")
+        f"{'fused' if fused else 'unfused'} kernels, {plan_info}")
     rows = decode_table(engine, plan_info["chunk_tokens"], args.contexts, args.steps, args.runs,
                         args.ttft_runs, rng)
     limits = physical_limits(engine, bw)
+    if args.profile:
+        from decode_profile import profile_decode
+
+        log(profile_decode(engine, min(args.contexts[-1], 1000), steps=16))
     for row in rows:
         log(f"{name} ctx {row['context']:>6}: avg {row['avg_ms']:7.2f} ms  p50 "
             f"{row['p50_ms']:7.2f}  min {row['min_ms']:7.2f}  max {row['max_ms']:7.2f}  "
@@ -370,7 +377,8 @@ def run_scenario(name, loaded, budget, gpu_experts, args, bw, rng) -> dict:
     log(f"{name} re-placement: hit rate {replacement['hit_rate_before']:.3f} -> "
         f"{replacement['hit_rate_after']:.3f}, {replacement['experts_changed']} experts moved, "
         f"{replacement['bytes_copied'] / 1e9:.2f} GB copied in {replacement['ms']:.0f} ms")
-    result = {"scenario": name, "budget": budget, "gpu_experts": gpu_experts, "plan": plan_info,
+    result = {"scenario": name, "budget": budget, "gpu_experts": gpu_experts, "fused": fused,
+              "plan": plan_info,
               "rows": rows, "limits": limits, "streams": streams, "replacement": replacement,
               "graph_failures": sum(s.graph_failures for s in engine._steps.values())}
     release(engine)
@@ -444,10 +452,13 @@ def parse_args(argv):
     parser.add_argument("--streams", default="1,4,8")
     parser.add_argument("--stream-steps", type=int, default=24)
     parser.add_argument("--skip-streams", action="store_true")
-    parser.add_argument("--scenarios", default="S1=16GiB,S2=4GiB,S2-cpu=4GiB:off")
+    parser.add_argument("--scenarios", default="S1=16GiB,S2=4GiB,S2-cpu=4GiB:off",
+                        help="name=budget[:off][+unfused], comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="CPU expert threads "
                         "(default: cores minus one)")
     parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each scenario's kernels per decode step (torch.profiler)")
     parser.add_argument("--cache-dir", default=None, help="where to write the caches")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
@@ -496,9 +507,10 @@ def main(argv=None) -> int:
         results = []
         for spec in args.scenarios.split(","):
             name, _, rest = spec.partition("=")
-            budget, _, mode = rest.partition(":")
+            budget, _, modes = rest.partition(":")
             try:
-                results.append(run_scenario(name, loaded, budget, mode != "off", args, bw, rng))
+                results.append(run_scenario(name, loaded, budget, modes.split("+"), args, bw,
+                                            rng))
             except Exception as exc:  # report and go on with the other scenarios
                 log(f"{name} failed: {type(exc).__name__}: {exc}")
                 if args.smoke:

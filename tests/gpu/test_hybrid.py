@@ -13,6 +13,8 @@ dequantized experts, (b) bf16 against float32 with the same experts; the hybrid 
 their sum by half, plus 5e-3 for summation order. Greedy decoding must then give
 the CPU path's 64 tokens, except that a step whose top-2 margin in the CPU path is within
 the noise allowed at that step may pick the other token; both paths must agree up to there.
+Teacher-forced, every step must rank the CPU path's first token first unless its margin is
+within that step's allowance (a fixed 90 % agreement failed on Qwen3-MoE's near-ties).
 That allowance is the same sum taken over the step's own logits: bf16 noise is far from
 uniform over the steps (Qwen3-MoE at INT4: 0.17 at one step of bf16 against float32 where
 the whole sequence gives a 0.136 bound), so the sequence-wide bound does not hold per step.
@@ -199,11 +201,26 @@ def reference(setup):
     return tokens, logits, bound, step_bounds
 
 
+def _margin_and_allowance(logits: torch.Tensor, step_bounds: torch.Tensor):
+    """The CPU path's top-2 margin per step and the noise it may be crossed by: [STEPS] each."""
+    top2 = logits.topk(2, dim=-1).values  # [STEPS, 2]
+    allowance = 2 * step_bounds * logits.norm(dim=-1) / logits.shape[-1] ** 0.5
+    return top2[:, 0] - top2[:, 1], allowance
+
+
+def _check_argmax(got: torch.Tensor, logits: torch.Tensor, step_bounds: torch.Tensor):
+    """Teacher-forced: a step may rank another token first only within its noise allowance."""
+    margin, allowance = _margin_and_allowance(logits, step_bounds)
+    differ = got.argmax(-1) != logits.argmax(-1)  # [STEPS]
+    far = differ & (margin >= allowance)
+    assert not far.any(), (
+        f"steps {far.nonzero().flatten().tolist()} pick another token with top-2 margins "
+        f"{margin[far].tolist()} above the noise allowance {allowance[far].tolist()}")
+
+
 def _check_greedy(got: list[int], tokens: list[int], logits: torch.Tensor,
                   step_bounds: torch.Tensor):
-    top2 = logits.topk(2, dim=-1).values  # [STEPS, 2]
-    margin = top2[:, 0] - top2[:, 1]
-    allowance = 2 * step_bounds * logits.norm(dim=-1) / logits.shape[-1] ** 0.5  # [STEPS]
+    margin, allowance = _margin_and_allowance(logits, step_bounds)
     for step, (a, b) in enumerate(zip(got, tokens, strict=True)):
         if a != b:
             assert margin[step] < allowance[step], (
@@ -221,7 +238,7 @@ def test_hybrid_decode_matches_the_cpu_path(setup, reference, fraction, use_grap
     assert engine.expert_backend.resident_fraction() == pytest.approx(fraction, abs=0.05)
     got = _teacher_forced(engine, PROMPT + tokens)
     assert _rel(got, logits) < bound
-    assert (got.argmax(-1) == logits.argmax(-1)).float().mean() >= 0.9
+    _check_argmax(got, logits, step_bounds)
     _check_greedy(engine.greedy(PROMPT, STEPS), tokens, logits, step_bounds)
     if use_graphs:
         steps = list(engine._steps.values())

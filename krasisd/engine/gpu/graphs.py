@@ -33,9 +33,10 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from krasisd.engine.engine import Engine
+from krasisd.engine.gpu import decode_attention as attention
+from krasisd.engine.gpu import fused
 from krasisd.engine.gpu.hybrid import HybridExperts
 from krasisd.engine.heat import ExpertHeat, replace_experts
 from krasisd.engine.kv_cache import KVCache, new_kv_cache
@@ -71,7 +72,8 @@ class DecodeStep:
     """``step(token_id, cache) -> logits [V]``; graphs are bound to the cache's storage, so
     every cache passed must share it (the handles HybridEngine.new_cache hands out do)."""
 
-    def __init__(self, model, cache, use_graphs: bool = True, min_bucket: int = MIN_BUCKET):
+    def __init__(self, model, cache, use_graphs: bool = True, min_bucket: int = MIN_BUCKET,
+                 fused_kernels: bool | None = None):
         self.model = model
         self.cache = copy.copy(cache)  # the storage, not the caller's handle
         self.backend = model.expert_backend
@@ -79,6 +81,8 @@ class DecodeStep:
         embed = model.model.embed_tokens.weight
         self.device, self.dtype = embed.device, embed.dtype
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        # Triton kernels for norms, rotary, softmax, routing (krasisd.engine.gpu.fused)
+        self.fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         self.min_bucket = min_bucket
         self.heat = getattr(self.backend, "heat", None)
         self._hybrid = hasattr(self.backend, "gpu_part") and hasattr(self.backend, "submit_cpu")
@@ -96,6 +100,10 @@ class DecodeStep:
         self.topk_weights = torch.zeros(1, k, dtype=torch.float32, device=dev)
         self.logits = torch.zeros(1, self.config.vocab_size, dtype=torch.float32, device=dev)
         self.inv_freq = model.rotary.inv_freq.to(dev)  # [R/2]
+        half = self.inv_freq.shape[0]
+        self.cos = torch.zeros(1, half, dtype=torch.float32, device=dev)  # [1, R/2]
+        self.sin = torch.zeros_like(self.cos)
+        self._router_weights: dict[int, torch.Tensor] = {}  # layer -> float32 [E, D]
         self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
         self.program = self._build_program()
         self._pools: dict[int, object] = {}
@@ -120,6 +128,7 @@ class DecodeStep:
         program.append(piece)
         return program
 
+    @torch.inference_mode()
     def __call__(self, token_id: int, cache=None) -> torch.Tensor:
         """Decode one token at the cache's current length; returns float32 logits [V]."""
         cache = cache if cache is not None else self.cache
@@ -181,43 +190,51 @@ class DecodeStep:
 
     def _embed(self, bucket: int) -> None:
         self.x.copy_(self.model.model.embed_tokens(self.ids))
+        freqs = self.pos.float()[:, None] * self.inv_freq[None, :]  # [1, R/2]
+        factor = self.model.rotary.attention_factor
+        torch.mul(freqs.cos(), factor, out=self.cos)
+        torch.mul(freqs.sin(), factor, out=self.sin)
 
     def _head(self, bucket: int) -> None:
-        self.logits.copy_(self.model.lm_head(self.model.model.norm(self.x)).float())
+        normed = attention.norm(self.model.model.norm, self.x, self.fused)
+        self.logits.copy_(self.model.lm_head(normed))
 
     def _attention_op(self, layer):
+        """Attention, its residual add and the post-attention norm: self.h, self.normed."""
         def op(bucket: int) -> None:
-            normed = layer.input_layernorm(self.x)
-            attn = layer.self_attn
-            out = self._mla(attn, normed, bucket) if self.config.is_mla else self._gqa(
-                attn, normed, bucket)
-            self.h.copy_(self.x + out)
+            at = attention.Position(self.pos, self.cos, self.sin, bucket)
+            normed = attention.norm(layer.input_layernorm, self.x, self.fused)
+            attn, idx = layer.self_attn, layer.layer_idx
+            if self.config.is_mla:
+                out = attention.mla(attn, normed, self.cache.entries[idx], at, self.fused)
+            else:
+                out = attention.gqa(attn, normed, self.cache.keys[idx], self.cache.values[idx],
+                                    at, self.fused)
+            post = layer.post_attention_layernorm
+            if self.fused:
+                fused.rmsnorm(self.x, post.weight, post.eps, self.normed, (out,),
+                              residual_out=self.h)
+            else:
+                self.h.copy_(self.x + out)
+                self.normed.copy_(post(self.h))
         return op
 
     def _ffn_op(self, layer):
         def op(bucket: int) -> None:
-            normed = layer.post_attention_layernorm(self.h)
             if not layer.is_moe:
-                out = layer.mlp(normed)
-            elif self._hybrid:
-                ids, weights = layer.mlp.gate(normed)
-                self._record_heat(layer.layer_idx, ids)
-                out = self.backend.gpu_part(layer.layer_idx, normed, ids, weights).to(self.dtype)
-                out = self._plus_shared(layer, normed, out)
+                self._add(self.h, self._mlp(layer.mlp, self.normed))
             else:
-                out = layer.mlp(normed, self.backend)
-            self.x.copy_(self.h + out)
+                self._route(layer)
+                experts = self.backend.gpu_part if self._hybrid else self.backend
+                out = experts(layer.layer_idx, self.normed, self.topk_ids, self.topk_weights)
+                self._add(self.h, out, *self._shared(layer))  # out: [1, D]
         return op
 
     def _route_op(self, layer):
         def op(bucket: int) -> None:
-            normed = layer.post_attention_layernorm(self.h)
-            self.normed.copy_(normed)
-            ids, weights = layer.mlp.gate(normed)  # [1, K] each
-            self.topk_ids.copy_(ids)
-            self.topk_weights.copy_(weights)
-            self._record_heat(layer.layer_idx, ids)
-            self.backend.stage_to_host(layer.layer_idx, normed, ids, weights)
+            self._route(layer)
+            self.backend.stage_to_host(layer.layer_idx, self.normed, self.topk_ids,
+                                       self.topk_weights)
         return op
 
     def _gpu_experts_op(self, layer):
@@ -228,72 +245,51 @@ class DecodeStep:
                                                          self.topk_weights))
             else:
                 self.partial.zero_()
-            if hasattr(layer.mlp, "shared_experts"):
-                self.shared.copy_(layer.mlp.shared_experts(self.normed))
+            for out in self._shared(layer):
+                self.shared.copy_(out)
         return op
 
     def _merge_op(self, layer):
         def op(bucket: int) -> None:
             staging = self.staging
             staging.out_dev.copy_(staging.out, non_blocking=True)
-            moe = (self.partial + staging.out_dev).to(self.dtype)  # [1, D]
-            if hasattr(layer.mlp, "shared_experts"):
-                moe = moe + self.shared
-            self.x.copy_(self.h + moe)
+            shared = (self.shared,) if hasattr(layer.mlp, "shared_experts") else ()
+            self._add(self.h, self.partial, staging.out_dev, *shared)
         return op
 
-    def _plus_shared(self, layer, normed, out):
-        if hasattr(layer.mlp, "shared_experts"):
-            return out + layer.mlp.shared_experts(normed)
-        return out
-
-    def _record_heat(self, layer_idx: int, ids) -> None:
+    def _route(self, layer) -> None:
+        """Router of the layer over self.normed into self.topk_ids / self.topk_weights."""
+        gate = layer.mlp.gate
+        if self.fused and fused.fusable_router(self.config):
+            weight = self._router_weights.get(layer.layer_idx)
+            if weight is None:  # float32 once, as the router computes
+                weight = self._router_weights[layer.layer_idx] = gate.weight.float()
+            logits = self.normed.float() @ weight.T  # [1, E]
+            fused.router_topk(logits, self.config, self.topk_ids, self.topk_weights)
+        else:
+            ids, weights = gate(self.normed)  # [1, K] each
+            self.topk_ids.copy_(ids)
+            self.topk_weights.copy_(weights)
         if self.heat is not None:
-            self.heat.record(layer_idx, ids)
+            self.heat.record(layer.layer_idx, self.topk_ids)
 
-    # -- attention over a fixed window ----------------------------------------------------
+    def _mlp(self, mlp, x):
+        return fused.swiglu(mlp, x) if self.fused else mlp(x)
 
-    def _cos_sin(self):
-        freqs = self.pos.float()[:, None] * self.inv_freq[None, :]  # [1, R/2]
-        factor = self.model.rotary.attention_factor
-        return freqs.cos() * factor, freqs.sin() * factor
+    def _shared(self, layer) -> tuple:
+        if hasattr(layer.mlp, "shared_experts"):
+            return (self._mlp(layer.mlp.shared_experts, self.normed),)
+        return ()
 
-    def _masked(self, bucket: int) -> torch.Tensor:
-        """[1, S] True where a position is past the current token."""
-        return (torch.arange(bucket, device=self.device) > self.pos)[None, :]
-
-    def _mla(self, attn, x, bucket: int) -> torch.Tensor:
-        """Absorbed MLA over entries [S, C + R] of the layer's compressed cache: [1, D]."""
-        cos, sin = self._cos_sin()
-        q_nope, q_rope = attn._query(x, cos, sin)  # [1, H, N], [1, H, R]
-        layer_entries = self.cache.entries[attn.layer_idx]  # [M, C + R]
-        layer_entries.index_copy_(0, self.pos, attn._latent(x, cos, sin))
-        entries = layer_entries[:bucket]  # [S, C + R]
-        w_uk, w_uv_t = _absorbed(attn)  # [H, N, C], [H, C, Dv]
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, 1, C]
-        q_full = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [H, 1, C + R]
-        scores = q_full.reshape(attn.num_heads, -1) @ entries.T  # [H, S]: one GEMM
-        scores = (scores.float() * attn.scale).masked_fill(self._masked(bucket), float("-inf"))
-        probs = scores.softmax(dim=-1).to(entries.dtype)  # [H, S]
-        out_latent = probs @ entries[:, : attn.latent_dim]  # [H, C]
-        out = torch.bmm(out_latent[:, None, :], w_uv_t)  # [H, 1, Dv]
-        return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
-
-    def _gqa(self, attn, x, bucket: int) -> torch.Tensor:
-        """Grouped-query attention over keys/values [S, Hkv, Dh] of the layer: [1, D]."""
-        cos, sin = self._cos_sin()
-        q = attn.q_norm(attn.q_proj(x).view(1, attn.num_heads, attn.head_dim))
-        k = attn.k_norm(attn.k_proj(x).view(1, attn.num_kv_heads, attn.head_dim))
-        v = attn.v_proj(x).view(1, attn.num_kv_heads, attn.head_dim)
-        q, k = attn.rotary.apply(q, cos, sin), attn.rotary.apply(k, cos, sin)
-        keys, values = self.cache.keys[attn.layer_idx], self.cache.values[attn.layer_idx]
-        keys.index_copy_(0, self.pos, k)
-        values.index_copy_(0, self.pos, v)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys[:bucket].transpose(0, 1), values[:bucket].transpose(0, 1),
-            attn_mask=~self._masked(bucket), scale=attn.scale, enable_gqa=True,
-        )  # [H, 1, Dh]
-        return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
+    def _add(self, base, *deltas) -> None:
+        """self.x = base + sum(deltas), rounded once (fused) or per add (torch)."""
+        if self.fused:
+            fused.rmsnorm(base, None, 0.0, None, deltas, residual_out=self.x)
+            return
+        total = deltas[0].float()
+        for delta in deltas[1:]:
+            total = total + delta.float()
+        self.x.copy_(base + total.to(self.dtype))
 
 
 class HybridEngine(Engine):
@@ -305,9 +301,11 @@ class HybridEngine(Engine):
 
     POOLED_CACHES = 2
 
-    def __init__(self, *args, use_graphs: bool = True, **kwargs):
+    def __init__(self, *args, use_graphs: bool = True, fused_kernels: bool | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.use_graphs = use_graphs
+        self.fused_kernels = fused_kernels  # None: on CUDA (see DecodeStep)
         self._pool: list[tuple[KVCache, weakref.ref]] = []  # (storage, its current handle)
         self._steps: dict[int, DecodeStep] = {}  # id(storage) -> DecodeStep
 
@@ -342,7 +340,8 @@ class HybridEngine(Engine):
         if step is None or step.generation != generation:
             if len(self._steps) >= self.POOLED_CACHES + 1:
                 self._steps.clear()
-            step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs)
+            step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs,
+                              fused_kernels=self.fused_kernels)
             self._steps[key] = step
         return step
 
@@ -352,15 +351,6 @@ class HybridEngine(Engine):
         if getattr(backend, "heat", None) is None:
             raise ValueError("this engine records no expert heat")
         return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
-
-
-def _absorbed(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """kv_b_proj split for the absorbed form: w_uk [H, N, C], w_uv_t [H, C, Dv]."""
-    if hasattr(attn, "absorbed_weights"):  # cached by the model, made contiguous once
-        return attn.absorbed_weights()
-    w_kv = attn.kv_b_proj.weight.view(attn.num_heads, attn.nope_dim + attn.v_dim, -1)
-    w_uk, w_uv = w_kv.split([attn.nope_dim, attn.v_dim], dim=1)
-    return w_uk, w_uv.transpose(1, 2)
 
 
 def _single_token(input_ids) -> int | None:

@@ -1,0 +1,108 @@
+"""One-token attention over a fixed window of the KV cache, for the decode step
+(krasisd.engine.gpu.graphs): the window is a bucket of S positions, masked past the token's
+position, which lives in a device buffer so the step can replay as a CUDA graph.
+
+``fused=True`` runs the Triton kernels of krasisd.engine.gpu.fused (rotary, norms, softmax,
+cache write in a few launches); ``fused=False`` the plain torch code, the reference.
+
+Legend: D = hidden, H = heads, C = kv_lora_rank, R = rope dims, N = nope dims, Dv = value
+dims, S = attended positions, Hkv = key/value heads, Dh = head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from krasisd.engine.gpu import fused as kernels
+
+
+@dataclass
+class Position:
+    """The token's position [1] (int64), its rotary cos/sin [1, R/2] (float32, scaled by the
+    attention factor) and the attended window's length S, for one step."""
+
+    pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bucket: int
+
+    def masked(self) -> torch.Tensor:
+        """[1, S] True where a position is past the current token."""
+        return (torch.arange(self.bucket, device=self.pos.device) > self.pos)[None, :]
+
+
+def norm(module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """An RMSNorm module applied to rows of x, in one launch when fused."""
+    if not fused:
+        return module(x)
+    out = torch.empty_like(x)
+    kernels.rmsnorm(x, module.weight, module.eps, out)
+    return out
+
+
+def mla(attn, x: torch.Tensor, entries: torch.Tensor, at: Position, fused: bool) -> torch.Tensor:
+    """Absorbed MLA of x [1, D] over the layer's cache entries [M, C + R] (the new entry is
+    written at the position): [1, D]."""
+    if fused:
+        q_full = _mla_query_fused(attn, x, entries, at)  # [H, C + R]
+    else:
+        q_full = _mla_query(attn, x, entries, at)
+    window = entries[: at.bucket]  # [S, C + R]
+    scores = q_full @ window.T  # [H, S]: one GEMM
+    if fused:
+        probs = torch.empty_like(scores)
+        kernels.masked_softmax(scores, at.pos, attn.scale, probs)
+    else:
+        scores = (scores.float() * attn.scale).masked_fill(at.masked(), float("-inf"))
+        probs = scores.softmax(dim=-1).to(window.dtype)  # [H, S]
+    out_latent = probs @ window[:, : attn.latent_dim]  # [H, C]
+    _, w_uv_t = attn.absorbed_weights()  # [H, C, Dv]
+    out = torch.bmm(out_latent[:, None, :], w_uv_t)  # [H, 1, Dv]
+    return attn.o_proj(out.view(1, -1))
+
+
+def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
+    """The torch reference: writes the entry, returns the absorbed query [H, C + R]."""
+    q_nope, q_rope = attn._query(x, at.cos, at.sin)  # [1, H, N], [1, H, R]
+    entries.index_copy_(0, at.pos, attn._latent(x, at.cos, at.sin))
+    w_uk, _ = attn.absorbed_weights()  # [H, N, C]
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, 1, C]
+    q_full = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [H, 1, C + R]
+    return q_full.view(attn.num_heads, -1)
+
+
+def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
+    if hasattr(attn, "q_proj"):
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
+    q = q.view(attn.num_heads, -1)  # [H, N + R]
+    w_uk, _ = attn.absorbed_weights()  # [H, N, C]
+    q_latent = torch.bmm(q[:, None, : attn.nope_dim], w_uk)  # [H, 1, C]
+    kv = attn.kv_a_proj_with_mqa(x)  # [1, C + R]
+    q_full = torch.empty(attn.num_heads, entries.shape[1], dtype=x.dtype, device=x.device)
+    kernels.mla_prep(q, q_latent.view(attn.num_heads, -1), kv.view(-1), at.cos[0], at.sin[0],
+                     attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, at.pos, entries,
+                     q_full, attn.rotary.interleave)
+    return q_full  # [H, C + R]
+
+
+def gqa(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Position,
+        fused: bool) -> torch.Tensor:
+    """Grouped-query attention of x [1, D] over keys/values [M, Hkv, Dh]: [1, D]."""
+    q = norm(attn.q_norm, attn.q_proj(x).view(attn.num_heads, attn.head_dim), fused)
+    k = norm(attn.k_norm, attn.k_proj(x).view(attn.num_kv_heads, attn.head_dim), fused)
+    v = attn.v_proj(x).view(1, attn.num_kv_heads, attn.head_dim)
+    q = attn.rotary.apply(q[None], at.cos, at.sin)  # [1, H, Dh]
+    k = attn.rotary.apply(k[None], at.cos, at.sin)  # [1, Hkv, Dh]
+    keys.index_copy_(0, at.pos, k)
+    values.index_copy_(0, at.pos, v)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys[: at.bucket].transpose(0, 1),
+        values[: at.bucket].transpose(0, 1), attn_mask=~at.masked(), scale=attn.scale,
+        enable_gqa=True,
+    )  # [H, 1, Dh]
+    return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
