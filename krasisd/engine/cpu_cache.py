@@ -1,10 +1,14 @@
-"""The CPU half of the dual-format cache: a model's routed experts quantized once for the
-native kernels, one safetensors file per MoE layer plus ``manifest.json``.
+"""The CPU half of the dual-format cache: a model's routed experts and dense linears quantized
+once for the native kernels, safetensors files plus ``manifest.json``.
 
 Per layer file ``layer_{l:03d}.safetensors``: ``{gate,up,down}.qweight`` and ``.scales`` in the
 layout of docs/cpu-format.md (E experts, D hidden, I expert width, G group size):
 gate/up qweight [E, I, D] int8 or [E, I, D/2] uint8, scales float32 [E, I, D/G];
 down qweight [E, D, I] or [E, D, I/2], scales [E, D, I/G].
+Dense linears (dense_quant.dense_plan: attention, shared experts, dense MLPs, output head) go
+to ``dense_{l:03d}.safetensors`` per decoder layer and ``dense_other.safetensors`` (the head):
+``{name}.qweight`` [N, K] int8 or [N, K/2] uint8 and ``{name}.scales`` [N, K/G'] float32, each
+linear with its own bits and group size G' (recorded in the manifest).
 
 Integrity: the build records each file's size, mtime and full sha256 (and the sha256 of its
 safetensors header). A load checks size and header digest always, and re-hashes the whole file
@@ -17,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,7 @@ from safetensors.torch import save_file
 
 from krasisd.engine import loader
 from krasisd.engine.cache_files import replace_dir, sha256_file
+from krasisd.engine.models import build_model
 from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,9 @@ FORMAT = "krasis-cpu-experts"
 MANIFEST = "manifest.json"
 PROJS = ("gate", "up", "down")
 NP_DTYPES = {"I8": np.int8, "U8": np.uint8, "F32": np.float32}
+QWEIGHT_DTYPES = {8: np.int8, 4: np.uint8}
+DENSE_OTHER = "dense_other.safetensors"  # linears outside the decoder layers: the output head
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 FINGERPRINT_SAMPLES = 16
 FINGERPRINT_SAMPLE_BYTES = 64 << 10
 
@@ -62,9 +71,21 @@ class LayerExperts:
 
 
 @dataclass
+class DenseWeight:
+    """One quantized dense linear W [N, K] as read-only arrays over the mapped file."""
+
+    qweight: np.ndarray  # [N, K] int8 or [N, K/2] uint8
+    scales: np.ndarray  # [N, K/G] float32
+    bits: int
+    group_size: int
+    in_features: int
+
+
+@dataclass
 class CpuCache:
     manifest: dict
     layers: dict[int, LayerExperts]
+    dense: dict[str, DenseWeight] = field(default_factory=dict)  # linear name -> weights
 
     @property
     def bits(self) -> int:
@@ -92,9 +113,11 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "int4",
-                    group_size: int = 128, progress: Callable[[int, int], None] | None = None
-                    ) -> dict:
-    """Quantize the routed experts of ``model_dir`` into ``out_dir``; returns the manifest."""
+                    group_size: int = 128, progress: Callable[[int, int], None] | None = None,
+                    dense: bool = True) -> dict:
+    """Quantize the routed experts (and, with ``dense``, the dense linears as the CPU path
+    uses them) of ``model_dir`` into ``out_dir``; returns the manifest. ``progress`` counts
+    MoE layers."""
     if quant not in BITS:
         raise ValueError(f"quant must be one of {tuple(BITS)}, got {quant!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -104,32 +127,99 @@ def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
     check_format(bits, group_size, config.moe_intermediate_size)
     index = loader.read_headers(loader.weight_files(model_dir))
     layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    dense_jobs = _dense_jobs(config, index, bits) if dense else {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
     try:
-        files = {}
-        for done, layer_idx in enumerate(layers, start=1):
-            tensors = _quantize_layer(config, layer_idx, index, bits, group_size)
-            name = f"layer_{layer_idx:03d}.safetensors"
-            save_file(tensors, str(tmp_dir / name), metadata={"format": FORMAT, "quant": quant})
-            files[str(layer_idx)] = _file_record(tmp_dir / name, name)
-            if progress is not None:
-                progress(done, len(layers))
+        files, dense_files, dense_linears = _write_files(
+            tmp_dir, config, index, quant, group_size, layers, dense_jobs, progress)
         manifest = {
             "format": FORMAT, "layout_version": LAYOUT_VERSION, "quant": quant, "bits": bits,
             "group_size": group_size, "n_experts": config.n_routed_experts,
             "hidden": config.hidden_size, "width": config.moe_intermediate_size,
             "model_fingerprint": model_fingerprint(model_dir), "created": time.time(),
-            "layers": files,
+            "layers": files, "dense_files": dense_files, "dense": dense_linears,
         }
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    log.info("built CPU cache %s: %d layers, %s g%d", out_dir, len(layers), quant, group_size)
+    log.info("built CPU cache %s: %d layers, %d dense linears, %s g%d", out_dir, len(layers),
+             len(dense_linears), quant, group_size)
     return manifest
+
+
+def _write_files(tmp_dir: Path, config, index, quant: str, group_size: int, layers: list[int],
+                 dense_jobs: dict, progress) -> tuple[dict, dict, dict]:
+    """Expert files per MoE layer, and each dense file once the layers it covers are done (so
+    progress keeps counting MoE layers); returns the manifest's three tables."""
+    files, dense_files, dense_linears = {}, {}, {}
+    pending = sorted(dense_jobs)  # decoder layers in order, the rest last
+
+    def write_dense(up_to_layer: int) -> None:
+        while pending and pending[0] <= up_to_layer:
+            record, linears = _write_dense_file(tmp_dir, dense_jobs[pending.pop(0)], index, quant)
+            dense_files[record["file"]] = record
+            dense_linears.update(linears)
+
+    for done, layer_idx in enumerate(layers, start=1):
+        tensors = _quantize_layer(config, layer_idx, index, BITS[quant], group_size)
+        name = f"layer_{layer_idx:03d}.safetensors"
+        save_file(tensors, str(tmp_dir / name), metadata={"format": FORMAT, "quant": quant})
+        files[str(layer_idx)] = _file_record(tmp_dir / name, name)
+        write_dense(config.num_hidden_layers if done == len(layers) else layer_idx)
+        if progress is not None:
+            progress(done, len(layers))
+    write_dense(config.num_hidden_layers)
+    return files, dense_files, dense_linears
+
+
+def _dense_jobs(config, index, bits: int) -> dict[int, list[tuple]]:
+    """Decoder layer (num_hidden_layers for the rest) -> [(linear name, checkpoint tensor,
+    bits, group size, (N, K))] from dense_quant.dense_plan over a model on the meta device."""
+    # imported here: dense_quant imports native_experts, which imports this module
+    from krasisd.engine.dense_quant import HEAD_NAME, dense_plan
+
+    with torch.device("meta"):
+        model = build_model(config)
+    jobs: dict[int, list[tuple]] = {}
+    for name, linear, bits_, group in dense_plan(model, bits):
+        tensor = f"{name}.weight"
+        if name == HEAD_NAME and tensor not in index and config.tie_word_embeddings:
+            tensor = "model.embed_tokens.weight"
+        if tensor not in index:
+            raise ValueError(f"the checkpoint has no tensor {tensor} for the dense linear {name}")
+        match = LAYER_NAME.match(name)
+        layer = int(match.group(1)) if match else config.num_hidden_layers
+        shape = (linear.out_features, linear.in_features)
+        jobs.setdefault(layer, []).append((name, tensor, bits_, group, shape))
+    return jobs
+
+
+def _write_dense_file(tmp_dir: Path, jobs: list[tuple], index, quant: str
+                      ) -> tuple[dict, dict]:
+    """Quantize one file's dense linears (dense_quant.quantize_weight); returns its file record
+    and the manifest entries of its linears."""
+    from krasisd.engine.dense_quant import quantize_weight  # see _dense_jobs
+
+    floats = loader.read_tensors({tensor for _, tensor, *_ in jobs}, index)
+    match = LAYER_NAME.match(jobs[0][0])
+    file_name = f"dense_{int(match.group(1)):03d}.safetensors" if match else DENSE_OTHER
+    tensors, linears = {}, {}
+    for name, tensor, bits, group, shape in jobs:
+        if tuple(floats[tensor].shape) != shape:
+            raise ValueError(f"tensor {tensor} has shape {list(floats[tensor].shape)}, "
+                             f"the model expects {list(shape)}")
+        qweight, scales = quantize_weight(floats[tensor], bits, group)
+        tensors[f"{name}.qweight"] = torch.from_numpy(qweight)  # [N, K] or [N, K/2]
+        tensors[f"{name}.scales"] = torch.from_numpy(scales)  # [N, K/G]
+        linears[name] = {"file": file_name, "bits": bits, "group_size": group,
+                         "out_features": shape[0], "in_features": shape[1]}
+    save_file(tensors, str(tmp_dir / file_name),
+              metadata={"format": FORMAT, "quant": quant, "part": "dense"})
+    return _file_record(tmp_dir / file_name, file_name), linears
 
 
 def load_cpu_cache(out_dir: str | Path, quant: str | None = None, group_size: int | None = None,
@@ -145,7 +235,30 @@ def load_cpu_cache(out_dir: str | Path, quant: str | None = None, group_size: in
         path = out_dir / record["file"]
         _verify_file(path, record, full=verify == "full")
         layers[int(key)] = _map_layer(path, manifest)
-    return CpuCache(manifest, layers)
+    return CpuCache(manifest, layers, _map_dense(out_dir, manifest, full=verify == "full"))
+
+
+def _map_dense(out_dir: Path, manifest: dict, full: bool) -> dict[str, DenseWeight]:
+    """The dense linears of the manifest over their checked, mapped files."""
+    mapped = {}
+    for file_name, record in manifest.get("dense_files", {}).items():
+        _verify_file(out_dir / record["file"], record, full)
+        mapped[file_name] = _mmap_safetensors(out_dir / record["file"])
+    dense = {}
+    for name, info in manifest.get("dense", {}).items():
+        try:
+            arrays, bits = mapped[info["file"]], int(info["bits"])
+            group, n, k = (int(info[key]) for key in ("group_size", "out_features", "in_features"))
+            qweight, scales = arrays[f"{name}.qweight"], arrays[f"{name}.scales"]
+            check_format(bits, group, k)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheError(f"dense linear {name}: bad manifest entry or tensor ({exc})") from exc
+        if (qweight.dtype != QWEIGHT_DTYPES[bits] or qweight.shape != (n, k * bits // 8)
+                or scales.shape != (n, k // group)):
+            raise CacheError(f"dense linear {name}: tensors do not match {bits}-bit [{n}, {k}] "
+                             f"in groups of {group}")
+        dense[name] = DenseWeight(qweight, scales, bits, group, k)
+    return dense
 
 
 def read_manifest(out_dir: Path) -> dict:
@@ -173,6 +286,8 @@ def _check_manifest(manifest: dict, quant, group_size, model_dir) -> None:
         raise CacheError("cache was built from other weights (model fingerprint differs)")
     if not isinstance(manifest.get("layers"), dict):
         raise CacheError("manifest has no layer table")
+    if not all(isinstance(manifest.get(key, {}), dict) for key in ("dense", "dense_files")):
+        raise CacheError("manifest has a malformed dense table")
 
 
 def _quantize_layer(config, layer_idx: int, index, bits: int, group_size: int):

@@ -14,11 +14,12 @@ import torch
 
 from krasisd.engine.cache_files import load_or_build
 from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
-from krasisd.engine.quant import BITS, INT4_UNIT, quantize
+from krasisd.engine.quant import BITS, DEFAULT_GROUP_SIZE, pick_group_size, quantize
+
+__all__ = ["DEFAULT_GROUP_SIZE", "NativeExperts", "NativeLinear", "create_backend",
+           "native_expert_backend", "pick_group_size"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GROUP_SIZE = 128
 
 
 def _native():
@@ -48,6 +49,12 @@ class NativeExperts:
     @property
     def isa(self) -> str:
         return _native().isa()
+
+    @property
+    def dense(self) -> dict:
+        """The dense linears stored in the CPU cache (name -> cpu_cache.DenseWeight), which
+        dense_quant.quantize_dense_linears(stored=...) uses instead of quantizing again."""
+        return self.cache.dense
 
     def __call__(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -96,16 +103,6 @@ class NativeLinear:
         self.runner.linear(x2.numpy(), self.qweight, self.scales, self.bits, self.group_size, out)
         y = torch.from_numpy(out).reshape(*x.shape[:-1], self.out_features)
         return y.to(device=x.device, dtype=x.dtype)
-
-
-def pick_group_size(hidden: int, width: int, bits: int) -> int:
-    """The largest of 128, 64, 32 that divides both sizes (and suits INT4's 64-wide units)."""
-    for group_size in (DEFAULT_GROUP_SIZE, 64, 32):
-        if hidden % group_size == 0 and width % group_size == 0:
-            if bits == 8 or (hidden % INT4_UNIT == 0 and width % INT4_UNIT == 0):
-                return group_size
-    raise ValueError(f"hidden {hidden} and expert width {width} fit no supported group size "
-                     f"for {bits}-bit experts (multiples of 32; of 64 for INT4)")
 
 
 def default_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:

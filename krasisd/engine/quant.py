@@ -6,15 +6,53 @@ Layout (docs/cpu-format.md, native/src/kernels.h): a weight W [..., N, K] become
         byte j holds element j (low nibble) and element j + 32 (high nibble);
         scale = w_max / -8, w_max the group's value of largest magnitude (it maps to -8 exactly);
   scales float32 [..., N, K/G]. Rounding is round-to-nearest (ties to even).
+
+Group size: ``pick_group_size`` is the one rule for a model's routed experts, used by the CPU
+and the GPU cache alike, so an expert resident on the GPU and its CPU twin share their groups.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-LAYOUT_VERSION = 1
+# Version of the CPU format as a whole: block layout and cache files (docs/cpu-format.md).
+# 2: the cache holds the quantized dense linears beside the experts.
+LAYOUT_VERSION = 2
 INT4_UNIT = 64  # elements per INT4 unit (32 bytes)
 BITS = {"int8": 8, "int4": 4}
+DEFAULT_GROUP_SIZE = 128
+# Largest first. The CPU kernels take multiples of 32, the GPU kernels powers of two >= 16:
+# these are the sizes both accept.
+GROUP_SIZES = (128, 64, 32)
+
+
+def largest_group_size(sizes: Iterable[int], bits: int | None = None,
+                       max_group: int = DEFAULT_GROUP_SIZE) -> int | None:
+    """The largest of GROUP_SIZES (at most max_group) dividing every size, or None; INT4
+    (bits=4) also needs every size to be a multiple of INT4_UNIT."""
+    sizes = [int(size) for size in sizes]
+    if any(size <= 0 for size in sizes):
+        return None
+    if bits == 4 and any(size % INT4_UNIT for size in sizes):
+        return None
+    return next((group for group in GROUP_SIZES
+                 if group <= max_group and all(size % group == 0 for size in sizes)), None)
+
+
+def pick_group_size(hidden: int, width: int, bits: int | None = None) -> int:
+    """The group size of a model's routed experts in every format (CPU and GPU): the largest of
+    128, 64, 32 dividing the hidden size and the expert width; bits=4 also checks INT4's
+    64-wide units. Raises ValueError when no group size fits."""
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    group = largest_group_size((hidden, width), bits)
+    if group is None:
+        int4 = "; INT4 also needs multiples of 64" if bits == 4 else ""
+        raise ValueError(f"hidden size {hidden} and expert width {width} fit no group size of "
+                         f"{', '.join(map(str, GROUP_SIZES))} (both must be multiples of one{int4})")
+    return group
 
 
 def check_format(bits: int, group_size: int, in_features: int) -> None:

@@ -21,6 +21,7 @@ from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.moe_grouped import grouped_mm_workspace_bytes
 from krasisd.engine.gpu.placement import PlacementRequest, plan_placement, resolve_vram_budget
 from krasisd.engine.gpu.prefill import GpuExperts
+from krasisd.engine.quant import pick_group_size
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ def gpu_prefill_min_tokens(setting: str | int | None = None) -> int:
                     DEFAULT_MIN_TOKENS)
         return DEFAULT_MIN_TOKENS
     return value
-
-
-def pick_group_size(hidden: int, intermediate: int) -> int:
-    """The largest of 128, 64, 32, 16 that divides both widths."""
-    for group_size in (128, 64, 32, 16):
-        if hidden % group_size == 0 and intermediate % group_size == 0:
-            return group_size
-    raise ValueError(f"widths {hidden} and {intermediate} have no group size in 16..128")
 
 
 def prefill_workspace_bytes(config, max_tokens: int, chunk_tokens: int, impl: str = "triton") -> int:
@@ -99,7 +92,8 @@ def create_backend(model_dir, config, quant: str, cache_dir=None, device="cuda",
                    budget=None, heat=None, impl: str | None = None,
                    group_size: int | None = None) -> GpuExperts:
     """GpuExperts for ``model_dir``: loads the GPU cache (building it when missing or stale)."""
-    group_size = group_size or pick_group_size(config.hidden_size, config.moe_intermediate_size)
+    if group_size is None:  # the CPU cache's rule too, so both formats group alike
+        group_size = pick_group_size(config.hidden_size, config.moe_intermediate_size)
     cache_dir = Path(cache_dir) if cache_dir else default_gpu_cache_dir(model_dir, quant, group_size)
     host = load_or_build(
         lambda: load_gpu_cache(cache_dir, quant=quant, group_size=group_size, model_dir=model_dir),
