@@ -4,10 +4,17 @@ CPU prefill at M=64 and M=512. Shapes default to DeepSeek-V2-Lite (D=2048, I=140
 
     python3 bench/cpu_kernel.py [--threads 1 2] [--quant int4 int8] [--group-size 128]
     python3 bench/cpu_kernel.py --accuracy [--seeds 3] [--tokens 64]
+    python3 bench/cpu_kernel.py --fixed-cost [--threads 1 2] [--gap-us 0 200]
 
 --accuracy measures instead the max and mean logit error of INT8 and INT4 against the float
 model, through load(), on random transformers DeepSeek-V2 models, and the round-to-nearest
 weight error of each format.
+
+--fixed-cost shows the fixed cost of one M=1 call directly: per-call time of a layer whose
+weights stay in cache (one expert of --fixed-width rows, top-1) beside the full layer and its
+bandwidth roofline (expert bytes / read GB/s), with an idle gap of --gap-us busy-waited between
+calls (hybrid decode leaves ~100-200 us of GPU attention between two layers' calls), and the
+binding's own cost (an M=0 call, which returns after the argument checks).
 
 Weights are random bytes in the CPU layout (the kernel's speed does not depend on values);
 each M=1 call routes to fresh random experts of the next of --layers layers (default 4 layers,
@@ -64,6 +71,91 @@ def time_forward(runner, layers, bits, group_size, tokens, n_experts, top_k, cal
         runner.forward(x, ids.astype(np.int64), weights, *layer, bits, group_size, out)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def busy_wait(seconds: float) -> None:
+    """Holds the caller busy (as a thread waiting on the GPU would be) for ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def call_times(runner, layers, bits, group_size, routes, weights, gap_s) -> list[float]:
+    """Seconds of each M=1 call, routes precomputed ([calls] of [1, K] ids), ``gap_s`` of busy
+    idle before each call."""
+    hidden = layers[0][4].shape[1]
+    x = np.random.default_rng(1).standard_normal((1, hidden)).astype(np.float32)  # [1, D]
+    out = np.empty((1, hidden), dtype=np.float32)  # [1, D]
+    times = []
+    for call, ids in enumerate(routes):
+        layer = layers[call % len(layers)]
+        busy_wait(gap_s)
+        t0 = time.perf_counter()
+        runner.forward(x, ids, weights, *layer, bits, group_size, out)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def binding_seconds(runner, layer, bits, group_size, calls: int) -> float:
+    """Median seconds of an M=0 call: the argument checks alone (no kernel runs)."""
+    hidden = layer[4].shape[1]
+    x = np.empty((0, hidden), dtype=np.float32)  # [0, D]
+    ids, weights = np.empty((0, 1), dtype=np.int64), np.empty((0, 1), dtype=np.float32)
+    out = np.empty((0, hidden), dtype=np.float32)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        runner.forward(x, ids, weights, *layer, bits, group_size, out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fixed_cost(args) -> None:
+    """Per-call time of a cached one-expert layer vs the full M=1 layer and its roofline."""
+    rng = np.random.default_rng(0)
+    read_buf = np.ones(args.read_mib << 20, dtype=np.uint8)
+    print(f"isa={krasis_native.isa()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} "
+          f"D={args.hidden} I={args.width} top-{args.top_k} of {args.experts}, group "
+          f"{args.group_size}; cached layer: 1 expert x {args.fixed_width} rows, top-1; "
+          f"medians of {args.rounds} rounds x {args.calls} calls, times in us")
+    for quant in args.quant:
+        bits = 4 if quant == "int4" else 8
+        layers = [make_layer(args.experts, args.hidden, args.width, bits, args.group_size, rng)
+                  for _ in range(args.layers)]
+        small = [make_layer(1, args.hidden, args.fixed_width, bits, args.group_size, rng)]
+        full_bytes = args.top_k * layer_bytes_per_expert(layers[0])
+        small_bytes = layer_bytes_per_expert(small[0])
+        for threads in args.threads:
+            runner = krasis_native.MoE(threads)
+            bind_us = binding_seconds(runner, layers[0], bits, args.group_size, args.calls) * 1e6
+            for gap_us in args.gap_us:
+                row = fixed_cost_row(runner, layers, small, bits, args, gap_us * 1e-6,
+                                     read_buf, rng)
+                roof_us = full_bytes / (row["read_gbs"] * 1e9) * 1e6
+                print(f"{quant} threads={threads} gap={gap_us:g}: cached "
+                      f"{row['small_s'] * 1e6:.1f} ({small_bytes >> 10} KiB), full "
+                      f"{row['full_s'] * 1e6:.1f} ({full_bytes >> 20} MiB), roofline "
+                      f"{roof_us:.1f} at {row['read_gbs']:.1f} GB/s read, full - roofline "
+                      f"{row['full_s'] * 1e6 - roof_us:.1f}; binding {bind_us:.1f}")
+        del layers
+
+
+def fixed_cost_row(runner, layers, small, bits, args, gap_s, read_buf, rng) -> dict:
+    """Medians over rounds of (read GB/s, cached-layer call s, full-layer call s)."""
+    top1 = np.ones((1, 1), dtype=np.float32)  # [1, 1]
+    topk = np.full((1, args.top_k), 1.0 / args.top_k, dtype=np.float32)  # [1, K]
+    reads, smalls, fulls = [], [], []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        runner.stream_read(read_buf)
+        reads.append(read_buf.nbytes / (time.perf_counter() - t0) / 1e9)
+        zero = [np.zeros((1, 1), dtype=np.int64)] * args.calls
+        smalls += call_times(runner, small, bits, args.group_size, zero, top1, gap_s)
+        routes = [rng.permutation(args.experts)[None, :args.top_k].astype(np.int64)
+                  for _ in range(args.calls)]
+        fulls += call_times(runner, layers, bits, args.group_size, routes, topk, gap_s)
+    return {"read_gbs": statistics.median(reads), "small_s": statistics.median(smalls),
+            "full_s": statistics.median(fulls)}
 
 
 def save_random_deepseek(path: Path, seed: int) -> None:
@@ -150,11 +242,19 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[64, 512])
     parser.add_argument("--accuracy", action="store_true",
                         help="instead: logit error of INT8/INT4 on random models through load()")
+    parser.add_argument("--fixed-cost", action="store_true",
+                        help="instead: per-call time of a cached layer vs the full M=1 layer")
+    parser.add_argument("--fixed-width", type=int, default=128,
+                        help="rows of the cached layer's expert for --fixed-cost")
+    parser.add_argument("--gap-us", type=float, nargs="+", default=[0.0, 200.0],
+                        help="busy idle before each call for --fixed-cost (us)")
     parser.add_argument("--seeds", type=int, default=3, help="random models for --accuracy")
     parser.add_argument("--tokens", type=int, default=64, help="prompt tokens for --accuracy")
     args = parser.parse_args()
     if args.accuracy:
         return accuracy(args)
+    if args.fixed_cost:
+        return fixed_cost(args)
     rng = np.random.default_rng(0)
     print(f"isa={krasis_native.isa()} cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f} "
           f"D={args.hidden} I={args.width} top-{args.top_k} of {args.experts}, "
