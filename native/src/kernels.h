@@ -46,11 +46,17 @@ struct QActRow {
 using DotTileFn = void (*)(const uint8_t* w, const float* w_scale, int R, const QActRow* acts,
                            int T, int K, int G, float* out);
 
+// Activation quantization of one row (see quantize_act_row below); every ISA's version gives
+// the same bytes as the scalar reference for finite inputs.
+using QuantizeFn = void (*)(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum,
+                            int8_t* q_pair);
+
 struct KernelTable {
     const char* name;
     DotTileFn dot_q8;
     DotTileFn dot_q4;
     int max_rows[kMaxTile + 1];  // by T; index 0 unused
+    QuantizeFn quantize;
 };
 
 const KernelTable& kernels_scalar();
@@ -62,10 +68,16 @@ const KernelTable* kernels_avx512();  // nullptr when the CPU lacks AVX-512 F/BW
 const KernelTable& active_kernels();
 bool select_isa(const char* name);
 
-// Activation quantization (shared by every ISA so they see identical int8 inputs).
+// Activation quantization, the scalar reference: per group of G, amax = max |x|,
+// scale = amax / 127, q = nearbyint(x * (127 / amax)) (0 when amax is 0), sum = sum of q.
 // x float [K] -> q int8 [K], scale float [K/G], sum int32 [K/G], and q_pair int8 [K] when
-// q_pair is not null and K % 128 == 0.
+// q_pair is not null and K % 128 == 0. The SIMD versions (KernelTable::quantize) compute the
+// same products and round in the same (current, nearest-even) mode, so every ISA sees identical
+// int8 inputs. A chunk of a row (a multiple of G and, for q_pair, of 128) can be quantized
+// on its own: groups and 128-element blocks do not straddle chunks.
 void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int32_t* sum,
                       int8_t* q_pair);
+// q [K] -> q_pair [K]: each 128-element block reordered as [0..31, 64..95, 32..63, 96..127].
+void pair_order(const int8_t* q, int K, int8_t* q_pair);
 
 }  // namespace krasis

@@ -329,10 +329,35 @@ KRASIS_AVX512 void dot_q4_avx512(const uint8_t* w, const float* ws, int R, const
         kQ4Rows[T - 1](w + size_t(r) * (K / 2), ws + size_t(r) * (K / G), a, K, G, out + r * T);
 }
 
+// quantize_act_row with 16 floats per step: the same amax, scale and products as the scalar
+// reference; vcvtps2dq rounds in the current mode as nearbyint does; |q| <= 127, so the
+// saturating narrowing to int8 never clips.
+KRASIS_AVX512 void quantize_avx512(const float* x, int K, int G, int8_t* q, float* scale,
+                                   int32_t* sum, int8_t* q_pair) {
+    constexpr int kLanes = 16;
+    for (int g = 0; g < K / G; ++g) {
+        const float* xg = x + g * G;
+        __m512 vmax = _mm512_setzero_ps();
+        for (int k = 0; k < G; k += kLanes) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i vsum = _mm512_setzero_si512();
+        for (int k = 0; k < G; k += kLanes) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(q + g * G + k), _mm512_cvtsepi32_epi8(v));
+            vsum = _mm512_add_epi32(vsum, v);
+        }
+        scale[g] = amax / 127.0f;
+        sum[g] = _mm512_reduce_add_epi32(vsum);
+    }
+    if (q_pair != nullptr && K % kPair == 0) pair_order(q, K, q_pair);
+}
+
 }  // namespace
 
 const KernelTable* kernels_avx512() {
-    static const KernelTable table{"avx512", dot_q8_avx512, dot_q4_avx512, {0, 4, 4, 2, 2}};
+    static const KernelTable table{"avx512", dot_q8_avx512, dot_q4_avx512, {0, 4, 4, 2, 2},
+                                   quantize_avx512};
     __builtin_cpu_init();
     const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");

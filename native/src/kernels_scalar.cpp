@@ -59,7 +59,8 @@ void dot_q4_scalar(const uint8_t* w, const float* ws, int R, const QActRow* acts
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-    static const KernelTable table{"scalar", dot_q8_scalar, dot_q4_scalar, {0, 1, 1, 1, 1}};
+    static const KernelTable table{"scalar", dot_q8_scalar, dot_q4_scalar, {0, 1, 1, 1, 1},
+                                   quantize_act_row};
     return table;
 }
 
@@ -80,7 +81,10 @@ void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int
         scale[g] = d;
         sum[g] = s;
     }
-    if (q_pair == nullptr || K % kPair != 0) return;
+    if (q_pair != nullptr && K % kPair == 0) pair_order(q, K, q_pair);
+}
+
+void pair_order(const int8_t* q, int K, int8_t* q_pair) {
     constexpr int kQuarter = kPair / 4;
     static const int kFrom[4] = {0, 2 * kQuarter, kQuarter, 3 * kQuarter};  // block offsets
     for (int b = 0; b < K; b += kPair)

@@ -101,6 +101,23 @@ uint64_t stream_read(MoeRunner& self, const py::buffer& buf) {
     return self.stream_read(data, n_bytes);
 }
 
+// Activation rows as the kernels quantize them, with the selected ISA's routine (for tests).
+py::tuple quantize_activations(const py::array& x, int group_size) {
+    if (x.ndim() != 2) throw py::value_error("x must be 2-D [M, K]");
+    const py::ssize_t M = x.shape(0), K = x.shape(1), G = group_size;
+    if (group_size <= 0 || group_size % krasis::kHalf != 0 || K % group_size != 0)
+        throw py::value_error("group_size must be a positive multiple of 32 dividing K");
+    const float* xp = checked<float>(x, "x", {M, K});
+    py::array_t<int8_t> q({M, K});
+    py::array_t<float> scales({M, K / G});
+    py::array_t<int32_t> sums({M, K / G});
+    const krasis::KernelTable& kt = krasis::active_kernels();
+    for (py::ssize_t m = 0; m < M; ++m)
+        kt.quantize(xp + m * K, int(K), group_size, q.mutable_data(m), scales.mutable_data(m),
+                    sums.mutable_data(m), nullptr);
+    return py::make_tuple(q, scales, sums);
+}
+
 std::vector<std::string> supported_isas() {
     std::vector<std::string> out{"scalar"};
     if (krasis::kernels_avx2() != nullptr) out.emplace_back("avx2");
@@ -125,10 +142,17 @@ PYBIND11_MODULE(krasis_native, m) {
           "Force 'scalar', 'avx2', 'avx512' or 'auto' (ValueError if the CPU lacks it).");
     m.def("supported_isas", &supported_isas, "Instruction sets this CPU can run.");
     m.def("default_threads", &krasis::default_threads, "Usable cores minus one.");
+    m.def("quantize_activations", &quantize_activations, py::arg("x"), py::arg("group_size"),
+          "(q int8 [M, K], scales float32 [M, K/G], sums int32 [M, K/G]) of x float32 [M, K], "
+          "as the selected ISA quantizes activations.");
     py::class_<MoeRunner>(m, "MoE")
         .def(py::init<int>(), py::arg("threads") = 0,
-             "Fused MoE runner with its own thread pool (threads=0: usable cores minus one).")
+             "Fused MoE runner with its own thread pool (threads=0: usable cores minus one). "
+             "ValueError if KRASIS_NATIVE_SPIN_US is not an integer in [0, 60000000].")
         .def_property_readonly("threads", &MoeRunner::threads)
+        .def_property_readonly("spin_us", &MoeRunner::spin_us,
+                               "Microseconds idle workers spin before they sleep "
+                               "(KRASIS_NATIVE_SPIN_US, default 2000).")
         .def("forward", &moe_forward, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"),
              py::arg("gate_q"), py::arg("gate_s"), py::arg("up_q"), py::arg("up_s"),
              py::arg("down_q"), py::arg("down_s"), py::arg("bits"), py::arg("group_size"),

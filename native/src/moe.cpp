@@ -1,10 +1,12 @@
-// Fused MoE: route -> quantize x -> gate/up + SiLU (parallel over expert x row blocks) ->
-// quantize h -> down + weighted sum (parallel over output row blocks, so writes never race).
+// Fused MoE: route -> quantize x -> one pool job of two phases: gate/up + SiLU (tasks: expert x
+// 16-row blocks; the task that completes a chunk of h quantizes it) | down + weighted sum
+// (tasks: 16-row blocks of the output, so writes never race).
 // Legend: M tokens, K experts per token, P = M*K pairs, E experts, D hidden, I width, G group.
 #include "moe.h"
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <stdexcept>
 
 namespace krasis {
@@ -56,12 +58,12 @@ void MoeRunner::route(int M, const int64_t* ids, const float* topk_weights, int 
     }
 }
 
-void MoeRunner::quantize_rows(const float* x, int rows, int K, int G, int8_t* q, float* s,
-                              int32_t* sum) {
+void MoeRunner::quantize_rows(const KernelTable& kt, const float* x, int rows, int K, int G,
+                              int8_t* q, float* s, int32_t* sum) {
     auto task = [&](int r) {
         int8_t* qr = q + size_t(r) * 2 * K;  // [natural K | paired K]
-        quantize_act_row(x + size_t(r) * K, K, G, qr, s + size_t(r) * (K / G),
-                         sum + size_t(r) * (K / G), qr + K);
+        kt.quantize(x + size_t(r) * K, K, G, qr, s + size_t(r) * (K / G), sum + size_t(r) * (K / G),
+                    qr + K);
     };
     if (size_t(rows) * K < 32768) {
         for (int r = 0; r < rows; ++r) task(r);
@@ -70,75 +72,100 @@ void MoeRunner::quantize_rows(const float* x, int rows, int K, int G, int8_t* q,
     }
 }
 
-// h[p, n] = SiLU(gate_e[n] . x_t) * (up_e[n] . x_t) for pairs p = (t, e).
-void MoeRunner::gate_up(const MoeWeights& w, const KernelTable& kt) {
+// One countdown per (active expert, chunk of h), set to the gate/up tasks covering the chunk;
+// returns the number of gate/up tasks.
+int MoeRunner::start_chunks(const MoeWeights& w) {
+    const int I = w.width;
+    chunk_ = I % kPair == 0 ? std::lcm(w.group_size, kPair) : w.group_size;
+    const size_t n = active_.size() * size_t(I / chunk_);
+    if (chunk_capacity_ < n) {
+        chunk_left_.reset(new std::atomic<int>[n]);
+        chunk_capacity_ = n;
+    }
+    for (size_t i = 0; i < n; ++i) chunk_left_[i].store(chunk_ / kRowBlock, std::memory_order_relaxed);
+    return int(active_.size()) * (I / kRowBlock);
+}
+
+// Quantizes h[p, c0 : c0 + chunk] for the pairs p of expert e (a chunk holds whole groups and
+// whole 128-element pair blocks, so this equals quantizing the rows whole).
+void MoeRunner::quantize_h_chunk(const MoeWeights& w, const KernelTable& kt, int e, int c0) {
+    const int I = w.width, G = w.group_size;
+    for (int p = expert_offset_[e]; p < expert_offset_[e + 1]; ++p) {
+        int8_t* q = hq_.data() + size_t(p) * 2 * I;  // [natural I | paired I]
+        const size_t s = size_t(p) * (I / G) + c0 / G;
+        kt.quantize(h_.data() + size_t(p) * I + c0, chunk_, G, q + c0, hs_.data() + s,
+                    hsum_.data() + s, I % kPair == 0 ? q + I + c0 : nullptr);
+    }
+}
+
+// Task i = (active expert i / blocks, 16-row block i % blocks):
+// h[p, n] = SiLU(gate_e[n] . x_t) * (up_e[n] . x_t) for the pairs p = (t, e), then the chunk's
+// countdown; the task that ends it quantizes the chunk.
+void MoeRunner::gate_up_task(const MoeWeights& w, const KernelTable& kt, int i) {
     const int D = w.hidden, I = w.width, G = w.group_size;
-    const int blocks = (I + kRowBlock - 1) / kRowBlock;
+    const int blocks = I / kRowBlock, slot = i / blocks, e = active_[slot];
+    const int r0 = (i % blocks) * kRowBlock, r1 = r0 + kRowBlock;
     const size_t rb = row_bytes(w.bits, D);
     const DotTileFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
-    auto task = [&](int i) {
-        const int e = active_[i / blocks];
-        const int r0 = (i % blocks) * kRowBlock, r1 = std::min(I, r0 + kRowBlock);
-        const uint8_t* gq = w.gate_q + size_t(e) * I * rb;
-        const uint8_t* uq = w.up_q + size_t(e) * I * rb;
-        const float* gs = w.gate_s + size_t(e) * I * (D / G);
-        const float* us = w.up_s + size_t(e) * I * (D / G);
+    const uint8_t* gq = w.gate_q + size_t(e) * I * rb;
+    const uint8_t* uq = w.up_q + size_t(e) * I * rb;
+    const float* gs = w.gate_s + size_t(e) * I * (D / G);
+    const float* us = w.up_s + size_t(e) * I * (D / G);
+    for (int p0 = expert_offset_[e]; p0 < expert_offset_[e + 1]; p0 += kMaxTile) {
+        const int T = std::min(kMaxTile, expert_offset_[e + 1] - p0);
+        QActRow acts[kMaxTile];
+        for (int t = 0; t < T; ++t) {
+            const size_t tok = size_t(pair_token_[p0 + t]);
+            acts[t] = act_row(xq_.data() + tok * 2 * D, xs_.data() + tok * (D / G),
+                              xsum_.data() + tok * (D / G), D);
+        }
+        for (int n = r0; n < r1; n += kt.max_rows[T]) {
+            const int R = std::min(kt.max_rows[T], r1 - n);
+            float g[kMaxRows * kMaxTile], u[kMaxRows * kMaxTile];
+            dot(gq + n * rb, gs + size_t(n) * (D / G), R, acts, T, D, G, g);
+            dot(uq + n * rb, us + size_t(n) * (D / G), R, acts, T, D, G, u);
+            for (int r = 0; r < R; ++r)
+                for (int t = 0; t < T; ++t)
+                    h_[size_t(p0 + t) * I + n + r] = silu(g[r * T + t]) * u[r * T + t];
+        }
+    }
+    const int c = r0 / chunk_;
+    if (chunk_left_[size_t(slot) * (I / chunk_) + c].fetch_sub(1, std::memory_order_acq_rel) == 1)
+        quantize_h_chunk(w, kt, e, c * chunk_);
+}
+
+// Task i = 16-row block of the output:
+// out[t, d] = sum over pairs p = (t, e) of weight_p * (down_e[d] . h_p).
+void MoeRunner::down_task(const MoeWeights& w, const KernelTable& kt, int M, float* out, int i) {
+    const int D = w.hidden, I = w.width, G = w.group_size;
+    const size_t rb = row_bytes(w.bits, I);
+    const DotTileFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
+    const int r0 = i * kRowBlock, r1 = std::min(D, r0 + kRowBlock);
+    for (int t = 0; t < M; ++t) std::fill(out + size_t(t) * D + r0, out + size_t(t) * D + r1, 0.0f);
+    for (const int e : active_) {
+        const uint8_t* dq = w.down_q + size_t(e) * D * rb;
+        const float* ds = w.down_s + size_t(e) * D * (I / G);
         for (int p0 = expert_offset_[e]; p0 < expert_offset_[e + 1]; p0 += kMaxTile) {
             const int T = std::min(kMaxTile, expert_offset_[e + 1] - p0);
             QActRow acts[kMaxTile];
             for (int t = 0; t < T; ++t) {
-                const size_t tok = size_t(pair_token_[p0 + t]);
-                acts[t] = act_row(xq_.data() + tok * 2 * D, xs_.data() + tok * (D / G),
-                                  xsum_.data() + tok * (D / G), D);
+                const size_t p = size_t(p0 + t);
+                acts[t] = act_row(hq_.data() + p * 2 * I, hs_.data() + p * (I / G),
+                                  hsum_.data() + p * (I / G), I);
             }
-            for (int n = r0; n < r1; n += kt.max_rows[T]) {
-                const int R = std::min(kt.max_rows[T], r1 - n);
-                float g[kMaxRows * kMaxTile], u[kMaxRows * kMaxTile];
-                dot(gq + n * rb, gs + size_t(n) * (D / G), R, acts, T, D, G, g);
-                dot(uq + n * rb, us + size_t(n) * (D / G), R, acts, T, D, G, u);
+            for (int d = r0; d < r1; d += kt.max_rows[T]) {
+                const int R = std::min(kt.max_rows[T], r1 - d);
+                float y[kMaxRows * kMaxTile];
+                dot(dq + d * rb, ds + size_t(d) * (I / G), R, acts, T, I, G, y);
                 for (int r = 0; r < R; ++r)
                     for (int t = 0; t < T; ++t)
-                        h_[size_t(p0 + t) * I + n + r] = silu(g[r * T + t]) * u[r * T + t];
+                        out[size_t(pair_token_[p0 + t]) * D + d + r] += pair_weight_[p0 + t] * y[r * T + t];
             }
         }
-    };
-    pool_.parallel_for(int(active_.size()) * blocks, task);
+    }
 }
 
-// out[t, d] = sum over pairs p = (t, e) of weight_p * (down_e[d] . h_p).
-void MoeRunner::down(const MoeWeights& w, const KernelTable& kt, int M, float* out) {
-    const int D = w.hidden, I = w.width, G = w.group_size;
-    const int blocks = (D + kRowBlock - 1) / kRowBlock;
-    const size_t rb = row_bytes(w.bits, I);
-    const DotTileFn dot = w.bits == 8 ? kt.dot_q8 : kt.dot_q4;
-    auto task = [&](int i) {
-        const int r0 = i * kRowBlock, r1 = std::min(D, r0 + kRowBlock);
-        for (int t = 0; t < M; ++t) std::fill(out + size_t(t) * D + r0, out + size_t(t) * D + r1, 0.0f);
-        for (const int e : active_) {
-            const uint8_t* dq = w.down_q + size_t(e) * D * rb;
-            const float* ds = w.down_s + size_t(e) * D * (I / G);
-            for (int p0 = expert_offset_[e]; p0 < expert_offset_[e + 1]; p0 += kMaxTile) {
-                const int T = std::min(kMaxTile, expert_offset_[e + 1] - p0);
-                QActRow acts[kMaxTile];
-                for (int t = 0; t < T; ++t) {
-                    const size_t p = size_t(p0 + t);
-                    acts[t] = act_row(hq_.data() + p * 2 * I, hs_.data() + p * (I / G),
-                                      hsum_.data() + p * (I / G), I);
-                }
-                for (int d = r0; d < r1; d += kt.max_rows[T]) {
-                    const int R = std::min(kt.max_rows[T], r1 - d);
-                    float y[kMaxRows * kMaxTile];
-                    dot(dq + d * rb, ds + size_t(d) * (I / G), R, acts, T, I, G, y);
-                    for (int r = 0; r < R; ++r)
-                        for (int t = 0; t < T; ++t)
-                            out[size_t(pair_token_[p0 + t]) * D + d + r] += pair_weight_[p0 + t] * y[r * T + t];
-                }
-            }
-        }
-    };
-    pool_.parallel_for(blocks, task);
-}
-
+// One pool job of two phases: gate/up (+ quantize h chunk by chunk), then down.
 void MoeRunner::forward(const float* x, int M, const int64_t* ids, const float* topk_weights, int K,
                         const MoeWeights& w, float* out) {
     std::lock_guard<std::mutex> lock(call_mu_);
@@ -152,10 +179,11 @@ void MoeRunner::forward(const float* x, int M, const int64_t* ids, const float* 
     ensure(hq_, size_t(P) * 2 * I);
     ensure(hs_, size_t(P) * (I / G));
     ensure(hsum_, size_t(P) * (I / G));
-    quantize_rows(x, M, D, G, xq_.data(), xs_.data(), xsum_.data());
-    gate_up(w, kt);
-    quantize_rows(h_.data(), P, I, G, hq_.data(), hs_.data(), hsum_.data());
-    down(w, kt, M, out);
+    quantize_rows(kt, x, M, D, G, xq_.data(), xs_.data(), xsum_.data());
+    const int gate_up_tasks = start_chunks(w);
+    auto gate_up = [&](int i) { gate_up_task(w, kt, i); };
+    auto down = [&](int i) { down_task(w, kt, M, out, i); };
+    pool_.parallel_for2(gate_up_tasks, gate_up, (D + kRowBlock - 1) / kRowBlock, down);
 }
 
 void MoeRunner::linear(const float* x, int M, const uint8_t* w_q, const float* w_s, int N, int K,
@@ -168,7 +196,7 @@ void MoeRunner::linear(const float* x, int M, const uint8_t* w_q, const float* w
     ensure(xq_, size_t(M) * 2 * K);
     ensure(xs_, size_t(M) * (K / G));
     ensure(xsum_, size_t(M) * (K / G));
-    quantize_rows(x, M, K, G, xq_.data(), xs_.data(), xsum_.data());
+    quantize_rows(kt, x, M, K, G, xq_.data(), xs_.data(), xsum_.data());
     const int blocks = (N + kRowBlock - 1) / kRowBlock;
     auto task = [&](int i) {
         const int r0 = i * kRowBlock, r1 = std::min(N, r0 + kRowBlock);

@@ -1,7 +1,9 @@
 // Fused routed-expert MoE for one layer on the CPU (see moe.cpp).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -30,6 +32,7 @@ class MoeRunner {
   public:
     explicit MoeRunner(int n_threads);
     int threads() const { return pool_.size(); }
+    int spin_us() const { return pool_.spin_us(); }
 
     // x [M, D] float32, ids [M, K] int64, weights [M, K] float32 -> out [M, D] float32.
     void forward(const float* x, int M, const int64_t* ids, const float* topk_weights, int K,
@@ -44,9 +47,12 @@ class MoeRunner {
 
   private:
     void route(int M, const int64_t* ids, const float* topk_weights, int K, int n_experts);
-    void quantize_rows(const float* x, int rows, int K, int G, int8_t* q, float* s, int32_t* sum);
-    void gate_up(const MoeWeights& w, const KernelTable& kt);
-    void down(const MoeWeights& w, const KernelTable& kt, int M, float* out);
+    void quantize_rows(const KernelTable& kt, const float* x, int rows, int K, int G, int8_t* q,
+                       float* s, int32_t* sum);
+    int start_chunks(const MoeWeights& w);
+    void gate_up_task(const MoeWeights& w, const KernelTable& kt, int i);
+    void quantize_h_chunk(const MoeWeights& w, const KernelTable& kt, int e, int c0);
+    void down_task(const MoeWeights& w, const KernelTable& kt, int M, float* out, int i);
 
     ThreadPool pool_;
     std::mutex call_mu_;
@@ -63,6 +69,11 @@ class MoeRunner {
     std::vector<int8_t> hq_;
     std::vector<float> hs_;
     std::vector<int32_t> hsum_;
+    // [active experts x chunks of h]: gate/up tasks still to finish in each chunk; the task that
+    // finishes a chunk quantizes it for the expert's pairs (no pass over h between the phases).
+    std::unique_ptr<std::atomic<int>[]> chunk_left_;
+    size_t chunk_capacity_ = 0;
+    int chunk_ = 0;  // elements of h per chunk: G, or lcm(G, 128) when the INT4 pair order is kept
 };
 
 }  // namespace krasis
