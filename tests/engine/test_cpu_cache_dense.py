@@ -191,3 +191,19 @@ def test_damaged_dense_file_is_rebuilt_by_the_backend(built, model_dir, tmp_path
                                     group_size=32, threads=1)
     assert set(backend.dense) == set(built[1]["dense"])
     load_cpu_cache(out_dir, verify="full")
+
+
+def test_tied_head_is_quantized_from_the_embedding(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    weights = load_file(model_dir / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, str(tied / "model.safetensors"))
+    config = json.loads((model_dir / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    build_cpu_cache(tied, tmp_path / "c", quant="int8", group_size=32)
+    head = load_cpu_cache(tmp_path / "c").dense["lm_head"]
+    qweight, scales = dense_quant.quantize_weight(weights["model.embed_tokens.weight"], 8, 64)
+    assert np.array_equal(head.qweight, qweight) and np.array_equal(head.scales, scales)
