@@ -348,11 +348,14 @@ def streams_table(engine, counts, steps, context, rng) -> list[dict]:
 
 
 def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:
-    """One scenario; ``modes``: "off" (no GPU experts), "unfused" (torch ops, not Triton)."""
+    """One scenario; ``modes``: "off" (no GPU experts), "unfused" (torch ops, not Triton),
+    "grouped" (decode experts through the grouped kernels, not moe_decode's)."""
     gpu_experts, fused = "off" not in modes, "unfused" not in modes
     engine, plan_info = make_engine(loaded, budget, gpu_experts, args.threads,
                                     max_tokens=max(args.contexts) + args.steps + 2,
                                     use_graphs=not args.no_graphs, fused=fused)
+    if "grouped" in modes:  # the prefill's grouped kernels for one token too
+        engine.expert_backend.gemv_max_slots = 0
     log(f"\n{name}: budget {budget}, GPU experts {'on' if gpu_experts else 'off'}, "
         f"{'fused' if fused else 'unfused'} kernels, {plan_info}")
     rows = decode_table(engine, plan_info["chunk_tokens"], args.contexts, args.steps, args.runs,
@@ -453,7 +456,7 @@ def parse_args(argv):
     parser.add_argument("--stream-steps", type=int, default=24)
     parser.add_argument("--skip-streams", action="store_true")
     parser.add_argument("--scenarios", default="S1=16GiB,S2=4GiB,S2-cpu=4GiB:off",
-                        help="name=budget[:off][+unfused], comma-separated")
+                        help="name=budget[:mode[+mode]] with modes off, unfused, grouped")
     parser.add_argument("--threads", type=int, default=None, help="CPU expert threads "
                         "(default: cores minus one)")
     parser.add_argument("--no-graphs", action="store_true")

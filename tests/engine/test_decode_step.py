@@ -19,6 +19,7 @@ from krasisd.engine.gpu.synthetic import (
 
 pytest.importorskip("triton")
 ATOL = 1e-4
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's interpreter on the CPU
 QWEN3_TINY = dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=96,
     hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -33,8 +34,8 @@ PROMPT = [5, 17, 33, 2, 9]
 
 def _engine(raw: dict) -> Engine:
     config = ModelConfig.from_dict(raw)
-    model = synthetic_model(config, "cpu", torch.float32, seed=4)
-    experts = {layer: synthetic_expert_weights(config, layer, "cpu", 4)
+    model = synthetic_model(config, DEVICE, torch.float32, seed=4)
+    experts = {layer: synthetic_expert_weights(config, layer, DEVICE, 4)
                for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
     return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
 

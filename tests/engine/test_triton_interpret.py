@@ -164,3 +164,25 @@ def test_gpu_experts_chunked_calls_of_one_layer_copy_missing_experts_once():
         assert _rel(out, reference(2, x[i % 2 : i % 2 + 1], ids, w)) < REL_TOL
     stats = backend.take_stats()
     assert stats.experts_copied == 3 and stats.copies == 2  # {1, 4}, then {5}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_gemv_matches_float_reference_and_skips_non_resident(bits, tokens):
+    from krasisd.engine.gpu.moe_decode import GemvConfig, moe_gemv, resident_slots
+
+    layout = ExpertLayout(D, I, QuantSpec(bits, 32))
+    host = HostExperts.from_stacked(_weights([0], seed=3), layout.spec, pin=False)
+    arena = torch.full((E + 3, layout.expert_bytes), 255, dtype=torch.uint8)
+    slots = torch.tensor([5, 0, 3, 8, 1, 6], dtype=torch.int32)
+    arena[slots.long()] = host.layers[0]
+    resident = torch.tensor([True, True, False, True, False, True])
+    x = torch.randn(tokens, D).bfloat16()
+    ids, w = _routing(tokens, k=3, seed=tokens)
+    ref_w = torch.where(resident[ids], w, torch.zeros_like(w))  # non-resident slots add 0
+    ref = TorchExperts(host.unpack())(0, x.float(), ids, ref_w)
+    for cfg in (GemvConfig(16, 32, 1, 1), GemvConfig(32, 16, 2, 1)):
+        out = moe_gemv(x, layout.views(arena), resident_slots(slots, resident), ids, w, bits,
+                       32, cfg)
+        assert out.shape == (tokens, D) and out.dtype == torch.float32
+        assert _rel(out, ref) < REL_TOL

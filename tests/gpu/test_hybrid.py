@@ -7,17 +7,20 @@ hybrid path runs the model in bf16 on the GPU, the resident experts from the GPU
 differently (INT4: [-8, 7] x max/-8 on the CPU, [-7, 7] x absmax/7 on the GPU), so the
 experts' weights are drawn from values both formats hold exactly (``exact_experts``): then
 the weights are the same on both sides and what remains is the CPU kernels' INT8
-activations and bf16 in the dense parts. The bound is measured from those causes alone, on
-the CPU, without any hybrid code: (a) the CPU path against float32 with the GPU format's
-dequantized experts, (b) bf16 against float32 with the same experts; the hybrid may exceed
-their sum by half, plus 5e-3 for summation order. Greedy decoding must then give
-the CPU path's 64 tokens, except that a step whose top-2 margin in the CPU path is within
-the noise allowed at that step may pick the other token; both paths must agree up to there.
-Teacher-forced, every step must rank the CPU path's first token first unless its margin is
-within that step's allowance (a fixed 90 % agreement failed on Qwen3-MoE's near-ties).
-That allowance is the same sum taken over the step's own logits: bf16 noise is far from
-uniform over the steps (Qwen3-MoE at INT4: 0.17 at one step of bf16 against float32 where
-the whole sequence gives a 0.136 bound), so the sequence-wide bound does not hold per step.
+activations and bf16 in the dense parts. The bound is measured from those causes alone,
+without any hybrid code: (a) the CPU path against float32 with the GPU format's dequantized
+experts, (b) bf16 against float32 with the same experts; the hybrid's logits may exceed their
+sum by half, plus 5e-3 for summation order, over the whole sequence. Greedy decoding must
+give the CPU path's 64 tokens, except that at a step whose top-2 margin in the CPU path is
+within that step's noise the other token may win; both paths must agree up to there.
+Teacher-forced, every step must rank the CPU path's first token first under the same rule.
+A step's noise is the larger of two measures: the (a) + (b) sum over that step's logits
+(bf16 noise is far from uniform over the steps), and half again how far the plain engine
+(the same bf16 model on the GPU with every routed expert through NativeExperts, layer by
+layer: the hybrid's arithmetic without its code) moves the CPU path's top-2 margin. The second
+is needed where INT8 activations see bf16 inputs: on Qwen3-MoE at INT4 the plain engine
+itself leaves the CPU path's tokens at the second step, with a margin of 0.35 against a
+norm-based allowance of 0.18, and the hybrid at 0 % resident stays within 0.018 of it.
 A hybrid that loses its CPU part, or its GPU part, misses the bound by far (checked).
 """
 
@@ -144,9 +147,17 @@ class Setup:
         return HybridEngine(self.config, model, backend, eos_token_ids=set(),
                             use_graphs=use_graphs)
 
+    def plain(self) -> Engine:
+        """The hybrid's computation without hybrid code: the same bf16 model on the device,
+        every routed expert through NativeExperts, called layer by layer (model.decode)."""
+        model = _clone(self.model32).to(self.device, torch.bfloat16)
+        return Engine(self.config, model, NativeExperts(self.cache, threads=2),
+                      eos_token_ids=set())
+
     def bound(self, sequence: list[int]) -> tuple[float, torch.Tensor]:
         """The noise allowance from format and bf16 differences alone (see the docstring):
-        over the whole sequence, and per decode step [STEPS]."""
+        a relative bound over the whole sequence, and an allowance per decode step [STEPS]
+        in logit units for the CPU path's top-2 margin."""
         ref = _clone(self.model32)
         ref.expert_backend = TorchExperts(self.host.unpack())
         ids = torch.tensor(sequence)
@@ -156,9 +167,19 @@ class Setup:
             bf16 = _clone(self.model32).to(torch.bfloat16)
             bf16.expert_backend = TorchExperts(self.host.unpack(torch.bfloat16))
             bf16_logits = bf16.prefill(ids)[len(PROMPT) - 1 : -1]
+        plain_logits = _teacher_forced(self.plain(), sequence)  # [STEPS, V]
         whole = 1.5 * (_rel(cpu_logits, ref_logits) + _rel(bf16_logits, ref_logits)) + 5e-3
         per_step = 1.5 * (_step_rel(cpu_logits, ref_logits) + _step_rel(bf16_logits, ref_logits))
-        return whole, per_step + 5e-3  # [STEPS]
+        spread = 2 * (per_step + 5e-3) * cpu_logits.norm(dim=-1) / cpu_logits.shape[-1] ** 0.5
+        shift = 1.5 * _margin_shift(plain_logits, cpu_logits) + 1e-3
+        return whole, torch.maximum(spread, shift)  # [STEPS]
+
+
+def _margin_shift(other: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """How far ``other`` moves the top-2 margin of ``logits`` [STEPS, V] at each step."""
+    top2 = logits.topk(2, dim=-1).indices  # [STEPS, 2]
+    mine, theirs = logits.gather(1, top2), other.float().gather(1, top2)
+    return ((theirs[:, 0] - theirs[:, 1]) - (mine[:, 0] - mine[:, 1])).abs()
 
 
 def _step_rel(a, b) -> torch.Tensor:
@@ -197,20 +218,19 @@ def reference(setup):
     tokens = setup.cpu.greedy(PROMPT, STEPS)
     sequence = PROMPT + tokens
     logits = _teacher_forced(setup.cpu, sequence)  # [STEPS, V]
-    bound, step_bounds = setup.bound(sequence)
-    return tokens, logits, bound, step_bounds
+    bound, allowance = setup.bound(sequence)
+    return tokens, logits, bound, allowance
 
 
-def _margin_and_allowance(logits: torch.Tensor, step_bounds: torch.Tensor):
-    """The CPU path's top-2 margin per step and the noise it may be crossed by: [STEPS] each."""
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    """The CPU path's top-2 margin per step: [STEPS]."""
     top2 = logits.topk(2, dim=-1).values  # [STEPS, 2]
-    allowance = 2 * step_bounds * logits.norm(dim=-1) / logits.shape[-1] ** 0.5
-    return top2[:, 0] - top2[:, 1], allowance
+    return top2[:, 0] - top2[:, 1]
 
 
-def _check_argmax(got: torch.Tensor, logits: torch.Tensor, step_bounds: torch.Tensor):
+def _check_argmax(got: torch.Tensor, logits: torch.Tensor, allowance: torch.Tensor):
     """Teacher-forced: a step may rank another token first only within its noise allowance."""
-    margin, allowance = _margin_and_allowance(logits, step_bounds)
+    margin = _margin(logits)
     differ = got.argmax(-1) != logits.argmax(-1)  # [STEPS]
     far = differ & (margin >= allowance)
     assert not far.any(), (
@@ -219,8 +239,8 @@ def _check_argmax(got: torch.Tensor, logits: torch.Tensor, step_bounds: torch.Te
 
 
 def _check_greedy(got: list[int], tokens: list[int], logits: torch.Tensor,
-                  step_bounds: torch.Tensor):
-    margin, allowance = _margin_and_allowance(logits, step_bounds)
+                  allowance: torch.Tensor):
+    margin = _margin(logits)
     for step, (a, b) in enumerate(zip(got, tokens, strict=True)):
         if a != b:
             assert margin[step] < allowance[step], (
@@ -233,13 +253,13 @@ def _check_greedy(got: list[int], tokens: list[int], logits: torch.Tensor,
 @pytest.mark.parametrize("fraction", FRACTIONS)
 @pytest.mark.parametrize("use_graphs", [True, False], ids=["graphs", "eager"])
 def test_hybrid_decode_matches_the_cpu_path(setup, reference, fraction, use_graphs):
-    tokens, logits, bound, step_bounds = reference
+    tokens, logits, bound, allowance = reference
     engine = setup.hybrid(fraction, use_graphs)
     assert engine.expert_backend.resident_fraction() == pytest.approx(fraction, abs=0.05)
     got = _teacher_forced(engine, PROMPT + tokens)
     assert _rel(got, logits) < bound
-    _check_argmax(got, logits, step_bounds)
-    _check_greedy(engine.greedy(PROMPT, STEPS), tokens, logits, step_bounds)
+    _check_argmax(got, logits, allowance)
+    _check_greedy(engine.greedy(PROMPT, STEPS), tokens, logits, allowance)
     if use_graphs:
         steps = list(engine._steps.values())
         assert steps and all(s.graph_failures == 0 and s.use_graphs for s in steps)
@@ -262,8 +282,8 @@ def test_bound_catches_a_missing_part(setup, reference, part):
     if part == "cpu":
         backend.cpu.runner = _ZeroRunner()
     else:
-        original = backend._gpu_part
-        backend._gpu_part = lambda *args: original(*args) * 0
+        original = backend.gpu_part
+        backend.gpu_part = lambda *args: original(*args) * 0
     assert _rel(_teacher_forced(engine, PROMPT + tokens), logits) > bound
 
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from krasisd.engine.gpu.moe_decode import GEMV_CANDIDATES, GemvConfig, moe_gemv, resident_slots
 from krasisd.engine.gpu.moe_triton import (
     AUTOTUNE_ENV,
-    KernelConfig,
     SortedRoutes,
     _launch_down,
     _launch_gate_up,
@@ -47,13 +47,8 @@ from krasisd.engine.gpu.moe_triton import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DECODE_TOKENS = 32
-# Decode tiles: one routed slot per 16-row block; the weight tile width sets how many
-# programs stream the weights (memory-bound), so only N, K, warps and unpacking vary.
-DECODE_CANDIDATES = tuple(
-    KernelConfig(16, block_n, block_k, 8, warps, 4)
-    for block_n, block_k, warps in ((32, 128, 2), (64, 128, 4), (64, 64, 4), (128, 128, 4))
-)
-_decode_tuned: dict[tuple, KernelConfig] = {}
+GEMV_MAX_SLOTS = 16  # up to this many routed slots, the matrix-vector kernels (moe_decode)
+_decode_tuned: dict[tuple, GemvConfig] = {}
 
 
 @dataclass
@@ -94,6 +89,7 @@ class HybridExperts:
         self._cuda = self.device.type == "cuda"
         self.use_gpu_experts = use_gpu_experts and gpu is not None
         self.max_decode_tokens = max_decode_tokens
+        self.gemv_max_slots = GEMV_MAX_SLOTS  # 0: always the grouped kernels
         self.heat = heat
         layers = sorted(gpu.host.layers) if gpu is not None else sorted(cpu.cache.layers)
         self.moe_layers = layers
@@ -115,6 +111,7 @@ class HybridExperts:
         self.resident_np: dict[int, np.ndarray] = {}
         self._resident_dev: dict[int, torch.Tensor] = {}
         self._slot_map: dict[int, torch.Tensor] = {}
+        self._gemv_slots: dict[int, torch.Tensor] = {}  # [E] int32, -1 where not resident
         for layer in self.moe_layers:
             ids = self.gpu.plan.resident.get(layer, ()) if self.use_gpu_experts else ()
             mask = np.zeros(num, dtype=bool)
@@ -126,6 +123,8 @@ class HybridExperts:
             self._resident_dev[layer] = torch.from_numpy(mask).to(self.device)  # [E] bool
             if mask.any():
                 self._slot_map[layer] = self.gpu._resident_tensor[layer]  # [E] int32 arena slot
+                self._gemv_slots[layer] = resident_slots(self._slot_map[layer],
+                                                         self._resident_dev[layer])
 
     def resident_fraction(self) -> float:
         total = len(self.moe_layers) * self.num_experts
@@ -241,8 +240,16 @@ class HybridExperts:
 
     def gpu_part(self, layer: int, x, topk_ids, topk_weights) -> torch.Tensor:
         """Resident experts only, with the Triton kernels: [T, D] float32 (sync-free)."""
-        cfg = self._kernel_config(layer, x, topk_ids, topk_weights)
+        if topk_ids.numel() <= self.gemv_max_slots:
+            cfg = self._gemv_config(layer, x, topk_ids, topk_weights)
+            return self._gemv(layer, x, topk_ids, topk_weights, cfg)
+        cfg = default_config(1.0, self.device.type)
         return self._gpu_part(layer, x, topk_ids, topk_weights, cfg)
+
+    def _gemv(self, layer, x, topk_ids, topk_weights, cfg: GemvConfig) -> torch.Tensor:
+        spec = self.gpu.layout.spec
+        return moe_gemv(x.to(torch.bfloat16), self.gpu.views, self._gemv_slots[layer], topk_ids,
+                        topk_weights, spec.bits, spec.group_size, cfg)
 
     def _gpu_part(self, layer, x, topk_ids, topk_weights, cfg) -> torch.Tensor:
         t, k = topk_ids.shape
@@ -262,19 +269,16 @@ class HybridExperts:
                      cfg)
         return y.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, D]
 
-    def _kernel_config(self, layer, x, topk_ids, topk_weights) -> KernelConfig:
-        """The fastest decode tile for one-token steps, timed once per shape (CUDA); other
-        token counts take the fixed tile (each candidate costs a compile)."""
-        fixed = default_config(1.0, self.device.type)
-        tune = self._cuda and topk_ids.shape[0] == 1
-        if not tune or os.environ.get(AUTOTUNE_ENV, "1") == "0":
-            return fixed
+    def _gemv_config(self, layer, x, topk_ids, topk_weights) -> GemvConfig:
+        """The fastest matrix-vector tile for this shape, timed once per process (CUDA)."""
+        if not self._cuda or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+            return GemvConfig()
         spec = self.gpu.layout.spec
         key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
                topk_ids.numel())
         if key not in _decode_tuned:
             _decode_tuned[key] = _fastest(
-                lambda cfg: self._gpu_part(layer, x, topk_ids, topk_weights, cfg), fixed)
+                lambda cfg: self._gemv(layer, x, topk_ids, topk_weights, cfg), GemvConfig())
             log.info("decode MoE kernel %s: %s", key, _decode_tuned[key])
         return _decode_tuned[key]
 
@@ -288,9 +292,9 @@ class HybridExperts:
                 close()
 
 
-def _fastest(run, fallback: KernelConfig, repeats: int = 20) -> KernelConfig:
+def _fastest(run, fallback: GemvConfig, repeats: int = 20) -> GemvConfig:
     best, best_ms = fallback, float("inf")
-    for cfg in DECODE_CANDIDATES:
+    for cfg in GEMV_CANDIDATES:
         try:
             run(cfg)  # compile and warm up
             start = torch.cuda.Event(enable_timing=True)
