@@ -215,10 +215,12 @@ def _native_backend(model_dir: Path, config: ModelConfig, quant: str, cache_dir,
 
 
 def _quantize_dense(model: CausalLM, quant: str, backend) -> None:
-    """Dense linears -> native INT4/INT8 on the expert backend's thread pool (dense_quant)."""
+    """Dense linears -> native INT4/INT8 on the expert backend's thread pool (dense_quant),
+    read from the CPU cache where it holds them."""
     dense_quant = importlib.import_module("krasisd.engine.dense_quant")
     bits = 8 if quant == "int8" else 4
-    dense_quant.quantize_dense_linears(model, bits, runner=backend.runner)
+    dense_quant.quantize_dense_linears(model, bits, runner=backend.runner,
+                                       stored=getattr(backend, "dense", None))  # from the cache
 
 
 def _load_tokenizer(model_dir: Path):
