@@ -197,7 +197,8 @@ class DecodeStep:
 
     def _head(self, bucket: int) -> None:
         normed = attention.norm(self.model.model.norm, self.x, self.fused)
-        self.logits.copy_(self.model.lm_head(normed))
+        head = self.model.lm_head
+        self.logits.copy_(fused.linear(head, normed) if self.fused else head(normed))
 
     def _attention_op(self, layer):
         """Attention, its residual add and the post-attention norm: self.h, self.normed."""

@@ -6,12 +6,14 @@ H200 at DeepSeek-V2-Lite's shape, 29 us + 22 us per layer for 26 MB of weights (
 0.5 TB/s). Here each program streams one weight tile of one slot's expert and reduces it
 against the slot's activation row on the CUDA cores:
 
-- ``_gate_up_gemv``: program (slot, N tile) computes ``silu(x @ gate) * (x @ up)`` into
-  h [P, I] (bf16, as the grouped kernel stores it);
-- ``_down_gemv``: program (slot, D tile, K split) computes its part of ``h @ down``, scales it
-  by the routing weight and adds it atomically into the float32 [T, D] output, which sums
-  the K slots of a token and the K splits in the same pass (the order of those float32
-  additions is not fixed, so the last bits of a sum can differ between runs).
+- ``_gate_up_gemv``: program (slot, N tile, K split) computes its split's part of
+  ``x @ gate`` and ``x @ up`` into a small float32 buffer (split K: enough programs in
+  flight to keep the memory busy);
+- ``_down_gemv``: program (slot, D tile, K split) sums those parts for its K range, applies
+  ``silu(gate) * up`` (rounded to bf16, as the grouped kernel stores h), computes its part of
+  ``h @ down``, scales it by the routing weight and adds it atomically into the float32
+  [T, D] output, which sums the K slots of a token and the K splits in the same pass (the
+  order of those float32 additions is not fixed: the last bits can differ between runs).
 
 Slots whose expert is not resident (``slot_of_expert[e] < 0``) return at once, so the
 caller needs no compaction and no host sync: the kernels can be captured in a CUDA graph.
@@ -37,25 +39,27 @@ from krasisd.engine.gpu.moe_triton import _load_weight_tile
 class GemvConfig:
     """Tile of both kernels: output columns, inputs per step, K splits of the down kernel."""
 
-    block_n: int = 64
+    block_n: int = 32
     block_k: int = 128
-    split_k: int = 2
+    split_k: int = 4
     num_warps: int = 4
 
 
 GEMV_CANDIDATES = (
-    GemvConfig(32, 128, 1, 4), GemvConfig(64, 128, 2, 4), GemvConfig(32, 128, 4, 4),
-    GemvConfig(64, 64, 4, 4), GemvConfig(128, 128, 2, 8), GemvConfig(16, 128, 4, 2),
+    GemvConfig(32, 128, 4, 4), GemvConfig(64, 128, 4, 4), GemvConfig(32, 128, 8, 4),
+    GemvConfig(64, 128, 8, 4), GemvConfig(16, 128, 8, 2), GemvConfig(128, 128, 4, 8),
+    GemvConfig(32, 128, 1, 4),
 )
 
 
 @triton.jit
 def _gate_up_gemv(
-    x_ptr, w_ptr, s_ptr, h_ptr, ids_ptr, slot_ptr, N, K, top_k,
-    stride_xm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_hm,
+    x_ptr, w_ptr, s_ptr, part_ptr, ids_ptr, slot_ptr, N, K, top_k, num_slots, steps_per_split,
+    stride_xm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # x [T, K=D] bf16; w [S, D(/8), 2N] gate cols [0, N), up cols [N, 2N); h [P, N] bf16
+    # x [T, K=D] bf16; w [S, D(/8), 2N] gate cols [0, N), up cols [N, 2N);
+    # part [SPLIT, P, 2, N] float32: this split's gate and up sums (the down kernel adds them)
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
@@ -67,7 +71,10 @@ def _gate_up_gemv(
     w_base, s_base = w_ptr + wslot * stride_we, s_ptr + wslot * stride_se
     acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    split = tl.program_id(2)
+    first = split * steps_per_split * BLOCK_K
+    last = tl.minimum(first + steps_per_split * BLOCK_K, K)
+    for k0 in range(first, last, BLOCK_K):
         xk = tl.load(x_ptr + token * stride_xm + k0 + offs_k).to(tl.float32)  # [BK]
         qg, sg = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
                                    stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
@@ -77,17 +84,20 @@ def _gate_up_gemv(
                                    True)
         acc_g += tl.sum(xk[:, None] * qg, axis=0) * sg
         acc_u += tl.sum(xk[:, None] * qu, axis=0) * su
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(gate) * up, [BN]
-    tl.store(h_ptr + slot * stride_hm + offs_n, h.to(tl.bfloat16), mask=n_mask)
+    dst = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * N + offs_n
+    tl.store(dst, acc_g, mask=n_mask)
+    tl.store(dst + N, acc_u, mask=n_mask)
 
 
 @triton.jit
 def _down_gemv(
-    h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, steps_per_split,
-    stride_hm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_om,
-    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    part_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, num_slots,
+    steps_per_split, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn,
+    stride_om, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_GU: tl.constexpr,
 ):
-    # h [P, K=I] bf16; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
+    # part [SPLIT_GU, P, 2, K=I] float32 gate/up sums; w [S, I(/8), N=D];
+    # out [T, D] float32 += weight * (silu(gate) * up) @ down
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
@@ -100,7 +110,13 @@ def _down_gemv(
     first = tl.program_id(2) * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     for k0 in range(first, last, BLOCK_K):
-        hk = tl.load(h_ptr + slot * stride_hm + k0 + offs_k).to(tl.float32)  # [BK]
+        gate = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_GU):
+            src = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * K + k0 + offs_k
+            gate += tl.load(src)
+            up += tl.load(src + K)
+        hk = (gate / (1.0 + tl.exp(-gate)) * up).to(tl.bfloat16).to(tl.float32)  # [BK]
         q, s = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
                                  stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
                                  True)
@@ -123,25 +139,32 @@ def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_id
     block_k = _block_k(cfg.block_k, group_size, d, inter)
     ids = topk_ids.reshape(-1)  # [P]
     weights = topk_weights.reshape(-1).to(torch.float32)  # [P]
+    if d % block_k or inter % block_k:
+        raise ValueError(f"widths {d} and {inter} must be multiples of the K step {block_k}")
     x = x.contiguous()
-    h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)  # [P, I]
     out = torch.zeros(t, d, dtype=torch.float32, device=x.device)  # [T, D]
-    _gate_up_gemv[(t * k, triton.cdiv(inter, cfg.block_n))](
-        x, w13, s13, h, ids, slot_of_expert, inter, d, k,
+    gu_split, gu_steps = _splits(d // block_k, cfg.split_k)
+    part = torch.empty(gu_split, t * k, 2, inter, dtype=torch.float32, device=x.device)
+    _gate_up_gemv[(t * k, triton.cdiv(inter, cfg.block_n), gu_split)](
+        x, w13, s13, part, ids, slot_of_expert, inter, d, k, t * k, gu_steps,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), s13.stride(0), s13.stride(1),
-        s13.stride(2), h.stride(0),
+        s13.stride(2),
         GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps)
-    steps = triton.cdiv(inter, block_k)
-    split = min(cfg.split_k, steps)
-    per_split = triton.cdiv(steps, split)
-    _down_gemv[(t * k, triton.cdiv(d, cfg.block_n), triton.cdiv(steps, per_split))](
-        h, w2, s2, out, ids, weights, slot_of_expert, d, inter, k, per_split,
-        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), s2.stride(0), s2.stride(1),
-        s2.stride(2), out.stride(0),
-        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+    down_split, down_steps = _splits(inter // block_k, cfg.split_k)
+    _down_gemv[(t * k, triton.cdiv(d, cfg.block_n), down_split)](
+        part, w2, s2, out, ids, weights, slot_of_expert, d, inter, k, t * k, down_steps,
+        w2.stride(0), w2.stride(1), w2.stride(2), s2.stride(0), s2.stride(1), s2.stride(2),
+        out.stride(0),
+        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_GU=gu_split,
         num_warps=cfg.num_warps)
     return out
+
+
+def _splits(steps: int, wanted: int) -> tuple[int, int]:
+    """(splits, K steps per split) for ``steps`` K steps cut into about ``wanted`` parts."""
+    per_split = triton.cdiv(steps, min(wanted, steps))
+    return triton.cdiv(steps, per_split), per_split
 
 
 def resident_slots(slot_of_expert: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:
