@@ -61,7 +61,7 @@ def mla(attn, x: torch.Tensor, entries: torch.Tensor, at: Position, fused: bool)
     out_latent = probs @ window[:, : attn.latent_dim]  # [H, C]
     _, w_uv_t = attn.absorbed_weights()  # [H, C, Dv]
     out = torch.bmm(out_latent[:, None, :], w_uv_t)  # [H, 1, Dv]
-    return _linear(attn.o_proj, out.view(1, -1), fused)
+    return attn.o_proj(out.view(1, -1))
 
 
 def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
@@ -76,14 +76,13 @@ def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
 
 def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
     if hasattr(attn, "q_proj"):
-        q = kernels.linear(attn.q_proj, x)
+        q = attn.q_proj(x)
     else:
-        latent = norm(attn.q_a_layernorm, kernels.linear(attn.q_a_proj, x), fused=True)
-        q = kernels.linear(attn.q_b_proj, latent)
+        q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
     q = q.view(attn.num_heads, -1)  # [H, N + R]
     w_uk, _ = attn.absorbed_weights()  # [H, N, C]
     q_latent = torch.bmm(q[:, None, : attn.nope_dim], w_uk)  # [H, 1, C]
-    kv = kernels.linear(attn.kv_a_proj_with_mqa, x)  # [1, C + R]
+    kv = attn.kv_a_proj_with_mqa(x)  # [1, C + R]
     q_full = torch.empty(attn.num_heads, entries.shape[1], dtype=x.dtype, device=x.device)
     kernels.mla_prep(q, q_latent.view(attn.num_heads, -1), kv.view(-1), at.cos[0], at.sin[0],
                      attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, at.pos, entries,
@@ -94,10 +93,9 @@ def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
 def gqa(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Position,
         fused: bool) -> torch.Tensor:
     """Grouped-query attention of x [1, D] over keys/values [M, Hkv, Dh]: [1, D]."""
-    q = _linear(attn.q_proj, x, fused).view(attn.num_heads, attn.head_dim)
-    k = _linear(attn.k_proj, x, fused).view(attn.num_kv_heads, attn.head_dim)
-    v = _linear(attn.v_proj, x, fused).view(1, attn.num_kv_heads, attn.head_dim)
-    q, k = norm(attn.q_norm, q, fused), norm(attn.k_norm, k, fused)
+    q = norm(attn.q_norm, attn.q_proj(x).view(attn.num_heads, attn.head_dim), fused)
+    k = norm(attn.k_norm, attn.k_proj(x).view(attn.num_kv_heads, attn.head_dim), fused)
+    v = attn.v_proj(x).view(1, attn.num_kv_heads, attn.head_dim)
     q = attn.rotary.apply(q[None], at.cos, at.sin)  # [1, H, Dh]
     k = attn.rotary.apply(k[None], at.cos, at.sin)  # [1, Hkv, Dh]
     keys.index_copy_(0, at.pos, k)
@@ -107,8 +105,5 @@ def gqa(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Pos
         values[: at.bucket].transpose(0, 1), attn_mask=~at.masked(), scale=attn.scale,
         enable_gqa=True,
     )  # [H, 1, Dh]
-    return _linear(attn.o_proj, out.transpose(0, 1).reshape(1, -1), fused)
+    return attn.o_proj(out.transpose(0, 1).reshape(1, -1))
 
-
-def _linear(module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    return kernels.linear(module, x) if fused else module(x)

@@ -79,47 +79,6 @@ def rmsnorm_reference(x, weight, eps, deltas=()):
     return residual, weight * normed.to(x.dtype)
 
 
-# -- one-row linear layers ----------------------------------------------------------------
-
-
-@triton.jit
-def _linear_gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    # x [K], w [N, K] (row stride stride_wn), out [N]: one program per BLOCK_N output rows
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += w * xk[None, :]
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-def linear(module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for an nn.Linear, through ``gemv`` for one row without bias."""
-    if x.shape[0] != 1 or module.bias is not None:
-        return module(x)
-    return gemv(x, module.weight)
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ weight [N, K].T; one row as a matrix-vector kernel, which streams the
-    weight at a higher rate than a GEMM tiled for many rows."""
-    if x.shape[0] != 1 or weight.stride(1) != 1:
-        return x @ weight.T
-    n, k = weight.shape
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n = 4 if n <= 1024 else 8 if n <= 8192 else 16
-    _linear_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x.contiguous(), weight, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=256,
-        num_warps=4)
-    return out
-
-
 # -- SwiGLU -------------------------------------------------------------------------------
 
 
@@ -160,7 +119,7 @@ def fuse_gate_up(mlp) -> torch.Tensor:
 
 def swiglu(mlp, x: torch.Tensor) -> torch.Tensor:
     """A DenseMLP's forward in three launches: one [T, 2I] projection, silu_mul, down."""
-    return linear(mlp.down_proj, silu_mul(gemv(x, fuse_gate_up(mlp))))
+    return mlp.down_proj(silu_mul(x @ fuse_gate_up(mlp).T))
 
 
 # -- MLA decode: rotary, latent norm, query assembly, cache write --------------------------

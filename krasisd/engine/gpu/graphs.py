@@ -197,8 +197,7 @@ class DecodeStep:
 
     def _head(self, bucket: int) -> None:
         normed = attention.norm(self.model.model.norm, self.x, self.fused)
-        head = self.model.lm_head
-        self.logits.copy_(fused.linear(head, normed) if self.fused else head(normed))
+        self.logits.copy_(self.model.lm_head(normed))
 
     def _attention_op(self, layer):
         """Attention, its residual add and the post-attention norm: self.h, self.normed."""

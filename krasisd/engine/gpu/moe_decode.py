@@ -9,11 +9,12 @@ against the slot's activation row on the CUDA cores:
 - ``_gate_up_gemv``: program (slot, N tile, K split) computes its split's part of
   ``x @ gate`` and ``x @ up`` into a small float32 buffer (split K: enough programs in
   flight to keep the memory busy);
-- ``_down_gemv``: program (slot, D tile, K split) sums those parts for its K range, applies
-  ``silu(gate) * up`` (rounded to bf16, as the grouped kernel stores h), computes its part of
-  ``h @ down``, scales it by the routing weight and adds it atomically into the float32
-  [T, D] output, which sums the K slots of a token and the K splits in the same pass (the
-  order of those float32 additions is not fixed: the last bits can differ between runs).
+- ``_silu_parts``: sums those parts into h [P, I] = ``silu(gate) * up`` (bf16, as the
+  grouped kernel stores it);
+- ``_down_gemv``: program (slot, D tile, K split) computes its part of ``h @ down``, scales
+  it by the routing weight and adds it atomically into the float32 [T, D] output, which sums
+  the K slots of a token and the K splits in the same pass (the order of those float32
+  additions is not fixed: the last bits can differ between runs).
 
 Slots whose expert is not resident (``slot_of_expert[e] < 0``) return at once, so the
 caller needs no compaction and no host sync: the kernels can be captured in a CUDA graph.
@@ -90,14 +91,31 @@ def _gate_up_gemv(
 
 
 @triton.jit
+def _silu_parts(part_ptr, h_ptr, ids_ptr, slot_ptr, N, num_slots, SPLIT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    # part [SPLIT, P, 2, N] float32 -> h [P, N] bf16 = silu(sum of gate) * sum of up
+    slot = tl.program_id(0)
+    if tl.load(slot_ptr + tl.load(ids_ptr + slot)) < 0:  # not resident: no parts written
+        return
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT):
+        src = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * N + offs
+        gate += tl.load(src, mask=mask, other=0.0)
+        up += tl.load(src + N, mask=mask, other=0.0)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(h_ptr + slot.to(tl.int64) * N + offs, h.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def _down_gemv(
-    part_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, num_slots,
-    steps_per_split, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn,
-    stride_om, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_GU: tl.constexpr,
+    h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, steps_per_split,
+    stride_hm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_om,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # part [SPLIT_GU, P, 2, K=I] float32 gate/up sums; w [S, I(/8), N=D];
-    # out [T, D] float32 += weight * (silu(gate) * up) @ down
+    # h [P, K=I] bf16; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
@@ -110,13 +128,7 @@ def _down_gemv(
     first = tl.program_id(2) * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     for k0 in range(first, last, BLOCK_K):
-        gate = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        up = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for split in tl.static_range(SPLIT_GU):
-            src = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * K + k0 + offs_k
-            gate += tl.load(src)
-            up += tl.load(src + K)
-        hk = (gate / (1.0 + tl.exp(-gate)) * up).to(tl.bfloat16).to(tl.float32)  # [BK]
+        hk = tl.load(h_ptr + slot * stride_hm + k0 + offs_k).to(tl.float32)  # [BK]
         q, s = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
                                  stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
                                  True)
@@ -151,12 +163,15 @@ def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_id
         s13.stride(2),
         GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps)
+    h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)  # [P, I]
+    _silu_parts[(t * k, triton.cdiv(inter, 1024))](part, h, ids, slot_of_expert, inter, t * k,
+                                                   SPLIT=gu_split, BLOCK=1024)
     down_split, down_steps = _splits(inter // block_k, cfg.split_k)
     _down_gemv[(t * k, triton.cdiv(d, cfg.block_n), down_split)](
-        part, w2, s2, out, ids, weights, slot_of_expert, d, inter, k, t * k, down_steps,
-        w2.stride(0), w2.stride(1), w2.stride(2), s2.stride(0), s2.stride(1), s2.stride(2),
-        out.stride(0),
-        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_GU=gu_split,
+        h, w2, s2, out, ids, weights, slot_of_expert, d, inter, k, down_steps,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), s2.stride(0), s2.stride(1),
+        s2.stride(2), out.stride(0),
+        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         num_warps=cfg.num_warps)
     return out
 
