@@ -132,7 +132,8 @@ def fixed_cost(args) -> None:
                 row = fixed_cost_row(runner, layers, small, bits, args, gap_us * 1e-6,
                                      read_buf, rng)
                 roof_us = full_bytes / (row["read_gbs"] * 1e9) * 1e6
-                print(f"{quant} threads={threads} gap={gap_us:g}: cached "
+                print(f"{quant} threads={threads} spin={getattr(runner, 'spin_us', '?')} "
+                      f"gap={gap_us:g}: cached "
                       f"{row['small_s'] * 1e6:.1f} ({small_bytes >> 10} KiB), full "
                       f"{row['full_s'] * 1e6:.1f} ({full_bytes >> 20} MiB), roofline "
                       f"{roof_us:.1f} at {row['read_gbs']:.1f} GB/s read, full - roofline "

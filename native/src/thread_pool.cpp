@@ -25,7 +25,8 @@ namespace krasis {
 namespace {
 
 constexpr int kMaxSpinUs = 60000000;
-constexpr int kPausesBeforeYield = 1 << 14;  // then sched_yield (an oversubscribed machine)
+constexpr int kPausesBeforeYield = 1 << 10;  // ~50 us, then sched_yield (oversubscribed cores)
+constexpr int kPausesPerYield = 63;          // idle spin: a clock check and a yield every 64
 
 void futex_wait(std::atomic<uint32_t>* word, uint32_t expected) {
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected, nullptr,
@@ -148,7 +149,10 @@ void ThreadPool::wait_for_job(uint32_t seen) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
     for (int i = 0; spin_us_ > 0 && generation_.load(std::memory_order_acquire) == seen; ++i) {
         _mm_pause();
-        if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
+        if ((i & kPausesPerYield) == kPausesPerYield) {
+            if (std::chrono::steady_clock::now() > deadline) break;
+            sched_yield();  // polite: a runnable thread (torch's, another process's) gets the core
+        }
     }
     while (generation_.load() == seen) {
         sleepers_.fetch_add(1);

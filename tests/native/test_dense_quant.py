@@ -81,7 +81,9 @@ def weight_only_copy(engine) -> None:
     for name, module in dense_linears(engine.model).items():
         if isinstance(module, QuantLinear):
             native = module.native
-            weight = dequantize(torch.from_numpy(native.qweight), torch.from_numpy(native.scales),
+            # copies: the packed arrays may be read-only memory maps of the cache
+            weight = dequantize(torch.from_numpy(native.qweight.copy()),
+                                torch.from_numpy(native.scales.copy()),
                                 native.bits, native.group_size)  # [N, K]
             linear = nn.Linear(native.in_features, native.out_features, bias=False)
             linear.weight.data = weight.to(engine.dtype)
