@@ -4,7 +4,7 @@ CPU prefill at M=64 and M=512. Shapes default to DeepSeek-V2-Lite (D=2048, I=140
 
     python3 bench/cpu_kernel.py [--threads 1 2] [--quant int4 int8] [--group-size 128]
     python3 bench/cpu_kernel.py --accuracy [--seeds 3] [--tokens 64]
-    python3 bench/cpu_kernel.py --fixed-cost [--threads 1 2] [--gap-us 0 200]
+    python3 bench/cpu_kernel.py --fixed-cost [--threads 1 2] [--gap-us 0 200] [--spin-us 0 2000]
 
 --accuracy measures instead the max and mean logit error of INT8 and INT4 against the float
 model, through load(), on random transformers DeepSeek-V2 models, and the round-to-nearest
@@ -14,7 +14,8 @@ weight error of each format.
 weights stay in cache (one expert of --fixed-width rows, top-1) beside the full layer and its
 bandwidth roofline (expert bytes / read GB/s), with an idle gap of --gap-us busy-waited between
 calls (hybrid decode leaves ~100-200 us of GPU attention between two layers' calls), and the
-binding's own cost (an M=0 call, which returns after the argument checks).
+binding's own cost (an M=0 call, which returns after the argument checks). --spin-us 0 2000
+compares workers that sleep at once (each call pays their wake-up) with spinning ones.
 
 Weights are random bytes in the CPU layout (the kernel's speed does not depend on values);
 each M=1 call routes to fresh random experts of the next of --layers layers (default 4 layers,
@@ -110,6 +111,21 @@ def binding_seconds(runner, layer, bits, group_size, calls: int) -> float:
     return statistics.median(times)
 
 
+def make_runner(threads: int, spin_us: int | None):
+    """A runner whose workers spin ``spin_us`` (None: KRASIS_NATIVE_SPIN_US as set)."""
+    if spin_us is None:
+        return krasis_native.MoE(threads)
+    saved = os.environ.get("KRASIS_NATIVE_SPIN_US")
+    os.environ["KRASIS_NATIVE_SPIN_US"] = str(spin_us)
+    try:
+        return krasis_native.MoE(threads)
+    finally:
+        if saved is None:
+            del os.environ["KRASIS_NATIVE_SPIN_US"]
+        else:
+            os.environ["KRASIS_NATIVE_SPIN_US"] = saved
+
+
 def fixed_cost(args) -> None:
     """Per-call time of a cached one-expert layer vs the full M=1 layer and its roofline."""
     rng = np.random.default_rng(0)
@@ -126,18 +142,21 @@ def fixed_cost(args) -> None:
         full_bytes = args.top_k * layer_bytes_per_expert(layers[0])
         small_bytes = layer_bytes_per_expert(small[0])
         for threads in args.threads:
-            runner = krasis_native.MoE(threads)
-            bind_us = binding_seconds(runner, layers[0], bits, args.group_size, args.calls) * 1e6
-            for gap_us in args.gap_us:
-                row = fixed_cost_row(runner, layers, small, bits, args, gap_us * 1e-6,
-                                     read_buf, rng)
-                roof_us = full_bytes / (row["read_gbs"] * 1e9) * 1e6
-                print(f"{quant} threads={threads} spin={getattr(runner, 'spin_us', '?')} "
-                      f"gap={gap_us:g}: cached "
-                      f"{row['small_s'] * 1e6:.1f} ({small_bytes >> 10} KiB), full "
-                      f"{row['full_s'] * 1e6:.1f} ({full_bytes >> 20} MiB), roofline "
-                      f"{roof_us:.1f} at {row['read_gbs']:.1f} GB/s read, full - roofline "
-                      f"{row['full_s'] * 1e6 - roof_us:.1f}; binding {bind_us:.1f}")
+            for spin in args.spin_us or [None]:
+                runner = make_runner(threads, spin)
+                bind_us = binding_seconds(runner, layers[0], bits, args.group_size,
+                                          args.calls) * 1e6
+                for gap_us in args.gap_us:
+                    row = fixed_cost_row(runner, layers, small, bits, args, gap_us * 1e-6,
+                                         read_buf, rng)
+                    roof_us = full_bytes / (row["read_gbs"] * 1e9) * 1e6
+                    print(f"{quant} threads={threads} spin={getattr(runner, 'spin_us', '?')} "
+                          f"gap={gap_us:g}: cached {row['small_s'] * 1e6:.1f} "
+                          f"({small_bytes >> 10} KiB), full {row['full_s'] * 1e6:.1f} "
+                          f"({full_bytes >> 20} MiB), roofline {roof_us:.1f} at "
+                          f"{row['read_gbs']:.1f} GB/s read, full - roofline "
+                          f"{row['full_s'] * 1e6 - roof_us:.1f}; binding {bind_us:.1f}")
+                del runner
         del layers
 
 
@@ -249,6 +268,9 @@ def main() -> None:
                         help="rows of the cached layer's expert for --fixed-cost")
     parser.add_argument("--gap-us", type=float, nargs="+", default=[0.0, 200.0],
                         help="busy idle before each call for --fixed-cost (us)")
+    parser.add_argument("--spin-us", type=int, nargs="*", default=[],
+                        help="--fixed-cost: runners with these idle spins (0: workers sleep "
+                             "at once, so each call pays their wake-up); default: as set")
     parser.add_argument("--seeds", type=int, default=3, help="random models for --accuracy")
     parser.add_argument("--tokens", type=int, default=64, help="prompt tokens for --accuracy")
     args = parser.parse_args()
