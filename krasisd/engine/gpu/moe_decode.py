@@ -47,9 +47,9 @@ class GemvConfig:
 
 
 GEMV_CANDIDATES = (
-    GemvConfig(32, 128, 4, 4), GemvConfig(64, 128, 4, 4), GemvConfig(32, 128, 8, 4),
-    GemvConfig(64, 128, 8, 4), GemvConfig(16, 128, 8, 2), GemvConfig(128, 128, 4, 8),
-    GemvConfig(32, 128, 1, 4),
+    GemvConfig(32, 128, 4, 4), GemvConfig(32, 128, 8, 4), GemvConfig(16, 128, 8, 4),
+    GemvConfig(32, 128, 4, 8), GemvConfig(64, 128, 4, 8), GemvConfig(64, 128, 8, 8),
+    GemvConfig(32, 64, 8, 4),
 )
 
 
@@ -70,8 +70,8 @@ def _gate_up_gemv(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_base, s_base = w_ptr + wslot * stride_we, s_ptr + wslot * stride_se
-    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
+    acc_u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     split = tl.program_id(2)
     first = split * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
@@ -83,11 +83,11 @@ def _gate_up_gemv(
         qu, su = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n + N, n_mask, stride_wk,
                                    stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
                                    True)
-        acc_g += tl.sum(xk[:, None] * qg, axis=0) * sg
-        acc_u += tl.sum(xk[:, None] * qu, axis=0) * su
+        acc_g += xk[:, None] * (qg * sg[None, :])
+        acc_u += xk[:, None] * (qu * su[None, :])
     dst = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * N + offs_n
-    tl.store(dst, acc_g, mask=n_mask)
-    tl.store(dst + N, acc_u, mask=n_mask)
+    tl.store(dst, tl.sum(acc_g, axis=0), mask=n_mask)
+    tl.store(dst + N, tl.sum(acc_u, axis=0), mask=n_mask)
 
 
 @triton.jit
@@ -124,7 +124,7 @@ def _down_gemv(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_base, s_base = w_ptr + wslot * stride_we, s_ptr + wslot * stride_se
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
     first = tl.program_id(2) * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     for k0 in range(first, last, BLOCK_K):
@@ -132,10 +132,11 @@ def _down_gemv(
         q, s = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
                                  stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
                                  True)
-        acc += tl.sum(hk[:, None] * q, axis=0) * s
+        acc += hk[:, None] * (q * s[None, :])
     route_w = tl.load(weights_ptr + slot)
     token = slot // top_k
-    tl.atomic_add(out_ptr + token * stride_om + offs_n, acc * route_w, mask=n_mask)
+    tl.atomic_add(out_ptr + token * stride_om + offs_n, tl.sum(acc, axis=0) * route_w,
+                  mask=n_mask)
 
 
 def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_ids: torch.Tensor,
