@@ -15,6 +15,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+if torch.cuda.is_available():  # kernels imported earlier in the session are compiled for CUDA
+    pytest.skip("Triton interpreter tests run without a GPU; tests/gpu covers the kernels there",
+                allow_module_level=True)
 
 from krasisd.engine.experts import TorchExperts  # noqa: E402
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec  # noqa: E402
