@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from krasisd.engine.gpu import tuning
 from krasisd.engine.gpu.moe_decode import GEMV_CANDIDATES, GemvConfig, moe_gemv, resident_slots
 from krasisd.engine.gpu.moe_triton import (
     AUTOTUNE_ENV,
@@ -270,16 +271,22 @@ class HybridExperts:
         return y.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, D]
 
     def _gemv_config(self, layer, x, topk_ids, topk_weights) -> GemvConfig:
-        """The fastest matrix-vector tile for this shape, timed once per process (CUDA)."""
+        """The fastest matrix-vector tile for this shape: timed once per machine (CUDA) and
+        remembered in the tuning file (krasisd.engine.gpu.tuning)."""
         if not self._cuda or os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return GemvConfig()
         spec = self.gpu.layout.spec
         key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
                topk_ids.numel())
         if key not in _decode_tuned:
-            _decode_tuned[key] = _fastest(
-                lambda cfg: self._gemv(layer, x, topk_ids, topk_weights, cfg), GemvConfig())
-            log.info("decode MoE kernel %s: %s", key, _decode_tuned[key])
+            path = tuning.table_path(self.device)
+            cfg = tuning.load(path, "moe_decode", GEMV_CANDIDATES, key, GemvConfig)
+            if cfg is None:
+                cfg = _fastest(lambda c: self._gemv(layer, x, topk_ids, topk_weights, c),
+                               GemvConfig())
+                tuning.save(path, "moe_decode", GEMV_CANDIDATES, key, cfg)
+                log.info("decode MoE kernel %s: %s", key, cfg)
+            _decode_tuned[key] = cfg
         return _decode_tuned[key]
 
     def close(self) -> None:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from krasisd.engine.gpu import tuning
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -77,6 +79,11 @@ def tuned_config(key: tuple, run) -> KernelConfig:
     """The fastest candidate for ``key``, timed once with ``run(config)`` on the real inputs."""
     if key in _tuned:
         return _tuned[key]
+    path = tuning.table_path()
+    stored = tuning.load(path, "moe_triton", CANDIDATES, key, KernelConfig)
+    if stored is not None:
+        _tuned[key] = stored
+        return stored
     best, best_ms = None, float("inf")
     for cfg in CANDIDATES:
         try:
@@ -97,6 +104,7 @@ def tuned_config(key: tuple, run) -> KernelConfig:
         raise RuntimeError("no MoE kernel configuration ran on this device")
     log.info("moe kernel %s: %s (%.3f ms)", key, best, best_ms)
     _tuned[key] = best
+    tuning.save(path, "moe_triton", CANDIDATES, key, best)
     return best
 
 

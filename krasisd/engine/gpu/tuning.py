@@ -1,0 +1,79 @@
+"""Kernel tiles chosen by timing, remembered across processes.
+
+Picking a Triton tile times every candidate on the real inputs, which compiles each one:
+seconds for the first prompt of a new size in a fresh runner. The winner is written to
+``$KRASIS_HOME/tuning/<device>.json`` and read back by later processes, so only the first
+process on a machine pays. Entries are keyed by kernel family, the candidate list (a change
+of candidates in the code makes old entries unused) and the shape key the caller gives.
+A missing, unreadable or unwritable file only means timing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+from krasisd.config import default_home
+
+log = logging.getLogger(__name__)
+
+
+def table_path(device: torch.device | str | None = None) -> Path | None:
+    """The tuning file of this device (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    name = f"{torch.cuda.get_device_name(device)}-triton{triton.__version__}"
+    return default_home() / "tuning" / f"{re.sub(r'[^A-Za-z0-9.]+', '-', name)}.json"
+
+
+def candidates_id(candidates) -> str:
+    """A short fingerprint of a candidate list."""
+    return hashlib.sha256(repr(tuple(candidates)).encode()).hexdigest()[:16]
+
+
+def load(path: Path | None, family: str, candidates, key: tuple, config_type):
+    """The stored winner for ``key``, as ``config_type``, or None."""
+    entry = _read(path).get(f"{family}/{candidates_id(candidates)}", {}).get(repr(key))
+    if entry is None:
+        return None
+    try:
+        return config_type(**entry)
+    except TypeError:  # fields changed since it was written
+        return None
+
+
+def save(path: Path | None, family: str, candidates, key: tuple, config) -> None:
+    """Record the winner for ``key`` (read, merge, replace the file atomically)."""
+    if path is None:
+        return
+    table = _read(path)
+    table.setdefault(f"{family}/{candidates_id(candidates)}", {})[repr(key)] = (
+        dataclasses.asdict(config))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp",
+                                         delete=False, encoding="utf-8") as handle:
+            json.dump(table, handle, indent=1, sort_keys=True)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        log.warning("could not write kernel tuning to %s: %s", path, exc)
+
+
+def _read(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable kernel tuning file %s: %s", path, exc)
+        return {}
+    return table if isinstance(table, dict) else {}

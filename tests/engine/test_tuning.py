@@ -1,0 +1,60 @@
+"""Kernel tiles remembered across processes (krasisd.engine.gpu.tuning)."""
+
+import pytest
+import torch
+
+from krasisd.engine.gpu import moe_triton, tuning
+from krasisd.engine.gpu.moe_decode import GEMV_CANDIDATES, GemvConfig
+from krasisd.engine.gpu.moe_triton import CANDIDATES, KernelConfig
+
+
+def test_a_saved_tile_is_read_back_by_a_later_process(tmp_path):
+    path = tmp_path / "tuning" / "gpu.json"
+    key = (4, 128, 2048, 1408, 6)
+    assert tuning.load(path, "moe_decode", GEMV_CANDIDATES, key, GemvConfig) is None
+    tuning.save(path, "moe_decode", GEMV_CANDIDATES, key, GemvConfig(64, 128, 8, 8))
+    tuning.save(path, "moe_triton", CANDIDATES, key, CANDIDATES[2])  # another family, same key
+    assert tuning.load(path, "moe_decode", GEMV_CANDIDATES, key, GemvConfig) == GemvConfig(
+        64, 128, 8, 8)
+    assert tuning.load(path, "moe_triton", CANDIDATES, key, KernelConfig) == CANDIDATES[2]
+    assert tuning.load(path, "moe_decode", GEMV_CANDIDATES, (8,), GemvConfig) is None
+
+
+def test_new_candidates_ignore_old_entries(tmp_path):
+    path = tmp_path / "t.json"
+    tuning.save(path, "moe_decode", GEMV_CANDIDATES, (1,), GemvConfig())
+    assert tuning.load(path, "moe_decode", GEMV_CANDIDATES[:-1], (1,), GemvConfig) is None
+
+
+def test_a_damaged_or_unwritable_file_means_timing_again(tmp_path, caplog):
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    assert tuning.load(path, "moe_decode", GEMV_CANDIDATES, (1,), GemvConfig) is None
+    assert "unreadable" in caplog.text
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    tuning.save(blocked / "t.json", "moe_decode", GEMV_CANDIDATES, (1,), GemvConfig())  # no raise
+    assert "could not write" in caplog.text
+
+
+def test_tuned_config_uses_the_stored_tile_without_timing(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    key = ("shape", 1)
+    tuning.save(path, "moe_triton", CANDIDATES, key, CANDIDATES[3])
+    monkeypatch.setattr(tuning, "table_path", lambda device=None: path)
+    monkeypatch.setattr(moe_triton, "_tuned", {})
+
+    def run(cfg):
+        raise AssertionError("timed although a tile was stored")
+
+    assert moe_triton.tuned_config(key, run) == CANDIDATES[3]
+
+
+def test_no_tuning_file_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tuning.table_path() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tuning_file_lives_under_krasis_home(krasis_home):
+    assert tuning.table_path().parent == krasis_home / "tuning"
