@@ -42,6 +42,7 @@ KRASIS_AVX512 void dot_q4_avx512_pairs(const uint8_t* w, const float* w_scale, c
             }
             for (int r = 0; r < R; ++r) {
                 const __m512i raw = _mm512_loadu_si512(wr[r]);
+                prefetch_weights(wr[r]);
                 wr[r] += kUnit;
                 const __m512i lo = _mm512_and_si512(raw, low4);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
@@ -94,6 +95,7 @@ KRASIS_AVX512 void dot_q8_avx512_tile(const uint8_t* w, const float* w_scale, co
             for (int t = 0; t < T; ++t) a[t] = _mm512_xor_si512(_mm512_loadu_si512(aq[t]), flip), aq[t] += kUnit;
             for (int r = 0; r < R; ++r) {
                 wv[r] = _mm512_loadu_si512(wr[r]);
+                prefetch_weights(wr[r]);
                 wr[r] += kUnit;
                 wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, wv[r]);
                 for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a[t], wv[r]);
@@ -135,6 +137,7 @@ KRASIS_AVX512 void dot_q4_avx512_tile(const uint8_t* w, const float* w_scale, co
             for (int t = 0; t < T; ++t) a[t] = _mm512_loadu_si512(aq[t]), aq[t] += kUnit;
             for (int r = 0; r < R; ++r) {
                 const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r]));
+                prefetch_weights(wr[r]);
                 wr[r] += kUnit / 2;
                 const __m512i wv = _mm512_and_si512(
                     _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), low4);
