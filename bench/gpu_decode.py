@@ -369,6 +369,10 @@ def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:
         from decode_profile import profile_decode
 
         log(profile_decode(engine, min(args.contexts[-1], 1000), steps=16))
+        if not args.skip_streams and max(args.streams) > 1:
+            from decode_profile import profile_batched
+
+            log(profile_batched(engine, max(args.streams)))
     for row in rows:
         log(f"{name} ctx {row['context']:>6}: avg {row['avg_ms']:7.2f} ms  p50 "
             f"{row['p50_ms']:7.2f}  min {row['min_ms']:7.2f}  max {row['max_ms']:7.2f}  "
