@@ -230,6 +230,7 @@ uint64_t MoeRunner::stream_read(const uint8_t* data, size_t n_bytes) {
         uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         size_t j = lo;
         for (; j + 4 <= hi; j += 4) {
+            if (j % 8 == 0) prefetch_weights(words + j);  // as the kernels do, one line ahead of 4 KiB
             s0 += words[j];
             s1 += words[j + 1];
             s2 += words[j + 2];
