@@ -32,35 +32,35 @@ import torch
 if "--smoke" in sys.argv:  # the tiny model runs the Triton kernels on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from decode_caches import (  # noqa: E402
+    CONFIG_PATH,
+    GROUP_SIZE,
+    bench_config,
+    build_caches,
+    drop_page_cache,
+    load_caches,
+    measure_bandwidths,
+    release_loaded,
+    sync,
+)
+
 from krasisd.engine.batch import batched_decode  # noqa: E402
 from krasisd.engine.config import ModelConfig  # noqa: E402
-from krasisd.engine.cpu_cache import FORMAT as CPU_FORMAT  # noqa: E402
-from krasisd.engine.cpu_cache import _file_record as cpu_file_record  # noqa: E402
-from krasisd.engine.cpu_cache import load_cpu_cache  # noqa: E402
 from krasisd.engine.gpu.backend import gpu_experts_for  # noqa: E402
-from krasisd.engine.gpu.cache import _file_record as gpu_file_record  # noqa: E402
-from krasisd.engine.gpu.cache import _manifest as gpu_manifest  # noqa: E402
-from krasisd.engine.gpu.cache import load_gpu_cache  # noqa: E402
 from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
-from krasisd.engine.gpu.format import ExpertLayout, QuantSpec  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
 from krasisd.engine.gpu.placement import PlacementError, parse_vram_budget  # noqa: E402
 from krasisd.engine.gpu.synthetic import (  # noqa: E402
-    TINY_DEEPSEEK_V2,
     dense_bytes,
     synthetic_expert_weights,
     synthetic_model,
 )
 from krasisd.engine.heat import ExpertHeat, hit_rate  # noqa: E402
 from krasisd.engine.kv_cache import new_kv_cache  # noqa: E402
-from krasisd.engine.models import build_model  # noqa: E402
 from krasisd.engine.native_experts import NativeExperts  # noqa: E402
-from krasisd.engine.quant import LAYOUT_VERSION as CPU_LAYOUT  # noqa: E402
 from krasisd.engine.quant import quantize  # noqa: E402
 
-CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "deepseek-v2-lite.json"
-GROUP_SIZE = 128
 CHUNK_CHOICES = (8192, 4096, 2048, 1024)
 
 SEED_DECODE = {100: (177.0, 5.6)}  # context: (ms/token, tok/s) of the seed, docs/PERFORMANCE.md
@@ -68,149 +68,6 @@ TARGETS = {"S1": 500.0, "S2": 80.0, "S2-cpu": 80.0}  # tok/s at context 1000 (is
 
 
 # -- measurements of the machine ----------------------------------------------------------
-
-def measure_bandwidths(device: str, threads: int, small: bool) -> dict:
-    """Host read rate with the native pool, device copy rate and pinned host-to-device rate."""
-    import krasis_native
-    import numpy as np
-
-    nbytes = (64 << 20) if small else (4 << 30)
-    buf = np.ones(nbytes // 8, dtype=np.uint64)  # touched: no page faults while timed
-    runner = krasis_native.MoE(threads)
-    best_s = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        runner.stream_read(buf)
-        best_s = min(best_s, time.perf_counter() - start)
-    out = {"host_read_bytes_s": nbytes / best_s, "threads": threads,
-           "hbm_bytes_s": 3.35e12, "h2d_bytes_s": 55e9}  # placeholders off the GPU
-    del buf, runner
-    if device == "cuda":
-        out["hbm_bytes_s"] = _copy_rate(torch.empty(2 << 30, dtype=torch.uint8, device="cuda"),
-                                        torch.empty(2 << 30, dtype=torch.uint8, device="cuda"), 2)
-        out["h2d_bytes_s"] = _copy_rate(torch.empty(1 << 30, dtype=torch.uint8, device="cuda"),
-                                        torch.ones(1 << 30, dtype=torch.uint8, pin_memory=True), 1)
-    return out
-
-
-def _copy_rate(dst, src, passes: int) -> float:
-    """Bytes moved per second by dst.copy_(src) (read + write when ``passes`` is 2)."""
-    times = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return passes * dst.numel() / statistics.median(times[1:])
-
-
-# -- the dual-format cache of a synthetic model --------------------------------------------
-
-def bench_config(smoke: bool) -> ModelConfig:
-    if smoke:
-        return ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, hidden_size=128,
-                                          moe_intermediate_size=64))
-    return ModelConfig.from_file(CONFIG_PATH)
-
-
-def build_caches(root: Path, device: str, smoke: bool) -> tuple[ModelConfig, dict]:
-    """Dense weights (bf16 safetensors) and both expert caches, quantized on ``device``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import save_file
-
-    config = bench_config(smoke)
-    group = 32 if smoke else GROUP_SIZE
-    layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, QuantSpec(4, group))
-    model = synthetic_model(config, device, torch.bfloat16)
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
-              str(root / "dense.safetensors"))
-    del model
-    (root / "cpu").mkdir()
-    (root / "gpu").mkdir()
-    names = []
-    for layer in range(config.num_hidden_layers):
-        if not config.is_moe_layer(layer):
-            continue
-        gate, up, down = synthetic_expert_weights(config, layer, device)
-        name = f"layer_{layer:03d}.safetensors"
-        blobs = layout.pack_experts(gate, up, down).cpu()  # [E, B]
-        save_file({"experts": blobs}, str(root / "gpu" / name),
-                  metadata={"format": "krasis-gpu-experts"})
-        tensors = {}
-        for proj, w in (("gate", gate), ("up", up), ("down", down)):
-            q, scales = quantize(w, 4, group)
-            tensors[f"{proj}.qweight"], tensors[f"{proj}.scales"] = q.cpu(), scales.cpu()
-        save_file(tensors, str(root / "cpu" / name), metadata={"format": CPU_FORMAT,
-                                                                "quant": "int4"})
-        names.append((layer, name))
-        del gate, up, down, blobs, tensors
-    with ThreadPoolExecutor(8) as pool:  # checksums: hashlib releases the GIL
-        cpu_records = list(pool.map(lambda n: cpu_file_record(root / "cpu" / n[1], n[1]), names))
-        gpu_records = list(pool.map(lambda n: gpu_file_record(root / "gpu" / n[1]), names))
-    cpu_manifest = {
-        "format": CPU_FORMAT, "layout_version": CPU_LAYOUT, "quant": "int4", "bits": 4,
-        "group_size": group, "n_experts": config.n_routed_experts, "hidden": config.hidden_size,
-        "width": config.moe_intermediate_size, "model_fingerprint": "synthetic",
-        "created": time.time(), "layers": {str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)},
-    }
-    files = {str(layer): r for (layer, _), r in zip(names, gpu_records, strict=True)}
-    (root / "cpu" / "manifest.json").write_text(json.dumps(cpu_manifest))
-    (root / "gpu" / "manifest.json").write_text(
-        json.dumps(gpu_manifest(config, layout, "synthetic", files)))
-    sizes = {part: sum(p.stat().st_size for p in (root / part).iterdir()) for part in ("cpu", "gpu")}
-    sizes["dense"] = (root / "dense.safetensors").stat().st_size
-    return config, sizes
-
-
-def drop_page_cache() -> bool:
-    """Empty the kernel's page cache (needs root); False when not permitted."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as handle:
-            handle.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def load_caches(root: Path, config: ModelConfig, device: str) -> tuple[dict, dict]:
-    """What a runner loads: dense weights to the device, GPU cache pinned, CPU cache mapped."""
-    from safetensors.torch import load_file
-
-    times, start = {}, time.perf_counter()
-    torch.zeros(1, device=device)  # the process's first device work: context, allocator
-    sync(device)
-    times["device_init_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    state = load_file(str(root / "dense.safetensors"), device=device)
-    with torch.device("meta"):
-        model = build_model(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-    sync(device)
-    times["dense_s"] = time.perf_counter() - start
-    host = load_gpu_cache(root / "gpu", pin=device == "cuda")
-    times["gpu_cache_s"] = time.perf_counter() - start - times["dense_s"]
-    cpu_cache = load_cpu_cache(root / "cpu")
-    times["cpu_cache_s"] = time.perf_counter() - start - times["dense_s"] - times["gpu_cache_s"]
-    times["total_s"] = time.perf_counter() - start + times["device_init_s"]
-    return {"config": config, "model": model, "host": host, "cpu_cache": cpu_cache}, times
-
-
-def release_loaded(loaded: dict) -> None:
-    import gc
-
-    loaded.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        empty_host = getattr(torch._C, "_host_emptyCache", None)
-        if empty_host is not None:
-            empty_host()  # give cached pinned blocks back, so the next load pins afresh
-
 
 def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int,
                 use_graphs: bool, fused: bool = True) -> tuple[HybridEngine, dict]:
@@ -275,11 +132,6 @@ def physical_limits(engine, bw: dict) -> dict:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def decode_run(engine, cache, context: int, steps: int, first_token: int) -> list[float]:
