@@ -121,7 +121,8 @@ KRASIS_AVX2 void quantize_avx2(const float* x, int K, int G, int8_t* q, float* s
     for (int g = 0; g < K / G; ++g) {
         const float* xg = x + g * G;
         __m256 vmax = _mm256_setzero_ps();
-        for (int k = 0; k < G; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
+        for (int k = 0; k < G; k += 8)
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + k)));
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));

@@ -82,7 +82,8 @@ int MoeRunner::start_chunks(const MoeWeights& w) {
         chunk_left_.reset(new std::atomic<int>[n]);
         chunk_capacity_ = n;
     }
-    for (size_t i = 0; i < n; ++i) chunk_left_[i].store(chunk_ / kRowBlock, std::memory_order_relaxed);
+    for (size_t i = 0; i < n; ++i)
+        chunk_left_[i].store(chunk_ / kRowBlock, std::memory_order_relaxed);
     return int(active_.size()) * (I / kRowBlock);
 }
 
@@ -230,7 +231,7 @@ uint64_t MoeRunner::stream_read(const uint8_t* data, size_t n_bytes) {
         uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         size_t j = lo;
         for (; j + 4 <= hi; j += 4) {
-            if (j % 8 == 0) prefetch_weights(words + j);  // as the kernels do, one line ahead of 4 KiB
+            if (j % 8 == 0) prefetch_weights(words + j);  // a line per 64 bytes, as the kernels
             s0 += words[j];
             s1 += words[j + 1];
             s2 += words[j + 2];

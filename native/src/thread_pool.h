@@ -2,10 +2,11 @@
 //
 // Spin policy: after a job, idle workers spin (pause, with a sched_yield every 64 pauses so a
 // runnable thread of torch or of another process gets the core) for spin_us microseconds,
-// then sleep on a futex. The default (2000 us) covers the gap between two MoE layers of a decode step
-// (~100-200 us of GPU attention in hybrid decode), so a call finds its workers awake; an idle
-// runner stops burning CPU once the spin has run out. KRASIS_NATIVE_SPIN_US sets it (0 = sleep
-// at once); a value that is not an integer in [0, 60000000] is a std::invalid_argument.
+// then sleep on a futex. The default (2000 us) covers the gap between two MoE layers of a
+// decode step (~100-200 us of GPU attention in hybrid decode), so a call finds its workers
+// awake; an idle runner stops burning CPU once the spin has run out. KRASIS_NATIVE_SPIN_US
+// sets it (0 = sleep at once); a value that is not an integer in [0, 60000000] is a
+// std::invalid_argument (ValueError in Python).
 //
 // Jobs: run() takes up to kMaxPhases phases of tasks; every task of a phase finishes before any
 // task of the next starts (a spin barrier inside one job, so an M=1 MoE call wakes the pool
