@@ -65,7 +65,18 @@ class ModelCatalog:
         quant, cache_dir = self._pick_format(name, model_dir)
         return ModelSpec(name=full, model_dir=model_dir, size_bytes=size_bytes,
                          digest=str(item.get("digest", "")), details=item.get("details") or {},
-                         cache_dir=cache_dir, quant=quant)
+                         cache_dir=cache_dir, quant=quant,
+                         gpu_cache_dir=self._gpu_cache(name, quant))
+
+    def _gpu_cache(self, name: str, quant: str) -> Path | None:
+        """The registry's ready GPU-format cache of ``quant`` (built at pull on GPU machines);
+        None: the hybrid engine finds or builds its own."""
+        if quant == "none":
+            return None
+        try:
+            return Path(self.registry.cache_dir(name, fmt="gpu", quant=quant))
+        except Exception:  # noqa: BLE001 - no ready GPU cache
+            return None
 
     def _pick_format(self, name: str, model_dir: Path) -> tuple[str, Path | None]:
         """KRASIS_QUANT when the model's shapes allow it, else INT8, else the plain weights.

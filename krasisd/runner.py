@@ -56,8 +56,9 @@ def load_engine(args: argparse.Namespace):
     """Import the loader ('module:function') and load the model with the daemon's settings."""
     module_name, func_name = args.loader.split(":")
     loader = getattr(importlib.import_module(module_name), func_name)
+    extra = {"gpu_cache_dir": args.gpu_cache_dir} if args.gpu_cache_dir else {}
     return loader(args.model_dir, quant=args.quant, device=args.device,
-                  threads=args.threads, cache_dir=args.cache_dir)
+                  threads=args.threads, cache_dir=args.cache_dir, **extra)
 
 
 def render_prompt(engine, request: dict, model: str) -> tuple[str, bool]:
@@ -174,6 +175,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--gpu-cache-dir", default=None)
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)

@@ -59,8 +59,9 @@ class ModelSpec:
     size_bytes: int = 0
     digest: str = ""
     details: dict = field(default_factory=dict)
-    cache_dir: Path | None = None
+    cache_dir: Path | None = None  # the registry's CPU-format cache
     quant: str | None = None  # None: KRASIS_QUANT
+    gpu_cache_dir: Path | None = None  # the registry's GPU-format cache, when it built one
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -224,4 +225,6 @@ def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
         argv += ["--threads", str(cfg.threads)]
     if spec.cache_dir is not None:
         argv += ["--cache-dir", str(spec.cache_dir)]
+    if spec.gpu_cache_dir is not None:
+        argv += ["--gpu-cache-dir", str(spec.gpu_cache_dir)]
     return argv

@@ -25,11 +25,11 @@ def wants_gpu(device: str) -> bool:
 
 
 def load_for_serving(model_dir, quant: str = "int4", device: str = "auto",
-                     threads: int | None = None, cache_dir=None):
+                     threads: int | None = None, cache_dir=None, gpu_cache_dir=None):
     """An Engine for a runner: hybrid for quantized models on a GPU machine, else ``load()``.
 
-    ``cache_dir`` is the CPU-format cache (the registry's); the GPU-format cache is found or
-    built where ``krasisd.engine.gpu.backend.create_backend`` keeps it, inside the model folder.
+    ``cache_dir`` and ``gpu_cache_dir`` are the registry's CPU- and GPU-format caches; a
+    missing one is found or built where the engine keeps its own, inside the model folder.
     """
     from krasisd.engine.engine import load
 
@@ -40,4 +40,4 @@ def load_for_serving(model_dir, quant: str = "int4", device: str = "auto",
 
     log.info("loading %s for hybrid GPU+CPU serving (%s)", model_dir, quant)
     return load_hybrid(model_dir, quant=quant, device="cuda", threads=threads,
-                       cpu_cache_dir=cache_dir)
+                       cpu_cache_dir=cache_dir, gpu_cache_dir=gpu_cache_dir)

@@ -32,3 +32,24 @@ def test_without_a_gpu_serving_loads_the_cpu_engine(monkeypatch, tmp_path):
     assert load_for_serving(tmp_path, quant="int4", device="auto", cache_dir=tmp_path / "c") \
         == "cpu-engine"
     assert seen["device"] == "cpu" and seen["quant"] == "int4" and seen["cache_dir"] == tmp_path / "c"
+
+
+def test_on_a_gpu_serving_loads_the_hybrid_engine_from_both_registry_caches(monkeypatch,
+                                                                            tmp_path):
+    import torch
+
+    from krasisd.engine.gpu import graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = {}
+
+    def fake_load_hybrid(model_dir, **kwargs):
+        seen.update(kwargs, model_dir=model_dir)
+        return "hybrid-engine"
+
+    monkeypatch.setattr(graphs, "load_hybrid", fake_load_hybrid)
+    engine = load_for_serving(tmp_path, quant="int8", device="auto", cache_dir=tmp_path / "c",
+                              gpu_cache_dir=tmp_path / "g")
+    assert engine == "hybrid-engine"
+    assert seen["cpu_cache_dir"] == tmp_path / "c" and seen["gpu_cache_dir"] == tmp_path / "g"
+    assert seen["quant"] == "int8" and seen["device"] == "cuda"
