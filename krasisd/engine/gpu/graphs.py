@@ -105,6 +105,12 @@ class DecodeStep:
         self.sin = torch.zeros_like(self.cos)
         self._router_weights: dict[int, torch.Tensor] = {}  # layer -> float32 [E, D]
         self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
+        layers = list(model.model.layers)
+        # the norm each layer's output meets next: the next layer's input norm, or the head's
+        self._norm_after = {layer.layer_idx: (layers[i + 1].input_layernorm if i + 1 < len(
+            layers) else model.model.norm) for i, layer in enumerate(layers)}
+        self._first_layer = layers[0].layer_idx if layers else None
+        self.normed_in = torch.zeros_like(self.x)  # [1, D] fused: that norm of self.x
         self.program = self._build_program()
         self._pools: dict[int, object] = {}
         self.graph_failures = 0
@@ -196,14 +202,20 @@ class DecodeStep:
         torch.mul(freqs.sin(), factor, out=self.sin)
 
     def _head(self, bucket: int) -> None:
-        normed = attention.norm(self.model.model.norm, self.x, self.fused)
+        if self.fused and self._first_layer is not None:  # normed by the last layer's add
+            normed = self.normed_in
+        else:
+            normed = attention.norm(self.model.model.norm, self.x, self.fused)
         self.logits.copy_(self.model.lm_head(normed))
 
     def _attention_op(self, layer):
         """Attention, its residual add and the post-attention norm: self.h, self.normed."""
         def op(bucket: int) -> None:
             at = attention.Position(self.pos, self.cos, self.sin, bucket)
-            normed = attention.norm(layer.input_layernorm, self.x, self.fused)
+            if self.fused and layer.layer_idx != self._first_layer:
+                normed = self.normed_in  # the previous layer's add normed it
+            else:
+                normed = attention.norm(layer.input_layernorm, self.x, self.fused)
             attn, idx = layer.self_attn, layer.layer_idx
             if self.config.is_mla:
                 out = attention.mla(attn, normed, self.cache.entries[idx], at, self.fused)
@@ -222,12 +234,12 @@ class DecodeStep:
     def _ffn_op(self, layer):
         def op(bucket: int) -> None:
             if not layer.is_moe:
-                self._add(self.h, self._mlp(layer.mlp, self.normed))
+                self._add(layer, self.h, self._mlp(layer.mlp, self.normed))
             else:
                 self._route(layer)
                 experts = self.backend.gpu_part if self._hybrid else self.backend
                 out = experts(layer.layer_idx, self.normed, self.topk_ids, self.topk_weights)
-                self._add(self.h, out, *self._shared(layer))  # out: [1, D]
+                self._add(layer, self.h, out, *self._shared(layer))  # out: [1, D]
         return op
 
     def _route_op(self, layer):
@@ -254,7 +266,7 @@ class DecodeStep:
             staging = self.staging
             staging.out_dev.copy_(staging.out, non_blocking=True)
             shared = (self.shared,) if hasattr(layer.mlp, "shared_experts") else ()
-            self._add(self.h, self.partial, staging.out_dev, *shared)
+            self._add(layer, self.h, self.partial, staging.out_dev, *shared)
         return op
 
     def _route(self, layer) -> None:
@@ -281,10 +293,13 @@ class DecodeStep:
             return (self._mlp(layer.mlp.shared_experts, self.normed),)
         return ()
 
-    def _add(self, base, *deltas) -> None:
-        """self.x = base + sum(deltas), rounded once (fused) or per add (torch)."""
+    def _add(self, layer, base, *deltas) -> None:
+        """self.x = base + sum(deltas), rounded once (fused, which also writes the norm that
+        comes next into self.normed_in) or per add (torch)."""
         if self.fused:
-            fused.rmsnorm(base, None, 0.0, None, deltas, residual_out=self.x)
+            norm = self._norm_after[layer.layer_idx]
+            fused.rmsnorm(base, norm.weight, norm.eps, self.normed_in, deltas,
+                          residual_out=self.x)
             return
         total = deltas[0].float()
         for delta in deltas[1:]:
