@@ -17,19 +17,13 @@ from krasisd.engine.engine import Engine
 from krasisd.engine.experts import TorchExperts
 from krasisd.engine.gpu.synthetic import (
     TINY_DEEPSEEK_V2,
+    TINY_QWEN3_MOE,
     synthetic_expert_weights,
     synthetic_model,
 )
 from krasisd.engine.options import SamplingOptions
 
 ATOL = 1e-4
-QWEN3_TINY = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=96,
-    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-    num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
-    rope_theta=10000.0, max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=1,
-)
 
 
 def _engine(raw: dict, seed: int = 0) -> Engine:
@@ -44,7 +38,7 @@ def _engine(raw: dict, seed: int = 0) -> Engine:
 @pytest.fixture(scope="module", params=["deepseek-v2", "qwen3-moe"])
 def engine(request):
     torch.set_num_threads(1)
-    raw = TINY_DEEPSEEK_V2 if request.param == "deepseek-v2" else QWEN3_TINY
+    raw = TINY_DEEPSEEK_V2 if request.param == "deepseek-v2" else TINY_QWEN3_MOE
     return _engine(raw)
 
 

@@ -13,6 +13,7 @@ from krasisd.engine.experts import TorchExperts
 from krasisd.engine.gpu.graphs import DecodeStep, bucket_for
 from krasisd.engine.gpu.synthetic import (
     TINY_DEEPSEEK_V2,
+    TINY_QWEN3_MOE,
     synthetic_expert_weights,
     synthetic_model,
 )
@@ -20,14 +21,7 @@ from krasisd.engine.gpu.synthetic import (
 pytest.importorskip("triton")
 ATOL = 1e-4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's interpreter on the CPU
-QWEN3_TINY = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=96,
-    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-    num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
-    rope_theta=10000.0, max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=1,
-)
-MODELS = {"deepseek-v2": TINY_DEEPSEEK_V2, "qwen3-moe": QWEN3_TINY,
+MODELS = {"deepseek-v2": TINY_DEEPSEEK_V2, "qwen3-moe": TINY_QWEN3_MOE,
           "deepseek-v2-k3": dict(TINY_DEEPSEEK_V2, num_experts_per_tok=3, norm_topk_prob=True)}
 PROMPT = [5, 17, 33, 2, 9]
 

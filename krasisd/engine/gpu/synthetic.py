@@ -30,6 +30,14 @@ TINY_DEEPSEEK_V2 = dict(
     max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000, bos_token_id=0,
     eos_token_id=1, tie_word_embeddings=False,
 )
+# A Qwen3-MoE config of the same size (GQA, q/k norm, a dense layer among MoE layers).
+TINY_QWEN3_MOE = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=96,
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+    num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+    rope_theta=10000.0, max_position_embeddings=256, rms_norm_eps=1e-6, eos_token_id=1,
+)
 
 
 
