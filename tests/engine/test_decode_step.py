@@ -73,3 +73,53 @@ def test_bucket_is_a_power_of_two_within_capacity():
     assert bucket_for(1, 4096) == 256
     assert bucket_for(257, 4096) == 512
     assert bucket_for(3000, 2048) == 2048
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
+def test_hybrid_step_with_every_expert_on_the_cpu_equals_the_native_engine(fused):
+    """HybridEngine's step on the CPU (hand-off buffers, the CPU part, the merge) with no
+    expert resident computes what the plain engine does with the same native experts."""
+    import copy
+
+    from krasisd.engine.cpu_cache import CpuCache, LayerExperts
+    from krasisd.engine.gpu.format import QuantSpec
+    from krasisd.engine.gpu.graphs import HybridEngine
+    from krasisd.engine.gpu.host import HostExperts
+    from krasisd.engine.gpu.hybrid import HybridExperts
+    from krasisd.engine.gpu.placement import PlacementPlan, PlacementRequest
+    from krasisd.engine.gpu.prefill import GpuExperts
+    from krasisd.engine.native_experts import NativeExperts
+    from krasisd.engine.quant import quantize
+
+    torch.set_num_threads(1)
+    config = ModelConfig.from_dict(TINY_DEEPSEEK_V2)
+    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    weights = {layer: synthetic_expert_weights(config, layer, "cpu", 4) for layer in layers}
+    tables = {}
+    for layer, stacks in weights.items():
+        arrays = []
+        for w in stacks:
+            q, s = quantize(w, 8, 32)
+            arrays += [q.numpy(), s.numpy()]
+        tables[layer] = LayerExperts(*arrays)
+    cache = CpuCache({"bits": 8, "group_size": 32, "hidden": config.hidden_size,
+                      "n_experts": config.n_routed_experts}, tables)
+    model = synthetic_model(config, "cpu", torch.float32, seed=4)
+    twin = copy.deepcopy(model)
+    plain = Engine(config, model, NativeExperts(cache, threads=1), eos_token_ids=set())
+    host = HostExperts.from_stacked(weights, QuantSpec(8, 32), pin=False)
+    num, per = host.num_experts, host.layout.expert_bytes
+    request = PlacementRequest(2 * num * per, 0, 0, 0, per, tuple(layers), num)
+    plan = PlacementPlan(request, {layer: () for layer in layers}, 2 * num)
+    backend = HybridExperts(GpuExperts(host, plan, "cpu", impl="grouped_mm"),
+                            NativeExperts(cache, threads=1), "cpu")
+    hybrid = HybridEngine(config, twin, backend, eos_token_ids=set(), use_graphs=False,
+                          fused_kernels=fused)
+    assert backend.resident_fraction() == 0.0
+    want_cache, got_cache = plain.new_cache(32), hybrid.new_cache(32)
+    plain.forward(PROMPT, want_cache)
+    hybrid.forward(PROMPT, got_cache)
+    for token in (3, 10, 17, 24):
+        want = plain.forward([token], want_cache)[-1]
+        got = hybrid.forward([token], got_cache)[-1]
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL)

@@ -62,6 +62,10 @@ class HostStaging:
     out: torch.Tensor  # [T, D] float32, the CPU experts' sum
     out_dev: torch.Tensor  # [T, D] float32 on the device: where ``out`` lands
 
+    def __post_init__(self):  # numpy views of the host buffers, made once (not per layer)
+        self.x_np, self.ids_np = self.x.numpy(), self.ids.numpy()
+        self.weights_np, self.out_np = self.weights.numpy(), self.out.numpy()
+
 
 @dataclass
 class Pending:
@@ -113,6 +117,7 @@ class HybridExperts:
         self._resident_dev: dict[int, torch.Tensor] = {}
         self._slot_map: dict[int, torch.Tensor] = {}
         self._gemv_slots: dict[int, torch.Tensor] = {}  # [E] int32, -1 where not resident
+        self._all_on_cpu: set[int] = set()  # layers with no resident expert
         for layer in self.moe_layers:
             ids = self.gpu.plan.resident.get(layer, ()) if self.use_gpu_experts else ()
             mask = np.zeros(num, dtype=bool)
@@ -121,6 +126,8 @@ class HybridExperts:
                 raise ValueError(f"layer {layer}: {num - int(mask.sum())} experts are not "
                                  "resident on the GPU and there is no CPU backend")
             self.resident_np[layer] = mask
+            if not mask.any():
+                self._all_on_cpu.add(layer)
             self._resident_dev[layer] = torch.from_numpy(mask).to(self.device)  # [E] bool
             if mask.any():
                 self._slot_map[layer] = self.gpu._resident_tensor[layer]  # [E] int32 arena slot
@@ -220,14 +227,16 @@ class HybridExperts:
         """Worker: wait for the copies, then the native kernels into ``staging.out``."""
         if event is not None:
             event.synchronize()  # releases the GIL
-        ids, weights = cpu_slots(staging.ids.numpy(), staging.weights.numpy(),
-                                 self.resident_np[layer])
+        if layer in self._all_on_cpu:  # the usual decode case: no per-step bookkeeping
+            ids, weights = staging.ids_np, staging.weights_np
+        else:
+            ids, weights = cpu_slots(staging.ids_np, staging.weights_np, self.resident_np[layer])
         if ids is None:
-            staging.out.numpy().fill(0.0)  # numpy: this thread is outside inference mode
+            staging.out_np.fill(0.0)  # numpy: this thread is outside inference mode
             return
         arrays = self.cpu.cache.layers[layer].arrays()
-        self.cpu.runner.forward(staging.x.numpy(), ids, weights, *arrays, self.cpu.bits,
-                                self.cpu.group_size, staging.out.numpy())
+        self.cpu.runner.forward(staging.x_np, ids, weights, *arrays, self.cpu.bits,
+                                self.cpu.group_size, staging.out_np)
 
     def cpu_result(self, pending: Pending) -> torch.Tensor:
         """Wait for the CPU part and enqueue its copy to the device: [T, D] float32."""
