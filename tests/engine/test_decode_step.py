@@ -123,3 +123,21 @@ def test_hybrid_step_with_every_expert_on_the_cpu_equals_the_native_engine(fused
         want = plain.forward([token], want_cache)[-1]
         got = hybrid.forward([token], got_cache)[-1]
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_cpu_slots_zero_resident_slots_without_reading_another_expert():
+    import numpy as np
+
+    from krasisd.engine.gpu.hybrid import cpu_slots
+
+    resident = np.array([True, False, True, False])
+    ids = np.array([[0, 1], [2, 0], [3, 1]], dtype=np.int64)
+    weights = np.array([[0.5, 0.5], [0.7, 0.3], [0.6, 0.4]], dtype=np.float32)
+    got_ids, got_weights = cpu_slots(ids, weights, resident)
+    assert got_ids.tolist() == [[1, 1], [1, 1], [3, 1]]  # token 1 has no CPU expert: any
+    np.testing.assert_allclose(got_weights, [[0.0, 0.5], [0.0, 0.0], [0.6, 0.4]])
+    assert set(got_ids.flatten()) <= {1, 3}  # only experts the CPU computes anyway
+    assert cpu_slots(ids[:1, :1], weights[:1, :1], resident) == (None, None)
+    all_cpu = np.zeros(4, dtype=bool)
+    same_ids, same_weights = cpu_slots(ids, weights, all_cpu)
+    assert same_ids is ids and same_weights is weights
