@@ -38,7 +38,7 @@ from krasisd.engine.gpu.moe_triton import _load_weight_tile
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tile of both kernels: output columns, inputs per step, K splits of the down kernel."""
+    """Tile of the kernels: output columns and inputs per step, K splits of each product."""
 
     block_n: int = 32
     block_k: int = 128
