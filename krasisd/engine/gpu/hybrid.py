@@ -318,6 +318,7 @@ def _fastest(run, fallback: GemvConfig) -> GemvConfig:
     for cfg in GEMV_CANDIDATES:
         try:
             run(cfg)  # compile and warm up
+            torch.cuda.synchronize()  # the inputs are ready before the side-stream capture
             ms = triton.testing.do_bench_cudagraph(lambda cfg=cfg: run(cfg), rep=20,
                                                    return_mode="median")
         except Exception as exc:  # e.g. a tile this device cannot run
