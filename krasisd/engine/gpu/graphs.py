@@ -103,7 +103,6 @@ class DecodeStep:
         half = self.inv_freq.shape[0]
         self.cos = torch.zeros(1, half, dtype=torch.float32, device=dev)  # [1, R/2]
         self.sin = torch.zeros_like(self.cos)
-        self._router_weights: dict[int, torch.Tensor] = {}  # layer -> float32 [E, D]
         self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
         layers = list(model.model.layers)
         # the norm each layer's output meets next: the next layer's input norm, or the head's
@@ -273,10 +272,7 @@ class DecodeStep:
         """Router of the layer over self.normed into self.topk_ids / self.topk_weights."""
         gate = layer.mlp.gate
         if self.fused and fused.fusable_router(self.config):
-            weight = self._router_weights.get(layer.layer_idx)
-            if weight is None:  # float32 once, as the router computes
-                weight = self._router_weights[layer.layer_idx] = gate.weight.float()
-            logits = self.normed.float() @ weight.T  # [1, E]
+            logits = self.normed.float() @ gate.weight32().T  # [1, E], as the router does
             fused.router_topk(logits, self.config, self.topk_ids, self.topk_weights)
         else:
             ids, weights = gate(self.normed)  # [1, K] each

@@ -26,10 +26,21 @@ class Router(nn.Module):
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(config.n_routed_experts), requires_grad=False
             )
+        self._weight32: tuple[tuple, torch.Tensor] | None = None  # (weight's storage, copy)
+
+    def weight32(self) -> torch.Tensor:
+        """The weight [E, D] in float32, converted once rather than at every call."""
+        weight = self.weight
+        if weight.dtype == torch.float32:
+            return weight
+        key = (weight.data_ptr(), weight.device)
+        if self._weight32 is None or self._weight32[0] != key:
+            self._weight32 = (key, weight.float())
+        return self._weight32[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = F.linear(x.float(), self.weight32())  # [T, E]
         scores = logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(-1)
         bias = getattr(self, "e_score_correction_bias", None)
         topk_ids = select_experts(self.config, scores, bias)
