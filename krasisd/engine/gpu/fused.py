@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from krasisd.engine.models.moe import weight_rule
+
 # -- residual add + RMSNorm ---------------------------------------------------------------
 
 
@@ -257,7 +259,7 @@ def router_topk(logits: torch.Tensor, config, ids: torch.Tensor, weights: torch.
     float32, as krasisd.engine.models.moe.Router does for ``topk_method == "greedy"``."""
     rows, experts = logits.shape
     k = ids.shape[1]
-    normalise, scaling = _weight_rule(config)
+    normalise, scaling = weight_rule(config)
     _router_topk_kernel[(rows,)](
         logits, ids, weights, experts, scaling, K=k, K_PAD=triton.next_power_of_2(k),
         SIGMOID=config.scoring_func == "sigmoid", NORMALISE=normalise,
@@ -267,16 +269,6 @@ def router_topk(logits: torch.Tensor, config, ids: torch.Tensor, weights: torch.
 def fusable_router(config) -> bool:
     """Whether ``router_topk`` computes this model's routing (greedy top-K)."""
     return config.topk_method == "greedy" and config.num_experts_per_tok > 0
-
-
-def _weight_rule(config) -> tuple[bool, float]:
-    """(normalise, scaling) as krasisd.engine.models.moe.scale_weights decides: DeepSeek-V2
-    normalises without scaling or scales without normalising; the others may do both."""
-    if config.architecture == "DeepseekV2ForCausalLM":
-        if config.norm_topk_prob and config.num_experts_per_tok > 1:
-            return True, 1.0
-        return False, float(config.routed_scaling_factor)
-    return bool(config.norm_topk_prob), float(config.routed_scaling_factor)
 
 
 def _warps(dim: int) -> int:

@@ -68,20 +68,25 @@ def select_experts(config: ModelConfig, scores: torch.Tensor, bias: torch.Tensor
     return torch.topk(masked, k, dim=-1, sorted=False)[1]
 
 
-def scale_weights(config: ModelConfig, weights: torch.Tensor) -> torch.Tensor:
-    """Normalise and scale the chosen experts' scores [T, K] (float32).
+def weight_rule(config: ModelConfig) -> tuple[bool, float]:
+    """(normalise, scale) for the chosen experts' scores.
 
     DeepSeek-V2 either normalises (norm_topk_prob, K > 1) or scales by routed_scaling_factor,
     as its reference code does; DeepSeek-V3 and Qwen3-MoE normalise then scale.
     """
-    normalise = config.norm_topk_prob
     if config.architecture == "DeepseekV2ForCausalLM":
-        normalise = normalise and config.num_experts_per_tok > 1
-        if normalise:
-            return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    elif normalise:
+        if config.norm_topk_prob and config.num_experts_per_tok > 1:
+            return True, 1.0
+        return False, float(config.routed_scaling_factor)
+    return bool(config.norm_topk_prob), float(config.routed_scaling_factor)
+
+
+def scale_weights(config: ModelConfig, weights: torch.Tensor) -> torch.Tensor:
+    """Normalise and scale the chosen experts' scores [T, K] (float32), by ``weight_rule``."""
+    normalise, scale = weight_rule(config)
+    if normalise:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * config.routed_scaling_factor
+    return weights * scale
 
 
 class SparseMoe(nn.Module):
