@@ -42,7 +42,7 @@ def test_tuned_config_uses_the_stored_tile_without_timing(tmp_path, monkeypatch)
     key = ("shape", 1)
     tuning.save(path, "moe_triton", CANDIDATES, key, CANDIDATES[3])
     monkeypatch.setattr(tuning, "table_path", lambda device=None: path)
-    monkeypatch.setattr(moe_triton, "_tuned", {})
+    monkeypatch.setattr(moe_triton._TUNER, "_memo", {})
 
     def run(cfg):
         raise AssertionError("timed although a tile was stored")
@@ -58,3 +58,30 @@ def test_no_tuning_file_without_cuda(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_tuning_file_lives_under_krasis_home(krasis_home):
     assert tuning.table_path().parent == krasis_home / "tuning"
+
+
+def test_tuner_times_once_keeps_the_fastest_and_falls_back(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    monkeypatch.setattr(tuning, "table_path", lambda device=None: path)
+    cost = {GEMV_CANDIDATES[0]: 3.0, GEMV_CANDIDATES[1]: 1.0}
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg)
+        if cfg not in cost:
+            raise RuntimeError("this tile does not run here")
+
+    def timer(call):
+        call()
+        return cost[calls[-1]]
+
+    tuner = tuning.Tuner("moe_decode", GEMV_CANDIDATES, GemvConfig, timer)
+    assert tuner.pick(("k",), run) == GEMV_CANDIDATES[1]
+    timed = len(calls)
+    assert tuner.pick(("k",), run) == GEMV_CANDIDATES[1] and len(calls) == timed  # memo
+    fresh = tuning.Tuner("moe_decode", GEMV_CANDIDATES, GemvConfig, timer)
+    assert fresh.pick(("k",), run) == GEMV_CANDIDATES[1] and len(calls) == timed  # file
+    cost.clear()
+    assert tuner.pick(("other",), run, fallback=GemvConfig()) == GemvConfig()
+    with pytest.raises(RuntimeError, match="no moe_decode kernel"):
+        tuner.pick(("third",), run)

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DECODE_TOKENS = 32
 GEMV_MAX_SLOTS = 16  # up to this many routed slots, the matrix-vector kernels (moe_decode)
-_decode_tuned: dict[tuple, GemvConfig] = {}
+_DECODE_TUNER = tuning.Tuner("moe_decode", GEMV_CANDIDATES, GemvConfig, tuning.time_graph)
 
 
 @dataclass
@@ -117,7 +117,6 @@ class HybridExperts:
         self._resident_dev: dict[int, torch.Tensor] = {}
         self._slot_map: dict[int, torch.Tensor] = {}
         self._gemv_slots: dict[int, torch.Tensor] = {}  # [E] int32, -1 where not resident
-        self._all_on_cpu: set[int] = set()  # layers with no resident expert
         for layer in self.moe_layers:
             ids = self.gpu.plan.resident.get(layer, ()) if self.use_gpu_experts else ()
             mask = np.zeros(num, dtype=bool)
@@ -126,8 +125,6 @@ class HybridExperts:
                 raise ValueError(f"layer {layer}: {num - int(mask.sum())} experts are not "
                                  "resident on the GPU and there is no CPU backend")
             self.resident_np[layer] = mask
-            if not mask.any():
-                self._all_on_cpu.add(layer)
             self._resident_dev[layer] = torch.from_numpy(mask).to(self.device)  # [E] bool
             if mask.any():
                 self._slot_map[layer] = self.gpu._resident_tensor[layer]  # [E] int32 arena slot
@@ -227,10 +224,11 @@ class HybridExperts:
         """Worker: wait for the copies, then the native kernels into ``staging.out``."""
         if event is not None:
             event.synchronize()  # releases the GIL
-        if layer in self._all_on_cpu:  # the usual decode case: no per-step bookkeeping
+        resident = self.resident_np[layer]
+        if resident.any():
+            ids, weights = cpu_slots(staging.ids_np, staging.weights_np, resident)
+        else:  # the usual decode case: every slot is the CPU's, no bookkeeping
             ids, weights = staging.ids_np, staging.weights_np
-        else:
-            ids, weights = cpu_slots(staging.ids_np, staging.weights_np, self.resident_np[layer])
         if ids is None:
             staging.out_np.fill(0.0)  # numpy: this thread is outside inference mode
             return
@@ -287,16 +285,9 @@ class HybridExperts:
         spec = self.gpu.layout.spec
         key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
                topk_ids.numel())
-        if key not in _decode_tuned:
-            path = tuning.table_path(self.device)
-            cfg = tuning.load(path, "moe_decode", GEMV_CANDIDATES, key, GemvConfig)
-            if cfg is None:
-                cfg = _fastest(lambda c: self._gemv(layer, x, topk_ids, topk_weights, c),
-                               GemvConfig())
-                tuning.save(path, "moe_decode", GEMV_CANDIDATES, key, cfg)
-                log.info("decode MoE kernel %s: %s", key, cfg)
-            _decode_tuned[key] = cfg
-        return _decode_tuned[key]
+        return _DECODE_TUNER.pick(
+            key, lambda cfg: self._gemv(layer, x, topk_ids, topk_weights, cfg), self.device,
+            fallback=GemvConfig())
 
     def close(self) -> None:
         if self._pool is not None:
@@ -306,29 +297,6 @@ class HybridExperts:
             close = getattr(backend, "close", None)
             if callable(close):
                 close()
-
-
-def _fastest(run, fallback: GemvConfig) -> GemvConfig:
-    """The candidate whose ``run`` is fastest, each timed as replays of a CUDA graph: a call
-    launches four kernels of a few microseconds, so timing launches from Python would
-    measure the host, not the kernels (and pick at random)."""
-    import triton.testing
-
-    best, best_ms = fallback, float("inf")
-    for cfg in GEMV_CANDIDATES:
-        try:
-            run(cfg)  # compile and warm up
-            torch.cuda.synchronize()  # the inputs are ready before the side-stream capture
-            ms = triton.testing.do_bench_cudagraph(lambda cfg=cfg: run(cfg), rep=20,
-                                                   return_mode="median")
-        except Exception as exc:  # e.g. a tile this device cannot run
-            log.debug("decode config %s failed: %s", cfg, exc)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best_ms == float("inf"):
-        log.warning("no decode MoE tile could be timed; using %s", fallback)
-    return best
 
 
 _ALL_ROUTES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -64,7 +64,7 @@ CANDIDATES = (
     KernelConfig(64, 128, 64, 8, 8, 3, True, True), KernelConfig(64, 128, 64, 8, 8, 3, False),
 )
 AUTOTUNE_ENV = "KRASIS_MOE_AUTOTUNE"
-_tuned: dict[tuple, KernelConfig] = {}
+_TUNER = tuning.Tuner("moe_triton", CANDIDATES, KernelConfig, tuning.time_events)
 log = logging.getLogger(__name__)
 
 
@@ -77,35 +77,7 @@ def _bucket(rows_per_expert: float) -> int:
 
 def tuned_config(key: tuple, run) -> KernelConfig:
     """The fastest candidate for ``key``, timed once with ``run(config)`` on the real inputs."""
-    if key in _tuned:
-        return _tuned[key]
-    path = tuning.table_path()
-    stored = tuning.load(path, "moe_triton", CANDIDATES, key, KernelConfig)
-    if stored is not None:
-        _tuned[key] = stored
-        return stored
-    best, best_ms = None, float("inf")
-    for cfg in CANDIDATES:
-        try:
-            run(cfg)  # compile and warm up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(3):
-                run(cfg)
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end) / 3
-        except Exception as exc:  # e.g. out of shared memory for this tile
-            log.debug("moe config %s failed: %s", cfg, exc)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        raise RuntimeError("no MoE kernel configuration ran on this device")
-    log.info("moe kernel %s: %s (%.3f ms)", key, best, best_ms)
-    _tuned[key] = best
-    tuning.save(path, "moe_triton", CANDIDATES, key, best)
-    return best
+    return _TUNER.pick(key, run)
 
 
 @dataclass

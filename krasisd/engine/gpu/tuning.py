@@ -77,3 +77,64 @@ def _read(path: Path | None) -> dict:
         log.warning("ignoring unreadable kernel tuning file %s: %s", path, exc)
         return {}
     return table if isinstance(table, dict) else {}
+
+
+class Tuner:
+    """Picks the fastest of ``candidates`` for each shape key: once per process from the
+    tuning file, or, the first time on a machine, by timing ``run(config)`` with ``timer``
+    (``time_events`` or ``time_graph``) and saving the winner."""
+
+    def __init__(self, family: str, candidates, config_type, timer):
+        self.family, self.candidates, self.config_type = family, tuple(candidates), config_type
+        self.timer = timer
+        self._memo: dict[tuple, object] = {}
+
+    def pick(self, key: tuple, run, device=None, fallback=None):
+        """The tile for ``key``; ``fallback`` when no candidate runs (else RuntimeError)."""
+        if key in self._memo:
+            return self._memo[key]
+        path = table_path(device)
+        best = load(path, self.family, self.candidates, key, self.config_type)
+        if best is None:
+            best = self._time(run, fallback)
+            save(path, self.family, self.candidates, key, best)
+            log.info("%s tile for %s: %s", self.family, key, best)
+        self._memo[key] = best
+        return best
+
+    def _time(self, run, fallback):
+        best, best_ms = fallback, float("inf")
+        for cfg in self.candidates:
+            try:
+                run(cfg)  # compile and warm up
+                ms = self.timer(lambda cfg=cfg: run(cfg))
+            except Exception as exc:  # e.g. a tile this device cannot run
+                log.debug("%s tile %s failed: %s", self.family, cfg, exc)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best_ms == float("inf"):
+            if fallback is None:
+                raise RuntimeError(f"no {self.family} kernel configuration ran on this device")
+            log.warning("no %s tile could be timed; using %s", self.family, fallback)
+        return best
+
+
+def time_events(run, repeats: int = 3) -> float:
+    """Milliseconds per call, between two CUDA events (for calls of a millisecond or more)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def time_graph(run) -> float:
+    """Milliseconds per call as replays of a CUDA graph: for calls of a few microseconds,
+    whose launches from Python would set the pace (and make candidates look alike)."""
+    import triton.testing
+
+    torch.cuda.synchronize()  # the inputs are ready before the side-stream capture
+    return triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
