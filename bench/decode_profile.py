@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 
 import torch
+from decode_caches import sync
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -18,11 +19,11 @@ def profile_decode(engine, context: int, steps: int = 16, top: int = 18) -> str:
     token = int(engine.forward(ids, cache)[-1].argmax())
     for _ in range(3):  # warm-up: captures this window's graphs
         token = int(engine.forward([token], cache)[-1].argmax())
-    _sync()
+    sync(engine.device)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             token = int(engine.forward([token], cache)[-1].argmax())
-        _sync()
+        sync(engine.device)
     kernels = collections.defaultdict(lambda: [0, 0.0])  # name -> [count, device us]
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -50,15 +51,11 @@ def profile_batched(engine, streams: int, context: int = 100, steps: int = 4,
         tokens.append(int(engine.forward(ids, cache)[-1].argmax()))
         caches.append(cache)
     tokens = batched_decode(engine.model, tokens, caches).argmax(-1).tolist()  # warm-up
-    _sync()
+    sync(engine.device)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             tokens = batched_decode(engine.model, tokens, caches).argmax(-1).tolist()
-        _sync()
+        sync(engine.device)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
     return f"batched step of {streams} sequences, {steps} steps:\n{table}"
 
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
