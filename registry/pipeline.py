@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from sqlite_utils import Database
 
+from krasisd.engine.cache_files import ENGINE_CACHE_DIR
+
 from . import caches, records
 from .caches import Builder
 from .errors import ModelInUse
@@ -17,7 +19,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-ENGINE_CACHE_DIR = ".krasis-cache"
 
 
 @dataclass
@@ -101,7 +102,10 @@ def build_caches(ctx: Context, ref: ModelRef, formats: Iterable[str],
 
     The group size is ctx.group_size, or when None the one the engine would pick; a model
     whose shapes fit no group size of the quantization gets a failed row saying so, and
-    the stream goes on (the model itself is usable)."""
+    the stream goes on (the model itself is usable). Unquantized serving (quant "none")
+    needs no cache: nothing is built."""
+    if ctx.quant == "none":
+        return
     model = records.get_model(ctx.db, ref.full)
     caches.sweep_cache_orphans(ctx.db, ctx.store, model, ref)
     group_size = ctx.group_size or caches.auto_group_size(

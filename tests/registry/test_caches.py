@@ -135,3 +135,10 @@ def test_real_cpu_cache_builder(tiny_model_dir):
     loaded = cpu_cache.load_cpu_cache(path, quant="int8", group_size=32,
                                       model_dir=reg.model_dir("m"))
     assert loaded is not None
+
+
+def test_unquantized_serving_builds_no_cache(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(registry_module, "bundled_dir", lambda name: tiny_model_dir)
+    reg = Registry(cache_builders={"cpu": failing_builder}, quant="none")  # must not be called
+    assert list(reg.pull("krasis-tiny", build_caches=["cpu"]))[-1] == {"status": "success"}
+    assert reg.show("krasis-tiny")["caches"] == []
