@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HASH_CHUNK_BYTES = 8 << 20
+# where the engine keeps caches it builds itself (no cache folder given) inside a model folder
+ENGINE_CACHE_DIR = ".krasis-cache"
+
+
+def engine_cache_dir(model_dir, name: str) -> Path:
+    """``model_dir/.krasis-cache/name``: a cache the engine finds or builds on its own."""
+    return Path(model_dir) / ENGINE_CACHE_DIR / name
 
 
 def sha256_file(path: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from krasisd.engine.cache_files import load_or_build
+from krasisd.engine.cache_files import engine_cache_dir, load_or_build
 from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
 from krasisd.engine.quant import BITS, DEFAULT_GROUP_SIZE, pick_group_size, quantize
 
@@ -106,7 +106,7 @@ class NativeLinear:
 
 
 def default_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:
-    return Path(model_dir) / ".krasis-cache" / f"cpu-{quant}-g{group_size}"
+    return engine_cache_dir(model_dir, f"cpu-{quant}-g{group_size}")
 
 
 def native_expert_backend(model_dir, config, quant: str, cache_dir=None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from krasisd.engine.cache_files import load_or_build
+from krasisd.engine.cache_files import engine_cache_dir, load_or_build
 from krasisd.engine.gpu.cache import GpuCacheError, build_gpu_cache, load_gpu_cache
 from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.moe_grouped import grouped_mm_workspace_bytes
@@ -84,7 +84,7 @@ def gpu_experts_for(host: HostExperts, config, device, budget_bytes: int, dense_
 
 
 def default_gpu_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:
-    return Path(model_dir) / ".krasis" / f"gpu-{quant}-g{group_size}"
+    return engine_cache_dir(model_dir, f"gpu-{quant}-g{group_size}")
 
 
 def create_backend(model_dir, config, quant: str, cache_dir=None, device="cuda",
