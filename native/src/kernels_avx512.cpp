@@ -158,64 +158,6 @@ KRASIS_AVX512 void dot_q4_avx512_tile(const uint8_t* w, const float* w_scale, co
         for (int t = 0; t < T; ++t) out[r * T + t] = _mm512_reduce_add_ps(accf[r][t]);
 }
 
-// Generic path (any G multiple of 32). INT8: vpdpbusd needs u8 x s8, so activations enter as a + 128 (a ^ 0x80) and the kernel
-// subtracts 128 * sum(w), itself a vpdpbusd of ones and w, shared by the T tokens.
-// Whole 64-element units only (G % 64 == 0): pointer walks, no index arithmetic.
-template <int T>
-KRASIS_AVX512 void dot_q8_avx512_units(const uint8_t* w_row, const float* w_scale,
-                                       const QActRow* acts, int K, int G, float* out) {
-    const __m512i flip = _mm512_set1_epi8(char(0x80));
-    const __m512i ones = _mm512_set1_epi8(1);
-    const int units = G / kUnit;
-    const int8_t* aq[T];
-    __m512 accf[T];
-    for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps(), aq[t] = acts[t].q;
-    for (int g = 0; g < K / G; ++g) {
-        __m512i acc[T];
-        __m512i wsum = _mm512_setzero_si512();
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
-        for (int u = 0; u < units; ++u, w_row += kUnit) {
-            const __m512i w = _mm512_loadu_si512(w_row);
-            wsum = _mm512_dpbusd_epi32(wsum, ones, w);
-            for (int t = 0; t < T; ++t, aq[t - 1] += kUnit)
-                acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_xor_si512(_mm512_loadu_si512(aq[t]), flip), w);
-        }
-        const __m512i offset = _mm512_slli_epi32(wsum, 7);
-        for (int t = 0; t < T; ++t) {
-            const __m512 s = _mm512_set1_ps(w_scale[g] * acts[t].scale[g]);
-            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], offset)), s, accf[t]);
-        }
-    }
-    for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(accf[t]);
-}
-
-template <int T>
-KRASIS_AVX512 void dot_q4_avx512_units(const uint8_t* w_row, const float* w_scale,
-                                       const QActRow* acts, int K, int G, float* out) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const int units = G / kUnit;
-    const int8_t* aq[T];
-    __m512 accf[T];
-    for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps(), aq[t] = acts[t].q;
-    for (int g = 0; g < K / G; ++g) {
-        __m512i acc[T];
-        for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_si512();
-        for (int u = 0; u < units; ++u, w_row += kUnit / 2) {
-            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row));
-            const __m512i w = _mm512_and_si512(
-                _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1), low4);
-            for (int t = 0; t < T; ++t, aq[t - 1] += kUnit)
-                acc[t] = _mm512_dpbusd_epi32(acc[t], w, _mm512_loadu_si512(aq[t]));
-        }
-        for (int t = 0; t < T; ++t) {
-            const __m512i corr = _mm512_zextsi128_si512(_mm_cvtsi32_si128(8 * acts[t].sum[g]));
-            const __m512 s = _mm512_set1_ps(w_scale[g] * acts[t].scale[g]);
-            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)), s, accf[t]);
-        }
-    }
-    for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_ps(accf[t]);
-}
-
 template <int T>
 KRASIS_AVX512 void dot_q8_avx512_t(const uint8_t* w_row, const float* w_scale, const QActRow* acts,
                                    int K, int G, float* out) {
