@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 KEEP_ALIVE_DEFAULT_S = 30 * 60.0
 DEFAULT_TCP_PORT = 11435
+DEFAULT_RUNNER_LOADER = "krasisd.engine.serving:load_for_serving"
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS_S = {
@@ -150,7 +151,7 @@ class Config:
     load_timeout_s: float = 600.0
     log_level: str = "INFO"
     log_format: str = "text"
-    runner_loader: str = "krasisd.engine.serving:load_for_serving"
+    runner_loader: str = DEFAULT_RUNNER_LOADER
     config_file: Path | None = None
 
     def __post_init__(self):
@@ -299,7 +300,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         log_level=read.get("KRASIS_LOG_LEVEL", "INFO",
                            lambda r: _choice("debug", "info", "warning", "error")(r).upper()),
         log_format=read.get("KRASIS_LOG_FORMAT", "text", _choice("text", "json")),
-        runner_loader=read.get("KRASIS_RUNNER_LOADER", "krasisd.engine.serving:load_for_serving", _loader),
+        runner_loader=read.get("KRASIS_RUNNER_LOADER", DEFAULT_RUNNER_LOADER, _loader),
         config_file=config_path if config_path.is_file() else None,
     )
     _check_host(cfg)

@@ -84,11 +84,9 @@ class ModelCatalog:
         A ready CPU cache of that format is used; without one the engine finds or builds
         its own.
         """
-        preferred = {"int4": ["int4", "int8", "none"], "int8": ["int8", "none"]}
+        preferred = {"int4": ("int4", "int8"), "int8": ("int8",)}
         config = _read_config(model_dir)
-        for quant in preferred.get(self.quant, ["none"]):
-            if quant == "none":
-                break
+        for quant in preferred.get(self.quant, ()):
             if not quant_fits(config, quant):
                 continue
             if quant != self.quant and name not in self._warned:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 # measured 3-8x slower on 2 cores). An explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from krasisd.config import DEFAULT_RUNNER_LOADER  # noqa: E402
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
 
 log = logging.getLogger("krasisd.runner")
@@ -170,7 +171,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--loader", default="krasisd.engine.serving:load_for_serving")
+    parser.add_argument("--loader", default=DEFAULT_RUNNER_LOADER)
     parser.add_argument("--quant", default="int4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)

@@ -21,6 +21,7 @@ from krasisd.engine.experts import TorchExperts
 from krasisd.engine.kv_cache import KVCache, new_kv_cache
 from krasisd.engine.loader import load_model
 from krasisd.engine.models.common import CausalLM
+from krasisd.engine.quant import BITS
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def _quantize_dense(model: CausalLM, quant: str, backend) -> None:
     """Dense linears -> native INT4/INT8 on the expert backend's thread pool (dense_quant),
     read from the CPU cache where it holds them."""
     dense_quant = importlib.import_module("krasisd.engine.dense_quant")
-    bits = 8 if quant == "int8" else 4
+    bits = BITS[quant]
     dense_quant.quantize_dense_linears(model, bits, runner=backend.runner,
                                        stored=getattr(backend, "dense", None))  # from the cache
 
