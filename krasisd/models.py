@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from krasis_registry.caches import auto_group_size
+
 from krasisd.runners import ModelSpec
 
 _END = object()
@@ -87,7 +89,7 @@ class ModelCatalog:
         preferred = {"int4": ("int4", "int8"), "int8": ("int8",)}
         config = _read_config(model_dir)
         for quant in preferred.get(self.quant, ()):
-            if not quant_fits(config, quant):
+            if auto_group_size(config, quant) is None:  # the CPU kernels cannot hold it
                 continue
             if quant != self.quant and name not in self._warned:
                 self._warned.add(name)
@@ -113,15 +115,6 @@ class ModelCatalog:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def quant_fits(config: dict, quant: str) -> bool:
-    """Whether the CPU expert kernels can hold this model in ``quant``: the hidden size and the
-    expert width must be multiples of 32, and of 64 for INT4 (as the engine's group sizes)."""
-    hidden = int(config.get("hidden_size") or 0)
-    width = int(config.get("moe_intermediate_size") or config.get("intermediate_size") or 0)
-    unit = 64 if quant == "int4" else 32
-    return hidden > 0 and width > 0 and hidden % unit == 0 and width % unit == 0
 
 
 def _read_config(model_dir: Path) -> dict:
