@@ -54,7 +54,6 @@ class ExpertHeat:
         self.moe_layers = sorted(int(layer) for layer in moe_layers)
         self.num_experts = num_experts
         self.device = torch.device(device)
-        self._row = {layer: i for i, layer in enumerate(self.moe_layers)}
         self._row_dev = {layer: torch.tensor(i * num_experts, device=self.device)
                          for i, layer in enumerate(self.moe_layers)}
         self.counts = torch.zeros(len(self.moe_layers) * num_experts, dtype=torch.int64,
