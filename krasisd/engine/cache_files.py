@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,6 +43,21 @@ def replace_dir(new_dir: Path, out_dir: Path) -> None:
     os.replace(new_dir, out_dir)
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` to build a cache in: it replaces ``out_dir`` when
+    the block ends, and is removed instead when the block (or the replacement) fails."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
 
 
 def load_or_build(load: Callable[[], T], build: Callable[[], object],

@@ -22,9 +22,7 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
-from krasisd.engine.cache_files import replace_dir, sha256_file
+from krasisd.engine.cache_files import building_dir, sha256_file
 from krasisd.engine.models import build_model
 from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
 
@@ -128,10 +126,7 @@ def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
     index = loader.read_headers(loader.weight_files(model_dir))
     layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     dense_jobs = _dense_jobs(config, index, bits) if dense else {}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
+    with building_dir(out_dir) as tmp_dir:
         files, dense_files, dense_linears = _write_files(
             tmp_dir, config, index, quant, group_size, layers, dense_jobs, progress)
         manifest = {
@@ -142,10 +137,6 @@ def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
             "layers": files, "dense_files": dense_files, "dense": dense_linears,
         }
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     log.info("built CPU cache %s: %d layers, %d dense linears, %s g%d", out_dir, len(layers),
              len(dense_linears), quant, group_size)
     return manifest

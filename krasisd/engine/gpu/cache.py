@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
-from krasisd.engine.cache_files import replace_dir, sha256_file
+from krasisd.engine.cache_files import building_dir, sha256_file
 from krasisd.engine.cpu_cache import model_fingerprint
 from krasisd.engine.gpu.format import FORMAT_NAME, LAYOUT_VERSION, ExpertLayout, QuantSpec
 from krasisd.engine.gpu.host import HostExperts, can_pin, empty_host, map_pinned
@@ -51,10 +49,7 @@ def build_gpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
     index = loader.read_headers(loader.weight_files(model_dir))
     layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
+    with building_dir(out_dir) as tmp_dir:
         files = {}
         for done, layer_idx in enumerate(layers, start=1):
             blobs = _quantize_layer(config, layer_idx, index, layout, device)  # [E, B]
@@ -65,10 +60,6 @@ def build_gpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
                 progress(done, len(layers))
         manifest = _manifest(config, layout, model_fingerprint(model_dir), files)
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     log.info("built GPU cache %s: %d layers, %s g%d", out_dir, len(layers), quant, group_size)
     return manifest
 
