@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from krasisd.engine.cache_files import sha256_file
+
 from . import records
-from .download import drop_meta, sha256_of
+from .download import drop_meta
 from .errors import PullError
 from .names import ModelRef, safe_file_path
 from .pipeline import Context, finish, sweep_model_dir
@@ -65,7 +67,7 @@ def import_files(ctx: Context, ref: ModelRef, from_dir: Path, source: str,
 def _import_one(ctx: Context, ref: ModelRef, model_id: int, src: Path, model_dir: Path,
                 link: bool) -> Iterator[dict]:
     size_bytes = src.stat().st_size
-    sha256 = sha256_of(src)
+    sha256 = sha256_file(src)
     event = {"status": f"importing {src.name}", "digest": f"sha256:{sha256}",
              "total": size_bytes}
     yield {**event, "completed": 0}

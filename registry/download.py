@@ -142,15 +142,6 @@ def _verify(part: Path, remote: RemoteFile, have_bytes: int, hashes: _Hashes) ->
         )
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 hex of a file on disk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def matches(path: Path, remote: RemoteFile) -> str | None:
     """sha256 hex of a file on disk when it is exactly the remote file, else None.
 
