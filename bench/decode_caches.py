@@ -17,10 +17,12 @@ from krasisd.engine.config import ModelConfig
 from krasisd.engine.cpu_cache import FORMAT as CPU_FORMAT
 from krasisd.engine.cpu_cache import _file_record as cpu_file_record
 from krasisd.engine.cpu_cache import load_cpu_cache
+from krasisd.engine.gpu.backend import gpu_experts_for
 from krasisd.engine.gpu.cache import _file_record as gpu_file_record
 from krasisd.engine.gpu.cache import _manifest as gpu_manifest
 from krasisd.engine.gpu.cache import load_gpu_cache
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
+from krasisd.engine.gpu.placement import PlacementError
 from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, synthetic_expert_weights, synthetic_model
 from krasisd.engine.models import build_model
 from krasisd.engine.quant import LAYOUT_VERSION as CPU_LAYOUT
@@ -28,6 +30,7 @@ from krasisd.engine.quant import quantize
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "deepseek-v2-lite.json"
 GROUP_SIZE = 128
+CHUNK_CHOICES = (8192, 4096, 2048, 1024)  # prefill chunk tokens, largest first
 
 
 def measure_bandwidths(device: str, threads: int, small: bool) -> dict:
@@ -47,14 +50,14 @@ def measure_bandwidths(device: str, threads: int, small: bool) -> dict:
            "hbm_bytes_s": 3.35e12, "h2d_bytes_s": 55e9}  # placeholders off the GPU
     del buf, runner
     if device == "cuda":
-        out["hbm_bytes_s"] = _copy_rate(torch.empty(2 << 30, dtype=torch.uint8, device="cuda"),
+        out["hbm_bytes_s"] = copy_rate(torch.empty(2 << 30, dtype=torch.uint8, device="cuda"),
                                         torch.empty(2 << 30, dtype=torch.uint8, device="cuda"), 2)
-        out["h2d_bytes_s"] = _copy_rate(torch.empty(1 << 30, dtype=torch.uint8, device="cuda"),
+        out["h2d_bytes_s"] = copy_rate(torch.empty(1 << 30, dtype=torch.uint8, device="cuda"),
                                         torch.ones(1 << 30, dtype=torch.uint8, pin_memory=True), 1)
     return out
 
 
-def _copy_rate(dst, src, passes: int) -> float:
+def copy_rate(dst, src, passes: int) -> float:
     """Bytes moved per second by dst.copy_(src) (read + write when ``passes`` is 2)."""
     times = []
     for _ in range(6):
@@ -65,6 +68,19 @@ def _copy_rate(dst, src, passes: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return passes * dst.numel() / statistics.median(times[1:])
+
+
+def place_experts(host, config, device, budget_bytes: int, dense_bytes: int, kv_bytes: int,
+                  max_tokens: int, **kwargs):
+    """GpuExperts under the budget with the largest prefill chunk that fits: (gpu, chunk)."""
+    last = None
+    for chunk in CHUNK_CHOICES:
+        try:
+            return gpu_experts_for(host, config, device, budget_bytes, dense_bytes, kv_bytes,
+                                   max_tokens, chunk_tokens=chunk, **kwargs), chunk
+        except PlacementError as exc:
+            last = exc
+    raise last
 
 
 # -- the dual-format cache of a synthetic model --------------------------------------------

@@ -40,17 +40,17 @@ from decode_caches import (  # noqa: E402
     drop_page_cache,
     load_caches,
     measure_bandwidths,
+    place_experts,
     release_loaded,
     sync,
 )
 
 from krasisd.engine.batch import batched_decode  # noqa: E402
 from krasisd.engine.config import ModelConfig  # noqa: E402
-from krasisd.engine.gpu.backend import gpu_experts_for  # noqa: E402
 from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
-from krasisd.engine.gpu.placement import PlacementError, parse_vram_budget  # noqa: E402
+from krasisd.engine.gpu.placement import parse_vram_budget  # noqa: E402
 from krasisd.engine.gpu.synthetic import (  # noqa: E402
     dense_bytes,
     synthetic_expert_weights,
@@ -60,8 +60,6 @@ from krasisd.engine.heat import ExpertHeat, hit_rate  # noqa: E402
 from krasisd.engine.kv_cache import new_kv_cache  # noqa: E402
 from krasisd.engine.native_experts import NativeExperts  # noqa: E402
 from krasisd.engine.quant import quantize  # noqa: E402
-
-CHUNK_CHOICES = (8192, 4096, 2048, 1024)
 
 SEED_DECODE = {100: (177.0, 5.6)}  # context: (ms/token, tok/s) of the seed, docs/PERFORMANCE.md
 TARGETS = {"S1": 500.0, "S2": 80.0, "S2-cpu": 80.0}  # tok/s at context 1000 (issue 7)
@@ -76,16 +74,9 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
     device = model.lm_head.weight.device
     dense = dense_bytes(model)
     kv_bytes = new_kv_cache(config, max_tokens, torch.bfloat16, "meta").nbytes
-    start, last = time.perf_counter(), None
-    for chunk in CHUNK_CHOICES:
-        try:
-            gpu = gpu_experts_for(host, config, device, parse_vram_budget(budget), dense,
-                                  kv_bytes, max_tokens, chunk_tokens=chunk)
-            break
-        except PlacementError as exc:
-            last = exc
-    else:
-        raise last
+    start = time.perf_counter()
+    gpu, chunk = place_experts(host, config, device, parse_vram_budget(budget), dense, kv_bytes,
+                               max_tokens)
     sync(device)
     arena_s = time.perf_counter() - start
     heat = ExpertHeat(sorted(host.layers), host.num_experts, device)

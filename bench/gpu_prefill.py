@@ -21,12 +21,12 @@ import sys
 import time
 
 import torch
+from decode_caches import copy_rate, place_experts, sync
 
 from krasisd.engine.config import ModelConfig
-from krasisd.engine.gpu.backend import gpu_experts_for
 from krasisd.engine.gpu.driver import prefill_logits
 from krasisd.engine.gpu.format import QuantSpec
-from krasisd.engine.gpu.placement import PlacementError, parse_vram_budget
+from krasisd.engine.gpu.placement import parse_vram_budget
 from krasisd.engine.gpu.synthetic import (
     TINY_DEEPSEEK_V2,
     dense_bytes,
@@ -54,31 +54,10 @@ DEEPSEEK_V2_LITE = {
 }
 SEED_TABLE = {100: (11.13, 9.0), 500: (10.61, 47.1), 1000: (10.69, 93.6), 2000: (10.96, 182.5),
               5000: (11.97, 417.9), 10000: (14.28, 693.3)}  # tokens: (wall s, tok/s); 9,903 tokens
-CHUNK_CHOICES = (8192, 4096, 2048, 1024)
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure_h2d_bytes_per_s(nbytes: int = 1 << 30) -> float:
-    """Pinned host-to-device copy rate, median of 5."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dev.copy_(host, non_blocking=True)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return nbytes / statistics.median(times[1:])
 
 
 def measure_bf16_flops_per_s(n: int = 8192) -> float:
@@ -111,16 +90,6 @@ def prefill_flops(cfg: ModelConfig, t: int) -> float:
     return 2 * (t * per_token + cfg.num_hidden_layers * attn + d * cfg.vocab_size)
 
 
-def build_backend(host, cfg, budget_bytes, dense, kv_bytes, max_tokens, impl, device):
-    for chunk in CHUNK_CHOICES:
-        try:
-            return gpu_experts_for(host, cfg, device, budget_bytes, dense, kv_bytes, max_tokens,
-                                   impl=impl, chunk_tokens=chunk, time_copies=True), chunk
-        except PlacementError as exc:
-            last = exc
-    raise last
-
-
 def time_prompt(model, backend, cache, t, runs, chunk, device):
     ids = torch.randint(0, model.config.vocab_size, (t,), device=device)
     walls, stats = [], []
@@ -146,8 +115,8 @@ def run_scenario(name, budget, model, host, cfg, dense, sizes, runs, impl, h2d, 
     max_tokens = max(sizes)
     cache = new_kv_cache(cfg, max_tokens, model.lm_head.weight.dtype, device)
     kv_bytes = cache.nbytes
-    backend, chunk = build_backend(host, cfg, budget_bytes, dense, kv_bytes, max_tokens, impl,
-                                   device)
+    backend, chunk = place_experts(host, cfg, device, budget_bytes, dense, kv_bytes, max_tokens,
+                                   impl=impl, time_copies=True)
     model.expert_backend = backend
     summary = backend.plan.summary()
     log(f"\n{name} budget {budget} impl {impl} chunk {chunk}: {json.dumps(summary)}")
@@ -220,7 +189,9 @@ def main(argv=None) -> int:
         raw, group, device = dict(TINY_DEEPSEEK_V2), 32, "cpu"
     cfg = ModelConfig.from_dict(raw)
     if device == "cuda":
-        h2d, rate = measure_h2d_bytes_per_s(), measure_bf16_flops_per_s()
+        h2d = copy_rate(torch.empty(1 << 30, dtype=torch.uint8, device="cuda"),
+                        torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True), 1)
+        rate = measure_bf16_flops_per_s()
         log(f"{torch.cuda.get_device_name()}: pinned H2D {h2d / 1e9:.1f} GB/s, "
             f"bf16 {rate / 1e12:.0f} TFLOP/s")
     else:
