@@ -158,12 +158,16 @@ def load_caches(root: Path, config: ModelConfig, device: str) -> tuple[dict, dic
     """What a runner loads: dense weights to the device, GPU cache pinned, CPU cache mapped."""
     from safetensors.torch import load_file
 
+    from krasisd.engine.upload import header_spans, read_to_device
+
     times, start = {}, time.perf_counter()
     torch.zeros(1, device=device)  # the process's first device work: context, allocator
     sync(device)
     times["device_init_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    state = load_file(str(root / "dense.safetensors"), device=device)
+    dense = root / "dense.safetensors"
+    state = (read_to_device(dense, list(header_spans(dense)), device) if device == "cuda"
+             else load_file(str(dense)))  # as the engine's loader reads a checkpoint
     with torch.device("meta"):
         model = build_model(config)
     model.load_state_dict(state, strict=True, assign=True)

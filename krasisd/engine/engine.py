@@ -155,8 +155,8 @@ def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
     if threads is not None:
         torch.set_num_threads(threads)
     model_dir = Path(model_dir)
-    loaded = load_model(model_dir, torch_dtype, with_experts=quant == "none")
     target = _resolve_device(device)
+    loaded = load_model(model_dir, torch_dtype, with_experts=quant == "none", device=target)
     model = loaded.model
     if target.type != "cpu":
         model = model.to(target)

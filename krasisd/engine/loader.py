@@ -20,6 +20,7 @@ from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import ModelLoadError, UnsupportedModelError
 from krasisd.engine.models import build_model
 from krasisd.engine.models.common import CausalLM
+from krasisd.engine.upload import read_to_device
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +157,18 @@ def plan_tensors(model: CausalLM, config: ModelConfig, index: dict[str, TensorIn
     return expected
 
 
-def read_tensors(names, index: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """Memory-mapped tensors (pages are read on first touch, not copied)."""
+def read_tensors(names, index: dict[str, TensorInfo],
+                 device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Memory-mapped tensors (pages are read on first touch, not copied); on a CUDA ``device``,
+    read straight into device memory instead (krasisd.engine.upload)."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(index[name].path, []).append(name)
     out: dict[str, torch.Tensor] = {}
     for path, file_names in by_file.items():
+        if device is not None and device.type == "cuda":
+            out.update(read_to_device(path, file_names, device))
+            continue
         try:
             with safe_open(path, framework="pt") as handle:
                 for name in file_names:
@@ -194,8 +200,9 @@ def _split_experts(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
-               with_experts: bool = True) -> LoadedModel:
-    """Read, check and assemble a model; weights stay memory-mapped unless converted.
+               with_experts: bool = True, device: torch.device | None = None) -> LoadedModel:
+    """Read, check and assemble a model; weights stay memory-mapped unless converted, or are
+    read straight onto a CUDA ``device``.
 
     ``with_experts=False`` skips the routed experts (another backend reads them itself).
     """
@@ -209,7 +216,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
     expected = plan_tensors(model, config, index)
     if not with_experts:
         expected = {n: s for n, s in expected.items() if ".mlp.experts." not in n}
-    tensors = read_tensors(expected, index)
+    tensors = read_tensors(expected, index, device)
     compute_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
     experts = _split_experts(config, tensors, compute_dtype) if with_experts else {}
     state = {name: (t if ROUTER_KEYS.search(name) else t.to(compute_dtype))
