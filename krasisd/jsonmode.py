@@ -1,6 +1,8 @@
 """format "json": generation constrained so the answer is one JSON object.
 
-How (kept honest, see docs/api.md): at every step the sampler draws a token as usual; if
+How (kept honest, see docs/api.md): :class:`JsonPick` is the ``pick`` of the one generation
+loop (krasisd.engine.generate), so prompt checks, counters and limits are the plain ones.
+At every step the sampler draws a token as usual; if
 that token's text cannot continue a valid JSON object (checked by :class:`JsonPrefix`, a
 character-level pushdown automaton), its logit is set to -inf and the sampler draws again.
 This samples exactly from the model's distribution restricted to valid continuations. The
@@ -12,13 +14,12 @@ Token texts are the tokenizer's decoding of each token alone; runs of whitespace
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
 
-from krasisd.engine.detokenize import StreamDecoder, context_ids
-from krasisd.engine.generate import forward_last
+from krasisd.engine.generate import generate_stream
 from krasisd.engine.options import GenerationChunk, SamplingOptions
 from krasisd.engine.sampling import Sampler
 
@@ -186,34 +187,31 @@ def _pick(sampler: Sampler, logits: torch.Tensor, history: list[int], state: Jso
     raise ValueError("no token of this model's vocabulary can continue the JSON answer")
 
 
+class JsonPick:
+    """The generation loop's ``pick`` for format "json": a sampler draw kept to valid JSON,
+    ending the answer when the top-level object closes."""
+
+    def __init__(self, engine, options: SamplingOptions):
+        if engine.tokenizer is None:
+            raise ValueError('format "json" needs the model\'s tokenizer, and this model has none')
+        self.engine = engine
+        self.sampler = Sampler(options)
+        self.eos_ids = set(engine.eos_token_ids or ())
+        self.state = JsonPrefix()
+        self._texts: list[str] | None = None  # decoded at the first pick, after the prompt check
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> tuple[int, float, bool]:
+        if self._texts is None:
+            self._texts = token_texts(self.engine)
+        token_id, logprob, self.state = _pick(self.sampler, logits, history, self.state,
+                                              self._texts, self.eos_ids)
+        return token_id, logprob, self.state.done
+
+
 def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,
                   should_cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
-    """Like engine.generate, but every answer is a prefix of one JSON object."""
-    texts, eos_ids = token_texts(engine), set(engine.eos_token_ids or ())
-    sampler, history = Sampler(options), list(prompt_ids)
-    decoder = StreamDecoder(engine.tokenizer, prefix_ids=context_ids(engine.tokenizer, prompt_ids))
-    counts = {"prompt_eval_count": len(prompt_ids), "eval_count": 0, "eval_duration_ns": 0}
-    started_ns = time.perf_counter_ns()
-    cache = engine.new_cache(options.num_ctx)
-    logits = forward_last(engine, history, cache)  # [V]
-    counts["prompt_eval_duration_ns"] = time.perf_counter_ns() - started_ns
-    state, reason = JsonPrefix(), None
-    while reason is None:
-        if should_cancel():
-            reason = "cancel"
-        elif len(history) >= options.num_ctx or 0 <= options.num_predict <= counts["eval_count"]:
-            reason = "length"
-        if reason is not None:
-            break
-        step_ns = time.perf_counter_ns()
-        token_id, logprob, state = _pick(sampler, logits, history, state, texts, eos_ids)
-        history.append(token_id)
-        counts["eval_count"] += 1
-        if state.done:
-            reason = "stop"
-        else:
-            logits = forward_last(engine, [token_id], cache)  # [V]
-        counts["eval_duration_ns"] += time.perf_counter_ns() - step_ns
-        yield GenerationChunk(token_id=token_id, text=decoder.push(token_id), logprob=logprob)
-    yield GenerationChunk(token_id=None, text=decoder.flush(), done=True, done_reason=reason,
-                          **counts)
+    """engine's generation loop (same prompt checks, counters and limits), every answer a
+    prefix of one JSON object; stop strings are not applied."""
+    options = dataclasses.replace(options, stop=[])
+    return generate_stream(engine, prompt_ids, options, should_cancel,
+                           pick=JsonPick(engine, options))

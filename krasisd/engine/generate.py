@@ -9,6 +9,10 @@ Uses only ``engine.new_cache``, ``engine.forward``, ``engine.tokenizer`` and
   counters: "stop" (an EOS token, not emitted, or a stop string, not emitted), "length"
   (``num_predict`` tokens, or prompt + generated reached ``num_ctx``), "cancel".
 - ``eval_count`` counts sampled tokens other than EOS; durations are wall-clock ns.
+- ``pick`` (optional) chooses each token instead of the sampler, e.g. JSON mode's constrained
+  draw; it can also end the answer with the token it picked (reason "stop", token emitted).
+- Forwards: one for the prompt, then one per emitted token that does not end the answer, so
+  ``num_predict=N`` costs N forwards.
 """
 
 from __future__ import annotations
@@ -25,6 +29,20 @@ from krasisd.engine.options import GenerationChunk, SamplingOptions
 from krasisd.engine.sampling import Sampler
 
 log = logging.getLogger(__name__)
+
+Pick = Callable[[torch.Tensor, list[int]], tuple[int, float, bool]]
+"""Chooses the next token from the logits [V] and the ids so far (prompt and generated):
+(token id, its logprob, whether this token ends the answer)."""
+
+
+def sampler_pick(sampler: Sampler) -> Pick:
+    """The plain choice: a draw from ``sampler``; only EOS or a stop string end the answer."""
+
+    def pick(logits: torch.Tensor, history: list[int]) -> tuple[int, float, bool]:
+        token_id, logprob = sampler.sample(logits, history)
+        return token_id, logprob, False
+
+    return pick
 
 
 class StopStringFilter:
@@ -112,13 +130,15 @@ def generate_stream(
     prompt_ids: Sequence[int],
     options: SamplingOptions,
     should_cancel: Callable[[], bool] | None = None,
+    pick: Pick | None = None,
 ) -> Iterator[GenerationChunk]:
     """Stream the continuation of ``prompt_ids``; raises ValueError for a bad prompt."""
     prompt = _check_prompt(engine, prompt_ids, options)
-    return _generate(engine, prompt, options, should_cancel or (lambda: False))
+    return _generate(engine, prompt, options, should_cancel or (lambda: False),
+                     pick or sampler_pick(Sampler(options)))
 
 
-def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChunk]:
+def _generate(engine, prompt, options, should_cancel, pick: Pick) -> Iterator[GenerationChunk]:
     counters = _Counters(history=list(prompt))
     if should_cancel():
         yield counters.final("", "cancel")
@@ -127,7 +147,6 @@ def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChun
     if engine.tokenizer is not None:
         decoder = StreamDecoder(engine.tokenizer, context_ids(engine.tokenizer, prompt))
     stops = StopStringFilter(options.stop)
-    sampler = Sampler(options)
     eos_ids = set(engine.eos_token_ids or ())
 
     start_ns = time.perf_counter_ns()
@@ -144,7 +163,7 @@ def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChun
         if reason is not None:
             break
         start_ns = time.perf_counter_ns()
-        token_id, logprob = sampler.sample(last_logits, counters.history)
+        token_id, logprob, ends = pick(last_logits, counters.history)
         if token_id in eos_ids:
             counters.eval_duration_ns += time.perf_counter_ns() - start_ns
             reason = "stop"
@@ -152,7 +171,7 @@ def _generate(engine, prompt, options, should_cancel) -> Iterator[GenerationChun
         counters.history.append(token_id)
         counters.eval_count += 1
         text, stopped = stops.push(decoder.push(token_id) if decoder else "")
-        if stopped:
+        if stopped or ends:
             reason = "stop"
         elif _reason_to_end(counters, options, lambda: False) is None:
             last_logits = forward_last(engine, [token_id], cache)  # [V]
