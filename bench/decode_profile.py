@@ -12,7 +12,7 @@ from decode_caches import sync
 from torch.profiler import ProfilerActivity, profile
 
 
-def profile_decode(engine, context: int, steps: int = 16, top: int = 18) -> str:
+def profile_decode(engine, context: int, steps: int = 16, top: int = 40) -> str:
     """A table of the kernels run by ``steps`` one-token steps after ``context`` tokens."""
     cache = engine.new_cache(context + steps + 4)
     ids = torch.randint(0, engine.config.vocab_size, (context,)).to(engine.device)
@@ -37,6 +37,59 @@ def profile_decode(engine, context: int, steps: int = 16, top: int = 18) -> str:
     for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"  {us / steps:8.1f} us  {count / steps:6.1f}x  {name}")
     return "\n".join(lines)
+
+
+def profile_host(engine, context: int, steps: int = 16) -> str:
+    """Where a step's wall time goes on the host when routed experts run on the CPU: waiting
+    for the GPU's hand-off (attention, router, copies), the native expert kernels, and the
+    rest (graph launches, the merge, Python)."""
+    import time
+
+    backend = engine.expert_backend
+    runner = getattr(getattr(backend, "cpu", None), "runner", None)
+    if runner is None or not hasattr(backend, "run_cpu"):
+        return "host profile: no CPU experts"
+    totals = {"wait_gpu": 0.0, "native": 0.0, "calls": 0}
+    run_cpu = backend.run_cpu
+
+    class TimedRunner:
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def forward(self, *args):
+            start = time.perf_counter()
+            runner.forward(*args)
+            totals["native"] += time.perf_counter() - start
+            totals["calls"] += 1
+
+    def timed_run_cpu(layer, staging, event):
+        start = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        totals["wait_gpu"] += time.perf_counter() - start
+        run_cpu(layer, staging, None)
+
+    cache = engine.new_cache(context + steps + 4)
+    ids = torch.randint(0, engine.config.vocab_size, (context,)).to(engine.device)
+    token = int(engine.forward(ids, cache)[-1].argmax())
+    for _ in range(3):
+        token = int(engine.forward([token], cache)[-1].argmax())
+    sync(engine.device)
+    backend.run_cpu, backend.cpu.runner = timed_run_cpu, TimedRunner()
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            token = int(engine.forward([token], cache)[-1].argmax())
+        wall = time.perf_counter() - start
+    finally:
+        del backend.run_cpu
+        backend.cpu.runner = runner
+    per = {k: v * 1e3 / steps for k, v in totals.items() if k != "calls"}
+    other = wall * 1e3 / steps - per["wait_gpu"] - per["native"]
+    return (f"host profile at context {context}: {wall * 1e3 / steps:.2f} ms per step = "
+            f"waiting for the GPU's hand-off {per['wait_gpu']:.2f} + native experts "
+            f"{per['native']:.2f} ({totals['calls'] / steps:.0f} calls) + the rest "
+            f"{other:.2f} (launches, merges, Python)")
 
 
 def profile_batched(engine, streams: int, context: int = 100, steps: int = 4,
