@@ -75,14 +75,19 @@ def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
 
 
 def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
-    if hasattr(attn, "q_proj"):
-        q = attn.q_proj(x)
+    kv_a = attn.kv_a_proj_with_mqa
+    if hasattr(attn, "q_proj") and kv_a.bias is None:  # both projections in one launch
+        qkv = x @ kernels.fuse_rows(attn, "_q_kv_weight", (attn.q_proj, kv_a)).T
+        q, kv = qkv[0].split([attn.q_proj.weight.shape[0], kv_a.weight.shape[0]])
     else:
-        q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
+        if hasattr(attn, "q_proj"):
+            q = attn.q_proj(x)
+        else:
+            q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
+        kv = kv_a(x)  # [1, C + R]
     q = q.view(attn.num_heads, -1)  # [H, N + R]
     w_uk, _ = attn.absorbed_weights()  # [H, N, C]
     q_latent = torch.bmm(q[:, None, : attn.nope_dim], w_uk)  # [H, 1, C]
-    kv = attn.kv_a_proj_with_mqa(x)  # [1, C + R]
     q_full = torch.empty(attn.num_heads, entries.shape[1], dtype=x.dtype, device=x.device)
     kernels.mla_prep(q, q_latent.view(attn.num_heads, -1), kv.view(-1), at.cos[0], at.sin[0],
                      attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, at.pos, entries,
@@ -93,9 +98,15 @@ def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
 def gqa(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Position,
         fused: bool) -> torch.Tensor:
     """Grouped-query attention of x [1, D] over keys/values [M, Hkv, Dh]: [1, D]."""
-    q = norm(attn.q_norm, attn.q_proj(x).view(attn.num_heads, attn.head_dim), fused)
-    k = norm(attn.k_norm, attn.k_proj(x).view(attn.num_kv_heads, attn.head_dim), fused)
-    v = attn.v_proj(x).view(1, attn.num_kv_heads, attn.head_dim)
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if fused and all(p.bias is None for p in projections):  # one launch for q, k and v
+        qkv = x @ kernels.fuse_rows(attn, "_qkv_weight", projections).T  # [1, (H + 2Hkv) Dh]
+        q, k, v = qkv[0].split([p.weight.shape[0] for p in projections])
+    else:
+        q, k, v = (p(x) for p in projections)
+    q = norm(attn.q_norm, q.view(attn.num_heads, attn.head_dim), fused)
+    k = norm(attn.k_norm, k.view(attn.num_kv_heads, attn.head_dim), fused)
+    v = v.view(1, attn.num_kv_heads, attn.head_dim)
     q = attn.rotary.apply(q[None], at.cos, at.sin)  # [1, H, Dh]
     k = attn.rotary.apply(k[None], at.cos, at.sin)  # [1, Hkv, Dh]
     keys.index_copy_(0, at.pos, k)

@@ -105,18 +105,25 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     return out
 
 
-def fuse_gate_up(mlp) -> torch.Tensor:
-    """One [2I, D] weight for a SwiGLU MLP's gate and up projections; the two Linear layers
-    then hold views of it (no copy kept). Idempotent."""
-    fused = getattr(mlp, "_gate_up_weight", None)
+def fuse_rows(owner, name: str, linears) -> torch.Tensor:
+    """One [sum of N, D] weight for Linear layers without bias that read the same input, kept
+    as ``owner.<name>``; the layers then hold views of it (no copy kept), so one projection
+    replaces several launches. Idempotent."""
+    fused = getattr(owner, name, None)
     if fused is None:
-        gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
-        fused = torch.cat([gate.data, up.data], dim=0)  # [2I, D]
-        width = gate.shape[0]
-        mlp.gate_proj.weight = torch.nn.Parameter(fused[:width], requires_grad=False)
-        mlp.up_proj.weight = torch.nn.Parameter(fused[width:], requires_grad=False)
-        mlp._gate_up_weight = fused
+        fused = torch.cat([linear.weight.data for linear in linears], dim=0)  # [sum N, D]
+        start = 0
+        for linear in linears:
+            width = linear.weight.shape[0]
+            linear.weight = torch.nn.Parameter(fused[start:start + width], requires_grad=False)
+            start += width
+        setattr(owner, name, fused)
     return fused
+
+
+def fuse_gate_up(mlp) -> torch.Tensor:
+    """One [2I, D] weight for a SwiGLU MLP's gate and up projections (``fuse_rows``)."""
+    return fuse_rows(mlp, "_gate_up_weight", (mlp.gate_proj, mlp.up_proj))
 
 
 def swiglu(mlp, x: torch.Tensor) -> torch.Tensor:
