@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from krasis_registry.caches import auto_group_size
+from krasis_registry.caches import pick_quant
 
 from krasisd.runners import ModelSpec
 
@@ -81,29 +81,28 @@ class ModelCatalog:
             return None
 
     def _pick_format(self, name: str, model_dir: Path) -> tuple[str, Path | None]:
-        """KRASIS_QUANT when the model's shapes allow it, else INT8, else the plain weights.
+        """The registry's pick_quant (KRASIS_QUANT when the model's shapes allow it, else
+        INT8, else the plain weights), the one the pull-time cache build used.
 
         A ready CPU cache of that format is used; without one the engine finds or builds
         its own.
         """
-        preferred = {"int4": ("int4", "int8"), "int8": ("int8",)}
-        config = _read_config(model_dir)
-        for quant in preferred.get(self.quant, ()):
-            if auto_group_size(config, quant) is None:  # the CPU kernels cannot hold it
-                continue
-            if quant != self.quant and name not in self._warned:
+        picked = pick_quant(_read_config(model_dir), self.quant)
+        if picked is None:
+            if self.quant != "none" and name not in self._warned:
                 self._warned.add(name)
-                log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
-                            extra={"model": name, "wanted": self.quant, "using": quant})
-            try:
-                return quant, Path(self.registry.cache_dir(name, fmt="cpu", quant=quant))
-            except Exception:  # noqa: BLE001 - no ready cache: the engine uses its own
-                return quant, None
-        if self.quant != "none" and name not in self._warned:
+                log.warning("no quantized format fits the model; loading its weights as they "
+                            "are", extra={"model": name, "wanted": self.quant})
+            return "none", None
+        quant = picked[0]
+        if quant != self.quant and name not in self._warned:
             self._warned.add(name)
-            log.warning("no quantized format fits the model; loading its weights as they are",
-                        extra={"model": name, "wanted": self.quant})
-        return "none", None
+            log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
+                        extra={"model": name, "wanted": self.quant, "using": quant})
+        try:
+            return quant, Path(self.registry.cache_dir(name, fmt="cpu", quant=quant))
+        except Exception:  # noqa: BLE001 - no ready cache: the engine uses its own
+            return quant, None
 
     def pull(self, name: str, insecure: bool = False) -> AsyncIterator[dict]:
         """Progress events of a pull (Ollama's /api/pull shape)."""

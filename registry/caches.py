@@ -91,12 +91,30 @@ def auto_group_size(config: dict, quant: str) -> int | None:
     return next((g for g in GROUP_SIZES if hidden % g == 0 and width % g == 0), None)
 
 
+QUANT_FALLBACKS = {"int4": ("int4", "int8"), "int8": ("int8",)}  # "none": nothing to build
+
+
+def pick_quant(config: dict, quant: str) -> tuple[str, int] | None:
+    """(quantization, group size) a model is served with when ``quant`` is asked for: quant
+    itself when the CPU kernels can hold the model's shapes, else INT8 in place of INT4.
+    None: no quantized format fits (or quant is "none"); the weights load as they are.
+    The pull-time cache build and the daemon's choice both ask this, so the cache the
+    registry builds is the one the runner loads."""
+    for candidate in QUANT_FALLBACKS.get(quant, ()):
+        group_size = auto_group_size(config, candidate)
+        if group_size is not None:
+            return candidate, group_size
+    return None
+
+
 def record_not_applicable(db: Database, model: dict, fmt: str, quant: str) -> dict:
     """A failed row (group size 0) saying why this format cannot hold the model's shapes."""
     config = json.loads(model["config_json"] or "{}")
-    error = (f"not built: {quant} needs the hidden size ({config.get('hidden_size')}) and the "
+    tried = " or ".join(QUANT_FALLBACKS.get(quant, (quant,)))
+    error = (f"not built: {tried} needs the hidden size ({config.get('hidden_size')}) and the "
              f"expert width ({config.get('moe_intermediate_size')}) to be multiples of 32"
-             f"{' and of 64' if quant == 'int4' else ''}; use another quantization")
+             f"{' (and of 64 for int4)' if 'int4' in tried else ''}; the weights load as they "
+             "are")
     cache_id = records.begin_cache(db, model["id"], fmt, quant, 0, "")
     records.fail_cache(db, cache_id, error)
     return {"status": f"skipping {fmt} cache: {error}"}

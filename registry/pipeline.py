@@ -20,7 +20,6 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Context:
     """What one pull, import or build needs: the store, a connection of its own, the builders."""
@@ -100,24 +99,29 @@ def build_caches(ctx: Context, ref: ModelRef, formats: Iterable[str],
                  rebuild: bool = False) -> Iterator[dict]:
     """Build the missing (or failed) cache formats of a ready model.
 
-    The group size is ctx.group_size, or when None the one the engine would pick; a model
-    whose shapes fit no group size of the quantization gets a failed row saying so, and
-    the stream goes on (the model itself is usable). Unquantized serving (quant "none")
-    needs no cache: nothing is built."""
+    The quantization and group size are caches.pick_quant's (the daemon serves the same):
+    ctx.quant, or INT8 when INT4 cannot hold the model's shapes. A ctx.group_size pins the
+    layout: ctx.quant at that group size. A model whose shapes fit no quantization gets a
+    failed row saying so, and the stream goes on (the model itself is usable). Unquantized
+    serving (quant "none") needs no cache: nothing is built."""
     if ctx.quant == "none":
         return
     model = records.get_model(ctx.db, ref.full)
     caches.sweep_cache_orphans(ctx.db, ctx.store, model, ref)
-    group_size = ctx.group_size or caches.auto_group_size(
-        json.loads(model["config_json"] or "{}"), ctx.quant)
+    picked = (ctx.quant, ctx.group_size) if ctx.group_size else \
+        caches.pick_quant(json.loads(model["config_json"] or "{}"), ctx.quant)
+    if picked is not None and picked[0] != ctx.quant:
+        log.info("%s cannot hold the shapes of %s: building %s", ctx.quant, ref.full, picked[0])
+        yield {"status": f"{ctx.quant} cannot hold the model's shapes: using {picked[0]}"}
     ready = {(c["format"], c["quant"], c["group_size"])
              for c in records.caches_of(ctx.db, model["id"]) if c["state"] == "ready"}
     for fmt in formats:
         builder = ctx.builders.get(fmt)
         if builder is None:
             raise ValueError(f"no builder for the {fmt} cache format")
-        if group_size is None:
+        if picked is None:
             yield caches.record_not_applicable(ctx.db, model, fmt, ctx.quant)
-        elif rebuild or (fmt, ctx.quant, group_size) not in ready:
-            yield from caches.build(ctx.db, ctx.store, model, ref, fmt, builder, ctx.quant,
-                                    group_size)
+            continue
+        records.delete_cache_markers(ctx.db, model["id"], fmt)
+        if rebuild or (fmt, *picked) not in ready:
+            yield from caches.build(ctx.db, ctx.store, model, ref, fmt, builder, *picked)

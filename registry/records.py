@@ -151,6 +151,13 @@ def fail_cache(db: Database, cache_id: int, error: str) -> None:
     )
 
 
+def delete_cache_markers(db: Database, model_id: int, fmt: str) -> None:
+    """Drop the format's "not applicable" rows (failed, group size 0): a newer choice of
+    quantization replaces what they said."""
+    db.execute("DELETE FROM caches WHERE model_id = ? AND format = ? AND group_size = 0 "
+               "AND state = 'failed'", [model_id, fmt])
+
+
 def delete_caches(db: Database, model_id: int) -> None:
     db.execute("DELETE FROM caches WHERE model_id = ?", [model_id])
 

@@ -2,8 +2,11 @@
 registry built one (at pull, on a GPU machine)."""
 
 import argparse
+import json
 from pathlib import Path
 
+import pytest
+import torch
 from krasis_registry import CacheNotReady
 
 from krasisd.config import Config
@@ -65,3 +68,37 @@ def test_runner_passes_the_gpu_cache_only_when_given():
 
 def test_spec_defaults_have_no_gpu_cache():
     assert ModelSpec(name="m", model_dir=Path("/m")).gpu_cache_dir is None
+
+
+def manifest_builder(model_dir, out_dir, quant="int4", group_size=128, progress=None) -> dict:
+    """A cache builder (importable by the registry's builder process) that writes its layout."""
+    manifest = {"layout_version": 1, "quant": quant, "group_size": group_size}
+    Path(out_dir).mkdir(parents=True)
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _model_folder(folder: Path, hidden: int, width: int) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "hidden_size": hidden, "moe_intermediate_size": width}))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, hidden)},
+              str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("width, quant", [(96, "int8"), (128, "int4")])
+def test_daemon_serves_the_cache_the_registry_built(tmp_path, width, quant):
+    from krasis_registry import Registry
+
+    registry = Registry(cache_builders={"cpu": manifest_builder})  # int4 asked
+    events = list(registry.create("m", _model_folder(tmp_path / "m", 128, width),
+                                  build_caches=["cpu"]))
+    assert events[-1] == {"status": "success"}
+    [row] = registry.show("m")["caches"]
+    assert (row["quant"], row["state"]) == (quant, "ready")
+    spec = ModelCatalog(registry, "int4")._spec("m")
+    assert (spec.quant, spec.cache_dir) == (quant, Path(row["path"]))

@@ -1,11 +1,15 @@
 """Cache builds after a pull or import: progress, states, failures, formats, the real builder."""
 
+import json
+
 import pytest
 from fakebuilders import crashing_builder, failing_builder, fast_builder
-from krasis_registry import CacheNotReady, PullError, Registry
+from krasis_registry import CacheNotReady, PullError, Registry, records
 from krasis_registry import caches as caches_module
 from krasis_registry import registry as registry_module
+from krasis_registry.db import connect
 from regtest import REPO_ID
+from tinymodel import write_tiny_model
 
 
 def test_cache_build_progress_and_ready(tiny_model_dir, krasis_home):
@@ -98,16 +102,84 @@ def test_real_bundled_krasis_tiny():
     assert reg.cache_dir("krasis-tiny", "cpu", "int8").is_dir()
 
 
-def test_format_that_cannot_fit_the_model_is_skipped_not_fatal(tiny_model_dir):
-    reg = Registry(cache_builders={"cpu": failing_builder})  # int4, group size as the engine
-    evs = list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
+@pytest.fixture(scope="session")
+def int4_model_dir(tmp_path_factory):
+    """The tiny model with an expert width of 64: INT4 holds it."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-int4"), moe_intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def unfit_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's files with a config no quantization can hold (width 48)."""
+    folder = tmp_path_factory.mktemp("tiny-unfit")
+    for src in tiny_model_dir.iterdir():
+        (folder / src.name).write_bytes(src.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 48}))
+    return folder
+
+
+def _rows(reg, name):
+    return [(c["format"], c["quant"], c["group_size"], c["state"])
+            for c in reg.show(name)["caches"]]
+
+
+@pytest.mark.parametrize("hidden, width, wanted, expected", [
+    (2048, 1408, "int4", ("int4", 128)),
+    (2048, 1408, "int8", ("int8", 128)),
+    (64, 32, "int4", ("int8", 32)),  # INT4 needs multiples of 64: INT8 instead
+    (192, 96, "int4", ("int8", 32)),
+    (64, 48, "int4", None),
+    (64, 48, "int8", None),
+    (2048, 1408, "none", None),
+])
+def test_pick_quant_falls_back_from_int4_to_int8(hidden, width, wanted, expected):
+    config = {"hidden_size": hidden, "moe_intermediate_size": width}
+    assert caches_module.pick_quant(config, wanted) == expected
+
+
+def test_pull_of_a_model_int4_cannot_hold_builds_one_int8_cache(hub):
+    reg = Registry(cache_builders={"cpu": fast_builder})  # int4 asked, group size automatic
+    evs = list(reg.pull(REPO_ID, build_caches=["cpu"]))
     assert evs[-1] == {"status": "success"}
-    assert any(e["status"].startswith("skipping cpu cache: not built: int4") for e in evs)
+    assert any("int4 cannot hold" in e["status"] for e in evs)
+    assert _rows(reg, REPO_ID) == [("cpu", "int8", 32, "ready")]
+    path = reg.cache_dir(REPO_ID, "cpu", "int8")
+    built = json.loads((path / "manifest.json").read_text())
+    assert (built["quant"], built["group_size"]) == ("int8", 32)
+    with pytest.raises(CacheNotReady):
+        reg.cache_dir(REPO_ID, "cpu", "int4")
+
+
+def test_model_int4_holds_stays_int4(int4_model_dir):
+    reg = Registry(cache_builders={"cpu": fast_builder})
+    list(reg.create("m", int4_model_dir, build_caches=["cpu"]))
+    assert _rows(reg, "m") == [("cpu", "int4", 64, "ready")]
+
+
+def test_a_new_choice_replaces_an_old_not_applicable_row(tiny_model_dir):
+    reg = Registry(cache_builders={"cpu": fast_builder})
+    list(reg.create("m", tiny_model_dir, build_caches=False))
+    db = connect(reg.store.db_path)
+    caches_module.record_not_applicable(db, records.get_model(db, "m:latest"), "cpu", "int4")
+    db.close()
+    assert _rows(reg, "m") == [("cpu", "int4", 0, "failed")]
+    list(reg.build_caches("m", ["cpu"]))
+    assert _rows(reg, "m") == [("cpu", "int8", 32, "ready")]
+
+
+def test_format_that_cannot_fit_the_model_is_skipped_not_fatal(unfit_model_dir):
+    reg = Registry(cache_builders={"cpu": failing_builder})  # int4, group size as the engine
+    evs = list(reg.create("m", unfit_model_dir, build_caches=["cpu"]))
+    assert evs[-1] == {"status": "success"}
+    assert any(e["status"].startswith("skipping cpu cache: not built: int4 or int8")
+               for e in evs)
     [cache] = reg.show("m")["caches"]
     assert (cache["state"], cache["group_size"]) == ("failed", 0)
-    assert "expert width (32)" in cache["error"]
-    with pytest.raises(CacheNotReady):
-        reg.cache_dir("m", "cpu", "int4")
+    assert "expert width (48)" in cache["error"]
+    for quant in ("int4", "int8"):
+        with pytest.raises(CacheNotReady):
+            reg.cache_dir("m", "cpu", quant)
 
 
 @pytest.mark.parametrize("hidden, width", [(2048, 1408), (2048, 768), (192, 96), (64, 32),
@@ -124,15 +196,19 @@ def test_group_size_matches_the_engine(hidden, width, quant, bits):
     assert ours == engine
 
 
-def test_real_cpu_cache_builder(tiny_model_dir):
+@pytest.mark.parametrize("model, quant, group_size", [("tiny", "int8", 32),
+                                                      ("int4", "int4", 64)])
+def test_real_cpu_cache_builder(tiny_model_dir, int4_model_dir, model, quant, group_size):
     cpu_cache = pytest.importorskip("krasisd.engine.cpu_cache")
-    reg = Registry(quant="int8")  # the tiny model's expert width, 32, sets the group size
-    evs = list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
+    reg = Registry()  # int4 asked: the tiny model's expert width, 32, needs int8
+    folder = tiny_model_dir if model == "tiny" else int4_model_dir
+    evs = list(reg.create("m", folder, build_caches=["cpu"]))
     assert evs[-1] == {"status": "success"}
     [cache] = reg.show("m")["caches"]
+    assert (cache["quant"], cache["group_size"]) == (quant, group_size)
     assert cache["state"] == "ready" and cache["layout_version"] is not None
-    path = reg.cache_dir("m", "cpu", "int8", group_size=32)
-    loaded = cpu_cache.load_cpu_cache(path, quant="int8", group_size=32,
+    path = reg.cache_dir("m", "cpu", quant, group_size=group_size)
+    loaded = cpu_cache.load_cpu_cache(path, quant=quant, group_size=group_size,
                                       model_dir=reg.model_dir("m"))
     assert loaded is not None
 

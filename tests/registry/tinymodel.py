@@ -13,15 +13,19 @@ DECOYS = {
 
 
 def write_tiny_model(out_dir: Path, vocab_size: int = 2048, seed: int = 0,
-                     max_shard_size: str = "1MB") -> Path:
-    """save_pretrained a tiny DeepseekV2ForCausalLM (two shards) plus a word-level tokenizer."""
+                     max_shard_size: str = "1MB", moe_intermediate_size: int = 32) -> Path:
+    """save_pretrained a tiny DeepseekV2ForCausalLM (two shards) plus a word-level tokenizer.
+
+    Hidden size 64; the default expert width, 32, is one INT4 cannot hold (it needs
+    multiples of 64), so the registry serves it as INT8; 64 makes a model INT4 holds."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
     torch.manual_seed(seed)
     config = DeepseekV2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+        moe_intermediate_size=moe_intermediate_size,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=None,
         kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
