@@ -61,6 +61,13 @@ class ExpertHeat:
         self._taken = torch.zeros(self.counts.shape, dtype=torch.int64)  # host copy, exported
         self.initial = check_heat(initial or {}, self.moe_layers, num_experts)
 
+    def layer_counts(self, layer: int) -> torch.Tensor:
+        """The int64 [E] view of ``counts`` for ``layer`` (for kernels that count routes)."""
+        if layer not in self._row_dev:
+            raise KeyError(f"layer {layer} is not a MoE layer")
+        start = self.moe_layers.index(layer) * self.num_experts
+        return self.counts[start:start + self.num_experts]
+
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
         """Count the experts in ``topk_ids`` [T, K] for ``layer`` (device-side, no sync)."""
         base = self._row_dev.get(layer)

@@ -116,7 +116,12 @@ def test_router_topk_matches_the_router(name, overrides):
     want_ids, want_weights = router(x)
     ids = torch.empty(3, 6, dtype=torch.long, device=DEVICE)
     weights = torch.empty(3, 6, device=DEVICE)
-    fused.router_topk(x @ router.weight.T, config, ids, weights)
+    counts = torch.zeros(20, dtype=torch.int64, device=DEVICE)
+    logits = fused.router_logits(x.bfloat16(), router.weight.bfloat16())  # bf16 as stored
+    _close(logits, x.bfloat16().float() @ router.weight.bfloat16().float().T, atol=1e-4,
+           rtol=1e-5)
+    fused.router_topk(fused.router_logits(x, router.weight), config, ids, weights, counts)
+    assert torch.equal(counts.cpu(), torch.bincount(ids.reshape(-1).cpu(), minlength=20))
     want_ids, order = want_ids.sort(dim=-1)
     ids, got_order = ids.sort(dim=-1)
     assert torch.equal(ids, want_ids)

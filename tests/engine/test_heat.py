@@ -70,6 +70,15 @@ def test_take_new_returns_only_what_is_new():
     assert heat.take_new() == {1: [0, 0, 0, 2]}
 
 
+def test_layer_counts_is_the_layers_row_of_the_counts():
+    heat = ExpertHeat([1, 4], 3)
+    heat.layer_counts(4)[2] += 5  # what a routing kernel counting in place does
+    heat.record(1, torch.tensor([[0, 2]]))
+    assert heat.as_dict() == {1: [1, 0, 1], 4: [0, 0, 5]}
+    with pytest.raises(KeyError):
+        heat.layer_counts(2)
+
+
 def test_check_heat_rejects_malformed_counts():
     with pytest.raises(ValueError, match="4 counts"):
         check_heat({1: [1, 2]}, [1], 4)

@@ -11,8 +11,9 @@ with the unfused step to bf16 noise:
 - ``mla_prep``: MLA decode's rotary embedding of q_rope and k_rope, the latent's RMSNorm,
   the query [H, C + R] assembled and the new cache entry written at the device position;
 - ``masked_softmax``: scale, mask past the device position, softmax, bf16 probabilities;
+- ``router_logits``: the router's float32 projection in one launch;
 - ``router_topk``: softmax (or sigmoid) over expert logits, greedy top-K, normalisation and
-  scaling.
+  scaling, and the expert-heat count.
 
 Legend: T = tokens, D = hidden, I = expert width, H = heads, C = kv_lora_rank,
 R = rope dims, S = attended positions, E = experts, K = experts per token.
@@ -234,9 +235,40 @@ def masked_softmax(scores: torch.Tensor, pos: torch.Tensor, scale: float,
 
 
 @triton.jit
-def _router_topk_kernel(logits_ptr, ids_ptr, weights_ptr, E, scaling,
+def _router_logits_kernel(x_ptr, w_ptr, out_ptr, E, D, BLOCK_E: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    # out [T, E] float32 = x [T, D] @ w [E, D].T, in float32 whatever the stored dtypes
+    row = tl.program_id(1)
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(x_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * D + offs_d[None, :],
+                    mask=mask_e[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    tl.store(out_ptr + row * E + offs_e, tl.sum(acc, axis=1), mask=mask_e)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                  block_e: int = 4) -> torch.Tensor:
+    """float32 logits [T, E] of x [T, D] against the router weight [E, D], both read in their
+    stored dtypes and multiplied in float32 (as the model's router does), in one launch."""
+    rows, hidden = x.shape
+    experts = weight.shape[0]
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(rows, experts, dtype=torch.float32, device=x.device) if out is None else out
+    _router_logits_kernel[(triton.cdiv(experts, block_e), rows)](
+        x, weight, out, experts, hidden, BLOCK_E=block_e, BLOCK_D=256, num_warps=4)
+    return out
+
+
+@triton.jit
+def _router_topk_kernel(logits_ptr, ids_ptr, weights_ptr, counts_ptr, E, scaling,
                         K: tl.constexpr, K_PAD: tl.constexpr, SIGMOID: tl.constexpr,
-                        NORMALISE: tl.constexpr, BLOCK_E: tl.constexpr):
+                        NORMALISE: tl.constexpr, COUNT: tl.constexpr, BLOCK_E: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     mask = offs < E
@@ -259,17 +291,22 @@ def _router_topk_kernel(logits_ptr, ids_ptr, weights_ptr, E, scaling,
         values = values / (tl.sum(values, axis=0) + 1e-20)
     tl.store(ids_ptr + row * K + offs_k, chosen, mask=offs_k < K)
     tl.store(weights_ptr + row * K + offs_k, values * scaling, mask=offs_k < K)
+    if COUNT:  # expert heat: one more route for each chosen expert
+        tl.atomic_add(counts_ptr + chosen, tl.full([K_PAD], 1, tl.int64), mask=offs_k < K)
 
 
-def router_topk(logits: torch.Tensor, config, ids: torch.Tensor, weights: torch.Tensor) -> None:
+def router_topk(logits: torch.Tensor, config, ids: torch.Tensor, weights: torch.Tensor,
+                counts: torch.Tensor | None = None) -> None:
     """Greedy routing of float32 logits [T, E] into ids [T, K] int64 and weights [T, K]
-    float32, as krasisd.engine.models.moe.Router does for ``topk_method == "greedy"``."""
+    float32, as krasisd.engine.models.moe.Router does for ``topk_method == "greedy"``;
+    ``counts`` (int64 [E], e.g. a layer's row of ExpertHeat.counts) gains 1 per route."""
     rows, experts = logits.shape
     k = ids.shape[1]
     normalise, scaling = weight_rule(config)
     _router_topk_kernel[(rows,)](
-        logits, ids, weights, experts, scaling, K=k, K_PAD=triton.next_power_of_2(k),
-        SIGMOID=config.scoring_func == "sigmoid", NORMALISE=normalise,
+        logits, ids, weights, ids if counts is None else counts, experts, scaling, K=k,
+        K_PAD=triton.next_power_of_2(k), SIGMOID=config.scoring_func == "sigmoid",
+        NORMALISE=normalise, COUNT=counts is not None,
         BLOCK_E=triton.next_power_of_2(experts), num_warps=1)
 
 

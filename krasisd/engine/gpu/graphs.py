@@ -272,12 +272,13 @@ class DecodeStep:
         """Router of the layer over self.normed into self.topk_ids / self.topk_weights."""
         gate = layer.mlp.gate
         if self.fused and fused.fusable_router(self.config):
-            logits = self.normed.float() @ gate.weight32().T  # [1, E], as the router does
-            fused.router_topk(logits, self.config, self.topk_ids, self.topk_weights)
-        else:
-            ids, weights = gate(self.normed)  # [1, K] each
-            self.topk_ids.copy_(ids)
-            self.topk_weights.copy_(weights)
+            logits = fused.router_logits(self.normed, gate.weight)  # [1, E] float32
+            counts = None if self.heat is None else self.heat.layer_counts(layer.layer_idx)
+            fused.router_topk(logits, self.config, self.topk_ids, self.topk_weights, counts)
+            return
+        ids, weights = gate(self.normed)  # [1, K] each
+        self.topk_ids.copy_(ids)
+        self.topk_weights.copy_(weights)
         if self.heat is not None:
             self.heat.record(layer.layer_idx, self.topk_ids)
 
