@@ -1,28 +1,38 @@
 """Routed experts for a few tokens (decode), as matrix-vector products in Triton.
 
 The grouped kernels of krasisd.engine.gpu.moe_triton pad every routed slot to a block of
-rows for the tensor cores; with one token that is 1 useful row of 16 and, measured on the
-H200 at DeepSeek-V2-Lite's shape, 29 us + 22 us per layer for 26 MB of weights (about
-0.5 TB/s). Here each program streams one weight tile of one slot's expert and reduces it
-against the slot's activation row on the CUDA cores:
+rows for the tensor cores; with one token that is 1 useful row of 16. Here each program
+streams one weight tile of one slot's expert from HBM and reduces it against the slot's
+activation row on the CUDA cores. Two kernels per call:
 
-- ``_gate_up_gemv``: program (slot, N tile, K split) computes its split's part of
-  ``x @ gate`` and ``x @ up`` into a small float32 buffer (split K: enough programs in
-  flight to keep the memory busy);
-- ``_silu_parts``: sums those parts into h [P, I] = ``silu(gate) * up`` (bf16, as the
-  grouped kernel stores it);
+- ``_gate_up_gemv``: program (slot, column tile of gate or of up, K split) sums its part of
+  ``x @ w13`` into a small float32 buffer; the last of the 2 * splits programs of a column
+  tile to finish (an arrival counter) adds the parts and writes h = ``silu(gate) * up``
+  (bf16, as the grouped kernel stores it). No third kernel for the SiLU.
 - ``_down_gemv``: program (slot, D tile, K split) computes its part of ``h @ down``, scales
   it by the routing weight and adds it atomically into the float32 [T, D] output, which sums
   the K slots of a token and the K splits in the same pass (the order of those float32
   additions is not fixed: the last bits can differ between runs).
 
+The inner step (``_tile_sum``), for a weight tile of BK inputs and BN columns:
+- INT4 keeps the int32 words [BK/8, BN] as loaded (8 nibbles along K per word, format.py)
+  and walks the nibble positions j with shifts; the activations come in as the strided
+  vectors x[k0 + 8*k8 + j]. No reshape, no layout conversion.
+- No int -> float conversion instruction: a nibble OR-ed under the exponent of a float
+  constant is read as a float (``_nibble``: 2^23 + q exactly; ``_nibble_pair``: one shift
+  places two nibbles at mantissa bits 15..18 and 19..22 of 1.0, giving 1 + q/256 and
+  1 + q/16, whose constant parts are removed once per row by a correction).
+- A K step never crosses a scale group, so the scale multiplies the step's [BK/8, BN]
+  partial sums once (not every weight); the sum over K rows happens once per program.
+- The next step's words and scales are loaded before the current step is computed.
+- INT8 reads [BK/8, BN] int8 slices 8 times per step with the same float trick and scaling.
+
 Slots whose expert is not resident (``slot_of_expert[e] < 0``) return at once, so the
 caller needs no compaction and no host sync: the kernels can be captured in a CUDA graph.
-Weights are the GPU format's k-major tiles (krasisd.engine.gpu.format); a K block never
-crosses a scale group.
+Weights are the GPU format's k-major tiles (krasisd.engine.gpu.format).
 
 Legend: T = tokens, K = experts per token, P = T*K slots, D = hidden, I = expert width,
-BN = output columns per program, BK = inputs per step.
+BN = output columns per program, BK = inputs per step, BK8 = BK / 8.
 """
 
 from __future__ import annotations
@@ -33,110 +43,197 @@ import torch
 import triton
 import triton.language as tl
 
-from krasisd.engine.gpu.moe_triton import _load_weight_tile
+MIN_BLOCK_K = 16
 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tile of the kernels: output columns and inputs per step, K splits of each product."""
+    """Tiles of the two kernels: columns per program and K splits of gate/up and of down,
+    the K step, warps, and the INT4 unpack (two nibbles per shift, or one)."""
 
-    block_n: int = 32
+    block_n: int = 64
     block_k: int = 128
     split_k: int = 4
     num_warps: int = 4
+    down_block_n: int = 128
+    down_split_k: int = 4
+    down_num_warps: int = 4
+    pair_unpack: bool = True
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "down_block_n", "num_warps", "down_num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two, got {value}")
+        if self.block_k < MIN_BLOCK_K:
+            raise ValueError(f"GemvConfig.block_k must be >= {MIN_BLOCK_K}, got {self.block_k}")
+        if self.split_k < 1 or self.down_split_k < 1:
+            raise ValueError(f"K splits must be >= 1, got {self.split_k}, {self.down_split_k}")
 
 
+# Spans tile width (16 B .. 1 KB per K row), K splits (1 .. 8: programs per SM), warps and
+# the INT4 unpack; for DeepSeek-V2-Lite (D=2048, I=1408, 6 slots) between 132 and 2112
+# gate/up programs.
 GEMV_CANDIDATES = (
-    GemvConfig(32, 128, 4, 4), GemvConfig(32, 128, 8, 4), GemvConfig(16, 128, 8, 4),
-    GemvConfig(32, 128, 4, 8), GemvConfig(64, 128, 4, 8), GemvConfig(64, 128, 8, 8),
-    GemvConfig(32, 64, 8, 4),
+    GemvConfig(64, 128, 4, 4, 128, 4, 4, True),
+    GemvConfig(128, 128, 2, 4, 128, 2, 4, True),
+    GemvConfig(128, 128, 4, 8, 256, 4, 8, True),
+    GemvConfig(256, 128, 4, 8, 256, 8, 8, True),
+    GemvConfig(32, 128, 2, 2, 64, 2, 2, True),
+    GemvConfig(64, 64, 8, 4, 64, 8, 4, True),
+    GemvConfig(128, 128, 1, 8, 128, 1, 8, True),
+    GemvConfig(64, 128, 4, 4, 128, 4, 4, False),
+    GemvConfig(128, 128, 4, 8, 256, 4, 8, False),
 )
 
 
 @triton.jit
+def _nibble(words, J: tl.constexpr):
+    """Nibble J of each int32 word as the float q - 8: (nibble | 0x4B000000) read as a float
+    is 2^23 + nibble exactly."""
+    return (((words >> 4 * J) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _nibble_pair(words, M: tl.constexpr):
+    """Nibbles 2M and 2M+1 of each word as the floats 1 + n/256 and 1 + n/16 (n = q + 8):
+    one shift puts them at mantissa bits 15..18 and 19..22 under the exponent of 1.0."""
+    if 15 - 8 * M >= 0:
+        t = words << (15 - 8 * M)
+    else:
+        t = words >> (8 * M - 15)
+    lo = ((t & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True)
+    hi = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _int4_partial(words, a_ptrs, PAIRS: tl.constexpr):
+    """[BK8, BN] float32: sum over j of a[k0 + 8*k8 + j] * q, for words [BK8, BN] int32 and
+    a_ptrs [BK8] pointing at a[k0 + 8*k8] (unscaled)."""
+    acc = tl.zeros(words.shape, dtype=tl.float32)
+    if PAIRS:
+        corr = tl.zeros(a_ptrs.shape, dtype=tl.float32)  # [BK8] the constant parts
+        for m in tl.static_range(4):
+            lo, hi = _nibble_pair(words, m)
+            a_lo = tl.load(a_ptrs + 2 * m).to(tl.float32)  # [BK8]
+            a_hi = tl.load(a_ptrs + 2 * m + 1).to(tl.float32)
+            acc += (a_lo * 256.0)[:, None] * lo + (a_hi * 16.0)[:, None] * hi
+            corr += a_lo * 264.0 + a_hi * 24.0  # (256 + 8) a and (16 + 8) a: n - 8 = q
+        return acc - corr[:, None]
+    for j in tl.static_range(8):
+        acc += tl.load(a_ptrs + j).to(tl.float32)[:, None] * _nibble(words, j)
+    return acc
+
+
+@triton.jit
+def _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8: tl.constexpr):
+    """[BK8, BN] float32: the K step at k0 of int8 weights, as 8 slices of BK8 rows."""
+    acc = tl.zeros((BK8, offs_n.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(8):
+        rows = k0 + j * BK8 + offs_r  # [BK8]
+        q = tl.load(w_base + rows[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :],
+                    other=0)  # [BK8, BN] int8
+        w = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # q
+        acc += tl.load(a_row + rows).to(tl.float32)[:, None] * w
+    return acc
+
+
+@triton.jit
+def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stride_sk,
+              GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
+    """[BN] float32: sum over k in [first, last) of a[k] * w[k, n] for the columns offs_n
+    (a: bf16 activation row; w: k-major quantized weights with scales [K/G, N])."""
+    BK8: tl.constexpr = BLOCK_K // 8
+    offs_r = tl.arange(0, BK8)
+    acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
+    if BITS == 4:
+        words = tl.load(w_base + (first // 8 + offs_r)[:, None] * stride_wk + offs_n[None, :],
+                        mask=n_mask[None, :], other=0)  # [BK8, BN] int32
+        scale = tl.load(s_base + (first // GROUP) * stride_sk + offs_n, mask=n_mask, other=0.0)
+        for k0 in range(first, last, BLOCK_K):
+            nxt = k0 + BLOCK_K  # its words are in flight while this step computes
+            rows = nxt // 8 + offs_r  # [BK8]
+            next_words = tl.load(w_base + rows[:, None] * stride_wk + offs_n[None, :],
+                                 mask=(rows < last // 8)[:, None] & n_mask[None, :], other=0)
+            next_scale = tl.load(s_base + (nxt // GROUP) * stride_sk + offs_n,
+                                 mask=n_mask & (offs_n * 0 + nxt < last), other=0.0)
+            part = _int4_partial(words, a_row + k0 + 8 * offs_r, PAIRS)  # [BK8, BN]
+            acc += part * scale.to(tl.float32)[None, :]
+            words, scale = next_words, next_scale
+    else:
+        for k0 in range(first, last, BLOCK_K):
+            scale = tl.load(s_base + (k0 // GROUP) * stride_sk + offs_n, mask=n_mask, other=0.0)
+            part = _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8)
+            acc += part * scale.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _gate_up_gemv(
-    x_ptr, w_ptr, s_ptr, part_ptr, ids_ptr, slot_ptr, N, K, top_k, num_slots, steps_per_split,
-    stride_xm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn,
+    x_ptr, w_ptr, s_ptr, part_ptr, h_ptr, count_ptr, ids_ptr, slot_ptr, N, K, top_k,
+    num_slots, steps_per_split, num_splits,
+    stride_xm, stride_we, stride_wk, stride_se, stride_sk,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
-    # x [T, K=D] bf16; w [S, D(/8), 2N] gate cols [0, N), up cols [N, 2N);
-    # part [SPLIT, P, 2, N] float32: this split's gate and up sums (the down kernel adds them)
+    # x [T, K=D] bf16; w [S, D(/8), 2N]: gate columns [0, N), up [N, 2N)
+    # part [SPLIT, P, 2N] float32: each split's sums; count [P, N tiles] int32 arrivals
+    # h [P, N] bf16 = silu(gate) * up, written by the last program of its column tile
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
         return
-    token = slot // top_k
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    w_base, s_base = w_ptr + wslot * stride_we, s_ptr + wslot * stride_se
-    acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
-    acc_u = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    num_tiles = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(1) % num_tiles
+    half = tl.program_id(1) // num_tiles  # 0: gate, 1: up
+    offs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
     split = tl.program_id(2)
     first = split * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
-    for k0 in range(first, last, BLOCK_K):
-        xk = tl.load(x_ptr + token * stride_xm + k0 + offs_k).to(tl.float32)  # [BK]
-        qg, sg = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
-                                   stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
-                                   True)
-        qu, su = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n + N, n_mask, stride_wk,
-                                   stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
-                                   True)
-        acc_g += xk[:, None] * (qg * sg[None, :])
-        acc_u += xk[:, None] * (qu * su[None, :])
-    dst = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * N + offs_n
-    tl.store(dst, tl.sum(acc_g, axis=0), mask=n_mask)
-    tl.store(dst + N, tl.sum(acc_u, axis=0), mask=n_mask)
-
-
-@triton.jit
-def _silu_parts(part_ptr, h_ptr, ids_ptr, slot_ptr, N, num_slots, SPLIT: tl.constexpr,
-                BLOCK: tl.constexpr):
-    # part [SPLIT, P, 2, N] float32 -> h [P, N] bf16 = silu(sum of gate) * sum of up
-    slot = tl.program_id(0)
-    if tl.load(slot_ptr + tl.load(ids_ptr + slot)) < 0:  # not resident: no parts written
-        return
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    gate = tl.zeros((BLOCK,), dtype=tl.float32)
-    up = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLIT):
-        src = part_ptr + (split * num_slots + slot).to(tl.int64) * 2 * N + offs
-        gate += tl.load(src, mask=mask, other=0.0)
-        up += tl.load(src + N, mask=mask, other=0.0)
-    h = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(h_ptr + slot.to(tl.int64) * N + offs, h.to(tl.bfloat16), mask=mask)
+    total = _tile_sum(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
+                      s_ptr + wslot * stride_se, first, last, offs + half * N, mask, stride_wk,
+                      stride_sk, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
+    row = part_ptr + slot * 2 * N + offs
+    split_stride = num_slots * 2 * N
+    tl.store(row + split * split_stride + half * N, total, mask=mask)
+    tl.debug_barrier()  # every thread's part is written before the arrival is counted
+    arrived = tl.atomic_add(count_ptr + slot * num_tiles + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == 2 * num_splits - 1:  # the last: all parts of this tile are visible
+        gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(num_splits):
+            src = row + s * split_stride
+            gate += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
+            up += tl.load(src + N, mask=mask, other=0.0, cache_modifier=".cg")
+        h = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(h_ptr + slot.to(tl.int64) * N + offs, h.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
 def _down_gemv(
     h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, steps_per_split,
-    stride_hm, stride_we, stride_wk, stride_wn, stride_se, stride_sk, stride_sn, stride_om,
+    stride_hm, stride_we, stride_wk, stride_se, stride_sk, stride_om,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     # h [P, K=I] bf16; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
         return
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    w_base, s_base = w_ptr + wslot * stride_we, s_ptr + wslot * stride_se
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
     first = tl.program_id(2) * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
-    for k0 in range(first, last, BLOCK_K):
-        hk = tl.load(h_ptr + slot * stride_hm + k0 + offs_k).to(tl.float32)  # [BK]
-        q, s = _load_weight_tile(w_base, s_base, k0, offs_k, offs_n, n_mask, stride_wk,
-                                 stride_wn, stride_sk, stride_sn, GROUP, BITS, BLOCK_K, BLOCK_N,
-                                 True)
-        acc += hk[:, None] * (q * s[None, :])
+    total = _tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
+                      s_ptr + wslot * stride_se, first, last, offs, mask, stride_wk, stride_sk,
+                      GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
     route_w = tl.load(weights_ptr + slot)
-    token = slot // top_k
-    tl.atomic_add(out_ptr + token * stride_om + offs_n, tl.sum(acc, axis=0) * route_w,
-                  mask=n_mask)
+    tl.atomic_add(out_ptr + (slot // top_k) * stride_om + offs, total * route_w, mask=mask,
+                  sem="relaxed")
 
 
 def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_ids: torch.Tensor,
@@ -145,36 +242,55 @@ def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_id
     """Routed experts of x [T, D] (bf16) whose ``slot_of_expert`` [E] (int32) is >= 0:
     float32 [T, D], the weighted sum over each token's resident slots."""
     cfg = cfg or GemvConfig()
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
     t, d = x.shape
     k = topk_ids.shape[1]
-    w13, s13, w2, s2 = views["w13_q"], views["w13_s"], views["w2_q"], views["w2_s"]
-    inter = w2.shape[1] * (8 if bits == 4 else 1)
+    inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
     block_k = _block_k(cfg.block_k, group_size, d, inter)
-    ids = topk_ids.reshape(-1)  # [P]
-    weights = topk_weights.reshape(-1).to(torch.float32)  # [P]
-    if d % block_k or inter % block_k:
-        raise ValueError(f"widths {d} and {inter} must be multiples of the K step {block_k}")
-    x = x.contiguous()
-    out = torch.zeros(t, d, dtype=torch.float32, device=x.device)  # [T, D]
-    gu_split, gu_steps = _splits(d // block_k, cfg.split_k)
-    part = torch.empty(gu_split, t * k, 2, inter, dtype=torch.float32, device=x.device)
-    _gate_up_gemv[(t * k, triton.cdiv(inter, cfg.block_n), gu_split)](
-        x, w13, s13, part, ids, slot_of_expert, inter, d, k, t * k, gu_steps,
-        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), s13.stride(0), s13.stride(1),
-        s13.stride(2),
-        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps)
-    h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)  # [P, I]
-    _silu_parts[(t * k, triton.cdiv(inter, 1024))](part, h, ids, slot_of_expert, inter, t * k,
-                                                   SPLIT=gu_split, BLOCK=1024)
-    down_split, down_steps = _splits(inter // block_k, cfg.split_k)
-    _down_gemv[(t * k, triton.cdiv(d, cfg.block_n), down_split)](
-        h, w2, s2, out, ids, weights, slot_of_expert, d, inter, k, down_steps,
-        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), s2.stride(0), s2.stride(1),
-        s2.stride(2), out.stride(0),
-        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps)
+    gu_tiles = triton.cdiv(inter, cfg.block_n)
+    scratch = torch.zeros(t * d + t * k * gu_tiles, dtype=torch.float32, device=x.device)
+    out = scratch[: t * d].view(t, d)  # [T, D]
+    count = scratch[t * d :].view(torch.int32)  # [P, I tiles] arrivals: zeros in one memset
+    h = gemv_gate_up(x.contiguous(), views, slot_of_expert, topk_ids, bits, group_size, cfg, block_k,
+                count)
+    gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg, block_k,
+              out)
     return out
+
+
+def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, block_k, count):
+    """h [P, I] bf16 = silu(x @ gate) * (x @ up) of each resident slot (other rows unset);
+    ``count`` [P * I tiles] int32 must be zero."""
+    t, d = x.shape
+    k = topk_ids.shape[1]
+    w13, s13 = views["w13_q"], views["w13_s"]
+    inter = w13.shape[2] // 2
+    splits, steps = _splits(d // block_k, cfg.split_k)
+    part = torch.empty(splits, t * k, 2, inter, dtype=torch.float32, device=x.device)
+    h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)  # [P, I]
+    grid = (t * k, 2 * triton.cdiv(inter, cfg.block_n), splits)
+    _gate_up_gemv[grid](
+        x, w13, s13, part, h, count, topk_ids.reshape(-1), slot_of_expert, inter, d, k, t * k,
+        steps, splits, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
+        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        PAIRS=cfg.pair_unpack, num_warps=cfg.num_warps)
+    return h
+
+
+def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg, block_k, out):
+    """out [T, D] float32 += routing weight * (h @ down) of each resident slot."""
+    w2, s2 = views["w2_q"], views["w2_s"]
+    inter, d = h.shape[1], out.shape[1]
+    splits, steps = _splits(inter // block_k, cfg.down_split_k)
+    weights = topk_weights.reshape(-1).to(torch.float32)  # [P]
+    grid = (h.shape[0], triton.cdiv(d, cfg.down_block_n), splits)
+    _down_gemv[grid](
+        h, w2, s2, out, topk_ids.reshape(-1), weights, slot_of_expert, d, inter,
+        topk_ids.shape[1], steps, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0),
+        s2.stride(1), out.stride(0),
+        GROUP=group_size, BITS=bits, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k,
+        PAIRS=cfg.pair_unpack, num_warps=cfg.down_num_warps)
 
 
 def _splits(steps: int, wanted: int) -> tuple[int, int]:
@@ -192,6 +308,9 @@ def resident_slots(slot_of_expert: torch.Tensor, resident: torch.Tensor) -> torc
 def _block_k(block_k: int, group_size: int, *dims: int) -> int:
     """The largest power-of-two K step <= block_k inside one group that divides ``dims``."""
     block_k = min(block_k, group_size)
-    while block_k > 8 and (group_size % block_k or any(d % block_k for d in dims)):
+    while block_k > MIN_BLOCK_K and (group_size % block_k or any(d % block_k for d in dims)):
         block_k //= 2
+    if group_size % block_k or any(d % block_k for d in dims):
+        raise ValueError(f"widths {dims} and group {group_size} need a K step of "
+                         f">= {MIN_BLOCK_K} dividing them")
     return block_k
