@@ -1,0 +1,124 @@
+"""The flash-decoding MLA kernels (krasisd.engine.gpu.mla_decode) on the CPU through Triton's
+interpreter, against decode_attention.mla's three lines (scores, masked softmax, probs @ V)
+in float32 on the same bf16 inputs.
+
+Only the kernels' bf16 rounding of the probabilities and of the output separates them: about
+2^-8 relative each (the interpreter truncates where the GPU rounds), so 1e-2 relative.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+if torch.cuda.is_available():  # kernels imported earlier in the session are compiled for CUDA
+    pytest.skip("Triton interpreter tests run without a GPU", allow_module_level=True)
+
+from krasisd.engine.gpu.mla_decode import (  # noqa: E402
+    MAX_SPLITS,
+    default_num_splits,
+    mla_decode_attention,
+)
+
+REL_TOL = 1e-2
+STALE = 1e3  # what a stale cache row past the position holds
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _inputs(heads, latent, rope, rows, pos, seed=0):
+    """q_full [H, C + R] and entries [rows, C + R] (bf16) with garbage past the position."""
+    g = torch.Generator().manual_seed(seed)
+    q_full = torch.randn(heads, latent + rope, generator=g).bfloat16()
+    entries = torch.randn(rows, latent + rope, generator=g).bfloat16()
+    entries[pos + 1:] = STALE
+    return q_full, entries
+
+
+def _reference(q_full, entries, pos, bucket, scale, latent):
+    """decode_attention.mla's unfused lines in float32: [H, C]."""
+    window = entries[:bucket].float()  # [S, C + R]
+    scores = q_full.float() @ window.T * scale  # [H, S]
+    masked = torch.arange(bucket) > pos
+    probs = scores.masked_fill(masked[None, :], float("-inf")).softmax(dim=-1)
+    return probs @ window[:, :latent]  # [H, C]
+
+
+@pytest.mark.parametrize(
+    ("heads", "latent", "rope", "bucket", "pos", "splits"),
+    [
+        (16, 64, 16, 64, 40, None),  # default splits, last tile partly past pos
+        (4, 32, 16, 128, 0, 2),  # pos 0, H < 16
+        (8, 64, 32, 128, 127, 3),  # pos = bucket - 1, splits not dividing the blocks
+        (16, 128, 64, 512, 20, 8),  # bucket much larger than pos + 1: 7 splits exit early
+        (20, 32, 16, 96, 70, 2),  # two head blocks, bucket not a multiple of the tile
+        (1, 512, 64, 64, 33, 1),  # DeepSeek-V2-Lite's C and R, one head, one split
+    ],
+)
+def test_matches_float_reference(heads, latent, rope, bucket, pos, splits):
+    q_full, entries = _inputs(heads, latent, rope, bucket + 16, pos)
+    scale = (latent + rope) ** -0.5
+    out = mla_decode_attention(q_full, entries, torch.tensor([pos]), bucket, scale, latent,
+                               num_splits=splits)
+    assert out.shape == (heads, latent) and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert _rel(out, _reference(q_full, entries, pos, bucket, scale, latent)) < REL_TOL
+
+
+def test_split_counts_agree_and_stale_rows_are_never_read():
+    q_full, entries = _inputs(8, 32, 16, 256, 150)
+    entries[151:] = float("nan")  # a NaN read anywhere past the position would spread
+    pos = torch.tensor([150])
+    outs = [mla_decode_attention(q_full, entries, pos, 256, 0.5, 32, num_splits=n, block_s=s)
+            for n, s in ((1, 16), (5, 32), (16, 16))]
+    entries[151:] = 0.0
+    ref = _reference(q_full, entries, 150, 256, 0.5, 32)
+    for out in outs:
+        assert torch.isfinite(out).all() and _rel(out, ref) < REL_TOL
+
+
+def test_writes_into_out_and_reads_pos_from_the_tensor():
+    q_full, entries = _inputs(4, 32, 16, 64, 63)
+    out = torch.full((4, 32), 7.0, dtype=torch.bfloat16)
+    pos = torch.tensor([10])
+    returned = mla_decode_attention(q_full, entries, pos, 64, 0.3, 32, out=out, num_splits=2)
+    assert returned is out
+    assert _rel(out, _reference(q_full, entries, 10, 64, 0.3, 32)) < REL_TOL
+    pos.fill_(40)  # the same call, a later token: the position is only read on the device
+    mla_decode_attention(q_full, entries, pos, 64, 0.3, 32, out=out, num_splits=2)
+    assert _rel(out, _reference(q_full, entries, 40, 64, 0.3, 32)) < REL_TOL
+
+
+def test_default_splits_grow_with_the_bucket():
+    counts = [default_num_splits(bucket) for bucket in (1, 64, 256, 1024, 4096, 16384, 1 << 20)]
+    assert counts == sorted(counts) and counts[0] == 1
+    assert default_num_splits(256) <= 8  # few programs for short windows
+    assert default_num_splits(16384) >= 132  # every SM of an H200 busy for long ones
+    assert counts[-1] == MAX_SPLITS
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"latent_dim": 48}, "powers of two"),
+        ({"bucket": 0}, "bucket"),
+        ({"bucket": 65}, "bucket"),
+        ({"pos": torch.tensor([3], dtype=torch.int32)}, "pos"),
+        ({"q_full": torch.zeros(4, 40, dtype=torch.bfloat16)}, "width"),
+        ({"q_full": torch.zeros(4, 48)}, "bf16 or fp16"),
+        ({"out": torch.zeros(4, 16, dtype=torch.bfloat16)}, "out must be"),
+        ({"num_splits": 0}, "num_splits"),
+        ({"block_s": 24}, "block_s"),
+    ],
+)
+def test_bad_arguments_raise_value_error(change, message):
+    q_full, entries = _inputs(4, 32, 16, 64, 10)
+    args = {"q_full": q_full, "entries": entries, "pos": torch.tensor([10]), "bucket": 64,
+            "scale": 0.5, "latent_dim": 32} | change
+    with pytest.raises(ValueError, match=message):
+        mla_decode_attention(**args)
