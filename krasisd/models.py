@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from krasis_registry.caches import pick_quant
+from krasis_registry.registry import ready_cache, require_ready
 
 from krasisd.runners import ModelSpec
 
@@ -60,49 +60,37 @@ class ModelCatalog:
         return await self._call(self._spec, name)
 
     def _spec(self, name: str) -> ModelSpec:
-        full = canonical_name(name)
-        model_dir = Path(self.registry.model_dir(name))
-        item = next((m for m in self.registry.list() if m.get("name") in (name, full)), {})
-        size_bytes = int(item.get("size") or _folder_bytes(model_dir))
-        quant, cache_dir = self._pick_format(name, model_dir)
-        return ModelSpec(name=full, model_dir=model_dir, size_bytes=size_bytes,
-                         digest=str(item.get("digest", "")), details=item.get("details") or {},
-                         cache_dir=cache_dir, quant=quant,
-                         gpu_cache_dir=self._gpu_cache(name, quant))
+        info = self.registry.show(name)  # one registry call: the row, its config and caches
+        require_ready(info)
+        model_dir = Path(info["path"])
+        quant = self._pick_format(name, info.get("config") or {})
+        caches = (info.get("caches") or []) if quant != "none" else []
+        return ModelSpec(name=info["name"], model_dir=model_dir,
+                         size_bytes=int(info.get("size") or _folder_bytes(model_dir)),
+                         digest=str(info.get("digest") or ""), details=info.get("details") or {},
+                         quant=quant, cache_dir=ready_cache(caches, "cpu", quant),
+                         gpu_cache_dir=ready_cache(caches, "gpu", quant))
 
-    def _gpu_cache(self, name: str, quant: str) -> Path | None:
-        """The registry's ready GPU-format cache of ``quant`` (built at pull on GPU machines);
-        None: the hybrid engine finds or builds its own."""
-        if quant == "none":
-            return None
-        try:
-            return Path(self.registry.cache_dir(name, fmt="gpu", quant=quant))
-        except Exception:  # noqa: BLE001 - no ready GPU cache
-            return None
-
-    def _pick_format(self, name: str, model_dir: Path) -> tuple[str, Path | None]:
+    def _pick_format(self, name: str, config: dict) -> str:
         """The registry's pick_quant (KRASIS_QUANT when the model's shapes allow it, else
-        INT8, else the plain weights), the one the pull-time cache build used.
+        INT8, else "none": the plain weights), the one the pull-time cache build used.
 
-        A ready CPU cache of that format is used; without one the engine finds or builds
-        its own.
+        The registry's ready CPU and GPU caches of that format are used; without them the
+        engine finds or builds its own.
         """
-        picked = pick_quant(_read_config(model_dir), self.quant)
+        picked = pick_quant(config, self.quant)
         if picked is None:
             if self.quant != "none" and name not in self._warned:
                 self._warned.add(name)
                 log.warning("no quantized format fits the model; loading its weights as they "
                             "are", extra={"model": name, "wanted": self.quant})
-            return "none", None
+            return "none"
         quant = picked[0]
         if quant != self.quant and name not in self._warned:
             self._warned.add(name)
             log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
                         extra={"model": name, "wanted": self.quant, "using": quant})
-        try:
-            return quant, Path(self.registry.cache_dir(name, fmt="cpu", quant=quant))
-        except Exception:  # noqa: BLE001 - no ready cache: the engine uses its own
-            return quant, None
+        return quant
 
     def pull(self, name: str, insecure: bool = False) -> AsyncIterator[dict]:
         """Progress events of a pull (Ollama's /api/pull shape)."""
@@ -114,13 +102,6 @@ class ModelCatalog:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _read_config(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _folder_bytes(folder: Path) -> int:

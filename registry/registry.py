@@ -136,7 +136,8 @@ class Registry:
             "files": [{k: f[k] for k in ("path", "size_bytes", "sha256", "etag", "state")}
                       for f in files],
             "caches": [{k: c[k] for k in ("format", "quant", "group_size", "layout_version",
-                                          "path", "size_bytes", "checksum", "state", "error")}
+                                          "path", "size_bytes", "checksum", "state", "error",
+                                          "updated_at")}
                        for c in caches],
         }
 
@@ -144,10 +145,7 @@ class Registry:
         """The folder of a ready model; ModelNotFound otherwise."""
         ref = parse_name(name)
         with self._db() as db:
-            row = self._row(db, ref)
-        if row["state"] != "ready":
-            detail = f": {row['error']}" if row["error"] else ""
-            raise ModelNotFound(f"model {ref.full} is not ready ({row['state']}{detail})")
+            require_ready(self._row(db, ref))
         return self.store.model_dir(ref)
 
     def cache_dir(self, name: str, fmt: str = "cpu", quant: str = "int4",
@@ -157,11 +155,10 @@ class Registry:
         self.model_dir(name)
         with self._db() as db:
             caches = records.caches_of(db, self._row(db, ref)["id"])
-        for cache in sorted(caches, key=lambda c: c["updated_at"], reverse=True):
-            if (cache["format"], cache["quant"]) == (fmt, quant) and cache["state"] == "ready" \
-                    and group_size in (None, cache["group_size"]):
-                return Path(cache["path"])
-        raise CacheNotReady(f"no ready {fmt} {quant} cache for {ref.full}: pull it again")
+        path = ready_cache(caches, fmt, quant, group_size)
+        if path is None:
+            raise CacheNotReady(f"no ready {fmt} {quant} cache for {ref.full}: pull it again")
+        return path
 
     # removal and expert heat
 
@@ -189,6 +186,24 @@ class Registry:
         if row is None:
             raise ModelNotFound(f"model {ref.full} not found")
         return row
+
+
+def require_ready(model: dict) -> None:
+    """ModelNotFound unless the model (its row, or show()'s answer) is ready."""
+    if model["state"] != "ready":
+        detail = f": {model['error']}" if model["error"] else ""
+        raise ModelNotFound(f"model {model['name']} is not ready ({model['state']}{detail})")
+
+
+def ready_cache(caches: list[dict], fmt: str, quant: str,
+                group_size: int | None = None) -> Path | None:
+    """The newest ready cache of that format and quantization among a model's cache rows
+    (or show()'s "caches"), of any group size when None; None when there is none."""
+    for cache in sorted(caches, key=lambda c: c["updated_at"], reverse=True):
+        if (cache["format"], cache["quant"]) == (fmt, quant) and cache["state"] == "ready" \
+                and group_size in (None, cache["group_size"]):
+            return Path(cache["path"])
+    return None
 
 
 def _tag_item(row: dict) -> dict:

@@ -40,8 +40,11 @@ class FakeRegistry:
                 for n in self.models]
 
     def show(self, name: str) -> dict:
+        """The fields of the registry's show() that the daemon reads: a ready model, no caches."""
         folder = self._get(name)
-        return {"name": parse_name(name).full, "path": folder, "details": {"family": "fake"}}
+        return {"name": parse_name(name).full, "path": str(folder), "size": 1000,
+                "digest": "sha256:00", "details": {"family": "fake"}, "state": "ready",
+                "error": None, "config": {}, "caches": []}
 
     def model_dir(self, name: str) -> Path:
         return self._get(name)

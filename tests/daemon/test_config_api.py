@@ -126,20 +126,18 @@ def test_good_names(name):
     (2048, 1408, "none", ("none", None)),
 ])
 def test_format_falls_back_when_shapes_do_not_fit(tmp_path, hidden, width, wanted, expected):
-    from krasis_registry import CacheNotReady
-
     from krasisd.models import ModelCatalog
 
     class Registry:
-        def cache_dir(self, name, fmt="cpu", quant="int4"):
-            if quant == "int4":
-                return tmp_path / "cache-int4"
-            raise CacheNotReady("no cache")
+        def show(self, name):
+            cache = {"format": "cpu", "quant": "int4", "group_size": 64, "state": "ready",
+                     "path": str(tmp_path / "cache-int4"), "updated_at": "2026-01-01"}
+            return {"name": "m:latest", "path": str(tmp_path), "size": 1, "state": "ready",
+                    "error": None, "caches": [cache],
+                    "config": {"hidden_size": hidden, "moe_intermediate_size": width}}
 
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"hidden_size": hidden, "moe_intermediate_size": width}))
-    quant, cache_dir = ModelCatalog(Registry(), wanted)._pick_format("m", tmp_path)
-    assert (quant, cache_dir.name if cache_dir else None) == expected
+    spec = ModelCatalog(Registry(), wanted)._spec("m")
+    assert (spec.quant, spec.cache_dir.name if spec.cache_dir else None) == expected
 
 
 def test_structured_log_formats():

@@ -19,20 +19,16 @@ class _Registry:
     def __init__(self, root: Path, formats: set[str]):
         self.root, self.formats = root, formats
 
-    def model_dir(self, name):
-        return self.root
-
-    def list(self):
-        return [{"name": "m:latest", "size": 1}]
-
-    def cache_dir(self, name, fmt="cpu", quant="int4"):
-        if fmt in self.formats:
-            return self.root / f"{fmt}-{quant}"
-        raise CacheNotReady(f"no {fmt} cache")
+    def show(self, name):
+        caches = [{"format": fmt, "quant": "int4", "group_size": 64, "state": "ready",
+                   "path": str(self.root / f"{fmt}-int4"), "updated_at": "2026-01-01"}
+                  for fmt in sorted(self.formats)]
+        return {"name": "m:latest", "path": str(self.root), "size": 1, "state": "ready",
+                "error": None, "caches": caches,
+                "config": {"hidden_size": 2048, "moe_intermediate_size": 1408}}
 
 
 def _catalog(tmp_path, formats):
-    (tmp_path / "config.json").write_text('{"hidden_size": 2048, "moe_intermediate_size": 1408}')
     return ModelCatalog(_Registry(tmp_path, formats), "int4")
 
 
@@ -102,3 +98,57 @@ def test_daemon_serves_the_cache_the_registry_built(tmp_path, width, quant):
     assert (row["quant"], row["state"]) == (quant, "ready")
     spec = ModelCatalog(registry, "int4")._spec("m")
     assert (spec.quant, spec.cache_dir) == (quant, Path(row["path"]))
+
+
+def _spec_from_single_calls(registry, name: str) -> ModelSpec:
+    """The answer the lookup gave when it asked model_dir, list and cache_dir one by one."""
+    model_dir = registry.model_dir(name)
+    [item] = [m for m in registry.list() if m["name"] == "m:latest"]
+
+    def cache(fmt):
+        try:
+            return registry.cache_dir(name, fmt=fmt, quant="int4")
+        except CacheNotReady:
+            return None
+
+    return ModelSpec(name="m:latest", model_dir=model_dir, size_bytes=item["size"],
+                     digest=item["digest"], details=item["details"], quant="int4",
+                     cache_dir=cache("cpu"), gpu_cache_dir=cache("gpu"))
+
+
+@pytest.mark.parametrize("formats", [["cpu", "gpu"], False])
+def test_lookup_is_one_registry_connection(tmp_path, monkeypatch, formats):
+    from krasis_registry import Registry
+    from krasis_registry import registry as registry_module
+
+    registry = Registry(cache_builders={"cpu": manifest_builder, "gpu": manifest_builder})
+    folder = _model_folder(tmp_path / "m", 128, 128)
+    assert list(registry.create("m", folder, build_caches=formats))[-1]["status"] == "success"
+    (registry.model_dir("m") / "config.json").unlink()  # the registry's record is enough
+    opened = []
+    real_connect = registry_module.connect
+    monkeypatch.setattr(registry_module, "connect",
+                        lambda path: opened.append(path) or real_connect(path))
+    spec = ModelCatalog(registry, "int4")._spec("m")
+    assert len(opened) == 1
+    assert spec == _spec_from_single_calls(registry, "m")
+    assert (spec.cache_dir is not None, spec.gpu_cache_dir is not None) == \
+        ("cpu" in (formats or ()), "gpu" in (formats or ()))
+
+
+def test_lookup_errors_are_the_registry_ones(tmp_path):
+    from krasis_registry import ModelNotFound, PullError, Registry
+
+    registry = Registry()
+    folder = _model_folder(tmp_path / "broken", 128, 128)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(PullError, match="cannot read config.json"):
+        list(registry.create("broken", folder, build_caches=False))
+    catalog = ModelCatalog(registry, "int4")
+    for name in ("absent", "broken"):  # not found; found but not ready
+        with pytest.raises(ModelNotFound) as expected:
+            registry.model_dir(name)
+        with pytest.raises(ModelNotFound) as got:
+            catalog._spec(name)
+        assert str(got.value) == str(expected.value)
+    assert "broken:latest is not ready (failed: cannot read config.json" in str(got.value)
