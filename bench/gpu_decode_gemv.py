@@ -1,0 +1,237 @@
+"""Micro-benchmark of the decode matrix-vector MoE kernels (krasisd.engine.gpu.moe_decode).
+
+A decode step's routed experts as the hybrid engine runs them on the GPU: L = 26 MoE layers
+of DeepSeek-V2-Lite shape (E = 64 experts, K = 6 per token, D = 2048, I = 1408, INT4 group
+128 by default), each layer with its own random weights, routing and activations, all 26
+captured in one CUDA graph and replayed. 26 layers of 6 experts read about 0.7 GB per step,
+far beyond the 50 MB L2, so every layer's weights come from HBM as in a real step.
+
+For every candidate tile (GEMV_CANDIDATES): microseconds per layer for gate/up with the SiLU,
+for down, and for the whole moe_gemv call; GB/s of the expert bytes the routing touches,
+beside the device's copy rate (read + write of a 1 GiB tensor), the limit being chased; and
+the relative error of layer 0 against float32 on the dequantized weights.
+
+Run on the GPU machine:  PYTHONPATH=. python3 bench/gpu_decode_gemv.py --out gemv.json
+Check this script on the CPU (Triton interpreter, tiny shape):  ... --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from krasisd.engine.gpu import moe_decode  # noqa: E402
+from krasisd.engine.gpu.format import QMAX, ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
+
+SMOKE_SHAPE = dict(layers=2, experts=8, top_k=2, hidden=64, inter=32, group=32)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def expert_read_bytes(layout: ExpertLayout) -> int:
+    """Bytes a kernel reads per expert: the four parts, without alignment padding."""
+    return sum(size for _, size in layout.part_offsets().values())
+
+
+def build(args, layout: ExpertLayout, device) -> list[dict]:
+    """Per layer: expert views over random quantized bytes, routing, weights and x."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    arena = torch.randint(0, 256, (args.layers, args.experts, layout.expert_bytes),
+                          dtype=torch.uint8, device=device, generator=gen)  # [L, E, bytes]
+    qmax = QMAX[layout.spec.bits]
+    layers = []
+    for layer in range(args.layers):
+        views = layout.views(arena[layer])
+        for name, fan_in in (("w13_s", args.hidden), ("w2_s", args.inter)):
+            scale = torch.rand(views[name].shape, device=device, generator=gen) + 0.5
+            views[name].copy_(scale / (qmax * fan_in**0.5))
+        scores = torch.rand(args.tokens, args.experts, device=device, generator=gen)
+        layers.append(dict(
+            views=views, ids=scores.topk(args.top_k, dim=-1).indices,  # [T, K]
+            weights=torch.rand(args.tokens, args.top_k, device=device, generator=gen),
+            x=torch.randn(args.tokens, args.hidden, device=device, generator=gen).bfloat16()))
+    return layers
+
+
+def reference(layer: dict, spec: QuantSpec, inter: int) -> torch.Tensor:
+    """float32 [T, D] of one layer on the dequantized weights (h rounded to bf16)."""
+    views, x = layer["views"], layer["x"].float()
+    out = torch.zeros_like(x)
+    for t, k in ((t, k) for t in range(x.shape[0]) for k in range(layer["ids"].shape[1])):
+        e = int(layer["ids"][t, k])
+        gate_up = x[t] @ dequantize_kmajor(views["w13_q"][e], views["w13_s"][e], spec)
+        h = (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]).bfloat16().float()
+        out[t] += layer["weights"][t, k] * (h @ dequantize_kmajor(views["w2_q"][e],
+                                                                 views["w2_s"][e], spec))
+    return out
+
+
+def time_us(run, repeats: int, device) -> float:
+    """Microseconds per call of ``run``: replays of a CUDA graph of it (CPU: one plain call)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run()
+        return 1e6 * (time.perf_counter() - start)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / repeats
+
+
+def copy_gb_s(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device copy rate, read + write bytes per second, of a ``nbytes`` tensor."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    return 2 * nbytes * repeats / (start.elapsed_time(end) * 1e6)
+
+
+def measure(cfg, layers, layout, slots, args, device) -> dict:
+    """us per layer of gate/up, down and the whole call for one tile, and layer 0's error."""
+    spec, block_k = layout.spec, moe_decode._block_k(cfg.block_k, args.group, args.hidden,
+                                                     args.inter)
+    p, tiles = args.tokens * args.top_k, -(-args.inter // cfg.block_n)
+
+    def full():
+        return [moe_decode.moe_gemv(lay["x"], lay["views"], slots, lay["ids"], lay["weights"],
+                                    spec.bits, args.group, cfg) for lay in layers]
+
+    def gate_up():
+        for lay in layers:
+            count = torch.zeros(p * tiles, dtype=torch.int32, device=device)
+            moe_decode.gemv_gate_up(lay["x"], lay["views"], slots, lay["ids"], spec.bits,
+                                    args.group, cfg, block_k, count)
+
+    hs = []
+    for lay in layers:
+        count = torch.zeros(p * tiles, dtype=torch.int32, device=device)
+        hs.append(moe_decode.gemv_gate_up(lay["x"], lay["views"], slots, lay["ids"], spec.bits,
+                                          args.group, cfg, block_k, count))
+
+    def down():
+        for lay, h in zip(layers, hs, strict=True):
+            out = torch.zeros(args.tokens, args.hidden, dtype=torch.float32, device=device)
+            moe_decode.gemv_down(h, lay["views"], slots, lay["ids"], lay["weights"], spec.bits,
+                                 args.group, cfg, block_k, out)
+
+    ref = reference(layers[0], spec, args.inter)
+    err = ((full()[0] - ref).norm() / ref.norm()).item()
+    n = len(layers)
+    return {"gate_up_us": time_us(gate_up, args.repeats, device) / n,
+            "down_us": time_us(down, args.repeats, device) / n,
+            "layer_us": time_us(full, args.repeats, device) / n, "rel_err": err}
+
+
+def short_name(cfg) -> str:
+    """gate/up tile x K step / splits / warps, the same for down, and the INT4 unpack."""
+    unpack = "pair" if cfg.pair_unpack else "single"
+    return (f"gu {cfg.block_n}x{cfg.block_k}/s{cfg.split_k}/w{cfg.num_warps} "
+            f"dn {cfg.down_block_n}/s{cfg.down_split_k}/w{cfg.down_num_warps} {unpack}")
+
+
+def report(rows: list[dict], copy_rate: float) -> None:
+    log("\n| config | gate/up+SiLU us | down us | layer us | GB/s | of copy | rel err |")
+    log("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            log(f"| {r['config']} | failed: {r['error'][:80]} |")
+            continue
+        log(f"| {r['config']} | {r['gate_up_us']:.1f} | {r['down_us']:.1f} | {r['layer_us']:.1f}"
+            f" | {r['gb_s']:.0f} | {r['gb_s'] / copy_rate:.0%} | {r['rel_err']:.1e} |")
+    timed = [r for r in rows if "error" not in r]
+    if timed:
+        best = min(timed, key=lambda r: r["layer_us"])
+        log(f"\nbest: {best['config']}: {best['layer_us']:.1f} us per layer, "
+            f"{best['gb_s']:.0f} GB/s (device copy {copy_rate:.0f} GB/s)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--experts", type=int, default=64, help="per layer")
+    parser.add_argument("--top-k", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=1408)
+    parser.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=50, help="graph replays timed")
+    parser.add_argument("--candidates", default="all", help="'all' or indices like 0,3")
+    parser.add_argument("--out", default=None, help="write the rows as JSON")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shape on the CPU (Triton interpreter): checks this script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE_SHAPE)
+        args.candidates = "0,7" if args.candidates == "all" else args.candidates
+    elif not torch.cuda.is_available():
+        log("needs a CUDA GPU (or --smoke)")
+        return 2
+    if args.top_k > args.experts:
+        log(f"--top-k {args.top_k} is more than --experts {args.experts}")
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    torch.set_num_threads(2)
+    picks = (range(len(moe_decode.GEMV_CANDIDATES)) if args.candidates == "all"
+             else [int(i) for i in args.candidates.split(",")])
+    layout = ExpertLayout(args.hidden, args.inter, QuantSpec(args.bits, args.group))
+    layers = build(args, layout, device)
+    slots = torch.arange(args.experts, dtype=torch.int32, device=device)  # all resident
+    step_bytes = sum(torch.unique(lay["ids"]).numel() for lay in layers) * expert_read_bytes(
+        layout)
+    copy_rate = copy_gb_s(device)
+    log(f"{args.layers} layers x {args.experts} experts, T={args.tokens} K={args.top_k} "
+        f"D={args.hidden} I={args.inter} INT{args.bits} g{args.group}: "
+        f"{step_bytes / 1e6:.0f} MB of experts per step; device copy {copy_rate:.0f} GB/s")
+    rows = []
+    for index in picks:
+        cfg = moe_decode.GEMV_CANDIDATES[index]
+        row = {"index": index, "config": short_name(cfg), "fields": dataclasses.asdict(cfg)}
+        try:
+            row.update(measure(cfg, layers, layout, slots, args, device))
+            row["gb_s"] = step_bytes / (row["layer_us"] * args.layers * 1e3)
+        except Exception as exc:  # e.g. a tile this device cannot compile
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        log(f"{row['config']}: " + ("failed" if "error" in row else
+                                   f"{row['layer_us']:.1f} us/layer"))
+    report(rows, copy_rate)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump({"shape": {k: v for k, v in vars(args).items() if k != "out"},
+                       "copy_gb_s": copy_rate, "step_bytes": step_bytes, "rows": rows},
+                      handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
