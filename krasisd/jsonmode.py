@@ -15,6 +15,7 @@ Token texts are the tokenizer's decoding of each token alone; runs of whitespace
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -154,17 +155,19 @@ class JsonPrefix:
         return None if ord(c) < 0x20 else self
 
 
-_VOCAB_CACHE: dict[int, list[str]] = {}
+# per engine, for the engine's life: an id() key could be reused by a later engine whose
+# vocabulary differs
+_VOCAB_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def token_texts(engine) -> list[str]:
     """Each token's text decoded alone (cached per engine)."""
-    key = id(engine)
-    if key not in _VOCAB_CACHE:
+    texts = _VOCAB_CACHE.get(engine)
+    if texts is None:
         tokenizer = engine.tokenizer
         size = getattr(getattr(engine, "config", None), "vocab_size", None) or tokenizer.vocab_size
-        _VOCAB_CACHE[key] = [tokenizer.decode([i]) for i in range(size)]
-    return _VOCAB_CACHE[key]
+        texts = _VOCAB_CACHE[engine] = [tokenizer.decode([i]) for i in range(size)]
+    return texts
 
 
 def _pick(sampler: Sampler, logits: torch.Tensor, history: list[int], state: JsonPrefix,

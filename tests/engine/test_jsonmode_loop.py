@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from krasisd.engine.generate import generate_stream
 from krasisd.engine.options import SamplingOptions
-from krasisd.jsonmode import JsonPrefix, generate_json
+from krasisd.jsonmode import _VOCAB_CACHE, JsonPrefix, generate_json, token_texts
 
 PIECES = ["{", "}", '"a"', ":", "1", ",", "[", "]", " ", "<eos>", "x"]
 EOS = PIECES.index("<eos>")
@@ -124,3 +125,13 @@ def test_json_mode_needs_a_tokenizer():
     engine.tokenizer = None
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         generate_json(engine, [0], SamplingOptions(**GREEDY), lambda: False)
+
+
+def test_token_texts_live_as_long_as_their_engine():
+    engine = RankedEngine(CLOSES)
+    assert token_texts(engine) == PIECES
+    assert token_texts(engine) is token_texts(engine)  # decoded once
+    entries = len(_VOCAB_CACHE)
+    del engine
+    gc.collect()
+    assert len(_VOCAB_CACHE) == entries - 1
