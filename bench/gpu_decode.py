@@ -211,11 +211,11 @@ def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:
     if args.profile:
         from decode_profile import profile_decode
 
-        log(profile_decode(engine, min(args.contexts[-1], 1000), steps=16))
         if engine.expert_backend.has_cpu_part(engine.expert_backend.moe_layers[0]):
-            from decode_profile import profile_host
+            from decode_profile import profile_host  # first: torch.profiler slows later steps
 
             log(profile_host(engine, min(args.contexts[-1], 1000), steps=32))
+        log(profile_decode(engine, min(args.contexts[-1], 1000), steps=16))
         if not args.skip_streams and max(args.streams) > 1:
             from decode_profile import profile_batched
 
