@@ -6,7 +6,10 @@ Only the kernels' bf16 rounding of the probabilities and of the output separates
 2^-8 relative each (the interpreter truncates where the GPU rounds), so 1e-2 relative.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -114,6 +117,7 @@ def test_default_splits_grow_with_the_bucket():
         ({"out": torch.zeros(4, 16, dtype=torch.bfloat16)}, "out must be"),
         ({"num_splits": 0}, "num_splits"),
         ({"block_s": 24}, "block_s"),
+        ({"block_s": 128}, "block_s"),
     ],
 )
 def test_bad_arguments_raise_value_error(change, message):
@@ -122,3 +126,66 @@ def test_bad_arguments_raise_value_error(change, message):
             "scale": 0.5, "latent_dim": 32} | change
     with pytest.raises(ValueError, match=message):
         mla_decode_attention(**args)
+
+
+# -- the same kernels built for Hopper (sm_90) without a GPU --------------------------------
+
+CUOBJDUMP = os.path.join(os.path.dirname(pytest.importorskip("triton").__file__), "backends",
+                         "nvidia", "bin", "cuobjdump")
+# Triton ahead of time for a named target with its bundled ptxas, in a child process (this one
+# is in interpreter mode). Arguments are specialised as a launch at DeepSeek-V2-Lite's shape
+# would be: pointers and multiples of 16 marked divisible by 16, so loads vectorise and
+# pipeline as on the GPU.
+BUILD = r"""
+import json, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from krasisd.engine.gpu import mla_decode as m
+
+def build(kernel, consts, ints, num_warps, num_stages):
+    names = kernel.arg_names
+    types = {n: ("*bf16" if n in ("q_ptr", "kv_ptr", "out_ptr") else "*i64" if n == "pos_ptr"
+                 else "*fp32" if n.endswith("_ptr") else "fp32" if n == "qk_scale" else "i32")
+             for n in names}
+    signature = {n: "constexpr" if n in consts else types[n] for n in names}
+    divisible = [n for n in names if n.endswith("_ptr") or ints.get(n, 1) % 16 == 0]
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([sys.argv[1], "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {"shared": compiled.metadata.shared, "async_loads": "LDGSTS" in sass,
+            "spills": "LDL" in sass or "STL" in sass}
+
+C, R, H, S = 512, 64, 16, 1024
+split = build(m._mla_split_kernel, dict(C=C, R=R, BLOCK_H=m.BLOCK_H, BLOCK_S=m.BLOCK_S,
+                                        DOT_F32=False),
+              dict(H=H, S=S, q_stride=C + R, kv_stride=C + R, blocks_per_split=2),
+              m.split_warps(m.BLOCK_S), m.SPLIT_STAGES)
+combine = build(m._mla_combine_kernel, dict(C=C, BLOCK_P=256, BLOCK_C=16),
+                dict(H=H, P=256, out_stride=C), 4, 1)
+print(json.dumps({"split": split, "combine": combine}))
+"""
+
+
+def test_kernels_build_for_sm90_with_pipelined_loads_and_no_spills():
+    if not os.path.exists(CUOBJDUMP):
+        pytest.skip("Triton's CUDA tools are not bundled here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", BUILD, CUOBJDUMP], env=env,
+                          capture_output=True, text=True, timeout=240)
+    if done.returncode and ("ptxas" in done.stderr or "No such file" in done.stderr):
+        pytest.skip(f"no CUDA toolchain for sm_90 here: {done.stderr.strip().splitlines()[-1:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    split, combine = report["split"], report["combine"]
+    assert split["async_loads"] and not split["spills"]  # cache tiles stream through cp.async
+    assert split["shared"] <= 227 * 1024 // 2  # two programs fit an SM's shared memory
+    assert not combine["spills"]

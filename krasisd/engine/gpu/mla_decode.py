@@ -32,6 +32,8 @@ import triton.language as tl
 MIN_SPLIT_POSITIONS = 64  # below this a split's partial [H, C] costs about its share of cache
 MAX_SPLITS = 256  # about two programs per SM on a 132-SM H200 for the longest windows
 BLOCK_H = 16  # heads per program: the smallest M of tl.dot; fewer heads are masked
+BLOCK_S = 32  # cache rows per tile: [32, 512 + 64] bf16 is 36 KiB, two stages in flight
+SPLIT_STAGES = 2
 COMBINE_TILE = 4096  # float32 values of [P, BLOCK_C] the combine kernel loads at once
 _LOG2E = 1.4426950408889634
 
@@ -105,6 +107,12 @@ def _mla_combine_kernel(part_ptr, lse_ptr, out_ptr, H, P, out_stride, C: tl.cons
     tl.store(out_ptr + head * out_stride + offs_c, out.to(out_ptr.dtype.element_ty))
 
 
+def split_warps(block_s: int) -> int:
+    """Warps of the split kernel: on sm_90 at C = 512, 4 for 32-row tiles (174 registers),
+    8 for 64-row ones (4 would spill)."""
+    return 8 if block_s >= 64 else 4
+
+
 def default_num_splits(bucket: int) -> int:
     """Splits of a window of ``bucket`` positions: few for short windows (each split's partial
     costs a workspace round trip), up to MAX_SPLITS (about two per SM) for long ones."""
@@ -114,7 +122,7 @@ def default_num_splits(bucket: int) -> int:
 def mla_decode_attention(q_full: torch.Tensor, entries: torch.Tensor, pos: torch.Tensor,
                          bucket: int, scale: float, latent_dim: int,
                          out: torch.Tensor | None = None, num_splits: int | None = None,
-                         block_s: int = 32) -> torch.Tensor:
+                         block_s: int = BLOCK_S) -> torch.Tensor:
     """softmax(q_full @ window.T * scale, positions <= pos) @ window[:, :latent_dim] over
     window = entries[:bucket]: the absorbed query [H, C + R] and cache entries [M, C + R]
     -> [H, C] (into ``out`` when given), with no host sync."""
@@ -134,7 +142,8 @@ def mla_decode_attention(q_full: torch.Tensor, entries: torch.Tensor, pos: torch
     _mla_split_kernel[(splits, triton.cdiv(heads, BLOCK_H))](
         q_full, entries, pos, part, lse, heads, bucket, q_full.stride(0), entries.stride(0),
         blocks_per_split, scale * _LOG2E, C=latent_dim, R=rope_dim, BLOCK_H=BLOCK_H,
-        BLOCK_S=block_s, DOT_F32=entries.device.type != "cuda", num_warps=4, num_stages=2)
+        BLOCK_S=block_s, DOT_F32=entries.device.type != "cuda", num_warps=split_warps(block_s),
+        num_stages=SPLIT_STAGES)
     block_p = triton.next_power_of_2(splits)
     block_c = min(latent_dim, max(16, COMBINE_TILE // block_p))
     _mla_combine_kernel[(heads, triton.cdiv(latent_dim, block_c))](
@@ -155,8 +164,8 @@ def _check(q_full, entries, pos, bucket, latent_dim, out, block_s) -> None:
     if not (_pow2(latent_dim) and _pow2(rope_dim) and latent_dim >= 16 and rope_dim >= 16):
         raise ValueError(f"latent ({latent_dim}) and rope ({rope_dim}) dims must be powers of "
                          f"two >= 16")
-    if not (_pow2(block_s) and block_s >= 16):
-        raise ValueError(f"block_s must be a power of two >= 16, got {block_s}")
+    if block_s not in (16, 32, 64):
+        raise ValueError(f"block_s must be 16, 32 or 64, got {block_s}")
     if not 1 <= bucket <= entries.shape[0]:
         raise ValueError(f"bucket must be in 1..{entries.shape[0]} (cache rows), got {bucket}")
     if q_full.dtype != entries.dtype or entries.dtype not in (torch.bfloat16, torch.float16):
