@@ -57,8 +57,8 @@ def _mla_split_kernel(q_ptr, kv_ptr, pos_ptr, part_ptr, lse_ptr, H, S, q_stride,
     offs_c = tl.arange(0, C)
     offs_r = tl.arange(0, R)
     lo = split * blocks_per_split * BLOCK_S
-    # positions [lo, hi) of this split that are at or before the token's
-    hi = tl.minimum(tl.minimum(lo + blocks_per_split * BLOCK_S, S), tl.load(pos_ptr).to(tl.int32) + 1)
+    last = tl.load(pos_ptr).to(tl.int32)  # the token's position: later rows are stale
+    hi = tl.minimum(tl.minimum(lo + blocks_per_split * BLOCK_S, S), last + 1)  # rows [lo, hi)
 
     q_rows = q_ptr + heads[:, None] * q_stride
     q_c = tl.load(q_rows + offs_c[None, :], mask=head_ok[:, None], other=0.0)  # [BLOCK_H, C]
@@ -73,14 +73,15 @@ def _mla_split_kernel(q_ptr, kv_ptr, pos_ptr, part_ptr, lse_ptr, H, S, q_stride,
         kv_rows = kv_ptr + rows[:, None].to(tl.int64) * kv_stride
         k_c = tl.load(kv_rows + offs_c[None, :], mask=live[:, None], other=0.0)  # [BLOCK_S, C]
         k_r = tl.load(kv_rows + C + offs_r[None, :], mask=live[:, None], other=0.0)  # [BLOCK_S, R]
+        # scores [BLOCK_H, BLOCK_S] = q_c @ k_c^T + q_r @ k_r^T
         s = _dot(q_c, tl.trans(k_c), DOT_F32) + _dot(q_r, tl.trans(k_r), DOT_F32)
         s = tl.where(live[None, :], s * qk_scale, float("-inf"))
         new_m = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile has a live row
         alpha = tl.exp2(m - new_m)
         p = tl.exp2(s - new_m[:, None])  # [BLOCK_H, BLOCK_S]
         total = total * alpha + tl.sum(p, axis=1)
-        # [BLOCK_H, BLOCK_S] scores above; p rounded to the cache's dtype as the GEMM took it
-        acc = acc * alpha[:, None] + _dot(p.to(k_c.dtype), k_c, DOT_F32)  # V = the C part of K
+        # p in the cache's dtype, as the unfused probs @ V GEMM takes it; V = the C part of K
+        acc = acc * alpha[:, None] + _dot(p.to(k_c.dtype), k_c, DOT_F32)  # [BLOCK_H, C]
         m = new_m
 
     worked = hi > lo
