@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from krasis_registry.caches import pick_quant
+from krasis_registry.names import parse_name
 from krasis_registry.registry import ready_cache, require_ready
 
 from krasisd.runners import ModelSpec
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 
 def canonical_name(name: str) -> str:
     """'krasis-tiny' -> 'krasis-tiny:latest', as the registry names it."""
-    try:
-        from krasis_registry.names import parse_name
-    except ImportError:
-        return name
     return parse_name(name).full
 
 

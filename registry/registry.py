@@ -152,9 +152,10 @@ class Registry:
                   group_size: int | None = None) -> Path:
         """The folder of a ready cache of that format and quantization; CacheNotReady otherwise."""
         ref = parse_name(name)
-        self.model_dir(name)
         with self._db() as db:
-            caches = records.caches_of(db, self._row(db, ref)["id"])
+            row = self._row(db, ref)
+            require_ready(row)
+            caches = records.caches_of(db, row["id"])
         path = ready_cache(caches, fmt, quant, group_size)
         if path is None:
             raise CacheNotReady(f"no ready {fmt} {quant} cache for {ref.full}: pull it again")
