@@ -144,3 +144,33 @@ def test_cpu_slots_zero_resident_slots_without_reading_another_expert():
     all_cpu = np.zeros(4, dtype=bool)
     same_ids, same_weights = cpu_slots(ids, weights, all_cpu)
     assert same_ids is ids and same_weights is weights
+
+
+def test_fused_step_with_flash_decoding_attention(monkeypatch):
+    """A bf16 MLA model whose widths the flash-decoding kernels take (latent 32, rope 16):
+    the fused step runs them (counted) and gives the logits of the same fused step with the
+    three-launch attention, up to the bf16 rounding of the probabilities that path makes."""
+    from krasisd.engine.gpu import decode_attention
+
+    calls = []
+    flash = decode_attention.mla_decode_attention
+    monkeypatch.setattr(decode_attention, "mla_decode_attention",
+                        lambda *a, **k: calls.append(1) or flash(*a, **k))
+    torch.set_num_threads(1)
+    config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, kv_lora_rank=32, qk_rope_head_dim=16))
+    model = synthetic_model(config, DEVICE, torch.bfloat16, seed=5)
+    experts = {layer: tuple(w.bfloat16() for w in synthetic_expert_weights(config, layer,
+                                                                            DEVICE, 5))
+               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
+    engine = Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    logits = []
+    for flash_on in (True, False):
+        monkeypatch.setattr(decode_attention, "_flash_fits", lambda *a, on=flash_on: on)
+        cache = engine.new_cache(32)
+        engine.forward(PROMPT, cache)
+        step = DecodeStep(engine.model, cache, use_graphs=False, min_bucket=8,
+                          fused_kernels=True)
+        logits.append(torch.stack([step(3 + 7 * i, cache) for i in range(4)]))  # [4, V]
+    assert len(calls) == 4 * config.num_hidden_layers
+    got, want = logits
+    assert (got - want).abs().max() < 0.02 * want.abs().max()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from krasisd.engine.gpu import fused as kernels
+from krasisd.engine.gpu.mla_decode import mla_decode_attention
 
 
 @dataclass
@@ -46,22 +47,33 @@ def norm(module, x: torch.Tensor, fused: bool) -> torch.Tensor:
 def mla(attn, x: torch.Tensor, entries: torch.Tensor, at: Position, fused: bool) -> torch.Tensor:
     """Absorbed MLA of x [1, D] over the layer's cache entries [M, C + R] (the new entry is
     written at the position): [1, D]."""
-    if fused:
-        q_full = _mla_query_fused(attn, x, entries, at)  # [H, C + R]
-    else:
-        q_full = _mla_query(attn, x, entries, at)
+    q_full = (_mla_query_fused if fused else _mla_query)(attn, x, entries, at)  # [H, C + R]
     window = entries[: at.bucket]  # [S, C + R]
-    scores = q_full @ window.T  # [H, S]: one GEMM
-    if fused:
+    if fused and _flash_fits(attn, entries):  # flash-decoding: the window is read once
+        out_latent = mla_decode_attention(q_full, entries, at.pos, at.bucket, attn.scale,
+                                          attn.latent_dim)  # [H, C]
+    elif fused:
+        scores = q_full @ window.T  # [H, S]: one GEMM
         probs = torch.empty_like(scores)
         kernels.masked_softmax(scores, at.pos, attn.scale, probs)
+        out_latent = probs @ window[:, : attn.latent_dim]  # [H, C]
     else:
-        scores = (scores.float() * attn.scale).masked_fill(at.masked(), float("-inf"))
-        probs = scores.softmax(dim=-1).to(window.dtype)  # [H, S]
-    out_latent = probs @ window[:, : attn.latent_dim]  # [H, C]
+        scores = (q_full @ window.T).float() * attn.scale  # [H, S]
+        probs = scores.masked_fill(at.masked(), float("-inf")).softmax(dim=-1)
+        out_latent = probs.to(window.dtype) @ window[:, : attn.latent_dim]  # [H, C]
     _, w_uv_t = attn.absorbed_weights()  # [H, C, Dv]
     out = torch.bmm(out_latent[:, None, :], w_uv_t)  # [H, 1, Dv]
     return attn.o_proj(out.view(1, -1))
+
+
+def _flash_fits(attn, entries: torch.Tensor) -> bool:
+    """Whether mla_decode's kernels take this layer: a half-precision cache, at most 128 heads,
+    latent and rope widths powers of two of at least 16 (DeepSeek-V2/V3: 512 and 64)."""
+    def pow2(n: int) -> bool:
+        return n >= 16 and n & (n - 1) == 0
+
+    return (entries.dtype in (torch.bfloat16, torch.float16) and attn.num_heads <= 128
+            and pow2(attn.latent_dim) and pow2(attn.rope_dim))
 
 
 def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
