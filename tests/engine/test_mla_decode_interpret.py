@@ -20,11 +20,15 @@ pytest.importorskip("triton")
 if torch.cuda.is_available():  # kernels imported earlier in the session are compiled for CUDA
     pytest.skip("Triton interpreter tests run without a GPU", allow_module_level=True)
 
+from krasisd.engine.config import ModelConfig  # noqa: E402
+from krasisd.engine.gpu import decode_attention  # noqa: E402
+from krasisd.engine.gpu.decode_attention import Position  # noqa: E402
 from krasisd.engine.gpu.mla_decode import (  # noqa: E402
     MAX_SPLITS,
     default_num_splits,
     mla_decode_attention,
 )
+from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, synthetic_model  # noqa: E402
 
 REL_TOL = 1e-2
 STALE = 1e3  # what a stale cache row past the position holds
@@ -61,6 +65,8 @@ def _reference(q_full, entries, pos, bucket, scale, latent):
         (16, 128, 64, 512, 20, 8),  # bucket much larger than pos + 1: 7 splits exit early
         (20, 32, 16, 96, 70, 2),  # two head blocks, bucket not a multiple of the tile
         (1, 512, 64, 64, 33, 1),  # DeepSeek-V2-Lite's C and R, one head, one split
+        (4, 16, 8, 64, 45, 2),  # the tiny test model's C and R: padded to tl.dot's 16
+        (6, 48, 24, 80, 79, 3),  # neither C nor R a power of two
     ],
 )
 def test_matches_float_reference(heads, latent, rope, bucket, pos, splits):
@@ -97,6 +103,27 @@ def test_writes_into_out_and_reads_pos_from_the_tensor():
     assert _rel(out, _reference(q_full, entries, 40, 64, 0.3, 32)) < REL_TOL
 
 
+def test_replaces_the_three_launches_of_decode_attention_mla():
+    """decode_attention.mla(fused=False) against its own query, this kernel in place of its
+    scores / masked softmax / probs @ V, then its w_uv and o_proj: the tiny DeepSeek-V2."""
+    config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2))
+    attn = synthetic_model(config, "cpu", torch.bfloat16, seed=2).model.layers[0].self_attn
+    g = torch.Generator().manual_seed(4)
+    entries = torch.randn(96, attn.latent_dim + attn.rope_dim, generator=g).bfloat16()
+    entries[30:] = STALE  # past the position the cache holds old rows
+    x = torch.randn(1, config.hidden_size, generator=g).bfloat16()
+    pos = torch.tensor([29])
+    at = Position(pos, *attn.rotary.cos_sin(pos), bucket=64)
+    want = decode_attention.mla(attn, x, entries.clone(), at, fused=False)  # [1, D]
+
+    q_full = decode_attention._mla_query(attn, x, entries, at)  # [H, C + R]
+    out_latent = mla_decode_attention(q_full, entries, at.pos, at.bucket, attn.scale,
+                                      attn.latent_dim)  # [H, C]
+    _, w_uv_t = attn.absorbed_weights()  # [H, C, Dv]
+    got = attn.o_proj(torch.bmm(out_latent[:, None, :], w_uv_t).view(1, -1))  # [1, D]
+    assert _rel(got, want) < 2 * REL_TOL  # the reference also rounds its scores to bf16
+
+
 def test_default_splits_grow_with_the_bucket():
     counts = [default_num_splits(bucket) for bucket in (1, 64, 256, 1024, 4096, 16384, 1 << 20)]
     assert counts == sorted(counts) and counts[0] == 1
@@ -108,12 +135,14 @@ def test_default_splits_grow_with_the_bucket():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"latent_dim": 48}, "powers of two"),
+        ({"latent_dim": 48}, "C"),
+        ({"latent_dim": 0}, "C"),
         ({"bucket": 0}, "bucket"),
         ({"bucket": 65}, "bucket"),
         ({"pos": torch.tensor([3], dtype=torch.int32)}, "pos"),
         ({"q_full": torch.zeros(4, 40, dtype=torch.bfloat16)}, "width"),
         ({"q_full": torch.zeros(4, 48)}, "bf16 or fp16"),
+        ({"q_full": torch.zeros(0, 48, dtype=torch.bfloat16)}, "H >= 1"),
         ({"out": torch.zeros(4, 16, dtype=torch.bfloat16)}, "out must be"),
         ({"num_splits": 0}, "num_splits"),
         ({"block_s": 24}, "block_s"),
@@ -164,8 +193,8 @@ def build(kernel, consts, ints, num_warps, num_stages):
             "spills": "LDL" in sass or "STL" in sass}
 
 C, R, H, S = 512, 64, 16, 1024
-split = build(m._mla_split_kernel, dict(C=C, R=R, BLOCK_H=m.BLOCK_H, BLOCK_S=m.BLOCK_S,
-                                        DOT_F32=False),
+split = build(m._mla_split_kernel, dict(C=C, R=R, C_PAD=C, R_PAD=R, BLOCK_H=m.BLOCK_H,
+                                        BLOCK_S=m.BLOCK_S, DOT_F32=False),
               dict(H=H, S=S, q_stride=C + R, kv_stride=C + R, blocks_per_split=2),
               m.split_warps(m.BLOCK_S), m.SPLIT_STAGES)
 combine = build(m._mla_combine_kernel, dict(C=C, BLOCK_P=256, BLOCK_C=16),

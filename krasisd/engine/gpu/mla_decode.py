@@ -48,31 +48,41 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptrs, rows_ok, cols, N: tl.constexpr, N_PAD: tl.constexpr):
+    """A [rows, N_PAD] tile of N-wide rows, zero in rows not ok and in the padding columns;
+    the column mask only where there is padding (it would cost vector width)."""
+    if N_PAD == N:
+        return tl.load(ptrs + cols[None, :], mask=rows_ok[:, None], other=0.0)
+    return tl.load(ptrs + cols[None, :], mask=rows_ok[:, None] & (cols[None, :] < N), other=0.0)
+
+
+@triton.jit
 def _mla_split_kernel(q_ptr, kv_ptr, pos_ptr, part_ptr, lse_ptr, H, S, q_stride, kv_stride,
                       blocks_per_split, qk_scale, C: tl.constexpr, R: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
+                      C_PAD: tl.constexpr, R_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_S: tl.constexpr, DOT_F32: tl.constexpr):
     split = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     head_ok = heads < H
-    offs_c = tl.arange(0, C)
-    offs_r = tl.arange(0, R)
+    offs_c = tl.arange(0, C_PAD)
+    offs_r = tl.arange(0, R_PAD)
     lo = split * blocks_per_split * BLOCK_S
     last = tl.load(pos_ptr).to(tl.int32)  # the token's position: later rows are stale
     hi = tl.minimum(tl.minimum(lo + blocks_per_split * BLOCK_S, S), last + 1)  # rows [lo, hi)
 
     q_rows = q_ptr + heads[:, None] * q_stride
-    q_c = tl.load(q_rows + offs_c[None, :], mask=head_ok[:, None], other=0.0)  # [BLOCK_H, C]
-    q_r = tl.load(q_rows + C + offs_r[None, :], mask=head_ok[:, None], other=0.0)  # [BLOCK_H, R]
+    q_c = _load_rows(q_rows, head_ok, offs_c, C, C_PAD)  # [BLOCK_H, C_PAD]
+    q_r = _load_rows(q_rows + C, head_ok, offs_r, R, R_PAD)  # [BLOCK_H, R_PAD]
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max (log2 units)
     total = tl.zeros([BLOCK_H], tl.float32)  # running sum of 2^(s - m)
-    acc = tl.zeros([BLOCK_H, C], tl.float32)
+    acc = tl.zeros([BLOCK_H, C_PAD], tl.float32)
     for start in range(lo, hi, BLOCK_S):
         rows = start + tl.arange(0, BLOCK_S)  # [BLOCK_S]
         live = rows < hi
         kv_rows = kv_ptr + rows[:, None].to(tl.int64) * kv_stride
-        k_c = tl.load(kv_rows + offs_c[None, :], mask=live[:, None], other=0.0)  # [BLOCK_S, C]
-        k_r = tl.load(kv_rows + C + offs_r[None, :], mask=live[:, None], other=0.0)  # [BLOCK_S, R]
+        k_c = _load_rows(kv_rows, live, offs_c, C, C_PAD)  # [BLOCK_S, C_PAD]
+        k_r = _load_rows(kv_rows + C, live, offs_r, R, R_PAD)  # [BLOCK_S, R_PAD]
         # scores [BLOCK_H, BLOCK_S] = q_c @ k_c^T + q_r @ k_r^T
         s = _dot(q_c, tl.trans(k_c), DOT_F32) + _dot(q_r, tl.trans(k_r), DOT_F32)
         s = tl.where(live[None, :], s * qk_scale, float("-inf"))
@@ -81,16 +91,16 @@ def _mla_split_kernel(q_ptr, kv_ptr, pos_ptr, part_ptr, lse_ptr, H, S, q_stride,
         p = tl.exp2(s - new_m[:, None])  # [BLOCK_H, BLOCK_S]
         total = total * alpha + tl.sum(p, axis=1)
         # p in the cache's dtype, as the unfused probs @ V GEMM takes it; V = the C part of K
-        acc = acc * alpha[:, None] + _dot(p.to(k_c.dtype), k_c, DOT_F32)  # [BLOCK_H, C]
+        acc = acc * alpha[:, None] + _dot(p.to(k_c.dtype), k_c, DOT_F32)  # [BLOCK_H, C_PAD]
         m = new_m
 
     worked = hi > lo
     lse = tl.where(worked, m + tl.log2(tl.where(worked, total, 1.0)), float("-inf"))  # [BLOCK_H]
     tl.store(lse_ptr + split * H + heads, lse, mask=head_ok)
     if worked:
-        part = acc / total[:, None]  # [BLOCK_H, C]
+        part = acc / total[:, None]  # [BLOCK_H, C_PAD]
         part_rows = part_ptr + (split * H + heads[:, None]).to(tl.int64) * C
-        tl.store(part_rows + offs_c[None, :], part, mask=head_ok[:, None])
+        tl.store(part_rows + offs_c[None, :], part, mask=head_ok[:, None] & (offs_c[None, :] < C))
 
 
 @triton.jit
@@ -103,9 +113,11 @@ def _mla_combine_kernel(part_ptr, lse_ptr, out_ptr, H, P, out_stride, C: tl.cons
     worked = lse > float("-inf")  # split 0 always holds position 0
     weight = tl.exp2(lse - tl.max(lse, axis=0))  # [BLOCK_P]
     rows = (splits[:, None] * H + head).to(tl.int64) * C
-    part = tl.load(part_ptr + rows + offs_c[None, :], mask=worked[:, None], other=0.0)
+    cols_ok = offs_c < C
+    part = tl.load(part_ptr + rows + offs_c[None, :], mask=worked[:, None] & cols_ok[None, :],
+                   other=0.0)  # [BLOCK_P, BLOCK_C]
     out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)  # [BLOCK_C]
-    tl.store(out_ptr + head * out_stride + offs_c, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + head * out_stride + offs_c, out.to(out_ptr.dtype.element_ty), mask=cols_ok)
 
 
 def split_warps(block_s: int) -> int:
@@ -142,11 +154,12 @@ def mla_decode_attention(q_full: torch.Tensor, entries: torch.Tensor, pos: torch
     lse = torch.empty(splits, heads, dtype=torch.float32, device=entries.device)  # [P, H]
     _mla_split_kernel[(splits, triton.cdiv(heads, BLOCK_H))](
         q_full, entries, pos, part, lse, heads, bucket, q_full.stride(0), entries.stride(0),
-        blocks_per_split, scale * _LOG2E, C=latent_dim, R=rope_dim, BLOCK_H=BLOCK_H,
+        blocks_per_split, scale * _LOG2E, C=latent_dim, R=rope_dim, C_PAD=_dot_width(latent_dim),
+        R_PAD=_dot_width(rope_dim), BLOCK_H=BLOCK_H,
         BLOCK_S=block_s, DOT_F32=entries.device.type != "cuda", num_warps=split_warps(block_s),
         num_stages=SPLIT_STAGES)
     block_p = triton.next_power_of_2(splits)
-    block_c = min(latent_dim, max(16, COMBINE_TILE // block_p))
+    block_c = min(triton.next_power_of_2(latent_dim), max(16, COMBINE_TILE // block_p))
     _mla_combine_kernel[(heads, triton.cdiv(latent_dim, block_c))](
         part, lse, out, heads, splits, out.stride(0), C=latent_dim, BLOCK_P=block_p,
         BLOCK_C=block_c, num_warps=4)
@@ -159,12 +172,9 @@ def _check(q_full, entries, pos, bucket, latent_dim, out, block_s) -> None:
         raise ValueError(f"q_full [H, C + R] and entries [M, C + R] must share their width, "
                          f"got {tuple(q_full.shape)} and {tuple(entries.shape)}")
     heads, width = q_full.shape
-    rope_dim = width - latent_dim
-    if not 1 <= heads <= 128:
-        raise ValueError(f"heads must be in 1..128, got {heads}")
-    if not (_pow2(latent_dim) and _pow2(rope_dim) and latent_dim >= 16 and rope_dim >= 16):
-        raise ValueError(f"latent ({latent_dim}) and rope ({rope_dim}) dims must be powers of "
-                         f"two >= 16")
+    if heads < 1 or not 1 <= latent_dim < width:
+        raise ValueError(f"q_full [H, C + R] needs H >= 1 and C ({latent_dim}) < C + R "
+                         f"({width}), got {tuple(q_full.shape)}")
     if block_s not in (16, 32, 64):
         raise ValueError(f"block_s must be 16, 32 or 64, got {block_s}")
     if not 1 <= bucket <= entries.shape[0]:
@@ -186,5 +196,6 @@ def _check(q_full, entries, pos, bucket, latent_dim, out, block_s) -> None:
                          f"{entries.device}, contiguous along its last dim")
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+def _dot_width(n: int) -> int:
+    """Columns of a tile holding n: a power of two, at least tl.dot's smallest K (16)."""
+    return max(16, triton.next_power_of_2(n))
