@@ -7,15 +7,16 @@ It replaces, in ``decode_attention.mla``, the three launches
     probs = masked_softmax(scores * scale, pos)        # positions > pos -> -inf
     out_latent = probs @ window[:, :C]                 # [H, C]
 
-- ``_mla_split_kernel``: grid (splits, head blocks). Each program walks its block range of
-  the window in tiles of BLOCK_S cache rows, loaded once as K (all C + R columns, in a C part
-  and an R part since C + R is not a power of two) and as V (the C part); online softmax in
-  float32; its partial output (normalised) and log-sum-exp go to a float32 workspace. A
-  split wholly past the position reads nothing and writes only lse = -inf.
+- ``_mla_split_kernel``: grid (splits, head blocks of 16). Each program walks its block
+  range of the window in tiles of BLOCK_S cache rows, loaded once as K (all C + R columns, in
+  a C part and an R part since C + R is not a power of two, each padded with masked columns
+  to a power of two of at least 16) and as V (the C part); online softmax in float32; its partial
+  output (normalised) and log-sum-exp go to a float32 workspace. A split wholly past the
+  position reads nothing and writes only lse = -inf.
 - ``_mla_combine_kernel``: grid (H, C blocks): the splits' partials weighted by their
   log-sum-exp, into [H, C].
 
-The position is a device int64 [1] read in the kernels, and the bucket a Python int, so the
+The position is a device int64 [1] read by the split kernel, and the bucket a Python int, so the
 launch replays in a CUDA graph captured per bucket (the workspace then comes from the graph's
 pool).
 
