@@ -155,10 +155,10 @@ def mla_decode_attention(q_full: torch.Tensor, entries: torch.Tensor, pos: torch
     lse = torch.empty(splits, heads, dtype=torch.float32, device=entries.device)  # [P, H]
     _mla_split_kernel[(splits, triton.cdiv(heads, BLOCK_H))](
         q_full, entries, pos, part, lse, heads, bucket, q_full.stride(0), entries.stride(0),
-        blocks_per_split, scale * _LOG2E, C=latent_dim, R=rope_dim, C_PAD=_dot_width(latent_dim),
-        R_PAD=_dot_width(rope_dim), BLOCK_H=BLOCK_H,
-        BLOCK_S=block_s, DOT_F32=entries.device.type != "cuda", num_warps=split_warps(block_s),
-        num_stages=SPLIT_STAGES)
+        blocks_per_split, scale * _LOG2E, C=latent_dim, R=rope_dim,
+        C_PAD=_dot_width(latent_dim), R_PAD=_dot_width(rope_dim), BLOCK_H=BLOCK_H,
+        BLOCK_S=block_s, DOT_F32=entries.device.type != "cuda",
+        num_warps=split_warps(block_s), num_stages=SPLIT_STAGES)
     block_p = triton.next_power_of_2(splits)
     block_c = min(triton.next_power_of_2(latent_dim), max(16, COMBINE_TILE // block_p))
     _mla_combine_kernel[(heads, triton.cdiv(latent_dim, block_c))](
