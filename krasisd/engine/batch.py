@@ -48,18 +48,35 @@ def batched_decode(model, token_ids: list[int], caches: list) -> torch.Tensor:
     cos, sin = model.rotary.cos_sin(positions)  # [B, R/2] each
     x = model.model.embed_tokens(ids)  # [B, D]
     backend = model.expert_backend
+    lengths = [c.length for c in caches]
     for layer in model.model.layers:
         normed = layer.input_layernorm(x)  # [B, D]
-        attn = torch.cat([
-            layer.self_attn.decode(normed[b : b + 1], cos[b : b + 1], sin[b : b + 1], cache)
-            for b, cache in enumerate(caches)
-        ])  # [B, D]
+        idx, attn_module = layer.layer_idx, layer.self_attn
+        entries = [c.entries[idx] for c in caches] if hasattr(caches[0], "entries") else None
+        if entries is not None and _rows_fit(attn_module, entries[0]):  # fused, on CUDA
+            from krasisd.engine.gpu.decode_attention import mla_rows
+
+            attn = mla_rows(attn_module, normed, entries, positions, lengths, cos, sin)
+        else:
+            attn = torch.cat([
+                attn_module.decode(normed[b : b + 1], cos[b : b + 1], sin[b : b + 1], cache)
+                for b, cache in enumerate(caches)
+            ])  # [B, D]
         h = x + attn
         x = h + layer._ffn(layer.post_attention_layernorm(h), backend)
     logits = model.lm_head(model.model.norm(x)).float()  # [B, V]
     for cache in caches:
         cache.advance(1)
     return logits
+
+
+def _rows_fit(attn, entries: torch.Tensor) -> bool:
+    """Whether the GPU's batched MLA attention takes this layer (Triton present, on CUDA)."""
+    if entries.device.type != "cuda":
+        return False
+    from krasisd.engine.gpu.decode_attention import rows_fit
+
+    return rows_fit(attn, entries)
 
 
 @dataclass

@@ -4,6 +4,8 @@ over a fixed attention window. Float32 models with the float expert reference, s
 sides compute the same sums; 1e-4 on logits of magnitude about 1 allows summation order only.
 On the GPU the hybrid engine is checked in tests/gpu/test_hybrid.py."""
 
+import copy
+
 import pytest
 import torch
 
@@ -174,3 +176,33 @@ def test_fused_step_with_flash_decoding_attention(monkeypatch):
     assert len(calls) == 4 * config.num_hidden_layers
     got, want = logits
     assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_mla_rows_equals_each_sequence_decoded_alone():
+    """Batched MLA attention (one projection over B rows, flash-decoding per sequence) gives
+    each sequence's own decode, at different lengths, and writes each cache's new entry."""
+    from krasisd.engine.gpu.decode_attention import mla_rows
+
+    torch.set_num_threads(1)
+    config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, kv_lora_rank=32, qk_rope_head_dim=16))
+    model = synthetic_model(config, DEVICE, torch.bfloat16, seed=6)
+    experts = {layer: tuple(w.bfloat16() for w in synthetic_expert_weights(config, layer,
+                                                                            DEVICE, 6))
+               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
+    engine = Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    caches = [engine.new_cache(32) for _ in range(3)]
+    for i, cache in enumerate(caches):
+        engine.forward(PROMPT[: 2 + i], cache)  # lengths 2, 3, 4
+    twins = [copy.deepcopy(c) for c in caches]
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, config.hidden_size, device=DEVICE).bfloat16()
+    positions = torch.tensor([c.length for c in caches], device=DEVICE)
+    cos, sin = model.rotary.cos_sin(positions)
+    got = mla_rows(attn, x, [c.entries[0] for c in caches], positions,
+                   [c.length for c in caches], cos, sin)
+    for b, twin in enumerate(twins):
+        want = attn.decode(x[b : b + 1], cos[b : b + 1], sin[b : b + 1], twin)  # [1, D]
+        assert (got[b] - want[0]).float().abs().max() < 0.03 * want.float().abs().max()
+        new = caches[b].length
+        torch.testing.assert_close(caches[b].entries[0, new], twin.entries[0, new],
+                                   atol=2e-2, rtol=2e-2)

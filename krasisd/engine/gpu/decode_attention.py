@@ -66,6 +66,44 @@ def mla(attn, x: torch.Tensor, entries: torch.Tensor, at: Position, fused: bool)
     return attn.o_proj(out.view(1, -1))
 
 
+def mla_rows(attn, x: torch.Tensor, entries: list[torch.Tensor], positions: torch.Tensor,
+             lengths: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Absorbed MLA for the tokens x [B, D] of B sequences, each with its own cache entries
+    [M, C + R] and position (positions [B] int64 on the device, lengths [B] the same on the
+    host; cos/sin [B, R/2]): [B, D]. The projections run once over the B rows; the cache
+    write and the flash-decoding attention once per sequence (fused kernels only: check
+    ``rows_fit`` first)."""
+    rows, heads, latent = x.shape[0], attn.num_heads, attn.latent_dim
+    kv_a = attn.kv_a_proj_with_mqa
+    if hasattr(attn, "q_proj") and kv_a.bias is None:
+        qkv = x @ kernels.fuse_rows(attn, "_q_kv_weight", (attn.q_proj, kv_a)).T
+        q, kv = qkv.split([attn.q_proj.weight.shape[0], kv_a.weight.shape[0]], dim=1)
+    else:
+        q = attn.q_proj(x) if hasattr(attn, "q_proj") else attn.q_b_proj(
+            norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
+        kv = kv_a(x)  # [B, C + R]
+    q = q.view(rows, heads, -1)  # [B, H, N + R]
+    w_uk, w_uv_t = attn.absorbed_weights()  # [H, N, C], [H, C, Dv]
+    q_latent = torch.bmm(q[:, :, : attn.nope_dim].transpose(0, 1), w_uk)  # [H, B, C]
+    q_latent = q_latent.transpose(0, 1).contiguous()  # [B, H, C]
+    q_full = torch.empty(rows, heads, entries[0].shape[1], dtype=x.dtype, device=x.device)
+    out_latent = torch.empty(rows, heads, latent, dtype=x.dtype, device=x.device)  # [B, H, C]
+    for b in range(rows):
+        kernels.mla_prep(q[b], q_latent[b], kv[b], cos[b], sin[b], attn.kv_a_layernorm.weight,
+                         attn.kv_a_layernorm.eps, positions[b : b + 1], entries[b], q_full[b],
+                         attn.rotary.interleave)
+        mla_decode_attention(q_full[b], entries[b], positions[b : b + 1], lengths[b] + 1,
+                             attn.scale, latent, out=out_latent[b])
+    out = torch.bmm(out_latent.transpose(0, 1), w_uv_t)  # [H, B, Dv]
+    return attn.o_proj(out.transpose(0, 1).reshape(rows, -1))
+
+
+def rows_fit(attn, entries: torch.Tensor) -> bool:
+    """Whether ``mla_rows`` takes this layer (MLA, on CUDA, widths the kernels take)."""
+    return (hasattr(attn, "absorbed_weights") and entries.device.type == "cuda"
+            and _flash_fits(attn, entries))
+
+
 def _flash_fits(attn, entries: torch.Tensor) -> bool:
     """Whether mla_decode's kernels take this layer: a half-precision cache, at most 128 heads,
     latent and rope widths powers of two of at least 16 (DeepSeek-V2/V3: 512 and 64)."""
