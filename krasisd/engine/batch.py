@@ -49,8 +49,9 @@ def batched_decode(model, token_ids: list[int], caches: list) -> torch.Tensor:
     x = model.model.embed_tokens(ids)  # [B, D]
     backend = model.expert_backend
     lengths = [c.length for c in caches]
+    norm = _norm_op(device)
     for layer in model.model.layers:
-        normed = layer.input_layernorm(x)  # [B, D]
+        normed = norm(layer.input_layernorm, x)  # [B, D]
         idx, attn_module = layer.layer_idx, layer.self_attn
         entries = [c.entries[idx] for c in caches] if hasattr(caches[0], "entries") else None
         if entries is not None and _rows_fit(attn_module, entries[0]):  # fused, on CUDA
@@ -63,11 +64,20 @@ def batched_decode(model, token_ids: list[int], caches: list) -> torch.Tensor:
                 for b, cache in enumerate(caches)
             ])  # [B, D]
         h = x + attn
-        x = h + layer._ffn(layer.post_attention_layernorm(h), backend)
-    logits = model.lm_head(model.model.norm(x)).float()  # [B, V]
+        x = h + layer._ffn(norm(layer.post_attention_layernorm, h), backend)
+    logits = model.lm_head(norm(model.model.norm, x)).float()  # [B, V]
     for cache in caches:
         cache.advance(1)
     return logits
+
+
+def _norm_op(device: torch.device):
+    """RMSNorm modules applied as one Triton launch on CUDA, as the module elsewhere."""
+    if device.type != "cuda":
+        return lambda module, x: module(x)
+    from krasisd.engine.gpu.decode_attention import norm
+
+    return lambda module, x: norm(module, x, fused=True)
 
 
 def _rows_fit(attn, entries: torch.Tensor) -> bool:
