@@ -149,7 +149,7 @@ def test_cpu_slots_zero_resident_slots_without_reading_another_expert():
 
 
 def test_fused_step_with_flash_decoding_attention(monkeypatch):
-    """A bf16 MLA model whose widths the flash-decoding kernels take (latent 32, rope 16):
+    """A bf16 MLA model (latent 32, rope 16):
     the fused step runs them (counted) and gives the logits of the same fused step with the
     three-launch attention, up to the bf16 rounding of the probabilities that path makes."""
     from krasisd.engine.gpu import decode_attention

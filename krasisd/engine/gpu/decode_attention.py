@@ -99,19 +99,14 @@ def mla_rows(attn, x: torch.Tensor, entries: list[torch.Tensor], positions: torc
 
 
 def rows_fit(attn, entries: torch.Tensor) -> bool:
-    """Whether ``mla_rows`` takes this layer (MLA, on CUDA, widths the kernels take)."""
+    """Whether ``mla_rows`` takes this layer (MLA, on CUDA, a half-precision cache)."""
     return (hasattr(attn, "absorbed_weights") and entries.device.type == "cuda"
             and _flash_fits(attn, entries))
 
 
 def _flash_fits(attn, entries: torch.Tensor) -> bool:
-    """Whether mla_decode's kernels take this layer: a half-precision cache, at most 128 heads,
-    latent and rope widths powers of two of at least 16 (DeepSeek-V2/V3: 512 and 64)."""
-    def pow2(n: int) -> bool:
-        return n >= 16 and n & (n - 1) == 0
-
-    return (entries.dtype in (torch.bfloat16, torch.float16) and attn.num_heads <= 128
-            and pow2(attn.latent_dim) and pow2(attn.rope_dim))
+    """Whether mla_decode's kernels take this layer: they need a half-precision cache."""
+    return entries.dtype in (torch.bfloat16, torch.float16)
 
 
 def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
