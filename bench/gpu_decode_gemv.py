@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE_SHAPE)
-        args.candidates = "0,7" if args.candidates == "all" else args.candidates
+        args.candidates = "0,8" if args.candidates == "all" else args.candidates
     elif not torch.cuda.is_available():
         log("needs a CUDA GPU (or --smoke)")
         return 2

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 MIN_BLOCK_K = 16
+F256_BITS = 0x43800000  # the float 256.0: exponent of the INT4 pair unpack
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,13 @@ class GemvConfig:
     """Tiles of the two kernels: columns per program and K splits of gate/up and of down,
     the K step, warps, and the INT4 unpack (two nibbles per shift, or one)."""
 
-    block_n: int = 64
-    block_k: int = 128
-    split_k: int = 4
-    num_warps: int = 4
-    down_block_n: int = 128
-    down_split_k: int = 4
-    down_num_warps: int = 4
+    block_n: int = 256
+    block_k: int = 32
+    split_k: int = 8
+    num_warps: int = 2
+    down_block_n: int = 256
+    down_split_k: int = 8
+    down_num_warps: int = 2
     pair_unpack: bool = True
 
     def __post_init__(self):
@@ -71,19 +72,20 @@ class GemvConfig:
             raise ValueError(f"K splits must be >= 1, got {self.split_k}, {self.down_split_k}")
 
 
-# Spans tile width (16 B .. 1 KB per K row), K splits (1 .. 8: programs per SM), warps and
-# the INT4 unpack; for DeepSeek-V2-Lite (D=2048, I=1408, 6 slots) between 132 and 2112
-# gate/up programs.
+# Spans the tile (BN 64..512 columns: 256 B..2 KB per K row; 8 or 16 words per thread), K
+# splits (4..16: programs in flight per SM), warps and the INT4 unpack (the last one, single
+# nibbles, for comparison). For DeepSeek-V2-Lite (D=2048, I=1408, 6 slots) 288..4224 gate/up
+# programs. Picked by timing on each machine (hybrid.py, bench/gpu_decode_gemv.py).
 GEMV_CANDIDATES = (
+    GemvConfig(256, 32, 8, 2, 256, 8, 2, True),
+    GemvConfig(256, 32, 16, 2, 256, 16, 2, True),
+    GemvConfig(128, 32, 8, 1, 128, 8, 1, True),
+    GemvConfig(128, 32, 16, 1, 128, 16, 1, True),
+    GemvConfig(512, 32, 8, 4, 512, 8, 4, True),
+    GemvConfig(128, 64, 8, 2, 128, 8, 2, True),
     GemvConfig(64, 128, 4, 4, 128, 4, 4, True),
-    GemvConfig(128, 128, 2, 4, 128, 2, 4, True),
-    GemvConfig(128, 128, 4, 8, 256, 4, 8, True),
-    GemvConfig(256, 128, 4, 8, 256, 8, 8, True),
-    GemvConfig(32, 128, 2, 2, 64, 2, 2, True),
-    GemvConfig(64, 64, 8, 4, 64, 8, 4, True),
-    GemvConfig(128, 128, 1, 8, 128, 1, 8, True),
-    GemvConfig(64, 128, 4, 4, 128, 4, 4, False),
-    GemvConfig(128, 128, 4, 8, 256, 4, 8, False),
+    GemvConfig(64, 64, 16, 2, 64, 8, 2, True),
+    GemvConfig(128, 32, 8, 1, 128, 8, 1, False),
 )
 
 
@@ -95,35 +97,52 @@ def _nibble(words, J: tl.constexpr):
 
 
 @triton.jit
-def _nibble_pair(words, M: tl.constexpr):
-    """Nibbles 2M and 2M+1 of each word as the floats 1 + n/256 and 1 + n/16 (n = q + 8):
-    one shift puts them at mantissa bits 15..18 and 19..22 under the exponent of 1.0."""
+def _nibble_pair(words, M: tl.constexpr, exp_bits):
+    """Nibbles 2M and 2M+1 of each word as the floats 256 + n and 16 + n (n = q + 8): one
+    shift puts them at mantissa bits 15..18 and 19..22, under the exponents of 256.0
+    (``exp_bits``, its bit pattern) and of 16.0. ``exp_bits`` is a run-time value so that
+    the compiler keeps it in a register and takes the masks as LOP3 immediates (two
+    constants in a register each were rematerialized before every use)."""
     if 15 - 8 * M >= 0:
         t = words << (15 - 8 * M)
     else:
         t = words >> (8 * M - 15)
-    lo = ((t & 0x78000) | 0x3F800000).to(tl.float32, bitcast=True)
-    hi = ((t & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    lo = ((t & 0x78000) | exp_bits).to(tl.float32, bitcast=True)  # 256 + n
+    hi = ((t & 0x780000) | (exp_bits - (4 << 23))).to(tl.float32, bitcast=True)  # 16 + n
     return lo, hi
 
 
 @triton.jit
-def _int4_partial(words, a_ptrs, PAIRS: tl.constexpr):
+def _int4_partial(words, a_ptrs, exp_bits, PAIRS: tl.constexpr):
     """[BK8, BN] float32: sum over j of a[k0 + 8*k8 + j] * q, for words [BK8, BN] int32 and
     a_ptrs [BK8] pointing at a[k0 + 8*k8] (unscaled)."""
-    acc = tl.zeros(words.shape, dtype=tl.float32)
     if PAIRS:
-        corr = tl.zeros(a_ptrs.shape, dtype=tl.float32)  # [BK8] the constant parts
-        for m in tl.static_range(4):
-            lo, hi = _nibble_pair(words, m)
-            a_lo = tl.load(a_ptrs + 2 * m).to(tl.float32)  # [BK8]
-            a_hi = tl.load(a_ptrs + 2 * m + 1).to(tl.float32)
-            acc += (a_lo * 256.0)[:, None] * lo + (a_hi * 16.0)[:, None] * hi
-            corr += a_lo * 264.0 + a_hi * 24.0  # (256 + 8) a and (16 + 8) a: n - 8 = q
-        return acc - corr[:, None]
+        a8 = tl.load(a_ptrs[:, None] + tl.arange(0, 8)[None, :]).to(tl.float32)  # [BK8, 8]
+        a_even, a_odd = tl.split(tl.reshape(a8, (a8.shape[0], 4, 2)))  # j = 2m, 2m + 1
+        a04, a26 = tl.split(tl.reshape(a_even, (a8.shape[0], 2, 2)))  # [BK8, 2] each
+        a0, a4 = tl.split(a04)  # [BK8] each
+        a2, a6 = tl.split(a26)
+        a15, a37 = tl.split(tl.reshape(a_odd, (a8.shape[0], 2, 2)))
+        a1, a5 = tl.split(a15)
+        a3, a7 = tl.split(a37)
+        # the constant parts 256 + 8 and 16 + 8, as the first addend: n - 8 = q
+        corr = (a0 + a2 + a4 + a6) * 264.0 + (a1 + a3 + a5 + a7) * 24.0  # [BK8]
+        acc = _pair_fma(-corr[:, None], words, 0, exp_bits, a0, a1)
+        acc = _pair_fma(acc, words, 1, exp_bits, a2, a3)
+        acc = _pair_fma(acc, words, 2, exp_bits, a4, a5)
+        return _pair_fma(acc, words, 3, exp_bits, a6, a7)
+    acc = tl.zeros(words.shape, dtype=tl.float32)
     for j in tl.static_range(8):
         acc += tl.load(a_ptrs + j).to(tl.float32)[:, None] * _nibble(words, j)
     return acc
+
+
+@triton.jit
+def _pair_fma(acc, words, M: tl.constexpr, exp_bits, a_lo, a_hi):
+    """acc [BK8, BN] + a_lo * (256 + n) + a_hi * (16 + n) of nibble pair M."""
+    lo, hi = _nibble_pair(words, M, exp_bits)
+    acc = acc + a_lo[:, None] * lo  # one FFMA per nibble
+    return acc + a_hi[:, None] * hi
 
 
 @triton.jit
@@ -140,7 +159,7 @@ def _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8: tl.
 
 
 @triton.jit
-def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stride_sk,
+def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stride_sk, exp_bits,
               GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
     """[BN] float32: sum over k in [first, last) of a[k] * w[k, n] for the columns offs_n
@@ -155,11 +174,12 @@ def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, str
         for k0 in range(first, last, BLOCK_K):
             nxt = k0 + BLOCK_K  # its words are in flight while this step computes
             rows = nxt // 8 + offs_r  # [BK8]
+            # masked lanes are left unset: only valid words and scales are ever stored
             next_words = tl.load(w_base + rows[:, None] * stride_wk + offs_n[None, :],
-                                 mask=(rows < last // 8)[:, None] & n_mask[None, :], other=0)
+                                 mask=(rows < last // 8)[:, None] & n_mask[None, :])
             next_scale = tl.load(s_base + (nxt // GROUP) * stride_sk + offs_n,
-                                 mask=n_mask & (offs_n * 0 + nxt < last), other=0.0)
-            part = _int4_partial(words, a_row + k0 + 8 * offs_r, PAIRS)  # [BK8, BN]
+                                 mask=n_mask & (offs_n * 0 + nxt < last))
+            part = _int4_partial(words, a_row + k0 + 8 * offs_r, exp_bits, PAIRS)  # [BK8, BN]
             acc += part * scale.to(tl.float32)[None, :]
             words, scale = next_words, next_scale
     else:
@@ -174,7 +194,7 @@ def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, str
 def _gate_up_gemv(
     x_ptr, w_ptr, s_ptr, part_ptr, h_ptr, count_ptr, ids_ptr, slot_ptr, N, K, top_k,
     num_slots, steps_per_split, num_splits,
-    stride_xm, stride_we, stride_wk, stride_se, stride_sk,
+    stride_xm, stride_we, stride_wk, stride_se, stride_sk, exp_bits,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PAIRS: tl.constexpr,
 ):
@@ -195,7 +215,7 @@ def _gate_up_gemv(
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     total = _tile_sum(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
                       s_ptr + wslot * stride_se, first, last, offs + half * N, mask, stride_wk,
-                      stride_sk, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
+                      stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
     row = part_ptr + slot * 2 * N + offs
     split_stride = num_slots * 2 * N
     tl.store(row + split * split_stride + half * N, total, mask=mask)
@@ -215,7 +235,7 @@ def _gate_up_gemv(
 @triton.jit
 def _down_gemv(
     h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, steps_per_split,
-    stride_hm, stride_we, stride_wk, stride_se, stride_sk, stride_om,
+    stride_hm, stride_we, stride_wk, stride_se, stride_sk, stride_om, exp_bits,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PAIRS: tl.constexpr,
 ):
@@ -230,7 +250,7 @@ def _down_gemv(
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     total = _tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
                       s_ptr + wslot * stride_se, first, last, offs, mask, stride_wk, stride_sk,
-                      GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
+                      exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
     route_w = tl.load(weights_ptr + slot)
     tl.atomic_add(out_ptr + (slot // top_k) * stride_om + offs, total * route_w, mask=mask,
                   sem="relaxed")
@@ -273,7 +293,7 @@ def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, bloc
     _gate_up_gemv[grid](
         x, w13, s13, part, h, count, topk_ids.reshape(-1), slot_of_expert, inter, d, k, t * k,
         steps, splits, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        F256_BITS, GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         PAIRS=cfg.pair_unpack, num_warps=cfg.num_warps)
     return h
 
@@ -288,7 +308,7 @@ def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size
     _down_gemv[grid](
         h, w2, s2, out, topk_ids.reshape(-1), weights, slot_of_expert, d, inter,
         topk_ids.shape[1], steps, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0),
-        s2.stride(1), out.stride(0),
+        s2.stride(1), out.stride(0), F256_BITS,
         GROUP=group_size, BITS=bits, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k,
         PAIRS=cfg.pair_unpack, num_warps=cfg.down_num_warps)
 
