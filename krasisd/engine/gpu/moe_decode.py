@@ -205,7 +205,8 @@ def _gate_up_gemv(
 ):
     # x [T, K=D] bf16; w [S, D(/8), 2N]: gate columns [0, N), up [N, 2N)
     # part [SPLIT, P, 2N] float32: each split's sums; count [P, N tiles] int32 arrivals
-    # h [P, N] bf16 = silu(gate) * up, written by the last program of its column tile
+    # h [P, N] float32 = silu(gate) * up rounded to bf16 (as the grouped kernel stores it; in
+    # float32 so that the down kernel converts nothing), written by the last program of a tile
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
@@ -234,7 +235,8 @@ def _gate_up_gemv(
             gate += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
             up += tl.load(src + N, mask=mask, other=0.0, cache_modifier=".cg")
         h = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(h_ptr + slot.to(tl.int64) * N + offs, h.to(tl.bfloat16), mask=mask)
+        tl.store(h_ptr + slot.to(tl.int64) * N + offs, h.to(tl.bfloat16).to(tl.float32),
+                 mask=mask)
 
 
 @triton.jit
@@ -244,7 +246,7 @@ def _down_gemv(
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PAIRS: tl.constexpr,
 ):
-    # h [P, K=I] bf16; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
+    # h [P, K=I] float32; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
     slot = tl.program_id(0)
     wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
     if wslot < 0:
@@ -285,15 +287,15 @@ def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_id
 
 
 def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, block_k, count):
-    """h [P, I] bf16 = silu(x @ gate) * (x @ up) of each resident slot (other rows unset);
-    ``count`` [P * I tiles] int32 must be zero."""
+    """h [P, I] float32 = silu(x @ gate) * (x @ up), rounded to bf16, of each resident slot
+    (other rows unset); ``count`` [P * I tiles] int32 must be zero."""
     t, d = x.shape
     k = topk_ids.shape[1]
     w13, s13 = views["w13_q"], views["w13_s"]
     inter = w13.shape[2] // 2
     splits, steps = _splits(d // block_k, cfg.split_k)
     part = torch.empty(splits, t * k, 2, inter, dtype=torch.float32, device=x.device)
-    h = torch.empty(t * k, inter, dtype=torch.bfloat16, device=x.device)  # [P, I]
+    h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)  # [P, I]
     grid = (t * k, 2 * triton.cdiv(inter, cfg.block_n), splits)
     _gate_up_gemv[grid](
         x, w13, s13, part, h, count, topk_ids.reshape(-1), slot_of_expert, inter, d, k, t * k,
