@@ -156,3 +156,18 @@ def test_bad_bits_or_widths_are_value_errors():
         moe_gemv(torch.randn(1, 64).bfloat16(), views, SLOTS, ids, w, 6, 32)
     with pytest.raises(ValueError, match="K step"):
         moe_gemv(torch.randn(1, 64).bfloat16(), views, SLOTS, ids, w, 4, 24)
+
+
+def test_each_gate_up_tile_counts_every_split_of_gate_and_up_once():
+    cfg = GemvConfig(64, 32, 4, 2, 64, 2, 2, True)
+    _, views = _arena(128, 96, 4, 32)
+    resident = torch.tensor([True, False, True, True, False, True])
+    ids, _ = _routing(2, 3, seed=4)
+    tiles = 2  # I = 96 in tiles of 64
+    count = torch.zeros(ids.numel() * tiles, dtype=torch.int32)
+    x = torch.randn(2, 128).bfloat16()
+    moe_decode.gemv_gate_up(x, views, resident_slots(SLOTS, resident), ids.to(torch.int32), 4,
+                            32, cfg, 32, count)
+    splits = 4  # 128 / 32 K steps, one per split
+    want = resident[ids.reshape(-1)].repeat_interleave(tiles).to(torch.int32) * 2 * splits
+    assert torch.equal(count, want)
