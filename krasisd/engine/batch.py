@@ -143,10 +143,12 @@ class BatchingEngine:
         with self._model_lock:
             return self.engine.new_cache(max_tokens)
 
-    def generate(self, prompt_ids, options,
-                 should_cancel: Callable[[], bool] | None = None) -> Iterator:
-        """Stream GenerationChunks, decoding in steps shared with other threads."""
-        stream = generate_stream(self, prompt_ids, options, should_cancel)  # checks the prompt
+    def generate(self, prompt_ids, options, should_cancel: Callable[[], bool] | None = None,
+                 pick=None) -> Iterator:
+        """Stream GenerationChunks, decoding in steps shared with other threads (``pick``: as
+        Engine.generate)."""
+        stream = generate_stream(self, prompt_ids, options, should_cancel,
+                                 pick=pick)  # checks the prompt
         return self._registered(stream)
 
     def _registered(self, stream) -> Iterator:

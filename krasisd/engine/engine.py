@@ -113,11 +113,12 @@ class Engine:
             logits = self.forward([token], cache)[-1]
 
     def generate(self, prompt_ids: list[int], options,
-                 should_cancel: Callable[[], bool] | None = None) -> Iterator[Any]:
-        """Stream GenerationChunks (see krasisd.engine.generate.generate_stream)."""
+                 should_cancel: Callable[[], bool] | None = None, pick=None) -> Iterator[Any]:
+        """Stream GenerationChunks (see krasisd.engine.generate.generate_stream; ``pick``
+        chooses each token instead of the sampler, as JSON mode does)."""
         self._live()
         generate_stream = _optional("krasisd.engine.generate", "generate_stream")
-        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel)
+        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel, pick=pick)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
                     **template_vars) -> str:
