@@ -141,6 +141,7 @@ class Config:
     keep_alive_s: float = KEEP_ALIVE_DEFAULT_S
     max_queue: int = 512
     max_loaded: int = 2
+    num_parallel: int = 4  # requests one runner serves at once (decode steps shared)
     preload: list[str] = field(default_factory=list)
     vram_budget_bytes: int | None = None  # None: the engine uses what is free minus a margin
     memory_budget_bytes: int | None = None  # None: the hardware probe's total RAM + VRAM
@@ -157,6 +158,9 @@ class Config:
     def __post_init__(self):
         if self.socket is None:
             self.socket = default_socket(self.home)
+        if isinstance(self.num_parallel, bool) or not isinstance(self.num_parallel, int) \
+                or self.num_parallel < 1:
+            raise ValueError(f"num_parallel must be a positive integer, got {self.num_parallel!r}")
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -289,6 +293,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         keep_alive_s=read.get("KRASIS_KEEP_ALIVE", KEEP_ALIVE_DEFAULT_S, parse_duration_s),
         max_queue=read.get("KRASIS_MAX_QUEUE", 512, _int_at_least(1)),
         max_loaded=read.get("KRASIS_MAX_LOADED", 2, _int_at_least(1)),
+        num_parallel=read.get("KRASIS_NUM_PARALLEL", 4, _int_at_least(1)),
         preload=read.get("KRASIS_PRELOAD", [], _list),
         vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, parse_size_bytes),
         memory_budget_bytes=read.get("KRASIS_MEMORY_BUDGET", None, parse_size_bytes),

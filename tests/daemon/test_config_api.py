@@ -9,7 +9,7 @@ import math
 import pytest
 
 from krasisd import api
-from krasisd.config import load_config, parse_duration_s, parse_host, parse_size_bytes
+from krasisd.config import Config, load_config, parse_duration_s, parse_host, parse_size_bytes
 
 
 @pytest.mark.parametrize("value,seconds", [
@@ -60,6 +60,29 @@ def test_env_overrides_file_and_bad_values_fall_back(tmp_path, caplog):
     assert cfg.max_loaded == 2 and cfg.quant == "int4"  # bad values: defaults
     settings = {r.setting for r in caplog.records if hasattr(r, "setting")}
     assert settings == {"KRASIS_MAX_LOADED", "KRASIS_QUANT"}
+
+
+@pytest.mark.parametrize("raw,expected,warned", [
+    (None, 4, False), ("1", 1, False), ("8", 8, False), (" 2 ", 2, False),
+    ("0", 4, True), ("-3", 4, True), ("two", 4, True), ("2.5", 4, True),
+])
+def test_num_parallel(tmp_path, caplog, raw, expected, warned):
+    env = {"KRASIS_HOME": str(tmp_path)}
+    if raw is not None:
+        env["KRASIS_NUM_PARALLEL"] = raw
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(env)
+    assert cfg.num_parallel == expected
+    settings = {getattr(r, "setting", None) for r in caplog.records}
+    assert ("KRASIS_NUM_PARALLEL" in settings) == warned
+    assert f"num_parallel={expected}" in " ".join(f"{k}={v}" for k, v in
+                                                   cfg.as_log_dict().items())
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 2.0, "4"])
+def test_num_parallel_in_code_must_be_a_positive_int(tmp_path, value):
+    with pytest.raises(ValueError, match="num_parallel must be a positive integer"):
+        Config(home=tmp_path, num_parallel=value)
 
 
 def test_non_loopback_host_needs_opt_in(tmp_path, caplog):
