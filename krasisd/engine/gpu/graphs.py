@@ -4,10 +4,10 @@ bound by Python and kernel launches.
 A step is a fixed program over static buffers: GPU pieces, split where the CPU experts
 take over (see krasisd.engine.gpu.hybrid):
 
-    piece: embed, [whole layers...], attention + norm + router + copies to pinned memory (layer l)
-    host:  record an event, start the CPU experts of layer l in the worker thread
-    piece: resident experts + shared experts of layer l (the GPU runs them beside the CPU)
-    host:  join the CPU experts
+    piece: embed, [whole layers...], attention + norm + router + copies to pinned memory +
+           an event (layer l), then resident experts + shared experts of layer l
+    host:  wait for the event, run the CPU experts of layer l (the GPU meanwhile runs the
+           rest of the piece)
     piece: copy the CPU sum back and add, [whole layers...], ... final norm and lm_head
 
 Layers with every routed expert on the GPU (and dense layers) run whole inside a piece, so
@@ -104,6 +104,9 @@ class DecodeStep:
         self.cos = torch.zeros(1, half, dtype=torch.float32, device=dev)  # [1, R/2]
         self.sin = torch.zeros_like(self.cos)
         self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
+        # recorded inside a graph after the hand-off copies: the host waits for it while the
+        # rest of the piece (GPU and shared experts) runs; one replay per layer, not two
+        self.handoff = torch.cuda.Event(external=True) if dev.type == "cuda" else None
         layers = list(model.model.layers)
         # the norm each layer's output meets next: the next layer's input norm, or the head's
         self._norm_after = {layer.layer_idx: (layers[i + 1].input_layernorm if i + 1 < len(
@@ -117,15 +120,15 @@ class DecodeStep:
     # -- program --------------------------------------------------------------------------
 
     def _build_program(self) -> list:
-        """Pieces and host actions ("submit", layer) / ("wait", layer) in step order."""
+        """Pieces and host actions ("cpu", layer) in step order."""
         program, piece = [], Piece([self._embed])
         for layer in self.model.model.layers:
             piece.ops.append(self._attention_op(layer))
             idx = layer.layer_idx
             if layer.is_moe and self._hybrid and self.backend.has_cpu_part(idx):
-                piece.ops.append(self._route_op(layer))
-                program += [piece, ("submit", idx), Piece([self._gpu_experts_op(layer)]),
-                            ("wait", idx)]
+                piece.ops += [self._route_op(layer), self._record_handoff,
+                              self._gpu_experts_op(layer)]
+                program += [piece, ("cpu", idx)]
                 piece = Piece([self._merge_op(layer)])
             else:
                 piece.ops.append(self._ffn_op(layer))
@@ -151,25 +154,13 @@ class DecodeStep:
         return self.logits[0].clone()
 
     def _run(self, bucket: int) -> None:
-        """Pieces in order. Replaying graphs, the GPU experts' piece is enqueued before the
-        CPU part runs on this thread; eagerly, the CPU part runs in the backend's worker
-        while this thread launches that piece's kernels."""
-        graphed = any(bucket in item.graphs for item in self.program if isinstance(item, Piece))
-        job = handoff = None
+        """Pieces in order; at each ("cpu", layer) the CPU experts run on this thread once the
+        hand-off event has passed, while the GPU works through the rest of the piece."""
         for item in self.program:
             if isinstance(item, Piece):
                 item.run(bucket)
-            elif item[0] == "submit":
-                if graphed:
-                    handoff = (item[1], self.backend.handoff_event(self.staging))
-                else:
-                    job = self.backend.submit_cpu(item[1], self.staging)
-            elif handoff is not None:
-                self.backend.run_cpu(handoff[0], self.staging, handoff[1])
-                handoff = None
-            elif job is not None:
-                job.result()
-                job = None
+            else:
+                self.backend.run_cpu(item[1], self.staging, self.handoff)
 
     def _capture(self, bucket: int) -> None:
         """Record every piece for ``bucket`` (the eager step just run was the warm-up)."""
@@ -247,6 +238,10 @@ class DecodeStep:
             self.backend.stage_to_host(layer.layer_idx, self.normed, self.topk_ids,
                                        self.topk_weights)
         return op
+
+    def _record_handoff(self, bucket: int) -> None:
+        if self.handoff is not None:
+            self.handoff.record()
 
     def _gpu_experts_op(self, layer):
         def op(bucket: int) -> None:
