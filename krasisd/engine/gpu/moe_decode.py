@@ -151,13 +151,25 @@ def _pair_fma(acc, words, M: tl.constexpr, exp_bits, a_lo, a_hi):
 
 
 @triton.jit
-def _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8: tl.constexpr):
+def _load_cols(ptrs, n_mask, EVEN_N: tl.constexpr):
+    """A tile's load, masked by columns only where the tile can pass the last column (masked
+    lanes are left unset: their columns are never stored)."""
+    if EVEN_N:
+        value = tl.load(ptrs)
+    else:
+        value = tl.load(ptrs, mask=n_mask)
+    return value
+
+
+@triton.jit
+def _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8: tl.constexpr,
+                  EVEN_N: tl.constexpr):
     """[BK8, BN] float32: the K step at k0 of int8 weights, as 8 slices of BK8 rows."""
     acc = tl.zeros((BK8, offs_n.shape[0]), dtype=tl.float32)
     for j in tl.static_range(8):
         rows = k0 + j * BK8 + offs_r  # [BK8]
-        q = tl.load(w_base + rows[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :],
-                    other=0)  # [BK8, BN] int8
+        q = _load_cols(w_base + rows[:, None] * stride_wk + offs_n[None, :], n_mask[None, :],
+                       EVEN_N)  # [BK8, BN] int8
         w = (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # q
         acc += tl.load(a_row + rows).to(tl.float32)[:, None] * w
     return acc
@@ -166,31 +178,32 @@ def _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8: tl.
 @triton.jit
 def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stride_sk, exp_bits,
               GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr):
+              BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, EVEN_N: tl.constexpr):
     """[BN] float32: sum over k in [first, last) of a[k] * w[k, n] for the columns offs_n
-    (a: bf16 activation row; w: k-major quantized weights with scales [K/G, N])."""
+    (a: activation row, bf16 or float32; w: k-major quantized weights, scales [K/G, N])."""
     BK8: tl.constexpr = BLOCK_K // 8
     offs_r = tl.arange(0, BK8)
     acc = tl.zeros((BK8, BLOCK_N), dtype=tl.float32)  # reduced over K once, at the end
     if BITS == 4:
-        words = tl.load(w_base + (first // 8 + offs_r)[:, None] * stride_wk + offs_n[None, :],
-                        mask=n_mask[None, :], other=0)  # [BK8, BN] int32
-        scale = tl.load(s_base + (first // GROUP) * stride_sk + offs_n, mask=n_mask, other=0.0)
+        words = _load_cols(w_base + (first // 8 + offs_r)[:, None] * stride_wk
+                           + offs_n[None, :], n_mask[None, :], EVEN_N)  # [BK8, BN] int32
+        scale = _load_cols(s_base + (first // GROUP) * stride_sk + offs_n, n_mask, EVEN_N)
         for k0 in range(first, last, BLOCK_K):
             nxt = k0 + BLOCK_K  # its words are in flight while this step computes
-            rows = nxt // 8 + offs_r  # [BK8]
-            # masked lanes are left unset: only valid words and scales are ever stored
-            next_words = tl.load(w_base + rows[:, None] * stride_wk + offs_n[None, :],
-                                 mask=(rows < last // 8)[:, None] & n_mask[None, :])
-            next_scale = tl.load(s_base + (nxt // GROUP) * stride_sk + offs_n,
-                                 mask=n_mask & (offs_n * 0 + nxt < last))
+            # after the last step this reloads the last step (cheaper than a mask per step)
+            k_next = tl.minimum(nxt, last - BLOCK_K)
+            next_words = _load_cols(w_base + (k_next // 8 + offs_r)[:, None] * stride_wk
+                                    + offs_n[None, :], n_mask[None, :], EVEN_N)
+            next_scale = _load_cols(s_base + (k_next // GROUP) * stride_sk + offs_n, n_mask,
+                                    EVEN_N)
             part = _int4_partial(words, a_row + k0 + 8 * offs_r, exp_bits, PAIRS)  # [BK8, BN]
             acc += part * scale.to(tl.float32)[None, :]
             words, scale = next_words, next_scale
     else:
         for k0 in range(first, last, BLOCK_K):
-            scale = tl.load(s_base + (k0 // GROUP) * stride_sk + offs_n, mask=n_mask, other=0.0)
-            part = _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8)
+            scale = _load_cols(s_base + (k0 // GROUP) * stride_sk + offs_n, n_mask, EVEN_N)
+            part = _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8,
+                                 EVEN_N)
             acc += part * scale.to(tl.float32)[None, :]
     return tl.sum(acc, axis=0)
 
@@ -201,7 +214,7 @@ def _gate_up_gemv(
     num_slots, steps_per_split, num_splits,
     stride_xm, stride_we, stride_wk, stride_se, stride_sk, exp_bits,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # x [T, K=D] bf16; w [S, D(/8), 2N]: gate columns [0, N), up [N, 2N)
     # part [SPLIT, P, 2N] float32: each split's sums; count [P, N tiles] int32 arrivals
@@ -221,7 +234,7 @@ def _gate_up_gemv(
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     total = _tile_sum(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
                       s_ptr + wslot * stride_se, first, last, offs + half * N, mask, stride_wk,
-                      stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
+                      stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
     row = part_ptr + slot * 2 * N + offs
     split_stride = num_slots * 2 * N
     tl.store(row + split * split_stride + half * N, total, mask=mask)
@@ -244,7 +257,7 @@ def _down_gemv(
     h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, steps_per_split,
     stride_hm, stride_we, stride_wk, stride_se, stride_sk, stride_om, exp_bits,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # h [P, K=I] float32; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
     slot = tl.program_id(0)
@@ -257,7 +270,7 @@ def _down_gemv(
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
     total = _tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
                       s_ptr + wslot * stride_se, first, last, offs, mask, stride_wk, stride_sk,
-                      exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS)  # [BN]
+                      exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
     route_w = tl.load(weights_ptr + slot)
     tl.atomic_add(out_ptr + (slot // top_k) * stride_om + offs, total * route_w, mask=mask,
                   sem="relaxed")
@@ -301,7 +314,7 @@ def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, bloc
         x, w13, s13, part, h, count, topk_ids.reshape(-1), slot_of_expert, inter, d, k, t * k,
         steps, splits, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
         F256_BITS, GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        PAIRS=cfg.pair_unpack, num_warps=cfg.num_warps)
+        PAIRS=cfg.pair_unpack, EVEN_N=inter % cfg.block_n == 0, num_warps=cfg.num_warps)
     return h
 
 
@@ -317,7 +330,7 @@ def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size
         topk_ids.shape[1], steps, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0),
         s2.stride(1), out.stride(0), F256_BITS,
         GROUP=group_size, BITS=bits, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k,
-        PAIRS=cfg.pair_unpack, num_warps=cfg.down_num_warps)
+        PAIRS=cfg.pair_unpack, EVEN_N=d % cfg.down_block_n == 0, num_warps=cfg.down_num_warps)
 
 
 def _splits(steps: int, wanted: int) -> tuple[int, int]:
