@@ -128,7 +128,11 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # no random init: models are built on the meta device and their weights assigned, and
+        # normal_ on a meta tensor imports torch's Python reference ops (2-4 s per process)
+        self.model.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.model.layers = nn.ModuleList(layers)
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
