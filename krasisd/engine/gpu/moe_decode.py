@@ -57,10 +57,10 @@ class GemvConfig:
     """Tiles of the two kernels: columns per program and K splits of gate/up and of down,
     the K step, warps, and the INT4 unpack (two nibbles per shift, or one)."""
 
-    block_n: int = 256
+    block_n: int = 128
     block_k: int = 32
     split_k: int = 8
-    num_warps: int = 2
+    num_warps: int = 1
     down_block_n: int = 256
     down_split_k: int = 8
     down_num_warps: int = 2
@@ -82,10 +82,10 @@ class GemvConfig:
 # nibbles, for comparison). For DeepSeek-V2-Lite (D=2048, I=1408, 6 slots) 288..4224 gate/up
 # programs. Picked by timing on each machine (hybrid.py, bench/gpu_decode_gemv.py).
 GEMV_CANDIDATES = (
+    GemvConfig(128, 32, 8, 1, 256, 8, 2, True),
     GemvConfig(256, 32, 8, 2, 256, 8, 2, True),
-    GemvConfig(256, 32, 16, 2, 256, 16, 2, True),
+    GemvConfig(128, 32, 16, 1, 256, 16, 2, True),
     GemvConfig(128, 32, 8, 1, 128, 8, 1, True),
-    GemvConfig(128, 32, 16, 1, 128, 16, 1, True),
     GemvConfig(512, 32, 8, 4, 512, 8, 4, True),
     GemvConfig(128, 64, 8, 2, 128, 8, 2, True),
     GemvConfig(64, 128, 4, 4, 128, 4, 4, True),
