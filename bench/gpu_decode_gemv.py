@@ -11,8 +11,13 @@ for down, and for the whole moe_gemv call; GB/s of the expert bytes the routing 
 beside the device's copy rate (read + write of a 1 GiB tensor), the limit being chased; and
 the relative error of layer 0 against float32 on the dequantized weights.
 
+``--sass`` needs no GPU: it compiles every candidate for sm_90 with Triton's own ptxas and
+prints registers, spills and the instructions per 32 bits of weights in the inner loop (for
+INT4 about 21 are the arithmetic itself; at 4 warp-instructions per clock per SM, 30 per word
+is 4.4 TB/s at 1.98 GHz, about the H200's HBM rate, so the count matters).
+
 Run on the GPU machine:  PYTHONPATH=. python3 bench/gpu_decode_gemv.py --out gemv.json
-Check this script on the CPU (Triton interpreter, tiny shape):  ... --smoke
+Anywhere:  ... --sass;  check this script on the CPU (Triton interpreter):  ... --smoke
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from krasisd.engine.gpu import moe_decode  # noqa: E402
 from krasisd.engine.gpu.format import QMAX, ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
@@ -151,6 +160,70 @@ def measure(cfg, layers, layout, slots, args, device) -> dict:
             "layer_us": time_us(full, args.repeats, device) / n, "rel_err": err}
 
 
+POINTER_TYPES = {"x_ptr": "*bf16", "s_ptr": "*bf16", "part_ptr": "*fp32", "h_ptr": "*fp32",
+                 "count_ptr": "*i32", "ids_ptr": "*i64", "slot_ptr": "*i32", "out_ptr": "*fp32",
+                 "weights_ptr": "*fp32"}
+NOT_ALIGNED = {"top_k", "num_slots", "steps_per_split", "num_splits", "exp_bits"}
+
+
+def compile_sm90(fn, consts: dict, bits: int, num_warps: int):
+    """The kernel compiled for sm_90 as a launch with 16-aligned pointers and widths would."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in consts else POINTER_TYPES.get(
+            name, ("*i32" if bits == 4 else "*i8") if name == "w_ptr" else "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items())
+             if kind != "constexpr" and name not in NOT_ALIGNED}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def loop_stats(kernel) -> tuple[str, int]:
+    """(register/stack use, instructions of the longest loop) from cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(kernel.asm["cubin"])
+        handle.flush()
+        usage = subprocess.run([tool, "-res-usage", handle.name], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", handle.name], capture_output=True, text=True,
+                              check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    addrs, loop = [], 0
+    for line in sass.splitlines():
+        at = re.match(r"\s+/\*([0-9a-f]{4,})\*/", line)
+        if at:
+            addrs.append(int(at.group(1), 16))
+            back = re.search(r"BRA (0x[0-9a-f]+)", line)
+            if back and int(back.group(1), 16) < addrs[-1]:
+                loop = max(loop, (addrs[-1] - int(back.group(1), 16)) // 16 + 1)
+    return (f"{found.group(1)} regs, {found.group(2)} B stack" if found else "?"), loop
+
+
+def sass_report(args) -> list[dict]:
+    """Registers and inner-loop instructions per int32 word of each candidate on sm_90."""
+    rows = []
+    for cfg in moe_decode.GEMV_CANDIDATES:
+        row = {"config": short_name(cfg)}
+        block_k = min(cfg.block_k, args.group)
+        kernels = (("gate_up", moe_decode._gate_up_gemv, cfg.block_n, cfg.num_warps, args.inter),
+                   ("down", moe_decode._down_gemv, cfg.down_block_n, cfg.down_num_warps,
+                    args.hidden))
+        for name, fn, block_n, warps, width in kernels:
+            consts = {"GROUP": args.group, "BITS": args.bits, "BLOCK_N": block_n,
+                      "BLOCK_K": block_k, "PAIRS": cfg.pair_unpack,
+                      "EVEN_N": width % block_n == 0}
+            usage, loop = loop_stats(compile_sm90(fn, consts, args.bits, warps))
+            words = block_n * block_k * args.bits // 32 // (32 * warps)  # per thread per step
+            row[name] = f"{usage}, {loop / words:.1f} instr/word"
+        log(f"{row['config']}: gate/up {row['gate_up']}; down {row['down']}")
+        rows.append(row)
+    return rows
+
+
 def short_name(cfg) -> str:
     """gate/up tile x K step / splits / warps, the same for down, and the INT4 unpack."""
     unpack = "pair" if cfg.pair_unpack else "single"
@@ -187,9 +260,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=50, help="graph replays timed")
     parser.add_argument("--candidates", default="all", help="'all' or indices like 0,3")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
+    parser.add_argument("--sass", action="store_true",
+                        help="no GPU needed: registers and loop instructions on sm_90")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shape on the CPU (Triton interpreter): checks this script")
     args = parser.parse_args(argv)
+    if args.sass:
+        rows = sass_report(args)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as handle:
+                json.dump({"sass": rows}, handle, indent=1)
+        return 0
     if args.smoke:
         vars(args).update(SMOKE_SHAPE)
         args.candidates = "0,8" if args.candidates == "all" else args.candidates
