@@ -8,7 +8,8 @@ activation row on the CUDA cores. Two kernels per call:
 - ``_gate_up_gemv``: program (slot, column tile of gate or of up, K split) sums its part of
   ``x @ w13`` into a small float32 buffer; the last of the 2 * splits programs of a column
   tile to finish (an arrival counter) adds the parts and writes h = ``silu(gate) * up``
-  (bf16, as the grouped kernel stores it). No third kernel for the SiLU.
+  (rounded to bf16 as the grouped kernel stores it, kept in float32 so the down kernel
+  converts nothing). No third kernel for the SiLU.
 - ``_down_gemv``: program (slot, D tile, K split) computes its part of ``h @ down``, scales
   it by the routing weight and adds it atomically into the float32 [T, D] output, which sums
   the K slots of a token and the K splits in the same pass (the order of those float32
@@ -29,8 +30,9 @@ The inner step (``_tile_sum``), for a weight tile of BK inputs and BN columns:
 - The next step's words and scales are loaded before the current step is computed.
 - INT8 reads [BK/8, BN] int8 slices 8 times per step (2^23 + 128 + q, minus the constant)
   with the same scaling after the step.
-Compiled for sm_90 (Triton 3.9) the INT4 loop is about 30 instructions per int32 word
-(8 LOP3 + 8 FFMA + 4 shifts of them essential) with no register spills.
+Compiled for sm_90 (Triton 3.9) the INT4 loop takes 27-30 instructions per int32 word (21 of
+them the arithmetic: 8 LOP3, 8 FFMA, 4 shifts, 1 scale) and no register spills
+(``bench/gpu_decode_gemv.py --sass``); the single-nibble unpack takes 43-45.
 
 Slots whose expert is not resident (``slot_of_expert[e] < 0``) return at once, so the
 caller needs no compaction and no host sync: the kernels can be captured in a CUDA graph.
@@ -292,10 +294,10 @@ def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_id
     scratch = torch.zeros(t * d + t * k * gu_tiles, dtype=torch.float32, device=x.device)
     out = scratch[: t * d].view(t, d)  # [T, D]
     count = scratch[t * d :].view(torch.int32)  # [P, I tiles] arrivals: zeros in one memset
-    h = gemv_gate_up(x.contiguous(), views, slot_of_expert, topk_ids, bits, group_size, cfg, block_k,
-                count)
-    gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg, block_k,
-              out)
+    h = gemv_gate_up(x.contiguous(), views, slot_of_expert, topk_ids, bits, group_size, cfg,
+                     block_k, count)  # [P, I]
+    gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg,
+              block_k, out)
     return out
 
 
@@ -318,7 +320,8 @@ def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, bloc
     return h
 
 
-def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg, block_k, out):
+def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg, block_k,
+              out):
     """out [T, D] float32 += routing weight * (h @ down) of each resident slot."""
     w2, s2 = views["w2_q"], views["w2_s"]
     inter, d = h.shape[1], out.shape[1]
