@@ -15,6 +15,7 @@ Token texts are the tokenizer's decoding of each token alone; runs of whitespace
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -214,7 +215,25 @@ class JsonPick:
 def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,
                   should_cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
     """engine's generation loop (same prompt checks, counters and limits), every answer a
-    prefix of one JSON object; stop strings are not applied."""
+    prefix of one JSON object; stop strings are not applied.
+
+    Runs through ``engine.generate(..., pick=)`` when the engine takes ``pick``, so an engine
+    that tracks its streams (BatchingEngine counts the sequences it waits for in a shared
+    step) sees this one; else through the loop itself.
+    """
     options = dataclasses.replace(options, stop=[])
-    return generate_stream(engine, prompt_ids, options, should_cancel,
-                           pick=JsonPick(engine, options))
+    pick = JsonPick(engine, options)
+    if _generate_takes_pick(engine):  # the engine's own entry (a batching one registers it)
+        return engine.generate(prompt_ids, options, should_cancel=should_cancel, pick=pick)
+    return generate_stream(engine, prompt_ids, options, should_cancel, pick=pick)
+
+
+def _generate_takes_pick(engine) -> bool:
+    """Whether ``engine.generate`` accepts ``pick`` (Engine does; test fakes may not)."""
+    generate = getattr(engine, "generate", None)
+    if not callable(generate):
+        return False
+    try:
+        return "pick" in inspect.signature(generate).parameters
+    except (TypeError, ValueError):
+        return False

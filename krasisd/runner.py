@@ -1,9 +1,14 @@
 """A runner process: one loaded model, kept warm, serving generations for the daemon.
 
 Started by the daemon as ``python -m krasisd.runner --fd N --model NAME ...`` (see
-``krasisd.runners`` for the message protocol). The main thread generates; a reader thread
-takes messages from the daemon, so a ``cancel`` is seen between two tokens. When the daemon
-goes away (the channel closes) the runner exits.
+``krasisd.runners`` for the message protocol). A reader thread takes messages from the
+daemon, so a ``cancel`` is seen between two tokens; each request runs on its own worker
+thread, at most ``--num-parallel`` at once, and sends its events through the shared
+:class:`Channel`. With more than one, an engine that has ``forward`` and ``new_cache`` is
+wrapped in :class:`krasisd.engine.batch.BatchingEngine`, so the requests decoding at the same
+time share one forward pass per step; any other engine (a plugged-in loader, a test fake) has
+its ``generate`` called from several threads at once. When the daemon goes away (the channel
+closes) the requests in flight stop at their next token and the runner exits.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 # The runner is a fresh interpreter and nothing above loads torch: set OpenMP's wait policy before
 # it does, or torch's spinning OpenMP workers starve the native kernels' thread pool (CPU decode
@@ -101,14 +107,19 @@ def generation(engine, ids: list[int], options: SamplingOptions, fmt: str | None
 
 
 def serve_one(engine, request: dict, channel: Channel, model: str,
-              should_cancel: Callable[[], bool]) -> None:
-    """Run one generate request and send its chunks, its done event or its error."""
+              should_cancel: Callable[[], bool], generator=None) -> None:
+    """Run one generate request and send its chunks, its done event or its error.
+
+    ``engine`` renders and tokenizes the prompt; ``generator`` (default: ``engine``, or the
+    BatchingEngine around it) generates.
+    """
     request_id = request["id"]
     try:
         options = SamplingOptions(**request["options"])
         text, add_special = render_prompt(engine, request, model)
         ids = prompt_ids(engine, text, add_special, options.num_ctx)
-        for chunk in generation(engine, ids, options, request.get("format"), should_cancel):
+        for chunk in generation(generator or engine, ids, options, request.get("format"),
+                                should_cancel):
             channel.send(_chunk_event(request_id, chunk))
             if chunk.done:
                 return
@@ -133,29 +144,96 @@ def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
             "eval_count": chunk.eval_count, "eval_duration": chunk.eval_duration_ns}
 
 
-def _read_messages(channel: Channel, requests: queue.Queue, cancelled: set) -> None:
+class Flight:
+    """The requests a runner has taken and not finished, and which of them are cancelled;
+    shared by the reader thread, the serving loop and the worker threads."""
+
+    def __init__(self):
+        self.requests: queue.Queue = queue.Queue()  # generate messages; None: stop
+        self.closed = False  # the channel is gone: every request stops
+        self.error: OSError | None = None  # why a worker could not send
+        self._lock = threading.Lock()
+        self._live: set[int] = set()
+        self._cancelled: set[int] = set()
+
+    def add(self, request: dict) -> None:
+        with self._lock:
+            self._live.add(request["id"])
+        self.requests.put(request)
+
+    def cancel(self, request_id: int) -> None:
+        """Mark a request cancelled; ids that are not in flight are ignored."""
+        with self._lock:
+            if request_id in self._live:
+                self._cancelled.add(request_id)
+
+    def is_cancelled(self, request_id: int) -> bool:
+        return self.closed or request_id in self._cancelled
+
+    def finish(self, request_id: int) -> None:
+        with self._lock:
+            self._live.discard(request_id)
+            self._cancelled.discard(request_id)
+
+    def close(self, error: OSError | None = None) -> None:
+        """Stop taking requests; those in flight see themselves cancelled."""
+        self.closed = True
+        if error is not None and self.error is None:
+            self.error = error
+        self.requests.put(None)
+
+
+def _read_messages(channel: Channel, flight: Flight) -> None:
     try:
         for message in channel:
             if message.get("type") == "generate":
-                requests.put(message)
+                flight.add(message)
             elif message.get("type") == "cancel":
-                cancelled.add(message["id"])
+                flight.cancel(message["id"])
     except (OSError, ValueError) as exc:
         log.warning("daemon channel broken", extra={"error": str(exc)})
-    requests.put(None)  # the daemon closed the channel: exit
+    flight.close()  # the daemon closed the channel: exit
 
 
-def serve(engine, channel: Channel, model: str) -> None:
-    """Serve requests until the daemon closes the channel."""
-    requests: queue.Queue = queue.Queue()
-    cancelled: set[int] = set()
-    threading.Thread(target=_read_messages, args=(channel, requests, cancelled),
-                     daemon=True, name="daemon-channel").start()
-    while (request := requests.get()) is not None:
-        request_id = request["id"]
-        if request_id not in cancelled:
-            serve_one(engine, request, channel, model, lambda rid=request_id: rid in cancelled)
-        cancelled.discard(request_id)
+def batching_engine(engine, num_parallel: int):
+    """What generations run through: a BatchingEngine around ``engine`` when several
+    requests may decode at once and the engine has the surface it needs, else ``engine``."""
+    if num_parallel < 2 or not all(callable(getattr(engine, name, None))
+                                   for name in ("forward", "new_cache")):
+        return engine
+    from krasisd.engine.batch import BatchingEngine
+
+    return BatchingEngine(engine, max_batch=num_parallel)
+
+
+def _serve_request(engine, generator, request: dict, channel: Channel, model: str,
+                   flight: Flight) -> None:
+    request_id = request["id"]
+    try:
+        if not flight.is_cancelled(request_id):
+            serve_one(engine, request, channel, model,
+                      lambda: flight.is_cancelled(request_id), generator)
+    except OSError as exc:  # the channel to the daemon is gone: the runner exits
+        flight.close(exc)
+    finally:
+        flight.finish(request_id)
+
+
+def serve(engine, channel: Channel, model: str, num_parallel: int = 1) -> None:
+    """Serve requests, up to ``num_parallel`` at once, until the daemon closes the channel;
+    raises the OSError of a send that failed."""
+    if num_parallel < 1:
+        raise ValueError(f"num_parallel must be >= 1, got {num_parallel}")
+    generator = batching_engine(engine, num_parallel)
+    flight = Flight()
+    threading.Thread(target=_read_messages, args=(channel, flight), daemon=True,
+                     name="daemon-channel").start()
+    with ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="request") as pool:
+        while (request := flight.requests.get()) is not None:
+            pool.submit(_serve_request, engine, generator, request, channel, model, flight)
+        # closed: the requests in flight stop at their next token, and the pool waits for them
+    if flight.error is not None:
+        raise flight.error
 
 
 def _vram_bytes() -> int:
@@ -164,6 +242,13 @@ def _vram_bytes() -> int:
     if torch is None or not torch.cuda.is_available():
         return 0
     return int(torch.cuda.memory_reserved())
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,6 +264,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-cache-dir", default=None)
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--num-parallel", type=_positive_int, default=1)
     return parser.parse_args(argv)
 
 
@@ -207,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     load_ms = (time.monotonic() - started) * 1000
     log.info("model loaded", extra={"model": args.model, "pid": os.getpid(), "load_ms": load_ms})
-    channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes()})
+    channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes(),
+                  "num_parallel": args.num_parallel})
     try:
-        serve(engine, channel, args.model)
+        serve(engine, channel, args.model, args.num_parallel)
     except OSError as exc:
         log.info("daemon went away; runner exits", extra={"model": args.model, "error": str(exc)})
     finally:

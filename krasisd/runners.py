@@ -2,10 +2,14 @@
 
 The runner (``python -m krasisd.runner``) gets one end of a socket pair; both sides speak
 JSON lines. Daemon -> runner: ``{"type": "generate", "id", ...request}``,
-``{"type": "cancel", "id"}``. Runner -> daemon: ``{"type": "ready", "load_duration_ns"}``
-or ``{"type": "load_error", "error"}`` once, then per request ``{"type": "chunk", "id",
-"text", "token_id", "logprob"}`` ... and ``{"type": "done", "id", counters}`` or
-``{"type": "error", "id", "status", "error"}``.
+``{"type": "cancel", "id"}``. Runner -> daemon: ``{"type": "ready", "pid", "vram_bytes",
+"num_parallel"}`` or ``{"type": "load_error", "error"}`` once, then per request
+``{"type": "chunk", "id", "text", "token_id", "logprob"}`` ... and ``{"type": "done", "id",
+counters}`` or ``{"type": "error", "id", "status", "error"}``.
+
+Up to ``num_parallel`` requests (``--num-parallel``, KRASIS_NUM_PARALLEL; a ready message
+without it means 1) are in flight on one channel at once: their events interleave and are
+routed by ``id``, and a cancel stops only the request it names.
 
 A runner that exits (a crash, ``kill -9``, an out-of-memory kill) fails the requests in
 flight on it with :class:`RunnerDied`; the scheduler then starts a fresh one.
@@ -77,7 +81,7 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class RunnerProcess:
-    """One runner process holding one model; requests are sent one at a time."""
+    """One runner process holding one model, serving up to ``num_parallel`` requests."""
 
     def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -91,6 +95,7 @@ class RunnerProcess:
         self._pending: dict[int, asyncio.Queue] = {}
         self._stopping = False
         self.vram_bytes = 0
+        self.num_parallel = 1
         self._read_task = asyncio.create_task(self._read_loop())
 
     @property
@@ -132,6 +137,7 @@ class RunnerProcess:
                                         "load_ms": load_ns // 1_000_000})
         runner = cls(spec, proc, reader, writer, load_ns)
         runner.vram_bytes = int(message.get("vram_bytes") or 0)
+        runner.num_parallel = max(1, int(message.get("num_parallel") or 1))
         return runner
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -220,7 +226,7 @@ def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
     argv = [sys.executable, "-m", "krasisd.runner", "--fd", str(fd), "--model", spec.name,
             "--model-dir", str(spec.model_dir), "--loader", cfg.runner_loader,
             "--quant", spec.quant or cfg.quant, "--device", cfg.device, "--log-format", cfg.log_format,
-            "--log-level", cfg.log_level]
+            "--log-level", cfg.log_level, "--num-parallel", str(cfg.num_parallel)]
     if cfg.threads:
         argv += ["--threads", str(cfg.threads)]
     if spec.cache_dir is not None:

@@ -7,8 +7,10 @@ the machine is the hardware probe's, both passed in so tests can use fakes:
   iterator of events), ``.alive``, ``.pid``, ``.load_duration_ns`` and ``async .stop()``;
 - ``probe() -> Hardware``, the memory that loaded models may use.
 
-Each runner serves one request at a time; the others wait in its queue, which holds at most
-``max_queue`` requests (one more gets :class:`QueueFull`, HTTP 503). Loading a model when
+Each runner serves up to ``runner.num_parallel`` requests at once (KRASIS_NUM_PARALLEL,
+reported by the runner; 1 when it does not say); the others wait in its queue, which holds
+at most ``max_queue`` requests (one more gets :class:`QueueFull`, HTTP 503). A runner with
+any request in flight or queued is busy: it is never unloaded to make room or by keep-alive. Loading a model when
 ``max_loaded`` models are loaded, or when the memory estimate does not fit, first unloads
 the idle model whose keep-alive ends soonest. keep_alive follows Ollama: seconds, ``inf``
 keeps the model forever, 0 unloads it as soon as it is idle.
@@ -22,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from krasisd.runners import ModelSpec, RunnerDied
@@ -53,8 +55,8 @@ class Loaded:
     keep_alive_s: float
     runner: Any = None
     ready: asyncio.Future | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: int = 0  # requests queued, not counting the one running
+    slots: asyncio.Semaphore | None = None  # one per request in flight; set when ready
+    waiting: int = 0  # requests queued, not counting the running ones
     active: int = 0  # requests queued or running
     expires_at: float = math.inf  # time.monotonic() when it unloads, while idle
     timer: asyncio.TimerHandle | None = None
@@ -63,6 +65,16 @@ class Loaded:
     @property
     def idle(self) -> bool:
         return self.active == 0 and self.runner is not None
+
+
+def runner_capacity(runner) -> int:
+    """Requests the runner serves at once: its ``num_parallel``, else 1."""
+    value = getattr(runner, "num_parallel", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        log.warning("runner reports a bad num_parallel; serving one request at a time",
+                    extra={"num_parallel": value})
+        return 1
+    return value
 
 
 class Scheduler:
@@ -91,7 +103,7 @@ class Scheduler:
             holding = False
             try:
                 runner = await self._await_runner(entry)
-                async with entry.lock:
+                async with entry.slots:
                     entry.waiting -= 1
                     holding = True
                     if not runner.alive:
@@ -151,6 +163,7 @@ class Scheduler:
             async with self._load_lock:
                 await self._make_room(entry)
                 entry.runner = await self._factory(entry.spec)
+            entry.slots = asyncio.Semaphore(runner_capacity(entry.runner))
             entry.load_duration_ns = entry.runner.load_duration_ns
             entry.ready.set_result(entry.runner)
         except BaseException as exc:

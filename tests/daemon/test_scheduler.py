@@ -18,22 +18,33 @@ class FakeRunner:
 
     pids = iter(range(1000, 100000))
 
-    def __init__(self, spec: ModelSpec, gate: asyncio.Event | None):
+    def __init__(self, spec: ModelSpec, gate: asyncio.Event | None, num_parallel=None):
         self.spec = spec
         self.gate = gate
+        if num_parallel is not None:
+            self.num_parallel = num_parallel
+        self.running = 0  # requests inside generate()
+        self.most_running = 0
         self.alive = True
         self.pid = next(self.pids)
         self.load_duration_ns = 5
         self.stopped = False
 
     async def generate(self, request):
-        for i in range(request.get("tokens", 2)):
-            if self.gate is not None:
-                await self.gate.wait()
-            if not self.alive:
-                raise RunnerDied("runner died")
-            yield {"type": "chunk", "text": f"t{i}"}
-        yield {"type": "done", "text": ""}
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            for i in range(request.get("tokens", 2)):
+                if self.gate is not None:
+                    await self.gate.wait()
+                if not self.alive:
+                    raise RunnerDied("runner died")
+                yield {"type": "chunk", "text": f"t{i}"}
+            if "hold" in request:
+                await request["hold"].wait()
+            yield {"type": "done", "text": ""}
+        finally:
+            self.running -= 1
 
     async def stop(self):
         self.alive = False
@@ -44,11 +55,12 @@ def spec(name: str, size_bytes: int = 10) -> ModelSpec:
     return ModelSpec(name=name, model_dir=Path("/nonexistent"), size_bytes=size_bytes)
 
 
-def make(memory_bytes=1000, max_loaded=2, max_queue=4, keep_alive_s=60.0, gate=None):
+def make(memory_bytes=1000, max_loaded=2, max_queue=4, keep_alive_s=60.0, gate=None,
+         num_parallel=None):
     started: list[FakeRunner] = []
 
     async def factory(model_spec):
-        runner = FakeRunner(model_spec, gate)
+        runner = FakeRunner(model_spec, gate, num_parallel)
         started.append(runner)
         return runner
 
@@ -192,4 +204,60 @@ def test_cancelled_waiters_leave_the_queue():
         gate.set()
         assert (await again)[-1]["type"] == "done" and (await running)[-1]["type"] == "done"
         assert scheduler.loaded["a"].active == 0
+    asyncio.run(main())
+
+
+def test_num_parallel_requests_in_flight_the_rest_queue():
+    async def main():
+        gate = asyncio.Event()
+        scheduler, started = make(max_queue=2, gate=gate, num_parallel=3)
+        await scheduler.load(spec("a"))  # requests arriving during a load all count as waiting
+        tasks = [asyncio.create_task(drain(scheduler, spec("a"))) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        entry = scheduler.loaded["a"]
+        assert started[0].running == 3 and entry.waiting == 2 and entry.active == 5
+        with pytest.raises(QueueFull, match="KRASIS_MAX_QUEUE"):
+            await drain(scheduler, spec("a"))
+        assert scheduler.running()[0]["active"] == 5 and scheduler.is_busy("a")
+        gate.set()
+        results = await asyncio.gather(*tasks)
+        assert all(r[-1]["type"] == "done" for r in results)
+        assert started[0].most_running == 3 and len(started) == 1
+        assert entry.active == 0 and entry.waiting == 0 and not scheduler.is_busy("a")
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("reported,expected", [(None, 1), (1, 1), (4, 4), (0, 1), ("4", 1)])
+def test_runner_capacity_defaults_to_one(reported, expected):
+    async def main():
+        gate = asyncio.Event()
+        scheduler, started = make(max_queue=8, gate=gate, num_parallel=reported)
+        tasks = [asyncio.create_task(drain(scheduler, spec("a"))) for _ in range(6)]
+        await asyncio.sleep(0.1)
+        assert started[0].running == expected
+        gate.set()
+        await asyncio.gather(*tasks)
+    asyncio.run(main())
+
+
+def test_a_runner_with_any_request_in_flight_is_busy():
+    async def main():
+        scheduler, started = make(max_loaded=1, keep_alive_s=0.05, num_parallel=2)
+        hold = asyncio.Event()
+
+        async def held():
+            return [e async for e in scheduler.generate(spec("a"), {"tokens": 1, "hold": hold})]
+
+        long = asyncio.create_task(held())
+        await asyncio.sleep(0.05)
+        assert (await drain(scheduler, spec("a")))[-1]["type"] == "done"  # beside the held one
+        assert started[0].most_running == 2
+        other = asyncio.create_task(drain(scheduler, spec("b")))  # needs a's room
+        await asyncio.sleep(0.2)  # longer than keep_alive
+        assert not started[0].stopped and "a" in scheduler.loaded and len(started) == 1
+        assert scheduler.running()[0]["expires_in_s"] is None and scheduler.is_busy("a")
+        hold.set()
+        await long
+        await other
+        assert started[0].stopped and list(scheduler.loaded) == ["b"]
     asyncio.run(main())

@@ -118,7 +118,7 @@ def test_preload_and_full_queue_gives_503(tmp_path, fake_env):
     from fakes import FakeRegistry, fake_config
     from harness import DaemonThread
 
-    cfg = fake_config(tmp_path, preload=["fake"], max_queue=1)
+    cfg = fake_config(tmp_path, preload=["fake"], max_queue=1, num_parallel=1)
     daemon = DaemonThread(cfg, FakeRegistry(tmp_path / "models")).start()
     try:
         with daemon.client() as http:
