@@ -232,6 +232,11 @@ def serve(engine, channel: Channel, model: str, num_parallel: int = 1) -> None:
         while (request := flight.requests.get()) is not None:
             pool.submit(_serve_request, engine, generator, request, channel, model, flight)
         # closed: the requests in flight stop at their next token, and the pool waits for them
+    stats = getattr(generator, "stats", None)
+    if stats is not None and stats.steps:
+        log.info("shared decode steps", extra={"model": model, "steps": stats.steps,
+                                               "tokens": stats.tokens, "prefills": stats.prefills,
+                                               "mean_batch": round(stats.tokens / stats.steps, 2)})
     if flight.error is not None:
         raise flight.error
 

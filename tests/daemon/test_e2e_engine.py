@@ -148,3 +148,28 @@ def test_32_concurrent_streams_on_the_real_model(served):
     results = asyncio.run(asyncio.wait_for(run_all(), 180))
     assert all(lines[-1].get("done") is True for lines in results), [r[-1] for r in results]
     assert all(lines[-1]["eval_count"] <= 2 for lines in results)  # EOS may come first
+
+
+def test_4_concurrent_greedy_streams_answer_as_alone(served, client):
+    """KRASIS_NUM_PARALLEL (default 4): the four decode together, in shared steps."""
+    import asyncio
+
+    daemon, name, _ = served
+    prompts = ["Once upon a time", "The capital of", "1, 2, 3,", "Hello"]
+    alone = [client.generate(model=name, prompt=p, options=OPTIONS).response for p in prompts]
+
+    async def one(prompt: str) -> dict:
+        transport = httpx.AsyncHTTPTransport(uds=str(daemon.socket))
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                     timeout=60) as http:
+            response = await http.post("/api/generate", json={
+                "model": name, "prompt": prompt, "stream": False, "options": OPTIONS})
+            return response.json()
+
+    async def run_all():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    together = asyncio.run(asyncio.wait_for(run_all(), 60))
+    assert all(answer.get("done") is True for answer in together), together
+    assert [answer["response"] for answer in together] == alone
+    assert any(alone)  # the model said something
