@@ -93,3 +93,28 @@ def test_constrained_generation_cancels():
     chunks = list(generate_json(engine, [0], SamplingOptions(num_predict=50),
                                 lambda: next(calls)))
     assert chunks[-1].done_reason == "cancel" and chunks[-1].eval_count == 2
+
+
+class TrackingEngine(RandomLogitsEngine):
+    """An engine whose own generate (as Engine's, or a batching engine's) takes ``pick``."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.streams = 0
+
+    def generate(self, prompt_ids, options, should_cancel=None, pick=None):
+        from krasisd.engine.generate import generate_stream
+
+        self.streams += 1
+        return generate_stream(self, prompt_ids, options, should_cancel, pick=pick)
+
+
+def test_constrained_generation_goes_through_the_engines_generate_when_it_takes_pick():
+    options = SamplingOptions(temperature=0.0, num_predict=60, top_k=0, top_p=1.0,
+                              repeat_penalty=1.0)
+    tracked = TrackingEngine(2)
+    text = "".join(c.text for c in generate_json(tracked, [0], options, lambda: False))
+    plain = "".join(c.text for c in generate_json(RandomLogitsEngine(2), [0], options,
+                                                  lambda: False))
+    assert tracked.streams == 1 and text == plain
+    assert JsonPrefix().feed(text) is not None and "{" in text
