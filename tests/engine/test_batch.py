@@ -132,3 +132,46 @@ def test_batching_engine_checks_its_settings_and_prompts(engine):
         BatchingEngine(engine, max_wait_ms=-1)
     with pytest.raises(ValueError, match="empty"):
         BatchingEngine(engine).generate([], _greedy(2))
+
+
+def test_step_clock_shares_while_sharing_is_faster_and_retries_the_other_way():
+    from krasisd.engine.batch import StepClock
+
+    clock = StepClock(retry_steps=4, smoothing=1.0)
+    assert not clock.share(1)  # one sequence: always the engine's own path
+    assert clock.share(3)  # not measured yet: try sharing
+    clock.record(3, True, 0.030)
+    assert clock.share(3)  # no single-token time yet
+    clock.record(3, False, 0.005)  # one sequence alone: 3 x 5 ms < 30 ms shared
+    picks = [clock.share(3) for _ in range(8)]
+    assert picks == [False, False, False, True] * 2  # the slower way re-tried every 4th step
+    clock.record(3, True, 0.012)  # sharing got faster than 15 ms
+    assert [clock.share(3) for _ in range(4)] == [True, True, True, False]
+
+
+def test_steps_run_one_by_one_when_that_measured_faster(engine):
+    """With a clock that says one-by-one wins, concurrent streams still get their own
+    greedy answers, and the steps are counted as run one by one."""
+    from krasisd.engine.batch import StepClock
+
+    num_predict = 4
+    expected = [[c.token_id for c in engine.generate(p, _greedy(num_predict)) if not c.done]
+                for p in PROMPTS]
+    batching = BatchingEngine(engine, max_batch=8, max_wait_ms=200)
+
+    class OneByOne(StepClock):
+        def share(self, size: int) -> bool:
+            return False
+
+    batching.clock = OneByOne()
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, [
+        c.token_id for c in batching.generate(PROMPTS[i], _greedy(num_predict)) if not c.done]))
+        for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [results.get(i) for i in range(len(PROMPTS))] == expected
+    assert batching.stats.one_by_one > 0
+    assert batching.clock.single_s is not None and batching.clock.shared_s == {}

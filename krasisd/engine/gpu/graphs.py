@@ -306,7 +306,7 @@ class HybridEngine(Engine):
     longer referenced, so a new request replays the graphs already captured for it.
     """
 
-    POOLED_CACHES = 2
+    POOLED_CACHES = 8  # concurrent sequences whose graphs stay captured (krasisd.engine.batch)
 
     def __init__(self, *args, use_graphs: bool = True, fused_kernels: bool | None = None,
                  **kwargs):
