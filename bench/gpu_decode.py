@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from decode_caches import (  # noqa: E402
     sync,
 )
 
-from krasisd.engine.batch import batched_decode  # noqa: E402
+from krasisd.engine.batch import BatchingEngine  # noqa: E402
 from krasisd.engine.config import ModelConfig  # noqa: E402
 from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
@@ -170,28 +171,41 @@ def decode_table(engine, chunk, contexts, steps, runs, ttft_runs, rng) -> list[d
 
 
 def streams_table(engine, counts, steps, context, rng) -> list[dict]:
-    """Aggregate tok/s with B sequences sharing each step (B = 1 takes the graph path)."""
+    """Aggregate tok/s of B sequences decoding at once, one thread each, through
+    BatchingEngine as a runner serves them: steps shared, or run one by one where that
+    measured faster (krasisd.engine.batch.StepClock)."""
     device, vocab, rows = engine.device, engine.config.vocab_size, []
     for count in counts:
-        caches = [engine.new_cache(context + steps + 2) for _ in range(count)]
+        batching = BatchingEngine(engine, max_batch=count, max_wait_ms=5)
+        caches = [engine.new_cache(context + 3 * steps + 4) for _ in range(count)]
         tokens = []
         for cache in caches:
             ids = torch.randint(0, vocab, (context,), generator=rng).to(device)
             tokens.append(int(engine.forward(ids, cache)[-1].argmax()))
-        for warm in (True, False):
+        for num in (2 * steps, steps):  # warm-up (captures, the clock's first measures), timed
+            threads = [threading.Thread(target=_decode_stream,
+                                        args=(batching, caches, tokens, i, num))
+                       for i in range(count)]
             sync(device)
             start = time.perf_counter()
-            for _ in range(2 if warm else steps):
-                if count == 1:
-                    logits = engine.forward([tokens[0]], caches[0])
-                else:
-                    logits = batched_decode(engine.model, tokens, caches)  # [B, V]
-                tokens = logits.argmax(-1).tolist()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
             seconds = time.perf_counter() - start
+        stats = batching.stats
         rows.append({"streams": count, "tok_s": count * steps / seconds,
-                     "per_stream_tok_s": steps / seconds})
+                     "per_stream_tok_s": steps / seconds, "steps": stats.steps,
+                     "one_by_one_steps": stats.one_by_one})
         del caches
     return rows
+
+
+def _decode_stream(batching, caches, tokens, i: int, num: int) -> None:
+    """Sequence i decodes ``num`` greedy tokens through the batching engine."""
+    with batching.sequence():
+        for _ in range(num):
+            tokens[i] = int(batching.forward([tokens[i]], caches[i])[-1].argmax())
 
 
 def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:

@@ -199,10 +199,17 @@ class BatchingEngine:
         return self._registered(stream)
 
     def _registered(self, stream) -> Iterator:
+        with self.sequence():
+            yield from stream
+
+    @contextlib.contextmanager
+    def sequence(self):
+        """Register a sequence that decodes through ``forward`` (``generate`` does this
+        itself): shared steps wait for the tokens of every registered sequence."""
         with self._cond:
             self._active += 1
         try:
-            yield from stream
+            yield
         finally:
             with self._cond:
                 self._active -= 1

@@ -175,3 +175,31 @@ def test_steps_run_one_by_one_when_that_measured_faster(engine):
     assert [results.get(i) for i in range(len(PROMPTS))] == expected
     assert batching.stats.one_by_one > 0
     assert batching.clock.single_s is not None and batching.clock.shared_s == {}
+
+
+def test_registered_sequences_share_forward_steps(engine):
+    """Callers that drive forward() themselves register with sequence(): their one-token
+    forwards wait for each other and share steps, with the answers of sequential decoding."""
+    batching = BatchingEngine(engine, max_batch=4, max_wait_ms=500)
+    caches = [engine.new_cache(16) for _ in range(3)]
+    twins = [engine.new_cache(16) for _ in range(3)]
+    for i in range(3):
+        engine.forward([5 + i, 7], caches[i])
+        engine.forward([5 + i, 7], twins[i])
+    want = [engine.forward([9 + i], twins[i])[-1] for i in range(3)]
+    got: dict[int, torch.Tensor] = {}
+    barrier = threading.Barrier(3)
+
+    def run(i: int) -> None:
+        with batching.sequence():
+            barrier.wait(timeout=10)
+            got[i] = batching.forward([9 + i], caches[i])[-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert batching.stats.tokens == 3 and batching.stats.steps == 1  # one shared step
+    for i in range(3):
+        torch.testing.assert_close(got[i], want[i], atol=1e-4, rtol=1e-4)
