@@ -168,6 +168,7 @@ class BatchingEngine:
         self._model_lock = threading.Lock()
         self._pending: list[_Request] = []
         self._stepping = False
+        self._last_step_end_s = 0.0
         self._active = 0  # sequences inside generate()
         self._prefilling = 0
         self.stats = BatchStats()
@@ -252,6 +253,7 @@ class BatchingEngine:
                     finally:
                         self._cond.acquire()
                         self._stepping = False
+                        self._last_step_end_s = time.perf_counter()
                         self._cond.notify_all()
                 else:
                     self._cond.wait(timeout=self._wait_left())
@@ -265,13 +267,22 @@ class BatchingEngine:
         waiting_for = self._active - self._prefilling
         if len(self._pending) >= min(self.max_batch, max(waiting_for, 1)):
             return True
-        return time.perf_counter() - self._pending[0].submitted_s >= self.max_wait_s
+        return self._waited_s() >= self.max_wait_s
 
-    def _wait_left(self) -> float:
+    def _waited_s(self) -> float:
+        """How long the oldest token has waited for company, counted from the end of the last
+        step: tokens submitted during a step did not wait in vain, and counting from their
+        submission would run them alone after a long step, splitting the streams into two
+        batches that never merge again."""
+        since = max(self._pending[0].submitted_s, self._last_step_end_s)
+        return time.perf_counter() - since
+
+    def _wait_left(self) -> float | None:
+        if self._stepping:  # the step's end notifies
+            return None
         if not self._pending:
             return self.max_wait_s
-        age = time.perf_counter() - self._pending[0].submitted_s
-        return max(self.max_wait_s - age, 1e-4)
+        return max(self.max_wait_s - self._waited_s(), 1e-4)
 
     def _step(self, batch: list[_Request]) -> None:
         """Run one shared step; each request gets its logits row or its own error."""
