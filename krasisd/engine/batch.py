@@ -121,23 +121,27 @@ class StepClock:
 
     A shared step reads each weight once for B tokens, but on the GPU it runs eagerly, while
     the engine's own one-token path replays CUDA graphs; on the H200, 8 sequences sharing a
-    step of DeepSeek-V2-Lite's shape made 110 tok/s together, one sequence alone 390. So each
-    batch size is tried shared first, then runs whichever way is faster (the single-token time
-    times B against the shared time), re-trying the slower way every ``retry_steps`` steps.
+    step of DeepSeek-V2-Lite's shape made 110 tok/s together, one sequence alone 390. So the
+    two ways alternate until each has ``warm_measures`` times (a first one-token step of a
+    new cache also captures its graphs), then the faster runs (the one-token time times B
+    against the shared time), the slower re-tried every ``retry_steps`` steps.
     """
 
-    def __init__(self, retry_steps: int = 64, smoothing: float = 0.2):
+    def __init__(self, retry_steps: int = 64, smoothing: float = 0.2, warm_measures: int = 3):
         self.retry_steps, self.smoothing = retry_steps, smoothing
+        self.warm_measures = warm_measures
         self.single_s: float | None = None
         self.shared_s: dict[int, float] = {}
+        self._measures: dict[int, int] = {}  # size -> shared measures; 1 -> one-token ones
         self._since_retry: dict[int, int] = {}
 
     def share(self, size: int) -> bool:
         """Whether a step of ``size`` sequences should be shared."""
         if size == 1:
             return False
-        if size not in self.shared_s or self.single_s is None:
-            return True
+        shared_n, single_n = self._measures.get(size, 0), self._measures.get(1, 0)
+        if min(shared_n, single_n) < self.warm_measures:
+            return shared_n <= single_n
         shared_wins = self.shared_s[size] <= self.single_s * size
         count = self._since_retry.get(size, 0) + 1
         self._since_retry[size] = count % self.retry_steps
@@ -145,13 +149,16 @@ class StepClock:
 
     def record(self, size: int, shared: bool, seconds: float) -> None:
         """A step of ``size`` sequences took ``seconds`` (one sequence's, when not shared)."""
+        key = size if shared else 1
+        self._measures[key] = self._measures.get(key, 0) + 1
         if shared:
             self.shared_s[size] = self._smooth(self.shared_s.get(size), seconds)
         else:
             self.single_s = self._smooth(self.single_s, seconds)
 
     def _smooth(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.smoothing * (new - old)
+        """Down at once, up slowly: a first step also pays one-off work (graph captures)."""
+        return new if old is None or new < old else old + self.smoothing * (new - old)
 
 
 class BatchingEngine:

@@ -137,14 +137,18 @@ def test_batching_engine_checks_its_settings_and_prompts(engine):
 def test_step_clock_shares_while_sharing_is_faster_and_retries_the_other_way():
     from krasisd.engine.batch import StepClock
 
-    clock = StepClock(retry_steps=4, smoothing=1.0)
+    clock = StepClock(retry_steps=4, smoothing=1.0, warm_measures=2)
     assert not clock.share(1)  # one sequence: always the engine's own path
-    assert clock.share(3)  # not measured yet: try sharing
-    clock.record(3, True, 0.030)
-    assert clock.share(3)  # no single-token time yet
-    clock.record(3, False, 0.005)  # one sequence alone: 3 x 5 ms < 30 ms shared
+    picks = []
+    for seconds_shared, seconds_single in ((0.030, 0.050), (0.030, 0.005)):  # 1st: a capture
+        picks.append(clock.share(3))
+        clock.record(3, True, seconds_shared)
+        picks.append(clock.share(3))
+        clock.record(3, False, seconds_single)
+    assert picks == [True, False, True, False]  # the two ways alternate while warming up
+    assert clock.single_s == 0.005  # a faster time is taken at once
     picks = [clock.share(3) for _ in range(8)]
-    assert picks == [False, False, False, True] * 2  # the slower way re-tried every 4th step
+    assert picks == [False, False, False, True] * 2  # 3 x 5 ms < 30 ms; sharing re-tried
     clock.record(3, True, 0.012)  # sharing got faster than 15 ms
     assert [clock.share(3) for _ in range(4)] == [True, True, True, False]
 
