@@ -148,6 +148,17 @@ def test_cpu_slots_zero_resident_slots_without_reading_another_expert():
     assert same_ids is ids and same_weights is weights
 
 
+def _bf16_mla_engine(seed: int) -> Engine:
+    """A bf16 DeepSeek-V2 model with latent 32 and rope 16, float experts in bf16."""
+    torch.set_num_threads(1)
+    config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, kv_lora_rank=32, qk_rope_head_dim=16))
+    model = synthetic_model(config, DEVICE, torch.bfloat16, seed=seed)
+    experts = {layer: tuple(w.bfloat16() for w in synthetic_expert_weights(config, layer,
+                                                                            DEVICE, seed))
+               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
+    return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+
+
 def test_fused_step_with_flash_decoding_attention(monkeypatch):
     """A bf16 MLA model (latent 32, rope 16):
     the fused step runs them (counted) and gives the logits of the same fused step with the
@@ -158,13 +169,8 @@ def test_fused_step_with_flash_decoding_attention(monkeypatch):
     flash = decode_attention.mla_decode_attention
     monkeypatch.setattr(decode_attention, "mla_decode_attention",
                         lambda *a, **k: calls.append(1) or flash(*a, **k))
-    torch.set_num_threads(1)
-    config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, kv_lora_rank=32, qk_rope_head_dim=16))
-    model = synthetic_model(config, DEVICE, torch.bfloat16, seed=5)
-    experts = {layer: tuple(w.bfloat16() for w in synthetic_expert_weights(config, layer,
-                                                                            DEVICE, 5))
-               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
-    engine = Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    engine = _bf16_mla_engine(seed=5)
+    config = engine.config
     logits = []
     for flash_on in (True, False):
         monkeypatch.setattr(decode_attention, "_flash_fits", lambda *a, on=flash_on: on)
@@ -183,13 +189,8 @@ def test_mla_rows_equals_each_sequence_decoded_alone():
     each sequence's own decode, at different lengths, and writes each cache's new entry."""
     from krasisd.engine.gpu.decode_attention import mla_rows
 
-    torch.set_num_threads(1)
-    config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, kv_lora_rank=32, qk_rope_head_dim=16))
-    model = synthetic_model(config, DEVICE, torch.bfloat16, seed=6)
-    experts = {layer: tuple(w.bfloat16() for w in synthetic_expert_weights(config, layer,
-                                                                            DEVICE, 6))
-               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
-    engine = Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    engine = _bf16_mla_engine(seed=6)
+    config, model = engine.config, engine.model
     caches = [engine.new_cache(32) for _ in range(3)]
     for i, cache in enumerate(caches):
         engine.forward(PROMPT[: 2 + i], cache)  # lengths 2, 3, 4
