@@ -111,12 +111,17 @@ def is_loopback(host: str) -> bool:
 
 
 def default_home(env: dict[str, str] | None = None) -> Path:
-    """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis (as the registry)."""
+    """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis.
+
+    The one definition, used by the daemon and the registry alike; it lives here because
+    this module needs only the standard library (the engine imports it where the registry's
+    dependencies are not installed).
+    """
     env = os.environ if env is None else env
     if env.get("KRASIS_HOME"):
         return Path(env["KRASIS_HOME"]).expanduser()
     data = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "krasis"
+    return Path(data).expanduser() / "krasis"
 
 
 def default_socket(home: Path, env: dict[str, str] | None = None) -> Path:

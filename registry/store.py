@@ -5,19 +5,13 @@ import os
 import shutil
 from pathlib import Path
 
+from krasisd.config import default_home  # noqa: F401 (re-exported: one definition)
+
 from .names import ModelRef
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "registry.db"
-
-
-def default_home() -> Path:
-    """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis."""
-    if os.environ.get("KRASIS_HOME"):
-        return Path(os.environ["KRASIS_HOME"]).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home).expanduser() / "krasis"
 
 
 class Store:

@@ -72,6 +72,27 @@ def test_default_home_follows_xdg(monkeypatch, tmp_path):
     assert default_home() == tmp_path / "home" / ".local" / "share" / "krasis"
 
 
+@pytest.mark.parametrize("variable, value, expected", [
+    ("KRASIS_HOME", "~/kh", ("home", "kh")),
+    ("XDG_DATA_HOME", "~/xdg", ("home", "xdg", "krasis")),
+    (None, None, ("home", ".local", "share", "krasis")),
+])
+def test_daemon_and_registry_agree_on_the_home(monkeypatch, tmp_path, variable, value,
+                                               expected):
+    from krasis_registry.store import default_home as registry_home
+
+    from krasisd.config import default_home as daemon_home
+    from krasisd.config import load_config
+
+    for name in ("KRASIS_HOME", "XDG_DATA_HOME", "KRASIS_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if variable:
+        monkeypatch.setenv(variable, value)
+    want = tmp_path.joinpath(*expected)
+    assert registry_home() == daemon_home() == load_config().home == want
+
+
 def test_unusable_home_is_a_clear_error(tmp_path):
     from krasis_registry import RegistryError
 
