@@ -3,7 +3,8 @@
 The partial file `<path>.part` sits in the model's partials folder, next to
 `<path>.part.json`, which names the remote file (sha256 or git blob id and size) that the
 bytes belong to. A restart continues from the partial's length; bytes on disk are read
-back into the hash, never fetched again. A partial is deleted only when it is known bad:
+back into the hash (once per pull: the retries within a pull keep the hash), never fetched
+again. A partial is deleted only when it is known bad:
 it belongs to another version of the file, or the finished file failed its checksum (both
 logged and reported in the error).
 """
@@ -27,19 +28,31 @@ class Incomplete(PullError):
     """The body ended before the file did (the bytes received are kept)."""
 
 
-class _Hashes:
-    """sha256 of the content, and git's blob sha1 (`blob <size>\\0` + content) for small files."""
+class Hashes:
+    """sha256 of the content, and git's blob sha1 (`blob <size>\\0` + content) for small files.
+
+    `hashed_bytes` counts the bytes fed in. One Hashes lives across the resumed attempts of
+    one pull, so a resume hashes only the bytes it receives; when the partial on disk is not
+    the length the hashes saw, the partial is read back from its start instead.
+    """
 
     def __init__(self, remote: RemoteFile):
+        self._remote = remote
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every byte hashed so far."""
         self.sha256 = hashlib.sha256()
         # git's id is needed only where the hub gives no sha256 (small, non-LFS files)
-        header = f"blob {remote.size_bytes}\0".encode()
-        self.git = None if remote.sha256 else hashlib.sha1(header)
+        header = f"blob {self._remote.size_bytes}\0".encode()
+        self.git = None if self._remote.sha256 else hashlib.sha1(header)
+        self.hashed_bytes = 0
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)
         if self.git is not None:
             self.git.update(data)
+        self.hashed_bytes += len(data)
 
 
 def _identity(remote: RemoteFile) -> dict:
@@ -72,17 +85,32 @@ def _prepare_partial(part: Path, remote: RemoteFile) -> int:
     return part.stat().st_size
 
 
-def _hash_existing(part: Path, hashes: _Hashes) -> None:
+def _hash_existing(part: Path, hashes: Hashes) -> None:
     with open(part, "rb") as handle:
         while block := handle.read(READ_BYTES):
             hashes.update(block)
 
 
-def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[int, None, str]:
-    """Download remote into part, yielding bytes completed; verify; return its sha256 hex."""
-    have_bytes = _prepare_partial(part, remote)
-    hashes = _Hashes(remote)
+def _catch_up(part: Path, have_bytes: int, hashes: Hashes) -> None:
+    """Bring hashes to the partial's bytes: kept as they are when they saw exactly its length
+    (a resume within the same pull), else read back from the start."""
+    if hashes.hashed_bytes == have_bytes:
+        if have_bytes:
+            log.debug("%s: the first %d bytes are hashed already", part, have_bytes)
+        return
+    hashes.reset()
     _hash_existing(part, hashes)
+
+
+def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path,
+             hashes: Hashes | None = None) -> Generator[int, None, str]:
+    """Download remote into part, yielding bytes completed; verify; return its sha256 hex.
+
+    Pass the same `hashes` to every attempt on one file to skip re-reading its partial.
+    """
+    have_bytes = _prepare_partial(part, remote)
+    hashes = Hashes(remote) if hashes is None else hashes
+    _catch_up(part, have_bytes, hashes)
     yield have_bytes
     if have_bytes < remote.size_bytes:
         headers = hub.headers()
@@ -94,7 +122,8 @@ def transfer(hub: Hub, url: str, remote: RemoteFile, part: Path) -> Generator[in
                 log.warning("server ignored Range for %s: starting over", remote.path)
                 with open(part, "wb"):
                     pass
-                have_bytes, hashes = 0, _Hashes(remote)
+                have_bytes = 0
+                hashes.reset()
             elif have_bytes:
                 _check_content_range(response, have_bytes, remote.path)
             with open(part, "ab") as handle:
@@ -120,7 +149,7 @@ def _check_content_range(response, have_bytes: int, path: str) -> None:
         )
 
 
-def _verify(part: Path, remote: RemoteFile, have_bytes: int, hashes: _Hashes) -> None:
+def _verify(part: Path, remote: RemoteFile, have_bytes: int, hashes: Hashes) -> None:
     if have_bytes < remote.size_bytes:
         raise Incomplete(
             f"download of {remote.path} stopped at {have_bytes} of {remote.size_bytes} bytes; "
@@ -150,7 +179,7 @@ def matches(path: Path, remote: RemoteFile) -> str | None:
     """
     if path.stat().st_size != remote.size_bytes:
         return None
-    hashes = _Hashes(remote)
+    hashes = Hashes(remote)
     _hash_existing(path, hashes)
     got = hashes.sha256.hexdigest() if remote.sha256 else hashes.git.hexdigest()
     return hashes.sha256.hexdigest() if got == (remote.sha256 or remote.blob_id) else None

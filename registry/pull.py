@@ -11,7 +11,7 @@ import time
 from collections.abc import Generator, Iterator
 
 from . import records
-from .download import Incomplete, drop_meta, matches, transfer
+from .download import Hashes, Incomplete, drop_meta, matches, transfer
 from .errors import PullError
 from .hub import TRANSPORT_ERRORS, Hub, RemoteFile
 from .names import ModelRef, safe_file_path
@@ -134,9 +134,11 @@ def _fetch(ctx: Context, hub: Hub, ref: ModelRef, model_id: int, commit: str,
                               remote.sha256 or remote.blob_id)
         return
     url = hub.file_url(ref.hub_repo, commit, remote.path)
+    hashes = Hashes(remote)  # kept across attempts: a resume hashes only the new bytes
     for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None), start=1):
         try:
-            sha256 = yield from _transfer_events(ctx, hub, ref, url, remote, part, event)
+            sha256 = yield from _transfer_events(ctx, hub, ref, url, remote, part, event,
+                                                  hashes)
             break
         except PullError as exc:
             if delay_s is None or not _retryable(exc):
@@ -153,12 +155,12 @@ def _fetch(ctx: Context, hub: Hub, ref: ModelRef, model_id: int, commit: str,
 
 
 def _transfer_events(ctx: Context, hub: Hub, ref: ModelRef, url: str, remote: RemoteFile,
-                     part, event: dict) -> Generator[dict, None, str]:
+                     part, event: dict, hashes: Hashes) -> Generator[dict, None, str]:
     """One transfer attempt as progress events; returns the verified sha256."""
     last_s = 0.0
     try:
         with hub.errors(ref.hub_repo):
-            steps = transfer(hub, url, remote, part)
+            steps = transfer(hub, url, remote, part, hashes)
             while True:
                 try:
                     completed = next(steps)

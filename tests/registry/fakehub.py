@@ -62,6 +62,8 @@ class FakeHub:
         self.stall_after_bytes: dict[str, int] = {}
         self.drop_after_bytes: dict[str, int] = {}  # cut the connection there ...
         self.drops_left: Counter = Counter()  # ... this many times per path
+        # cut a request at the first of these offsets past its start (each resume gets further)
+        self.drop_points: dict[str, list[int]] = {}
         self.chunk_delay_s = 0.0
         self.corrupt_paths: set[str] = set()
         self.ignore_range = False
@@ -206,6 +208,8 @@ class FakeHub:
                 await asyncio.sleep(0.02)
                 continue
             drop_at = self.drop_after_bytes.get(path) if self.drops_left[path] > 0 else None
+            if drop_at is None:
+                drop_at = next((p for p in self.drop_points.get(path, ()) if p > start), None)
             if drop_at is not None and position >= drop_at:
                 self.drops_left[path] -= 1
                 request.transport.close()  # the body ends short of its Content-Length
