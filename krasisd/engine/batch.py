@@ -11,8 +11,10 @@ thread per request: ``generate`` is ``Engine.generate`` (the same streaming, sam
 stop rules, from krasisd.engine.generate), but one-token forwards from different threads
 are gathered into one ``batched_decode``. The first waiting thread leads: it runs the step
 when every registered sequence that is not prefilling has submitted its token, when
-``max_batch`` are waiting, or ``max_wait_ms`` after the first submission. Prompts (prefill)
-run one at a time, between steps.
+``max_batch`` are waiting, or ``max_wait_ms`` after the first submission (or after the end
+of the last step, if later). ``StepClock`` decides whether the step is shared or its
+sequences run one by one on the engine's own (graph) path, whichever measured faster.
+Prompts (prefill) run one at a time, between steps.
 
 Legend: B = sequences in the step, D = hidden, V = vocab, R = rotary dims.
 """
