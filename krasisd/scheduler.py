@@ -10,10 +10,13 @@ the machine is the hardware probe's, both passed in so tests can use fakes:
 Each runner serves up to ``runner.num_parallel`` requests at once (KRASIS_NUM_PARALLEL,
 reported by the runner; 1 when it does not say); the others wait in its queue, which holds
 at most ``max_queue`` requests (one more gets :class:`QueueFull`, HTTP 503). A runner with
-any request in flight or queued is busy: it is never unloaded to make room or by keep-alive. Loading a model when
-``max_loaded`` models are loaded, or when the memory estimate does not fit, first unloads
-the idle model whose keep-alive ends soonest. keep_alive follows Ollama: seconds, ``inf``
-keeps the model forever, 0 unloads it as soon as it is idle.
+any request in flight or queued is busy: it is never unloaded to make room or by
+keep-alive. Loading a model when ``max_loaded`` models are loaded, or when the memory
+estimate does not fit, first unloads the idle model whose keep-alive ends soonest; when
+every loaded model is busy the load waits up to ``wait_for_room_s`` for one to become idle
+(the daemon passes KRASIS_LOAD_TIMEOUT, which also bounds the load itself), then fails with
+:class:`NoRoom` (HTTP 503). keep_alive follows Ollama: seconds, ``inf`` keeps the model
+forever, 0 unloads it as soon as it is idle.
 """
 
 from __future__ import annotations
@@ -226,7 +229,10 @@ class Scheduler:
             async with self._changed:
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
-                    raise NoRoom(f"cannot load {new.spec.name}: every loaded model is busy")
+                    raise NoRoom(
+                        f"cannot load {new.spec.name}: every loaded model stayed busy for "
+                        f"{self.wait_for_room_s:g} s (KRASIS_LOAD_TIMEOUT); try again when a "
+                        "request has finished")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining_s)
 

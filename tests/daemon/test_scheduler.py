@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from krasisd.runners import ModelSpec, RunnerDied
-from krasisd.scheduler import Hardware, QueueFull, Scheduler
+from krasisd.scheduler import Hardware, NoRoom, QueueFull, Scheduler
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -56,7 +56,7 @@ def spec(name: str, size_bytes: int = 10) -> ModelSpec:
 
 
 def make(memory_bytes=1000, max_loaded=2, max_queue=4, keep_alive_s=60.0, gate=None,
-         num_parallel=None):
+         num_parallel=None, wait_for_room_s=600.0):
     started: list[FakeRunner] = []
 
     async def factory(model_spec):
@@ -65,7 +65,8 @@ def make(memory_bytes=1000, max_loaded=2, max_queue=4, keep_alive_s=60.0, gate=N
         return runner
 
     scheduler = Scheduler(factory, lambda: Hardware(memory_bytes), keep_alive_s=keep_alive_s,
-                          max_queue=max_queue, max_loaded=max_loaded)
+                          max_queue=max_queue, max_loaded=max_loaded,
+                          wait_for_room_s=wait_for_room_s)
     return scheduler, started
 
 
@@ -261,3 +262,53 @@ def test_a_runner_with_any_request_in_flight_is_busy():
         await other
         assert started[0].stopped and list(scheduler.loaded) == ["b"]
     asyncio.run(main())
+
+
+def test_load_waits_for_room_at_most_wait_for_room_s():
+    async def main():
+        gate = asyncio.Event()
+        scheduler, started = make(max_loaded=1, gate=gate, wait_for_room_s=0.3)
+        busy = asyncio.create_task(drain(scheduler, spec("a")))
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        begin_s = loop.time()
+        with pytest.raises(NoRoom, match=r"stayed busy for 0\.3 s \(KRASIS_LOAD_TIMEOUT\)"):
+            await drain(scheduler, spec("b"))
+        assert 0.3 <= loop.time() - begin_s < 5.0
+        assert list(scheduler.loaded) == ["a"] and not started[0].stopped  # nothing half-done
+        gate.set()
+        await busy
+        assert (await drain(scheduler, spec("b")))[-1]["type"] == "done"  # room now
+        assert started[0].stopped and list(scheduler.loaded) == ["b"]
+    asyncio.run(main())
+
+
+def test_room_freed_within_the_wait_loads_the_model():
+    async def main():
+        gate = asyncio.Event()
+        scheduler, started = make(max_loaded=1, gate=gate, wait_for_room_s=5.0)
+        busy = asyncio.create_task(drain(scheduler, spec("a")))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(drain(scheduler, spec("b")))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and len(started) == 1
+        gate.set()
+        await busy
+        assert (await waiting)[-1]["type"] == "done"
+        assert [r.spec.name for r in started] == ["a", "b"] and started[0].stopped
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("value, expected_s", [("90s", 90.0), ("2m", 120.0), (None, 600.0)])
+def test_load_timeout_also_bounds_the_wait_for_room(tmp_path, value, expected_s):
+    from krasisd.config import load_config
+    from krasisd.server import build_daemon
+
+    env = {"KRASIS_HOME": str(tmp_path)}
+    if value is not None:
+        env["KRASIS_LOAD_TIMEOUT"] = value
+    cfg = load_config(env)
+    assert cfg.load_timeout_s == expected_s
+    daemon = build_daemon(cfg, registry=object(), runner_factory=lambda s: None,
+                          probe=lambda: Hardware(1000))
+    assert daemon.scheduler.wait_for_room_s == expected_s
