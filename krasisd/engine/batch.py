@@ -173,6 +173,8 @@ class BatchingEngine:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.engine = engine
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1e3
+        if hasattr(engine, "pooled_caches"):  # a cache (and its graphs) kept per sequence
+            engine.pooled_caches = max(engine.pooled_caches, max_batch)
         self._cond = threading.Condition()
         self._model_lock = threading.Lock()
         self._pending: list[_Request] = []

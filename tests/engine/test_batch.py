@@ -207,3 +207,18 @@ def test_registered_sequences_share_forward_steps(engine):
     assert batching.stats.tokens == 3 and batching.stats.steps == 1  # one shared step
     for i in range(3):
         torch.testing.assert_close(got[i], want[i], atol=1e-4, rtol=1e-4)
+
+
+def test_batching_keeps_a_pooled_cache_per_sequence(engine):
+    """An engine that pools KV caches (HybridEngine) keeps at least max_batch of them, so
+    each concurrent sequence keeps its cache and captured graphs; others are left alone."""
+    engine.pooled_caches = 2
+    try:
+        BatchingEngine(engine, max_batch=6)
+        assert engine.pooled_caches == 6
+        BatchingEngine(engine, max_batch=3)
+        assert engine.pooled_caches == 6  # never lowered
+    finally:
+        del engine.pooled_caches
+    BatchingEngine(engine, max_batch=4)
+    assert not hasattr(engine, "pooled_caches")

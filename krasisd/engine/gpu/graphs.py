@@ -306,7 +306,7 @@ class HybridEngine(Engine):
     longer referenced, so a new request replays the graphs already captured for it.
     """
 
-    POOLED_CACHES = 8  # concurrent sequences whose graphs stay captured (krasisd.engine.batch)
+    POOLED_CACHES = 2  # caches kept for reuse, with their graphs; BatchingEngine raises it
 
     def __init__(self, *args, use_graphs: bool = True, fused_kernels: bool | None = None,
                  **kwargs):
@@ -315,6 +315,8 @@ class HybridEngine(Engine):
         self.fused_kernels = fused_kernels  # None: on CUDA (see DecodeStep)
         self._pool: list[tuple[KVCache, weakref.ref]] = []  # (storage, its current handle)
         self._steps: dict[int, DecodeStep] = {}  # id(storage) -> DecodeStep
+        # one per sequence decoding at once: each keeps its KV memory and its graphs
+        self.pooled_caches = self.POOLED_CACHES
 
     def new_cache(self, max_tokens: int) -> KVCache:
         """An empty cache for ``max_tokens`` tokens (reusing free pooled storage)."""
@@ -325,7 +327,7 @@ class HybridEngine(Engine):
                 self._pool[i] = (storage, weakref.ref(cache))
                 return cache
         cache = super().new_cache(max_tokens)
-        if len(self._pool) < self.POOLED_CACHES:
+        if len(self._pool) < self.pooled_caches:
             self._pool.append((copy.copy(cache), weakref.ref(cache)))
         return cache
 
@@ -345,7 +347,7 @@ class HybridEngine(Engine):
         step = self._steps.get(key)
         generation = getattr(self.expert_backend, "generation", 0)
         if step is None or step.generation != generation:
-            if len(self._steps) >= self.POOLED_CACHES + 1:
+            if len(self._steps) >= self.pooled_caches + 1:
                 self._steps.clear()
             step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs,
                               fused_kernels=self.fused_kernels)
