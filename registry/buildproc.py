@@ -20,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+REPORTED_EXIT_S = 5.0  # a child that sent its result gets this long to exit by itself
 
 
 class BuilderCrashed(RuntimeError):
@@ -65,7 +66,7 @@ def run_builder(builder: Callable[..., dict], model_dir: Path, out_dir: Path, qu
         args=(builder, model_dir, out_dir, quant, group_size, sender, os.getpid()))
     process.start()
     sender.close()
-    finished = False
+    reported = False  # the child sent its result ("done" or "error") and is on its way out
     try:
         while True:
             try:
@@ -75,15 +76,23 @@ def run_builder(builder: Callable[..., dict], model_dir: Path, out_dir: Path, qu
                 raise BuilderCrashed(
                     f"the builder process ended without a result (exit code {process.exitcode})"
                 ) from None
+            reported = kind in ("done", "error")
             if kind == "error":
                 raise BuilderFailed(value)
             yield kind, value
             if kind == "done":
-                finished = True
                 return
     finally:
-        if not finished and process.is_alive():
-            log.warning("stopping cache build process %s", process.pid)
-            process.kill()
-        process.join()
+        _stop(process, reported)
         receiver.close()
+
+
+def _stop(process, reported: bool) -> None:
+    """Join the child; kill it first when it has not reported (the stream was closed early),
+    or when it reported but does not exit within REPORTED_EXIT_S."""
+    if reported:
+        process.join(REPORTED_EXIT_S)
+    if process.is_alive():
+        log.warning("stopping cache build process %s", process.pid)
+        process.kill()
+    process.join()

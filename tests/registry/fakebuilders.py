@@ -50,3 +50,24 @@ def failing_builder(model_dir, out_dir, quant="int4", group_size=128, progress=N
 def crashing_builder(model_dir, out_dir, quant="int4", group_size=128, progress=None) -> dict:
     """Dies the way a native fault would: no exception, no result."""
     os._exit(3)
+
+
+def _linger_at_exit() -> None:
+    """Keep the child busy for KRASIS_TEST_LINGER_S after its result is sent (a slow exit)."""
+    from multiprocessing.util import Finalize
+
+    Finalize(None, time.sleep, args=(float(os.environ["KRASIS_TEST_LINGER_S"]),),
+             exitpriority=0)
+
+
+def lingering_builder(model_dir, out_dir, quant="int4", group_size=128, progress=None) -> dict:
+    """fast_builder, whose process then takes a while to exit."""
+    _linger_at_exit()
+    return fast_builder(model_dir, out_dir, quant, group_size, progress)
+
+
+def lingering_failing_builder(model_dir, out_dir, quant="int4", group_size=128,
+                              progress=None) -> dict:
+    """failing_builder, whose process then takes a while to exit."""
+    _linger_at_exit()
+    return failing_builder(model_dir, out_dir, quant, group_size, progress)
