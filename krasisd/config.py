@@ -155,6 +155,7 @@ class Config:
     device: str = "auto"
     max_body_bytes: int = 16 * 1024 * 1024
     load_timeout_s: float = 600.0
+    room_timeout_s: float = 600.0  # a load's wait for a busy model to become idle
     log_level: str = "INFO"
     log_format: str = "text"
     runner_loader: str = DEFAULT_RUNNER_LOADER
@@ -307,6 +308,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         device=read.get("KRASIS_DEVICE", "auto", _choice("auto", "cpu", "cuda")),
         max_body_bytes=read.get("KRASIS_MAX_BODY", 16 * 1024 * 1024, parse_size_bytes),
         load_timeout_s=read.get("KRASIS_LOAD_TIMEOUT", 600.0, _positive_duration),
+        room_timeout_s=read.get("KRASIS_ROOM_TIMEOUT", 600.0, _positive_duration),
         log_level=read.get("KRASIS_LOG_LEVEL", "INFO",
                            lambda r: _choice("debug", "info", "warning", "error")(r).upper()),
         log_format=read.get("KRASIS_LOG_FORMAT", "text", _choice("text", "json")),

@@ -14,7 +14,7 @@ any request in flight or queued is busy: it is never unloaded to make room or by
 keep-alive. Loading a model when ``max_loaded`` models are loaded, or when the memory
 estimate does not fit, first unloads the idle model whose keep-alive ends soonest; when
 every loaded model is busy the load waits up to ``wait_for_room_s`` for one to become idle
-(the daemon passes KRASIS_LOAD_TIMEOUT, which also bounds the load itself), then fails with
+(the daemon passes KRASIS_ROOM_TIMEOUT), then fails with
 :class:`NoRoom` (HTTP 503). keep_alive follows Ollama: seconds, ``inf`` keeps the model
 forever, 0 unloads it as soon as it is idle.
 """
@@ -231,7 +231,7 @@ class Scheduler:
                 if remaining_s <= 0:
                     raise NoRoom(
                         f"cannot load {new.spec.name}: every loaded model stayed busy for "
-                        f"{self.wait_for_room_s:g} s (KRASIS_LOAD_TIMEOUT); try again when a "
+                        f"{self.wait_for_room_s:g} s (KRASIS_ROOM_TIMEOUT); try again when a "
                         "request has finished")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining_s)

@@ -134,7 +134,7 @@ def build_daemon(cfg: Config, registry: Any = None,
     scheduler = Scheduler(runner_factory or (lambda spec: RunnerProcess.start(spec, cfg)),
                           probe or (lambda: probe_hardware(cfg)), keep_alive_s=cfg.keep_alive_s,
                           max_queue=cfg.max_queue, max_loaded=cfg.max_loaded,
-                          wait_for_room_s=cfg.load_timeout_s)
+                          wait_for_room_s=cfg.room_timeout_s)
     return Daemon(cfg, ModelCatalog(registry, cfg.quant), scheduler)
 
 

@@ -272,7 +272,7 @@ def test_load_waits_for_room_at_most_wait_for_room_s():
         await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         begin_s = loop.time()
-        with pytest.raises(NoRoom, match=r"stayed busy for 0\.3 s \(KRASIS_LOAD_TIMEOUT\)"):
+        with pytest.raises(NoRoom, match=r"stayed busy for 0\.3 s \(KRASIS_ROOM_TIMEOUT\)"):
             await drain(scheduler, spec("b"))
         assert 0.3 <= loop.time() - begin_s < 5.0
         assert list(scheduler.loaded) == ["a"] and not started[0].stopped  # nothing half-done
@@ -300,15 +300,16 @@ def test_room_freed_within_the_wait_loads_the_model():
 
 
 @pytest.mark.parametrize("value, expected_s", [("90s", 90.0), ("2m", 120.0), (None, 600.0)])
-def test_load_timeout_also_bounds_the_wait_for_room(tmp_path, value, expected_s):
+def test_room_timeout_bounds_the_wait_for_room(tmp_path, value, expected_s):
+    """KRASIS_ROOM_TIMEOUT sets the wait; KRASIS_LOAD_TIMEOUT (the load's bound) does not."""
     from krasisd.config import load_config
     from krasisd.server import build_daemon
 
-    env = {"KRASIS_HOME": str(tmp_path)}
+    env = {"KRASIS_HOME": str(tmp_path), "KRASIS_LOAD_TIMEOUT": "7s"}
     if value is not None:
-        env["KRASIS_LOAD_TIMEOUT"] = value
+        env["KRASIS_ROOM_TIMEOUT"] = value
     cfg = load_config(env)
-    assert cfg.load_timeout_s == expected_s
+    assert cfg.room_timeout_s == expected_s and cfg.load_timeout_s == 7.0
     daemon = build_daemon(cfg, registry=object(), runner_factory=lambda s: None,
                           probe=lambda: Hardware(1000))
     assert daemon.scheduler.wait_for_room_s == expected_s
