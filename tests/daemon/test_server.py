@@ -20,7 +20,10 @@ def tcp_listen_ports(pid: int) -> set[int]:
     """Ports of TCP sockets in LISTEN state held by process ``pid``."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd) if fd.is_symlink() else ""
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed since the listing (the daemon's threads open and close files)
+            continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     ports = set()
