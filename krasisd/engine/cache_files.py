@@ -1,4 +1,5 @@
-"""File helpers shared by the CPU- and GPU-format caches: checksums and atomic replacement."""
+"""File helpers shared by the CPU- and GPU-format caches and the loader: checksums, atomic
+replacement, safetensors headers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HASH_CHUNK_BYTES = 8 << 20
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is not plausible
 # where the engine keeps caches it builds itself (no cache folder given) inside a model folder
 ENGINE_CACHE_DIR = ".krasis-cache"
 
@@ -23,6 +25,19 @@ ENGINE_CACHE_DIR = ".krasis-cache"
 def engine_cache_dir(model_dir, name: str) -> Path:
     """``model_dir/.krasis-cache/name``: a cache the engine finds or builds on its own."""
     return Path(model_dir) / ENGINE_CACHE_DIR / name
+
+
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file (after its 8-byte little-endian length); the
+    tensors' data starts at ``8 + len(header)``. ValueError for an implausible header."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if size <= 0 or size > MAX_HEADER_BYTES:
+            raise ValueError(f"{path.name}: implausible safetensors header size {size}")
+        header = handle.read(size)
+    if len(header) != size:
+        raise ValueError(f"{path.name}: file ends inside its header")
+    return header
 
 
 def sha256_file(path: Path) -> str:

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
-from krasisd.engine.cache_files import building_dir, sha256_file
+from krasisd.engine.cache_files import building_dir, safetensors_header, sha256_file
 from krasisd.engine.models import build_model
 from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
 
@@ -102,7 +102,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     for path in loader.weight_files(model_dir):
         size_bytes = path.stat().st_size
         digest.update(f"{path.name}:{size_bytes}:".encode())
-        digest.update(_read_header_bytes(path))
+        digest.update(safetensors_header(path))
         with open(path, "rb") as handle:
             for i in range(FINGERPRINT_SAMPLES):
                 handle.seek(size_bytes * i // FINGERPRINT_SAMPLES)
@@ -305,7 +305,7 @@ def _quantize_layer(config, layer_idx: int, index, bits: int, group_size: int):
 def _file_record(path: Path, name: str) -> dict:
     stat = path.stat()
     return {"file": name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": sha256_file(path), "header_sha256": hashlib.sha256(_read_header_bytes(path)).hexdigest()}
+            "sha256": sha256_file(path), "header_sha256": hashlib.sha256(safetensors_header(path)).hexdigest()}
 
 
 def _verify_file(path: Path, record: dict, full: bool) -> None:
@@ -317,7 +317,7 @@ def _verify_file(path: Path, record: dict, full: bool) -> None:
         raise CacheError(f"cache file {path.name} has {stat.st_size} bytes, "
                          f"the manifest says {record.get('bytes')} (truncated?)")
     try:
-        header_digest = hashlib.sha256(_read_header_bytes(path)).hexdigest()
+        header_digest = hashlib.sha256(safetensors_header(path)).hexdigest()
     except (OSError, ValueError) as exc:
         raise CacheError(f"cache file {path.name} has a bad header: {exc}") from exc
     if header_digest != record.get("header_sha256"):
@@ -343,7 +343,7 @@ def _map_layer(path: Path, manifest: dict) -> LayerExperts:
 def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Zero-copy read-only views of a safetensors file (safetensors' own numpy loader copies)."""
     mapped = np.memmap(path, dtype=np.uint8, mode="r")  # [bytes]
-    header_bytes = _read_header_bytes(path)
+    header_bytes = safetensors_header(path)
     base = 8 + len(header_bytes)
     out = {}
     for name, info in json.loads(header_bytes).items():
@@ -355,16 +355,3 @@ def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         view = mapped[base + start:base + end].view(NP_DTYPES[info["dtype"]])
         out[name] = view.reshape(info["shape"])
     return out
-
-
-def _read_header_bytes(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if size <= 0 or size > (100 << 20):
-            raise ValueError(f"{path.name}: implausible safetensors header size {size}")
-        header = handle.read(size)
-    if len(header) != size:
-        raise ValueError(f"{path.name}: file ends inside its header")
-    return header
-
-

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from krasisd.engine.cache_files import safetensors_header
 from krasisd.engine.errors import ModelLoadError
 
 HEADER_LEN_BYTES = 8
-MAX_HEADER_BYTES = 100 << 20
 STAGING_BYTES = 32 << 20  # per buffer: large reads, small pinned allocations
 STAGING_BUFFERS = 4
 READ_THREADS = 4
@@ -46,14 +46,10 @@ class Span:
 def header_spans(path: Path) -> dict[str, Span]:
     """Tensor name -> Span, from the file's header alone."""
     try:
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(HEADER_LEN_BYTES), "little")
-            if not 0 < header_len <= MAX_HEADER_BYTES:
-                raise ValueError(f"header length {header_len} is not plausible")
-            header = json.loads(handle.read(header_len))
-        base = HEADER_LEN_BYTES + header_len
+        raw = safetensors_header(path)
+        base = HEADER_LEN_BYTES + len(raw)
         spans = {}
-        for name, info in header.items():
+        for name, info in json.loads(raw).items():
             if name == "__metadata__":
                 continue
             start, end = info["data_offsets"]
