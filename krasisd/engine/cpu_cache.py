@@ -5,7 +5,7 @@ Per layer file ``layer_{l:03d}.safetensors``: ``{gate,up,down}.qweight`` and ``.
 layout of docs/cpu-format.md (E experts, D hidden, I expert width, G group size):
 gate/up qweight [E, I, D] int8 or [E, I, D/2] uint8, scales float32 [E, I, D/G];
 down qweight [E, D, I] or [E, D, I/2], scales [E, D, I/G].
-Dense linears (dense_quant.dense_plan: attention, shared experts, dense MLPs, output head) go
+Dense linears (dense_plan.dense_plan: attention, shared experts, dense MLPs, output head) go
 to ``dense_{l:03d}.safetensors`` per decoder layer and ``dense_other.safetensors`` (the head):
 ``{name}.qweight`` [N, K] int8 or [N, K/2] uint8 and ``{name}.scales`` [N, K/G'] float32, each
 linear with its own bits and group size G' (recorded in the manifest).
@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from krasisd.engine import loader
 from krasisd.engine.cache_files import building_dir, safetensors_header, sha256_file
+from krasisd.engine.dense_plan import HEAD_NAME, dense_plan, quantize_weight
 from krasisd.engine.models import build_model
 from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
 
@@ -169,10 +170,7 @@ def _write_files(tmp_dir: Path, config, index, quant: str, group_size: int, laye
 
 def _dense_jobs(config, index, bits: int) -> dict[int, list[tuple]]:
     """Decoder layer (num_hidden_layers for the rest) -> [(linear name, checkpoint tensor,
-    bits, group size, (N, K))] from dense_quant.dense_plan over a model on the meta device."""
-    # imported here: dense_quant imports native_experts, which imports this module
-    from krasisd.engine.dense_quant import HEAD_NAME, dense_plan
-
+    bits, group size, (N, K))] from dense_plan over a model on the meta device."""
     with torch.device("meta"):
         model = build_model(config)
     jobs: dict[int, list[tuple]] = {}
@@ -191,10 +189,8 @@ def _dense_jobs(config, index, bits: int) -> dict[int, list[tuple]]:
 
 def _write_dense_file(tmp_dir: Path, jobs: list[tuple], index, quant: str
                       ) -> tuple[dict, dict]:
-    """Quantize one file's dense linears (dense_quant.quantize_weight); returns its file record
+    """Quantize one file's dense linears (dense_plan.quantize_weight); returns its file record
     and the manifest entries of its linears."""
-    from krasisd.engine.dense_quant import quantize_weight  # see _dense_jobs
-
     floats = loader.read_tensors({tensor for _, tensor, *_ in jobs}, index)
     match = LAYER_NAME.match(jobs[0][0])
     file_name = f"dense_{int(match.group(1)):03d}.safetensors" if match else DENSE_OTHER

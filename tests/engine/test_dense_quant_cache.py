@@ -10,7 +10,7 @@ from tiny_hf import make_hf_model, save_hf_model
 
 pytest.importorskip("krasis_native")
 
-from krasisd.engine import cpu_cache, dense_quant, native_experts, quant  # noqa: E402
+from krasisd.engine import cpu_cache, dense_plan, dense_quant, native_experts, quant  # noqa: E402
 from krasisd.engine.dense_quant import QuantLinear, quantize_dense_linears  # noqa: E402
 from krasisd.engine.engine import Engine  # noqa: E402
 from krasisd.engine.loader import load_model  # noqa: E402
@@ -52,9 +52,10 @@ def no_quantizer(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the quantizer was called during a load from the cache")
 
-    for module in (quant, dense_quant, cpu_cache, native_experts):
+    for module in (quant, dense_plan, cpu_cache, native_experts):
         monkeypatch.setattr(module, "quantize", refuse)
-    monkeypatch.setattr(dense_quant, "quantize_weight", refuse)
+    for module in (dense_plan, dense_quant, cpu_cache):
+        monkeypatch.setattr(module, "quantize_weight", refuse)
 
 
 def test_load_from_a_cache_with_dense_does_not_quantize(model_dir, cache_dir, no_quantizer):

@@ -120,6 +120,6 @@ def test_bad_bits_is_a_value_error():
     (2048, 4, 128, 128), (1408, 8, 128, 128), (192, 8, 128, 64), (96, 8, 128, 32),
     (96, 4, 128, None), (24, 8, 128, None), (512, 8, 256, 256), (2048, 8, 64, 64)])
 def test_dense_group_follows_the_same_sizes(in_features, bits, preferred, expected):
-    from krasisd.engine.dense_quant import pick_dense_group
+    from krasisd.engine.dense_plan import pick_dense_group
 
     assert pick_dense_group(in_features, bits, preferred) == expected
