@@ -15,17 +15,16 @@ import torch
 
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.cpu_cache import FORMAT as CPU_FORMAT
-from krasisd.engine.cpu_cache import _file_record as cpu_file_record
-from krasisd.engine.cpu_cache import load_cpu_cache
+from krasisd.engine.cpu_cache import cache_manifest, load_cpu_cache
+from krasisd.engine.cpu_cache import file_record as cpu_file_record
 from krasisd.engine.gpu.backend import gpu_experts_for
-from krasisd.engine.gpu.cache import _file_record as gpu_file_record
-from krasisd.engine.gpu.cache import _manifest as gpu_manifest
+from krasisd.engine.gpu.cache import cache_manifest as gpu_manifest
+from krasisd.engine.gpu.cache import file_record as gpu_file_record
 from krasisd.engine.gpu.cache import load_gpu_cache
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
 from krasisd.engine.gpu.placement import PlacementError
 from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, synthetic_expert_weights, synthetic_model
 from krasisd.engine.models import build_model
-from krasisd.engine.quant import LAYOUT_VERSION as CPU_LAYOUT
 from krasisd.engine.quant import quantize
 
 CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "deepseek-v2-lite.json"
@@ -128,12 +127,8 @@ def build_caches(root: Path, device: str, smoke: bool) -> tuple[ModelConfig, dic
     with ThreadPoolExecutor(8) as pool:  # checksums: hashlib releases the GIL
         cpu_records = list(pool.map(lambda n: cpu_file_record(root / "cpu" / n[1], n[1]), names))
         gpu_records = list(pool.map(lambda n: gpu_file_record(root / "gpu" / n[1]), names))
-    cpu_manifest = {
-        "format": CPU_FORMAT, "layout_version": CPU_LAYOUT, "quant": "int4", "bits": 4,
-        "group_size": group, "n_experts": config.n_routed_experts, "hidden": config.hidden_size,
-        "width": config.moe_intermediate_size, "model_fingerprint": "synthetic",
-        "created": time.time(), "layers": {str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)},
-    }
+    cpu_manifest = cache_manifest(config, "int4", group, "synthetic", {
+        str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)})
     files = {str(layer): r for (layer, _), r in zip(names, gpu_records, strict=True)}
     (root / "cpu" / "manifest.json").write_text(json.dumps(cpu_manifest))
     (root / "gpu" / "manifest.json").write_text(

@@ -130,17 +130,25 @@ def build_cpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
     with building_dir(out_dir) as tmp_dir:
         files, dense_files, dense_linears = _write_files(
             tmp_dir, config, index, quant, group_size, layers, dense_jobs, progress)
-        manifest = {
-            "format": FORMAT, "layout_version": LAYOUT_VERSION, "quant": quant, "bits": bits,
-            "group_size": group_size, "n_experts": config.n_routed_experts,
-            "hidden": config.hidden_size, "width": config.moe_intermediate_size,
-            "model_fingerprint": model_fingerprint(model_dir), "created": time.time(),
-            "layers": files, "dense_files": dense_files, "dense": dense_linears,
-        }
+        manifest = cache_manifest(config, quant, group_size, model_fingerprint(model_dir),
+                                  files, dense_files, dense_linears)
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     log.info("built CPU cache %s: %d layers, %d dense linears, %s g%d", out_dir, len(layers),
              len(dense_linears), quant, group_size)
     return manifest
+
+
+def cache_manifest(config, quant: str, group_size: int, fingerprint: str, layers: dict,
+                   dense_files: dict | None = None, dense: dict | None = None) -> dict:
+    """The manifest of a CPU cache: ``layers`` {layer: file_record}, and the dense linears'
+    files and entries when the cache holds them."""
+    return {
+        "format": FORMAT, "layout_version": LAYOUT_VERSION, "quant": quant, "bits": BITS[quant],
+        "group_size": group_size, "n_experts": config.n_routed_experts,
+        "hidden": config.hidden_size, "width": config.moe_intermediate_size,
+        "model_fingerprint": fingerprint, "created": time.time(),
+        "layers": layers, "dense_files": dense_files or {}, "dense": dense or {},
+    }
 
 
 def _write_files(tmp_dir: Path, config, index, quant: str, group_size: int, layers: list[int],
@@ -160,7 +168,7 @@ def _write_files(tmp_dir: Path, config, index, quant: str, group_size: int, laye
         tensors = _quantize_layer(config, layer_idx, index, BITS[quant], group_size)
         name = f"layer_{layer_idx:03d}.safetensors"
         save_file(tensors, str(tmp_dir / name), metadata={"format": FORMAT, "quant": quant})
-        files[str(layer_idx)] = _file_record(tmp_dir / name, name)
+        files[str(layer_idx)] = file_record(tmp_dir / name, name)
         write_dense(config.num_hidden_layers if done == len(layers) else layer_idx)
         if progress is not None:
             progress(done, len(layers))
@@ -206,7 +214,7 @@ def _write_dense_file(tmp_dir: Path, jobs: list[tuple], index, quant: str
                          "out_features": shape[0], "in_features": shape[1]}
     save_file(tensors, str(tmp_dir / file_name),
               metadata={"format": FORMAT, "quant": quant, "part": "dense"})
-    return _file_record(tmp_dir / file_name, file_name), linears
+    return file_record(tmp_dir / file_name, file_name), linears
 
 
 def load_cpu_cache(out_dir: str | Path, quant: str | None = None, group_size: int | None = None,
@@ -298,7 +306,7 @@ def _quantize_layer(config, layer_idx: int, index, bits: int, group_size: int):
     return tensors
 
 
-def _file_record(path: Path, name: str) -> dict:
+def file_record(path: Path, name: str) -> dict:
     stat = path.stat()
     return {"file": name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "sha256": sha256_file(path), "header_sha256": hashlib.sha256(safetensors_header(path)).hexdigest()}

@@ -55,16 +55,16 @@ def build_gpu_cache(model_dir: str | Path, out_dir: str | Path, quant: str = "in
             blobs = _quantize_layer(config, layer_idx, index, layout, device)  # [E, B]
             name = f"layer_{layer_idx:03d}.safetensors"
             save_file({TENSOR: blobs}, str(tmp_dir / name), metadata={"format": FORMAT_NAME})
-            files[str(layer_idx)] = _file_record(tmp_dir / name)
+            files[str(layer_idx)] = file_record(tmp_dir / name)
             if progress is not None:
                 progress(done, len(layers))
-        manifest = _manifest(config, layout, model_fingerprint(model_dir), files)
+        manifest = cache_manifest(config, layout, model_fingerprint(model_dir), files)
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     log.info("built GPU cache %s: %d layers, %s g%d", out_dir, len(layers), quant, group_size)
     return manifest
 
 
-def _manifest(config, layout: ExpertLayout, fingerprint: str, files: dict) -> dict:
+def cache_manifest(config, layout: ExpertLayout, fingerprint: str, files: dict) -> dict:
     return {
         "format": FORMAT_NAME, "layout_version": LAYOUT_VERSION, "layout": "k-major",
         "quant": layout.spec.quant, "bits": layout.spec.bits,
@@ -177,7 +177,7 @@ def _read_blobs(path: Path, num: int, expert_bytes: int, pin: bool | None) -> to
     return buf.view(num, expert_bytes)
 
 
-def _file_record(path: Path) -> dict:
+def file_record(path: Path) -> dict:
     header, _ = _header(path)
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "header_sha256": hashlib.sha256(header).hexdigest()}
