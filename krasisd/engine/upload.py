@@ -105,21 +105,24 @@ def _stream(path: Path, chunks: list, out: dict, device: torch.device) -> None:
 
     try:
         with torch.cuda.device(device), ThreadPoolExecutor(READ_THREADS) as pool:
-            futures += [pool.submit(fill, i) for i in range(len(chunks))]
-            stream = torch.cuda.current_stream(device)
-            for i, (name, start, _, nbytes) in enumerate(chunks):
-                futures[i].result()
-                dst = out[name].view(-1).view(torch.uint8)[start:start + nbytes]
-                dst.copy_(buffers[i % nbuf][:nbytes], non_blocking=True)
-                copied[i % nbuf].record(stream)
-                recorded[i].set()
-            stream.synchronize()
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        for flag in recorded:  # let blocked readers finish before the pool shuts down
-            flag.set()
-        raise
+            try:
+                futures += [pool.submit(fill, i) for i in range(len(chunks))]
+                stream = torch.cuda.current_stream(device)
+                for i, (name, start, _, nbytes) in enumerate(chunks):
+                    futures[i].result()
+                    dst = out[name].view(-1).view(torch.uint8)[start:start + nbytes]
+                    dst.copy_(buffers[i % nbuf][:nbytes], non_blocking=True)
+                    copied[i % nbuf].record(stream)
+                    recorded[i].set()
+                stream.synchronize()
+            except BaseException:
+                # inside the pool's block: its exit waits for the readers, so those blocked on
+                # a buffer must be let go first
+                for future in futures:
+                    future.cancel()
+                for flag in recorded:
+                    flag.set()
+                raise
     finally:
         os.close(fd)
 

@@ -39,3 +39,57 @@ def test_unknown_dtype_is_named(tmp_path):
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0")
     with pytest.raises(ModelLoadError, match="F8_E5M2"):
         header_spans(path)
+
+
+class _FakeEvent:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def cpu_staging(monkeypatch):
+    """read_to_device's pipeline on the CPU: tiny staging buffers, CUDA events and streams that
+    do nothing (copies into CPU tensors are synchronous)."""
+    import contextlib
+
+    from krasisd.engine import upload
+
+    empty = torch.empty
+    monkeypatch.setattr(upload, "STAGING_BYTES", 16)
+    monkeypatch.setattr(upload, "STAGING_BUFFERS", 2)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **kw: empty(*a, **kw))
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeEvent())
+    return upload
+
+
+def _weights(tmp_path):
+    tensors = {"a": torch.arange(40, dtype=torch.float32), "b": torch.arange(9, dtype=torch.int64)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def test_chunks_rotate_through_the_staging_buffers(tmp_path, cpu_staging):
+    path, tensors = _weights(tmp_path)
+    out = cpu_staging.read_to_device(path, list(tensors), "cpu")
+    assert all(torch.equal(out[name], tensor) for name, tensor in tensors.items())
+
+
+@pytest.mark.timeout(20)
+def test_a_failed_read_raises_instead_of_hanging(tmp_path, cpu_staging, monkeypatch):
+    path, tensors = _weights(tmp_path)
+    pread_exact = cpu_staging._pread_exact
+
+    def fail_first(fd, view, offset, path_):
+        if offset == cpu_staging.header_spans(path)["a"].offset:
+            raise ModelLoadError("w.safetensors ended early")
+        pread_exact(fd, view, offset, path_)
+
+    monkeypatch.setattr(cpu_staging, "_pread_exact", fail_first)
+    with pytest.raises(ModelLoadError, match="ended early"):
+        cpu_staging.read_to_device(path, list(tensors), "cpu")
