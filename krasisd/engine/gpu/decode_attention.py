@@ -74,14 +74,7 @@ def mla_rows(attn, x: torch.Tensor, entries: list[torch.Tensor], positions: torc
     write and the flash-decoding attention once per sequence (fused kernels only: check
     ``rows_fit`` first)."""
     rows, heads, latent = x.shape[0], attn.num_heads, attn.latent_dim
-    kv_a = attn.kv_a_proj_with_mqa
-    if hasattr(attn, "q_proj") and kv_a.bias is None:
-        qkv = x @ kernels.fuse_rows(attn, "_q_kv_weight", (attn.q_proj, kv_a)).T
-        q, kv = qkv.split([attn.q_proj.weight.shape[0], kv_a.weight.shape[0]], dim=1)
-    else:
-        q = attn.q_proj(x) if hasattr(attn, "q_proj") else attn.q_b_proj(
-            norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
-        kv = kv_a(x)  # [B, C + R]
+    q, kv = _mla_projections(attn, x)  # [B, H (N + R)], [B, C + R]
     q = q.view(rows, heads, -1)  # [B, H, N + R]
     w_uk, w_uv_t = attn.absorbed_weights()  # [H, N, C], [H, C, Dv]
     q_latent = torch.bmm(q[:, :, : attn.nope_dim].transpose(0, 1), w_uk)  # [H, B, C]
@@ -119,17 +112,22 @@ def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
     return q_full.view(attn.num_heads, -1)
 
 
-def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
+def _mla_projections(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's query and compressed key/value projections of x [T, D]: q [T, H (N + R)],
+    kv [T, C + R] (both in one launch where the layer has q_proj and no kv bias)."""
     kv_a = attn.kv_a_proj_with_mqa
-    if hasattr(attn, "q_proj") and kv_a.bias is None:  # both projections in one launch
+    if hasattr(attn, "q_proj") and kv_a.bias is None:
         qkv = x @ kernels.fuse_rows(attn, "_q_kv_weight", (attn.q_proj, kv_a)).T
-        q, kv = qkv[0].split([attn.q_proj.weight.shape[0], kv_a.weight.shape[0]])
+        return qkv.split([attn.q_proj.weight.shape[0], kv_a.weight.shape[0]], dim=1)
+    if hasattr(attn, "q_proj"):
+        q = attn.q_proj(x)
     else:
-        if hasattr(attn, "q_proj"):
-            q = attn.q_proj(x)
-        else:
-            q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
-        kv = kv_a(x)  # [1, C + R]
+        q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))
+    return q, kv_a(x)
+
+
+def _mla_query_fused(attn, x, entries, at: Position) -> torch.Tensor:
+    q, kv = _mla_projections(attn, x)  # [1, H (N + R)], [1, C + R]
     q = q.view(attn.num_heads, -1)  # [H, N + R]
     w_uk, _ = attn.absorbed_weights()  # [H, N, C]
     q_latent = torch.bmm(q[:, None, : attn.nope_dim], w_uk)  # [H, 1, C]
