@@ -46,16 +46,17 @@ def batched_decode(model, token_ids: list[int], caches: list) -> torch.Tensor:
         cache.check_room(1)
     device = model.model.embed_tokens.weight.device
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)  # [B]
-    positions = torch.tensor([c.length for c in caches], dtype=torch.long, device=device)
+    lengths = [c.length for c in caches]
+    positions = torch.tensor(lengths, dtype=torch.long, device=device)  # [B]
     cos, sin = model.rotary.cos_sin(positions)  # [B, R/2] each
     x = model.model.embed_tokens(ids)  # [B, D]
     backend = model.expert_backend
-    lengths = [c.length for c in caches]
     norm = _norm_op(device)
+    compressed = hasattr(caches[0], "entries")  # MLA's compressed KV cache
     for layer in model.model.layers:
         normed = norm(layer.input_layernorm, x)  # [B, D]
         idx, attn_module = layer.layer_idx, layer.self_attn
-        entries = [c.entries[idx] for c in caches] if hasattr(caches[0], "entries") else None
+        entries = [c.entries[idx] for c in caches] if compressed else None
         if entries is not None and _rows_fit(attn_module, entries[0]):  # fused, on CUDA
             from krasisd.engine.gpu.decode_attention import mla_rows
 
