@@ -54,8 +54,9 @@ class ExpertHeat:
         self.moe_layers = sorted(int(layer) for layer in moe_layers)
         self.num_experts = num_experts
         self.device = torch.device(device)
-        self._row_dev = {layer: torch.tensor(i * num_experts, device=self.device)
-                         for i, layer in enumerate(self.moe_layers)}
+        self._start = {layer: i * num_experts for i, layer in enumerate(self.moe_layers)}
+        self._row_dev = {layer: torch.tensor(start, device=self.device)
+                         for layer, start in self._start.items()}
         self.counts = torch.zeros(len(self.moe_layers) * num_experts, dtype=torch.int64,
                                   device=self.device)  # [L * E]
         self._taken = torch.zeros(self.counts.shape, dtype=torch.int64)  # host copy, exported
@@ -63,9 +64,9 @@ class ExpertHeat:
 
     def layer_counts(self, layer: int) -> torch.Tensor:
         """The int64 [E] view of ``counts`` for ``layer`` (for kernels that count routes)."""
-        if layer not in self._row_dev:
+        start = self._start.get(layer)
+        if start is None:
             raise KeyError(f"layer {layer} is not a MoE layer")
-        start = self.moe_layers.index(layer) * self.num_experts
         return self.counts[start:start + self.num_experts]
 
     def record(self, layer: int, topk_ids: torch.Tensor) -> None:
