@@ -46,12 +46,6 @@ class FakeRegistry:
                 "digest": "sha256:00", "details": {"family": "fake"}, "state": "ready",
                 "error": None, "config": {}, "caches": []}
 
-    def model_dir(self, name: str) -> Path:
-        return self._get(name)
-
-    def cache_dir(self, name, fmt="cpu", quant="int4"):
-        raise ModelNotFound("no cache")
-
     def remove(self, name: str, force=False, is_loaded=lambda name: False) -> None:
         full = parse_name(name).full
         self._get(name)
