@@ -76,17 +76,15 @@ class ModelCatalog:
         engine finds or builds its own.
         """
         picked = pick_quant(config, self.quant)
-        if picked is None:
-            if self.quant != "none" and name not in self._warned:
-                self._warned.add(name)
-                log.warning("no quantized format fits the model; loading its weights as they "
-                            "are", extra={"model": name, "wanted": self.quant})
-            return "none"
-        quant = picked[0]
+        quant = picked[0] if picked is not None else "none"
         if quant != self.quant and name not in self._warned:
             self._warned.add(name)
-            log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
-                        extra={"model": name, "wanted": self.quant, "using": quant})
+            if picked is None:
+                log.warning("no quantized format fits the model; loading its weights as they "
+                            "are", extra={"model": name, "wanted": self.quant})
+            else:
+                log.warning("the model's shapes do not fit KRASIS_QUANT; using another format",
+                            extra={"model": name, "wanted": self.quant, "using": quant})
         return quant
 
     def pull(self, name: str, insecure: bool = False) -> AsyncIterator[dict]:
