@@ -44,7 +44,7 @@ from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.hybrid import HybridExperts
 from krasisd.engine.gpu.placement import PlacementPlan, PlacementRequest
 from krasisd.engine.gpu.prefill import GpuExperts
-from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, synthetic_model
+from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, TINY_QWEN3_MOE, synthetic_model
 from krasisd.engine.heat import ExpertHeat
 from krasisd.engine.native_experts import NativeExperts
 from krasisd.engine.quant import quantize
@@ -53,13 +53,9 @@ STEPS = 64
 FRACTIONS = (0.0, 0.3, 1.0)
 PROMPT = [5, 17, 33, 2, 99, 64, 7, 150, 12, 40]
 BUNDLED_TINY = Path(__file__).resolve().parents[2] / "registry" / "bundled" / "krasis-tiny"
-QWEN3 = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=256,
-    hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
-    num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
-    rope_theta=10000.0, max_position_embeddings=512, rms_norm_eps=1e-6, eos_token_id=1,
-)
+QWEN3 = dict(TINY_QWEN3_MOE, vocab_size=256, hidden_size=256, intermediate_size=384,
+             moe_intermediate_size=128, num_hidden_layers=4, head_dim=64, num_experts=16,
+             num_experts_per_tok=4, mlp_only_layers=[0], max_position_embeddings=512)
 CONFIGS = {
     "deepseek-v2": dict(TINY_DEEPSEEK_V2, hidden_size=256, moe_intermediate_size=128,
                         n_routed_experts=16, num_experts_per_tok=4, num_hidden_layers=4,
