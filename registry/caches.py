@@ -112,9 +112,9 @@ def record_not_applicable(db: Database, model: dict, fmt: str, quant: str) -> di
     config = json.loads(model["config_json"] or "{}")
     tried = " or ".join(QUANT_FALLBACKS.get(quant, (quant,)))
     error = (f"not built: {tried} needs the hidden size ({config.get('hidden_size')}) and the "
-             f"expert width ({config.get('moe_intermediate_size')}) to be multiples of 32"
-             f"{' (and of 64 for int4)' if 'int4' in tried else ''}; the weights load as they "
-             "are")
+             f"expert width ({config.get('moe_intermediate_size')}) to be multiples of "
+             f"{min(GROUP_SIZES)}{f' (and of {INT4_UNIT} for int4)' if 'int4' in tried else ''}"
+             "; the weights load as they are")
     cache_id = records.begin_cache(db, model["id"], fmt, quant, 0, "")
     records.fail_cache(db, cache_id, error)
     return {"status": f"skipping {fmt} cache: {error}"}
