@@ -49,7 +49,7 @@ def mla(attn, x: torch.Tensor, entries: torch.Tensor, at: Position, fused: bool)
     written at the position): [1, D]."""
     q_full = (_mla_query_fused if fused else _mla_query)(attn, x, entries, at)  # [H, C + R]
     window = entries[: at.bucket]  # [S, C + R]
-    if fused and _flash_fits(attn, entries):  # flash-decoding: the window is read once
+    if fused and _flash_fits(entries):  # flash-decoding: the window is read once
         out_latent = mla_decode_attention(q_full, entries, at.pos, at.bucket, attn.scale,
                                           attn.latent_dim)  # [H, C]
     elif fused:
@@ -94,10 +94,10 @@ def mla_rows(attn, x: torch.Tensor, entries: list[torch.Tensor], positions: torc
 def rows_fit(attn, entries: torch.Tensor) -> bool:
     """Whether ``mla_rows`` takes this layer (MLA, on CUDA, a half-precision cache)."""
     return (hasattr(attn, "absorbed_weights") and entries.device.type == "cuda"
-            and _flash_fits(attn, entries))
+            and _flash_fits(entries))
 
 
-def _flash_fits(attn, entries: torch.Tensor) -> bool:
+def _flash_fits(entries: torch.Tensor) -> bool:
     """Whether mla_decode's kernels take this layer: they need a half-precision cache."""
     return entries.dtype in (torch.bfloat16, torch.float16)
 
