@@ -290,10 +290,9 @@ class HybridExperts:
         spec = self.gpu.layout.spec
         key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
                topk_ids.numel())
-        layers = sorted(self._gemv_slots) or [layer]
 
-        def run(cfg):
-            for each in layers:
+        def run(cfg):  # only when timing: later calls find the key remembered
+            for each in sorted(self._gemv_slots) or [layer]:
                 self._gemv(each, x, topk_ids, topk_weights, cfg)
 
         return _DECODE_TUNER.pick(key, run, self.device, fallback=GemvConfig())
