@@ -83,6 +83,7 @@ class DecodeStep:
         self.use_graphs = use_graphs and self.device.type == "cuda"
         # Triton kernels for norms, rotary, softmax, routing (krasisd.engine.gpu.fused)
         self.fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
+        self._fused_router = self.fused and fused.fusable_router(self.config)
         self.min_bucket = min_bucket
         self.heat = getattr(self.backend, "heat", None)
         self._hybrid = hasattr(self.backend, "gpu_part") and hasattr(self.backend, "submit_cpu")
@@ -266,7 +267,7 @@ class DecodeStep:
     def _route(self, layer) -> None:
         """Router of the layer over self.normed into self.topk_ids / self.topk_weights."""
         gate = layer.mlp.gate
-        if self.fused and fused.fusable_router(self.config):
+        if self._fused_router:
             logits = fused.router_logits(self.normed, gate.weight)  # [1, E] float32
             counts = None if self.heat is None else self.heat.layer_counts(layer.layer_idx)
             fused.router_topk(logits, self.config, self.topk_ids, self.topk_weights, counts)
