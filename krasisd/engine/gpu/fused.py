@@ -72,16 +72,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out: torch
         BLOCK=triton.next_power_of_2(dim), num_warps=_warps(dim))
 
 
-def rmsnorm_reference(x, weight, eps, deltas=()):
-    """The torch code ``rmsnorm`` replaces: (residual, normed)."""
-    residual = x
-    for delta in deltas:
-        residual = (residual.float() + delta.float()).to(x.dtype)
-    x32 = residual.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return residual, weight * normed.to(x.dtype)
-
-
 # -- SwiGLU -------------------------------------------------------------------------------
 
 
