@@ -14,13 +14,7 @@ import torch
 from krasisd.engine.batch import BatchingEngine, batched_decode
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.engine import Engine
-from krasisd.engine.experts import TorchExperts
-from krasisd.engine.gpu.synthetic import (
-    TINY_DEEPSEEK_V2,
-    TINY_QWEN3_MOE,
-    synthetic_expert_weights,
-    synthetic_model,
-)
+from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, TINY_QWEN3_MOE, synthetic_engine
 from krasisd.engine.options import SamplingOptions
 
 ATOL = 1e-4
@@ -28,11 +22,7 @@ ATOL = 1e-4
 
 def _engine(raw: dict, seed: int = 0) -> Engine:
     torch.manual_seed(seed)
-    config = ModelConfig.from_dict(raw)
-    model = synthetic_model(config, "cpu", torch.float32, seed=seed)
-    experts = {layer: synthetic_expert_weights(config, layer, "cpu", seed)
-               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
-    return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    return synthetic_engine(ModelConfig.from_dict(raw), "cpu", torch.float32, seed=seed)
 
 
 @pytest.fixture(scope="module", params=["deepseek-v2", "qwen3-moe"])

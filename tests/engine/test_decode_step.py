@@ -11,11 +11,11 @@ import torch
 
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.engine import Engine
-from krasisd.engine.experts import TorchExperts
 from krasisd.engine.gpu.graphs import DecodeStep, bucket_for
 from krasisd.engine.gpu.synthetic import (
     TINY_DEEPSEEK_V2,
     TINY_QWEN3_MOE,
+    synthetic_engine,
     synthetic_expert_weights,
     synthetic_model,
 )
@@ -29,11 +29,7 @@ PROMPT = [5, 17, 33, 2, 9]
 
 
 def _engine(raw: dict) -> Engine:
-    config = ModelConfig.from_dict(raw)
-    model = synthetic_model(config, DEVICE, torch.float32, seed=4)
-    experts = {layer: synthetic_expert_weights(config, layer, DEVICE, 4)
-               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
-    return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    return synthetic_engine(ModelConfig.from_dict(raw), DEVICE, torch.float32, seed=4)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
@@ -152,11 +148,7 @@ def _bf16_mla_engine(seed: int) -> Engine:
     """A bf16 DeepSeek-V2 model with latent 32 and rope 16, float experts in bf16."""
     torch.set_num_threads(1)
     config = ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, kv_lora_rank=32, qk_rope_head_dim=16))
-    model = synthetic_model(config, DEVICE, torch.bfloat16, seed=seed)
-    experts = {layer: tuple(w.bfloat16() for w in synthetic_expert_weights(config, layer,
-                                                                            DEVICE, seed))
-               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
-    return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
+    return synthetic_engine(config, DEVICE, torch.bfloat16, seed=seed)
 
 
 def test_fused_step_with_flash_decoding_attention(monkeypatch):

@@ -14,6 +14,8 @@ import math
 import torch
 
 from krasisd.engine.config import ModelConfig
+from krasisd.engine.engine import Engine
+from krasisd.engine.experts import TorchExperts
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
 from krasisd.engine.gpu.host import HostExperts, to_host
 from krasisd.engine.models import build_model
@@ -78,6 +80,16 @@ def synthetic_expert_weights(config: ModelConfig, layer: int, device, seed: int 
     up = torch.randn(e, i, d, generator=gen, device=device) / math.sqrt(d)
     down = torch.randn(e, d, i, generator=gen, device=device) / math.sqrt(i)
     return gate, up, down
+
+
+def synthetic_engine(config: ModelConfig, device, dtype: torch.dtype, seed: int = 0) -> Engine:
+    """An Engine of ``synthetic_model`` with its routed experts as float weights in ``dtype``
+    (``synthetic_expert_weights``, the TorchExperts reference); no end-of-sequence token."""
+    model = synthetic_model(config, device, dtype, seed=seed)
+    experts = {layer: tuple(w.to(dtype) for w in synthetic_expert_weights(config, layer, device,
+                                                                         seed))
+               for layer in range(config.num_hidden_layers) if config.is_moe_layer(layer)}
+    return Engine(config, model, TorchExperts(experts), eos_token_ids=set())
 
 
 @torch.no_grad()
