@@ -224,11 +224,7 @@ class HybridExperts:
         """Worker: wait for the copies, then the native kernels into ``staging.out``."""
         if event is not None:
             event.synchronize()  # releases the GIL
-        resident = self.resident_np[layer]
-        if resident.any():
-            ids, weights = cpu_slots(staging.ids_np, staging.weights_np, resident)
-        else:  # the usual decode case: every slot is the CPU's, no bookkeeping
-            ids, weights = staging.ids_np, staging.weights_np
+        ids, weights = cpu_slots(staging.ids_np, staging.weights_np, self.resident_np[layer])
         if ids is None:
             staging.out_np.fill(0.0)  # numpy: this thread is outside inference mode
             return
@@ -349,6 +345,8 @@ def resident_routes(topk_ids: torch.Tensor, on_gpu: torch.Tensor, block_m: int) 
 def cpu_slots(ids: np.ndarray, weights: np.ndarray, resident: np.ndarray):
     """The CPU's view of [T, K] routes: resident slots get weight 0 and one of the token's
     CPU experts (so no extra expert is read); (None, None) when every slot is resident."""
+    if not resident.any():  # the usual decode case: every slot is the CPU's, no bookkeeping
+        return ids, weights
     on_cpu = ~resident[ids]  # [T, K]
     if not on_cpu.any():
         return None, None
