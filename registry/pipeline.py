@@ -104,10 +104,11 @@ def build_caches(ctx: Context, ref: ModelRef, formats: Iterable[str],
     layout: ctx.quant at that group size. A model whose shapes fit no quantization gets a
     failed row saying so, and the stream goes on (the model itself is usable). Unquantized
     serving (quant "none") needs no cache: nothing is built."""
-    if ctx.quant == "none":
-        return
+    formats = list(formats)
     model = records.get_model(ctx.db, ref.full)
     caches.sweep_cache_orphans(ctx.db, ctx.store, model, ref)
+    if ctx.quant == "none" or not formats:
+        return
     picked = (ctx.quant, ctx.group_size) if ctx.group_size else \
         caches.pick_quant(json.loads(model["config_json"] or "{}"), ctx.quant)
     if picked is not None and picked[0] != ctx.quant:

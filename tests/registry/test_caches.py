@@ -218,3 +218,24 @@ def test_unquantized_serving_builds_no_cache(tiny_model_dir, monkeypatch):
     reg = Registry(cache_builders={"cpu": failing_builder}, quant="none")  # must not be called
     assert list(reg.pull("krasis-tiny", build_caches=["cpu"]))[-1] == {"status": "success"}
     assert reg.show("krasis-tiny")["caches"] == []
+
+
+def test_a_pull_without_caches_says_nothing_of_formats(hub):
+    reg = Registry(cache_builders={"cpu": failing_builder})  # must not be called
+    evs = list(reg.pull(REPO_ID, build_caches=False))
+    assert evs[-1] == {"status": "success"}
+    assert not any("cannot hold" in e["status"] for e in evs)
+    assert reg.show(REPO_ID)["caches"] == []
+
+
+def test_unquantized_serving_still_sweeps_orphan_cache_folders(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(registry_module, "bundled_dir", lambda name: tiny_model_dir)
+    reg = Registry(cache_builders={"cpu": fast_builder})
+    list(reg.pull("krasis-tiny", build_caches=["cpu"]))
+    built = reg.cache_dir("krasis-tiny", "cpu", reg.show("krasis-tiny")["caches"][0]["quant"])
+    cache_root = built.parent
+    orphan = cache_root / "left-by-a-crash"
+    orphan.mkdir()
+    plain = Registry(cache_builders={"cpu": failing_builder}, quant="none")
+    assert list(plain.build_caches("krasis-tiny", ["cpu"]))[-1] == {"status": "success"}
+    assert not orphan.exists() and built.is_dir()
