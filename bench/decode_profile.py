@@ -12,14 +12,27 @@ from decode_caches import sync
 from torch.profiler import ProfilerActivity, profile
 
 
-def profile_decode(engine, context: int, steps: int = 16, top: int = 40) -> str:
-    """A table of the kernels run by ``steps`` one-token steps after ``context`` tokens."""
+def _prefilled(engine, context: int, steps: int) -> tuple[object, int]:
+    """A cache holding ``context`` random tokens, with room for ``steps`` more, and the greedy
+    token after them."""
     cache = engine.new_cache(context + steps + 4)
     ids = torch.randint(0, engine.config.vocab_size, (context,)).to(engine.device)
-    token = int(engine.forward(ids, cache)[-1].argmax())
-    for _ in range(3):  # warm-up: captures this window's graphs
+    return cache, int(engine.forward(ids, cache)[-1].argmax())
+
+
+def _warmed(engine, context: int, steps: int) -> tuple[object, int]:
+    """``_prefilled``, then three one-token steps (warm-up: they capture this window's
+    graphs); returns the cache and the next token."""
+    cache, token = _prefilled(engine, context, steps)
+    for _ in range(3):
         token = int(engine.forward([token], cache)[-1].argmax())
     sync(engine.device)
+    return cache, token
+
+
+def profile_decode(engine, context: int, steps: int = 16, top: int = 40) -> str:
+    """A table of the kernels run by ``steps`` one-token steps after ``context`` tokens."""
+    cache, token = _warmed(engine, context, steps)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             token = int(engine.forward([token], cache)[-1].argmax())
@@ -69,12 +82,7 @@ def profile_host(engine, context: int, steps: int = 16) -> str:
         totals["wait_gpu"] += time.perf_counter() - start
         run_cpu(layer, staging, None)
 
-    cache = engine.new_cache(context + steps + 4)
-    ids = torch.randint(0, engine.config.vocab_size, (context,)).to(engine.device)
-    token = int(engine.forward(ids, cache)[-1].argmax())
-    for _ in range(3):
-        token = int(engine.forward([token], cache)[-1].argmax())
-    sync(engine.device)
+    cache, token = _warmed(engine, context, steps)
     backend.run_cpu, backend.cpu.runner = timed_run_cpu, TimedRunner()
     try:
         start = time.perf_counter()
@@ -97,12 +105,8 @@ def profile_batched(engine, streams: int, context: int = 100, steps: int = 4,
     """Host and device time of ``steps`` steps shared by ``streams`` sequences."""
     from krasisd.engine.batch import batched_decode
 
-    caches, tokens = [], []
-    for _ in range(streams):
-        cache = engine.new_cache(context + steps + 4)
-        ids = torch.randint(0, engine.config.vocab_size, (context,)).to(engine.device)
-        tokens.append(int(engine.forward(ids, cache)[-1].argmax()))
-        caches.append(cache)
+    prefilled = [_prefilled(engine, context, steps) for _ in range(streams)]
+    caches, tokens = [cache for cache, _ in prefilled], [token for _, token in prefilled]
     tokens = batched_decode(engine.model, tokens, caches).argmax(-1).tolist()  # warm-up
     sync(engine.device)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
