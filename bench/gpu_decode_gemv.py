@@ -37,6 +37,7 @@ if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from decode_caches import copy_rate  # noqa: E402
 
 from krasisd.engine.gpu import moe_decode  # noqa: E402
 from krasisd.engine.gpu.format import QMAX, ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
@@ -107,21 +108,12 @@ def time_us(run, repeats: int, device) -> float:
     return 1e3 * start.elapsed_time(end) / repeats
 
 
-def copy_gb_s(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Device copy rate, read + write bytes per second, of a ``nbytes`` tensor."""
+def copy_gb_s(device, nbytes: int = 1 << 30) -> float:
+    """Device copy rate, read + write GB per second, of a ``nbytes`` tensor (NaN off the GPU)."""
     if device.type != "cuda":
         return float("nan")
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * nbytes * repeats / (start.elapsed_time(end) * 1e6)
+    return copy_rate(torch.empty_like(src), src, 2) / 1e9
 
 
 def measure(cfg, layers, layout, slots, args, device) -> dict:
