@@ -160,7 +160,11 @@ def _write_files(tmp_dir: Path, config, index, quant: str, group_size: int, laye
 
     def write_dense(up_to_layer: int) -> None:
         while pending and pending[0] <= up_to_layer:
-            record, linears = _write_dense_file(tmp_dir, dense_jobs[pending.pop(0)], index, quant)
+            layer = pending.pop(0)
+            file_name = (f"dense_{layer:03d}.safetensors" if layer < config.num_hidden_layers
+                         else DENSE_OTHER)
+            record, linears = _write_dense_file(tmp_dir, file_name, dense_jobs[layer], index,
+                                                quant)
             dense_files[record["file"]] = record
             dense_linears.update(linears)
 
@@ -195,13 +199,11 @@ def _dense_jobs(config, index, bits: int) -> dict[int, list[tuple]]:
     return jobs
 
 
-def _write_dense_file(tmp_dir: Path, jobs: list[tuple], index, quant: str
+def _write_dense_file(tmp_dir: Path, file_name: str, jobs: list[tuple], index, quant: str
                       ) -> tuple[dict, dict]:
-    """Quantize one file's dense linears (dense_plan.quantize_weight); returns its file record
-    and the manifest entries of its linears."""
+    """Quantize one file's dense linears (dense_plan.quantize_weight) into ``file_name``;
+    returns its file record and the manifest entries of its linears."""
     floats = loader.read_tensors({tensor for _, tensor, *_ in jobs}, index)
-    match = LAYER_NAME.match(jobs[0][0])
-    file_name = f"dense_{int(match.group(1)):03d}.safetensors" if match else DENSE_OTHER
     tensors, linears = {}, {}
     for name, tensor, bits, group, shape in jobs:
         if tuple(floats[tensor].shape) != shape:
