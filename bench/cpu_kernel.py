@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from krasisd.engine import engine as engine_mod
-from krasisd.engine.quant import quantization_error
+from krasisd.engine.quant import BITS, quantization_error
 
 
 def make_layer(n_experts: int, hidden: int, width: int, bits: int, group_size: int, rng):
@@ -135,7 +135,7 @@ def fixed_cost(args) -> None:
           f"{args.group_size}; cached layer: 1 expert x {args.fixed_width} rows, top-1; "
           f"medians of {args.rounds} rounds x {args.calls} calls, times in us")
     for quant in args.quant:
-        bits = 4 if quant == "int4" else 8
+        bits = BITS[quant]
         layers = [make_layer(args.experts, args.hidden, args.width, bits, args.group_size, rng)
                   for _ in range(args.layers)]
         small = [make_layer(1, args.hidden, args.fixed_width, bits, args.group_size, rng)]
@@ -284,7 +284,7 @@ def main() -> None:
           f"group {args.group_size}")
     read_buf = np.ones(args.read_mib << 20, dtype=np.uint8)
     for quant in args.quant:
-        bits = 4 if quant == "int4" else 8
+        bits = BITS[quant]
         layers = [make_layer(args.experts, args.hidden, args.width, bits, args.group_size, rng)
                   for _ in range(args.layers)]
         for threads in args.threads:
