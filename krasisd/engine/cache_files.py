@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HASH_CHUNK_BYTES = 8 << 20
+HEADER_LEN_BYTES = 8  # the little-endian size in front of a safetensors header
 MAX_HEADER_BYTES = 100 << 20  # a safetensors header larger than this is not plausible
 # where the engine keeps caches it builds itself (no cache folder given) inside a model folder
 ENGINE_CACHE_DIR = ".krasis-cache"
@@ -29,9 +30,10 @@ def engine_cache_dir(model_dir, name: str) -> Path:
 
 def safetensors_header(path: Path) -> bytes:
     """The JSON header of a safetensors file (after its 8-byte little-endian length); the
-    tensors' data starts at ``8 + len(header)``. ValueError for an implausible header."""
+    tensors' data starts at ``HEADER_LEN_BYTES + len(header)``. ValueError for an implausible
+    header."""
     with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
+        size = int.from_bytes(handle.read(HEADER_LEN_BYTES), "little")
         if size <= 0 or size > MAX_HEADER_BYTES:
             raise ValueError(f"{path.name}: implausible safetensors header size {size}")
         header = handle.read(size)

@@ -32,7 +32,12 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
-from krasisd.engine.cache_files import building_dir, safetensors_header, sha256_file
+from krasisd.engine.cache_files import (
+    HEADER_LEN_BYTES,
+    building_dir,
+    safetensors_header,
+    sha256_file,
+)
 from krasisd.engine.dense_plan import HEAD_NAME, dense_plan, quantize_weight
 from krasisd.engine.models import build_model
 from krasisd.engine.quant import BITS, LAYOUT_VERSION, check_format, quantize
@@ -350,7 +355,7 @@ def _mmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Zero-copy read-only views of a safetensors file (safetensors' own numpy loader copies)."""
     mapped = np.memmap(path, dtype=np.uint8, mode="r")  # [bytes]
     header_bytes = safetensors_header(path)
-    base = 8 + len(header_bytes)
+    base = HEADER_LEN_BYTES + len(header_bytes)
     out = {}
     for name, info in json.loads(header_bytes).items():
         if name == "__metadata__":

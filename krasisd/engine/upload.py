@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from krasisd.engine.cache_files import safetensors_header
+from krasisd.engine.cache_files import HEADER_LEN_BYTES, safetensors_header
 from krasisd.engine.errors import ModelLoadError
 
-HEADER_LEN_BYTES = 8
 STAGING_BYTES = 32 << 20  # per buffer: large reads, small pinned allocations
 STAGING_BUFFERS = 4
 READ_THREADS = 4
