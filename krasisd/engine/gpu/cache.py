@@ -22,7 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from krasisd.engine import loader
-from krasisd.engine.cache_files import building_dir, sha256_file
+from krasisd.engine.cache_files import (
+    HEADER_LEN_BYTES,
+    building_dir,
+    safetensors_header,
+    sha256_file,
+)
 from krasisd.engine.cpu_cache import model_fingerprint
 from krasisd.engine.gpu.format import FORMAT_NAME, LAYOUT_VERSION, ExpertLayout, QuantSpec
 from krasisd.engine.gpu.host import HostExperts, can_pin, empty_host, map_pinned
@@ -144,14 +149,12 @@ def _check_manifest(manifest: dict, quant, group_size, model_dir) -> None:
 
 
 def _header(path: Path) -> tuple[bytes, int]:
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if size <= 0 or size > (1 << 20):
-            raise GpuCacheError(f"{path.name}: implausible safetensors header size {size}")
-        header = handle.read(size)
-    if len(header) != size:
-        raise GpuCacheError(f"{path.name}: file ends inside its header")
-    return header, 8 + size
+    """The file's safetensors header and where its data starts (cache_files' reader)."""
+    try:
+        header = safetensors_header(path)
+    except ValueError as exc:
+        raise GpuCacheError(str(exc)) from exc
+    return header, HEADER_LEN_BYTES + len(header)
 
 
 def _read_blobs(path: Path, num: int, expert_bytes: int, pin: bool | None) -> torch.Tensor:
