@@ -14,6 +14,7 @@
 #include <xmmintrin.h>
 
 #include <cstddef>
+#include <cfloat>
 #include <cstdint>
 
 namespace krasis {
@@ -43,6 +44,11 @@ inline void prefetch_weights(const void* p) {
 }
 
 constexpr int kPair = 2 * kUnit;  // 128 elements: two INT4 units read by one 64-byte load
+
+// A group whose largest |x| is at most this quantizes to zeros: above it 127 / amax is finite;
+// below it the inverse overflows to inf, which each instruction set turned into other bytes
+// (and the scalar code into undefined behaviour).
+constexpr float kMinActAmax = 127.0f / FLT_MAX;
 
 // One token's activation row, quantized: K int8 values, K/G scales, K/G sums of the int8 values
 // (the INT4 kernels subtract 8 * sum to undo the +8 offset of stored nibbles). q_pair, when not

@@ -126,7 +126,7 @@ KRASIS_AVX2 void quantize_avx2(const float* x, int K, int G, int8_t* q, float* s
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const __m256 inv = _mm256_set1_ps(amax > kMinActAmax ? 127.0f / amax : 0.0f);
         __m256i vsum = _mm256_setzero_si256();
         for (int k = 0; k < G; k += kHalf) {
             __m256i v[4];

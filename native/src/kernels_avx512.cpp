@@ -286,7 +286,7 @@ KRASIS_AVX512 void quantize_avx512(const float* x, int K, int G, int8_t* q, floa
         for (int k = 0; k < G; k += kLanes)
             vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
         const float amax = _mm512_reduce_max_ps(vmax);
-        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const __m512 inv = _mm512_set1_ps(amax > kMinActAmax ? 127.0f / amax : 0.0f);
         __m512i vsum = _mm512_setzero_si512();
         for (int k = 0; k < G; k += kLanes) {
             const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));

@@ -71,7 +71,7 @@ void quantize_act_row(const float* x, int K, int G, int8_t* q, float* scale, int
         float amax = 0.0f;
         for (int k = 0; k < G; ++k) amax = std::fmax(amax, std::fabs(xg[k]));
         const float d = amax / 127.0f;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        const float inv = amax > kMinActAmax ? 127.0f / amax : 0.0f;
         int32_t s = 0;
         for (int k = 0; k < G; ++k) {
             const int v = int(std::nearbyint(xg[k] * inv));

@@ -9,28 +9,33 @@ import pytest
 import torch
 from test_kernels import make_case, run_native
 
+MIN_ACT_AMAX = np.float32(127.0) / np.finfo(np.float32).max  # kernels.h kMinActAmax
+
 
 def quantize_reference(x: np.ndarray, group_size: int):
     """The documented activation quantization in numpy: (q [M, K], scale, sum [M, K/G])."""
     groups = x.reshape(x.shape[0], -1, group_size)  # [M, K/G, G]
     amax = np.abs(groups).max(axis=-1, keepdims=True)  # [M, K/G, 1]
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):  # np.where evaluates both sides
+        inv = np.where(amax > MIN_ACT_AMAX, np.float32(127.0) / amax, np.float32(0.0)
+                       ).astype(np.float32)
     q = np.rint(groups * inv).astype(np.int32)  # round half to even, like nearbyint
     scale = (amax[..., 0] / np.float32(127.0)).astype(np.float32)
     return q.reshape(x.shape).astype(np.int8), scale, q.sum(axis=-1).astype(np.int32)
 
 
 def awkward_rows(group_size: int) -> np.ndarray:
-    """[5, 4G] float32: random rows, an all-zero group, exact ties (k + 0.5 steps), tiny
-    and huge magnitudes."""
+    """[6, 4G] float32: random rows, an all-zero group, exact ties (k + 0.5 steps), tiny
+    and huge magnitudes, and groups so small that 127 / amax overflows."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((5, 4 * group_size)).astype(np.float32)
+    x = rng.standard_normal((6, 4 * group_size)).astype(np.float32)
     x[1, :group_size] = 0.0
     x[2, :group_size] = np.arange(group_size, dtype=np.float32) % 8 - 3.5  # amax 4: ties
     x[2, group_size - 1] = 127.0  # amax 127, so the steps are 1 and .5s are ties
     x[3] *= np.float32(1e-30)
     x[4] *= np.float32(1e30)
+    x[5, :group_size] = np.where(np.arange(group_size) % 2, 1e-39, -1e-39)  # subnormal
+    x[5, group_size:2 * group_size] = MIN_ACT_AMAX  # exactly at the bound: zeros too
     return x
 
 
