@@ -110,6 +110,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def num_parallel_value(value: Any, *, text: bool = False) -> int:
+    """The number of requests one runner serves at once (KRASIS_NUM_PARALLEL, the runner's
+    ``--num-parallel``), checked: an int >= 1; with ``text``, also the text of one (from the
+    environment, the config file or a command line). Every caller gets this one ValueError."""
+    number = value
+    if text and isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ValueError("num_parallel (requests one runner serves at once, KRASIS_NUM_PARALLEL) "
+                         f"must be a positive integer, got {value!r}")
+    return number
+
+
 def default_home(env: dict[str, str] | None = None) -> Path:
     """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis.
 
@@ -164,9 +180,7 @@ class Config:
     def __post_init__(self):
         if self.socket is None:
             self.socket = default_socket(self.home)
-        if isinstance(self.num_parallel, bool) or not isinstance(self.num_parallel, int) \
-                or self.num_parallel < 1:
-            raise ValueError(f"num_parallel must be a positive integer, got {self.num_parallel!r}")
+        num_parallel_value(self.num_parallel)
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -226,6 +240,10 @@ def _int_at_least(minimum: int):
             raise ValueError(f"must be >= {minimum}")
         return value
     return parse
+
+
+def _num_parallel_text(raw: Any) -> int:
+    return num_parallel_value(raw, text=True)
 
 
 def _list(raw: Any) -> list[str]:
@@ -299,7 +317,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         keep_alive_s=read.get("KRASIS_KEEP_ALIVE", KEEP_ALIVE_DEFAULT_S, parse_duration_s),
         max_queue=read.get("KRASIS_MAX_QUEUE", 512, _int_at_least(1)),
         max_loaded=read.get("KRASIS_MAX_LOADED", 2, _int_at_least(1)),
-        num_parallel=read.get("KRASIS_NUM_PARALLEL", 4, _int_at_least(1)),
+        num_parallel=read.get("KRASIS_NUM_PARALLEL", 4, _num_parallel_text),
         preload=read.get("KRASIS_PRELOAD", [], _list),
         vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, parse_size_bytes),
         memory_budget_bytes=read.get("KRASIS_MEMORY_BUDGET", None, parse_size_bytes),

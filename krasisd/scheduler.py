@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from krasisd.config import num_parallel_value
 from krasisd.runners import ModelSpec, RunnerDied
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,12 @@ class Loaded:
 
 def runner_capacity(runner) -> int:
     """Requests the runner serves at once: its ``num_parallel``, else 1."""
-    value = getattr(runner, "num_parallel", 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    try:
+        return num_parallel_value(getattr(runner, "num_parallel", 1))
+    except ValueError as exc:
         log.warning("runner reports a bad num_parallel; serving one request at a time",
-                    extra={"num_parallel": value})
+                    extra={"reason": str(exc)})
         return 1
-    return value
 
 
 class Scheduler:

@@ -8,8 +8,16 @@ import math
 
 import pytest
 
-from krasisd import api
-from krasisd.config import Config, load_config, parse_duration_s, parse_host, parse_size_bytes
+from krasisd import api, runner
+from krasisd.config import (
+    Config,
+    load_config,
+    num_parallel_value,
+    parse_duration_s,
+    parse_host,
+    parse_size_bytes,
+)
+from krasisd.scheduler import runner_capacity
 
 
 @pytest.mark.parametrize("value,seconds", [
@@ -81,8 +89,44 @@ def test_num_parallel(tmp_path, caplog, raw, expected, warned):
 
 @pytest.mark.parametrize("value", [0, -1, True, 2.0, "4"])
 def test_num_parallel_in_code_must_be_a_positive_int(tmp_path, value):
-    with pytest.raises(ValueError, match="num_parallel must be a positive integer"):
+    with pytest.raises(ValueError) as caught:
         Config(home=tmp_path, num_parallel=value)
+    assert str(caught.value) == _num_parallel_error(value)
+    assert "must be a positive integer" in str(caught.value)
+
+
+def _num_parallel_error(value, text=False) -> str:
+    with pytest.raises(ValueError) as caught:
+        num_parallel_value(value, text=text)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("raw", ["0", "-3", "two", "2.5", "4x", "true"])
+def test_num_parallel_has_one_check_and_one_message(tmp_path, caplog, capsys, raw):
+    """The daemon's setting, the runner's command line and the scheduler's reading of what a
+    runner reports refuse a bad value with the same message, none with a traceback."""
+    message = _num_parallel_error(raw, text=True)
+    assert "KRASIS_NUM_PARALLEL" in message and repr(raw) in message
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_NUM_PARALLEL": raw})
+        assert runner_capacity(type("Runner", (), {"num_parallel": raw})()) == 1
+    assert cfg.num_parallel == 4
+    reasons = [getattr(r, "reason", None) for r in caplog.records]
+    assert reasons == [message, message]  # the setting's warning, then the scheduler's
+    with pytest.raises(SystemExit):
+        runner._parse_args(["--fd", "3", "--model", "m", "--model-dir", "/m",
+                            "--num-parallel", raw])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("raw,expected", [(" 3 ", 3), ("1", 1), ("+2", 2)])
+def test_num_parallel_text_is_read_alike_everywhere(tmp_path, raw, expected):
+    cfg = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_NUM_PARALLEL": raw})
+    args = runner._parse_args(["--fd", "3", "--model", "m", "--model-dir", "/m",
+                               "--num-parallel", raw])
+    assert cfg.num_parallel == args.num_parallel == expected
+    assert runner_capacity(type("Runner", (), {"num_parallel": expected})()) == expected
 
 
 def test_non_loopback_host_needs_opt_in(tmp_path, caplog):
