@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import make_hf_model, save_hf_model
 
 pytest.importorskip("krasis_native")
 
@@ -26,16 +25,14 @@ from krasisd.engine.native_experts import native_expert_backend  # noqa: E402
 from krasisd.engine.quant import LAYOUT_VERSION  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_hf_model(make_hf_model("v2-group-qlora"), tmp_path_factory.mktemp("m") / "model")
+@pytest.fixture
+def model_dir(v2_model_dir):
+    return v2_model_dir
 
 
-@pytest.fixture(scope="module")
-def built(model_dir, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("caches") / "cpu-int8"
-    return out_dir, build_cpu_cache(model_dir, out_dir, quant="int8", group_size=32)
+@pytest.fixture
+def built(v2_int8_cache):
+    return v2_int8_cache
 
 
 def _copy(src, dst):

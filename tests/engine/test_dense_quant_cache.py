@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_hf import make_hf_model, save_hf_model
 
 pytest.importorskip("krasis_native")
 
@@ -18,17 +17,14 @@ from krasisd.engine.loader import load_model  # noqa: E402
 IDS = [5, 17, 33, 2, 61, 8, 40]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return save_hf_model(make_hf_model("v2-group-qlora"), tmp_path_factory.mktemp("m") / "model")
+@pytest.fixture
+def model_dir(v2_model_dir):
+    return v2_model_dir
 
 
-@pytest.fixture(scope="module")
-def cache_dir(model_dir, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("caches") / "cpu-int8"
-    cpu_cache.build_cpu_cache(model_dir, out_dir, quant="int8", group_size=32)
-    return out_dir
+@pytest.fixture
+def cache_dir(v2_int8_cache):
+    return v2_int8_cache[0]
 
 
 def _engine(model_dir, cache_dir, stored: bool) -> Engine:
