@@ -1,5 +1,7 @@
 """Kernel tiles remembered across processes (krasisd.engine.gpu.tuning)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +87,54 @@ def test_tuner_times_once_keeps_the_fastest_and_falls_back(tmp_path, monkeypatch
     assert tuner.pick(("other",), run, fallback=GemvConfig()) == GemvConfig()
     with pytest.raises(RuntimeError, match="no moe_decode kernel"):
         tuner.pick(("third",), run)
+
+
+def _count_reads(monkeypatch, path):
+    reads = []
+    read_text = Path.read_text
+
+    def counting(self, *args, **kwargs):
+        if self == path:
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    return reads
+
+
+def _timed_at_one_ms(call):
+    call()
+    return 1.0
+
+
+def test_a_first_timing_reads_the_tuning_file_once(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    tuning.save(path, "moe_triton", CANDIDATES, ("kept",), CANDIDATES[1])
+    monkeypatch.setattr(tuning, "table_path", lambda device=None: path)
+    reads = _count_reads(monkeypatch, path)
+    tuner = tuning.Tuner("moe_decode", GEMV_CANDIDATES, GemvConfig, _timed_at_one_ms)
+    assert tuner.pick(("k",), lambda cfg: None) == GEMV_CANDIDATES[0]
+    assert len(reads) == 1  # looked up, timed, merged and written from that one read
+    assert tuning.load(path, "moe_decode", GEMV_CANDIDATES, ("k",), GemvConfig) == (
+        GEMV_CANDIDATES[0])
+    assert tuning.load(path, "moe_triton", CANDIDATES, ("kept",), KernelConfig) == CANDIDATES[1]
+
+
+@pytest.mark.parametrize("file_at_start", [False, True])
+def test_tiles_another_process_saves_during_a_timing_are_kept(tmp_path, monkeypatch,
+                                                              file_at_start):
+    path = tmp_path / "t.json"
+    if file_at_start:
+        tuning.save(path, "moe_decode", GEMV_CANDIDATES, ("old",), GEMV_CANDIDATES[3])
+    monkeypatch.setattr(tuning, "table_path", lambda device=None: path)
+
+    def timer_beside_another_process(call):
+        tuning.save(path, "moe_decode", GEMV_CANDIDATES, ("theirs",), GEMV_CANDIDATES[2])
+        return _timed_at_one_ms(call)
+
+    tuner = tuning.Tuner("moe_decode", GEMV_CANDIDATES, GemvConfig, timer_beside_another_process)
+    assert tuner.pick(("mine",), lambda cfg: None) == GEMV_CANDIDATES[0]
+    stored = {key: tuning.load(path, "moe_decode", GEMV_CANDIDATES, (key,), GemvConfig)
+              for key in ("mine", "theirs", "old")}
+    assert stored == {"mine": GEMV_CANDIDATES[0], "theirs": GEMV_CANDIDATES[2],
+                      "old": GEMV_CANDIDATES[3] if file_at_start else None}

@@ -42,7 +42,16 @@ def candidates_id(candidates) -> str:
 
 def load(path: Path | None, family: str, candidates, key: tuple, config_type):
     """The stored winner for ``key``, as ``config_type``, or None."""
-    entry = _read(path).get(f"{family}/{candidates_id(candidates)}", {}).get(repr(key))
+    return _lookup(_read(path)[0], family, candidates, key, config_type)
+
+
+def save(path: Path | None, family: str, candidates, key: tuple, config) -> None:
+    """Record the winner for ``key`` (read, merge, replace the file atomically)."""
+    _write(path, _read(path)[0], family, candidates, key, config)
+
+
+def _lookup(table: dict, family: str, candidates, key: tuple, config_type):
+    entry = table.get(f"{family}/{candidates_id(candidates)}", {}).get(repr(key))
     if entry is None:
         return None
     try:
@@ -51,11 +60,10 @@ def load(path: Path | None, family: str, candidates, key: tuple, config_type):
         return None
 
 
-def save(path: Path | None, family: str, candidates, key: tuple, config) -> None:
-    """Record the winner for ``key`` (read, merge, replace the file atomically)."""
+def _write(path: Path | None, table: dict, family: str, candidates, key: tuple, config) -> None:
+    """Merge the winner for ``key`` into ``table`` and replace the file with it atomically."""
     if path is None:
         return
-    table = _read(path)
     table.setdefault(f"{family}/{candidates_id(candidates)}", {})[repr(key)] = (
         dataclasses.asdict(config))
     try:
@@ -68,15 +76,29 @@ def save(path: Path | None, family: str, candidates, key: tuple, config) -> None
         log.warning("could not write kernel tuning to %s: %s", path, exc)
 
 
-def _read(path: Path | None) -> dict:
-    if path is None or not path.is_file():
-        return {}
+def _stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells whether a file changed since it was read (an atomic replace changes the
+    inode): (inode, mtime in ns, size), or None when there is no file."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _read(path: Path | None) -> tuple[dict, tuple[int, int, int] | None]:
+    """The table in the file and the file's stamp when it was read."""
+    stamp = _stamp(path)
+    if stamp is None:
+        return {}, None
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable kernel tuning file %s: %s", path, exc)
-        return {}
-    return table if isinstance(table, dict) else {}
+        return {}, stamp
+    return (table if isinstance(table, dict) else {}), stamp
 
 
 class Tuner:
@@ -94,10 +116,13 @@ class Tuner:
         if key in self._memo:
             return self._memo[key]
         path = table_path(device)
-        best = load(path, self.family, self.candidates, key, self.config_type)
+        table, stamp = _read(path)
+        best = _lookup(table, self.family, self.candidates, key, self.config_type)
         if best is None:
             best = self._time(run, fallback)
-            save(path, self.family, self.candidates, key, best)
+            if _stamp(path) != stamp:  # another process wrote its tiles meanwhile: keep them
+                table = _read(path)[0]
+            _write(path, table, self.family, self.candidates, key, best)
             log.info("%s tile for %s: %s", self.family, key, best)
         self._memo[key] = best
         return best
