@@ -37,16 +37,13 @@ if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from bench_cli import log  # noqa: E402
 from decode_caches import copy_rate  # noqa: E402
 
 from krasisd.engine.gpu import moe_decode  # noqa: E402
 from krasisd.engine.gpu.format import QMAX, ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
 
 SMOKE_SHAPE = dict(layers=2, experts=8, top_k=2, hidden=64, inter=32, group=32)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def expert_read_bytes(layout: ExpertLayout) -> int:

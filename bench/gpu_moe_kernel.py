@@ -24,6 +24,7 @@ if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from bench_cli import log  # noqa: E402
 
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
 from krasisd.engine.gpu.moe_grouped import moe_grouped_mm  # noqa: E402
@@ -31,10 +32,6 @@ from krasisd.engine.gpu.moe_triton import CANDIDATES, _moe_triton, default_confi
 
 E, K, D, I = 64, 6, 2048, 1408  # noqa: E741
 GROUP, DEVICE = 128, "cuda"
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def bench_ms(fn) -> float:

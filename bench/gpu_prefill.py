@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from bench_cli import log
 from decode_caches import copy_rate, place_experts, sync
 
 from krasisd.engine.config import ModelConfig
@@ -54,10 +55,6 @@ DEEPSEEK_V2_LITE = {
 }
 SEED_TABLE = {100: (11.13, 9.0), 500: (10.61, 47.1), 1000: (10.69, 93.6), 2000: (10.96, 182.5),
               5000: (11.97, 417.9), 10000: (14.28, 693.3)}  # tokens: (wall s, tok/s); 9,903 tokens
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def measure_bf16_flops_per_s(n: int = 8192) -> float:
