@@ -20,7 +20,7 @@ from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import ModelLoadError, UnsupportedModelError
 from krasisd.engine.models import build_model
 from krasisd.engine.models.common import CausalLM
-from krasisd.engine.upload import read_to_device
+from krasisd.engine.upload import Span, parse_header, read_to_device
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,19 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 ExpertWeights = dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorInfo:
     path: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' name, e.g. "BF16"
+    span: Span  # where its bytes lie in the file, from the file's header
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.span.shape
+
+    @property
+    def dtype(self) -> str:
+        """safetensors' name, e.g. "BF16"."""
+        return self.span.dtype_name
 
 
 @dataclass
@@ -92,21 +100,15 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
-    """Tensor name -> where and what, from the safetensors headers only (no data read)."""
+    """Tensor name -> where and what, from the safetensors headers only (no data read); each
+    header is read and parsed once, and the reads straight to a GPU reuse it."""
     index: dict[str, TensorInfo] = {}
     for path in files:
-        try:
-            with safe_open(path, framework="pt") as handle:
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    if name in index:
-                        raise ModelLoadError(f"tensor {name} appears in {index[name].path.name} "
-                                             f"and {path.name}")
-                    index[name] = TensorInfo(path, tuple(view.get_shape()), view.get_dtype())
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for bad files
-            raise ModelLoadError(f"corrupt safetensors file {path.name}: {exc}") from exc
+        for name, span in parse_header(path).items():
+            if name in index:
+                raise ModelLoadError(f"tensor {name} appears in {index[name].path.name} "
+                                     f"and {path.name}")
+            index[name] = TensorInfo(path, span)
     return index
 
 
@@ -167,7 +169,8 @@ def read_tensors(names, index: dict[str, TensorInfo],
     out: dict[str, torch.Tensor] = {}
     for path, file_names in by_file.items():
         if device is not None and device.type == "cuda":
-            out.update(read_to_device(path, file_names, device))
+            spans = {name: index[name].span for name in file_names}
+            out.update(read_to_device(path, file_names, device, spans))
             continue
         try:
             with safe_open(path, framework="pt") as handle:

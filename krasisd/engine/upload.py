@@ -13,6 +13,7 @@ The header is the safetensors layout: an 8-byte little-endian length, then a JSO
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -38,34 +39,74 @@ class Span:
 
     offset: int  # from the start of the file
     nbytes: int
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name, e.g. "BF16"
     shape: tuple[int, ...]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype; ValueError for one that cannot be read here."""
+        dtype = DTYPES.get(self.dtype_name)
+        if dtype is None:
+            raise ValueError(f"dtype {self.dtype_name} is not one of {', '.join(DTYPES)}")
+        return dtype
 
-def header_spans(path: Path) -> dict[str, Span]:
-    """Tensor name -> Span, from the file's header alone."""
+
+def parse_header(path: Path) -> dict[str, Span]:
+    """Tensor name -> Span, from one read of the file's header; every span checked against
+    the file's size and, for the dtypes in DTYPES, against its shape. ModelLoadError for a file
+    that is not safetensors or is cut short."""
     try:
         raw = safetensors_header(path)
-        base = HEADER_LEN_BYTES + len(raw)
+        base, size = HEADER_LEN_BYTES + len(raw), path.stat().st_size
         spans = {}
         for name, info in json.loads(raw).items():
             if name == "__metadata__":
                 continue
-            start, end = info["data_offsets"]
-            dtype = DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"tensor {name} has dtype {info['dtype']}, not one of "
-                                 f"{', '.join(DTYPES)}")
-            spans[name] = Span(base + start, end - start, dtype, tuple(info["shape"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot read the safetensors header of {path.name}: {exc}") from exc
+            spans[name] = span = _span(name, info, base)
+            if span.offset + span.nbytes > size:
+                raise ValueError(f"the file is truncated: {name} ends past its end")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path.name}: {exc}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"corrupt safetensors file {path.name}: {exc}") from exc
     return spans
 
 
-def read_to_device(path: Path, names, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """``names`` of ``path`` as tensors on the CUDA ``device`` (their stored dtype)."""
+def _span(name: str, info: dict, base: int) -> Span:
+    start, end = (int(offset) for offset in info["data_offsets"])
+    shape = tuple(int(dim) for dim in info["shape"])
+    if not 0 <= start <= end or min(shape, default=0) < 0:
+        raise ValueError(f"tensor {name} has data_offsets {[start, end]}, shape {list(shape)}")
+    span = Span(base + start, end - start, str(info["dtype"]), shape)
+    dtype = DTYPES.get(span.dtype_name)  # others are checked by whoever reads them
+    needed_bytes = span.nbytes if dtype is None else math.prod(shape) * dtype.itemsize
+    if span.nbytes != needed_bytes:
+        raise ValueError(f"tensor {name} holds {span.nbytes} bytes, its {span.dtype_name} "
+                         f"shape {list(shape)} needs {needed_bytes}")
+    return span
+
+
+def header_spans(path: Path) -> dict[str, Span]:
+    """parse_header, refusing a file with any tensor of a dtype not in DTYPES."""
+    spans = parse_header(path)
+    for name, span in spans.items():
+        _dtype(name, span, path)
+    return spans
+
+
+def _dtype(name: str, span: Span, path: Path) -> torch.dtype:
+    try:
+        return span.dtype
+    except ValueError as exc:
+        raise ModelLoadError(f"{path.name}: tensor {name}: {exc}") from None
+
+
+def read_to_device(path: Path, names, device: torch.device | str,
+                   spans: dict[str, Span] | None = None) -> dict[str, torch.Tensor]:
+    """``names`` of ``path`` as tensors on the CUDA ``device`` (their stored dtype);
+    ``spans``: the file's parsed header when the caller has it (else it is read here)."""
     device = torch.device(device)
-    spans = header_spans(path)
+    spans = header_spans(path) if spans is None else spans
     missing = [n for n in names if n not in spans]
     if missing:
         raise ModelLoadError(f"{path.name} has no tensor {missing[0]}")
@@ -75,7 +116,7 @@ def read_to_device(path: Path, names, device: torch.device | str) -> dict[str, t
         span = spans[name]
         if span.offset + span.nbytes > size:
             raise ModelLoadError(f"{path.name} is truncated: {name} ends past the file's end")
-        out[name] = torch.empty(span.shape, dtype=span.dtype, device=device)
+        out[name] = torch.empty(span.shape, dtype=_dtype(name, span, path), device=device)
         for start in range(0, span.nbytes, STAGING_BYTES):
             chunks.append((name, start, span.offset + start,
                            min(STAGING_BYTES, span.nbytes - start)))

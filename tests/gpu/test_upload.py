@@ -40,3 +40,16 @@ def test_a_subset_and_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ModelLoadError, match="truncated"):
         upload.read_to_device(path, ["big", "f32", "ids", "scalar"], "cuda")
+
+
+def test_given_its_parsed_header_the_file_is_read_once(tmp_path, monkeypatch):
+    path = _file(tmp_path)
+    spans = upload.parse_header(path)
+
+    def no_second_read(path_):
+        raise AssertionError("the header was read again")
+
+    monkeypatch.setattr(upload, "safetensors_header", no_second_read)
+    expected = load_file(str(path))
+    got = upload.read_to_device(path, list(expected), "cuda", spans)
+    assert all(torch.equal(got[name].cpu(), tensor) for name, tensor in expected.items())
