@@ -38,6 +38,7 @@ from krasisd.engine.config import ModelConfig
 from krasisd.engine.cpu_cache import CpuCache, LayerExperts
 from krasisd.engine.engine import Engine
 from krasisd.engine.experts import TorchExperts
+from krasisd.engine.gpu.dense_decode import GpuQuantLinear
 from krasisd.engine.gpu.format import QuantSpec
 from krasisd.engine.gpu.graphs import DecodeStep, HybridEngine
 from krasisd.engine.gpu.host import HostExperts
@@ -339,9 +340,13 @@ def test_pooled_cache_reuses_captured_graphs(setup):
     assert list(engine._steps.values()) == [step]
 
 
+@pytest.mark.parametrize("dense", ["quant", "bf16"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("fraction", FRACTIONS)
-def test_bundled_tiny_model(tmp_path_factory, fraction, quant):
+def test_bundled_tiny_model(tmp_path_factory, fraction, quant, dense):
+    """Greedy tokens of load_hybrid against the CPU path: with ``dense="quant"`` the CPU-only
+    engine (dense linears quantized from the same CPU cache), with "bf16" the CPU path's
+    experts under float32 dense weights."""
     if not (BUNDLED_TINY / "config.json").is_file():
         pytest.skip("krasis-tiny is not bundled in this checkout")
     from krasisd.engine import load
@@ -355,14 +360,18 @@ def test_bundled_tiny_model(tmp_path_factory, fraction, quant):
     except ValueError as exc:
         pytest.skip(f"the native {quant} kernels cannot hold krasis-tiny's widths: {exc}")
     tmp = tmp_path_factory.mktemp("tiny-caches")
-    # the CPU path's experts with float32 dense weights (a CPU-only load would quantize them)
-    cpu = load(BUNDLED_TINY, quant="none", device="cpu", dtype="float32")
-    native = native_expert_backend(BUNDLED_TINY, cpu.config, quant, cache_dir=tmp / "cpu")
-    cpu.expert_backend = cpu.model.expert_backend = native
+    if dense == "quant":  # the CPU-only engine: its dense linears from the CPU cache too
+        cpu = load(BUNDLED_TINY, quant=quant, device="cpu", cache_dir=tmp / "cpu")
+    else:  # the CPU path's experts with float32 dense weights
+        cpu = load(BUNDLED_TINY, quant="none", device="cpu", dtype="float32")
+        native = native_expert_backend(BUNDLED_TINY, cpu.config, quant, cache_dir=tmp / "cpu")
+        cpu.expert_backend = cpu.model.expert_backend = native
     prompt = cpu.tokenizer.encode("The quick brown fox")
     tokens = cpu.greedy(prompt, STEPS)
     engine = load_hybrid(BUNDLED_TINY, quant=quant, max_tokens=256, cpu_cache_dir=tmp / "cpu",
-                         gpu_cache_dir=tmp / "gpu")
+                         gpu_cache_dir=tmp / "gpu", dense=dense)
+    swapped = [m for m in engine.model.modules() if isinstance(m, GpuQuantLinear)]
+    assert bool(swapped) == (dense == "quant")
     backend = engine.expert_backend
     backend.gpu = GpuExperts(backend.gpu.host, _plan(backend.gpu.host, fraction), "cuda")
     backend.refresh_residency()

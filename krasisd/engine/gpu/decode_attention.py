@@ -117,8 +117,8 @@ def _mla_projections(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     kv [T, C + R] (both in one launch where the layer has q_proj and no kv bias)."""
     kv_a = attn.kv_a_proj_with_mqa
     if hasattr(attn, "q_proj") and kv_a.bias is None:
-        qkv = x @ kernels.fuse_rows(attn, "_q_kv_weight", (attn.q_proj, kv_a)).T
-        return qkv.split([attn.q_proj.weight.shape[0], kv_a.weight.shape[0]], dim=1)
+        qkv = kernels.project(attn, "_q_kv_weight", (attn.q_proj, kv_a), x)
+        return qkv.split([attn.q_proj.out_features, kv_a.out_features], dim=1)
     if hasattr(attn, "q_proj"):
         q = attn.q_proj(x)
     else:
@@ -143,8 +143,8 @@ def gqa(attn, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, at: Pos
     """Grouped-query attention of x [1, D] over keys/values [M, Hkv, Dh]: [1, D]."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     if fused and all(p.bias is None for p in projections):  # one launch for q, k and v
-        qkv = x @ kernels.fuse_rows(attn, "_qkv_weight", projections).T  # [1, (H + 2Hkv) Dh]
-        q, k, v = qkv[0].split([p.weight.shape[0] for p in projections])
+        qkv = kernels.project(attn, "_qkv_weight", projections, x)  # [1, (H + 2Hkv) Dh]
+        q, k, v = qkv[0].split([p.out_features for p in projections])
     else:
         q, k, v = (p(x) for p in projections)
     q = norm(attn.q_norm, q.view(attn.num_heads, attn.head_dim), fused)

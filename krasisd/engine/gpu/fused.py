@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from krasisd.engine.gpu import dense_decode
 from krasisd.engine.models.moe import weight_rule
 
 # -- residual add + RMSNorm ---------------------------------------------------------------
@@ -112,13 +113,29 @@ def fuse_rows(owner, name: str, linears) -> torch.Tensor:
     return fused
 
 
+def project(owner, name: str, linears, x: torch.Tensor) -> torch.Tensor:
+    """x [T, D] through bias-free linears that all read it, in one launch: [T, sum of N].
+    Float linears share a ``fuse_rows`` weight; quantized ones (dense_decode) a fused
+    GpuQuantLinear, or run one by one where they cannot be fused."""
+    if isinstance(linears[0], dense_decode.GpuQuantLinear):
+        fused = dense_decode.fuse(owner, name, linears)
+        if fused is None:
+            return torch.cat([linear(x) for linear in linears], dim=-1)
+        return fused(x)
+    return x @ fuse_rows(owner, name, linears).T
+
+
 def fuse_gate_up(mlp) -> torch.Tensor:
     """One [2I, D] weight for a SwiGLU MLP's gate and up projections (``fuse_rows``)."""
     return fuse_rows(mlp, "_gate_up_weight", (mlp.gate_proj, mlp.up_proj))
 
 
 def swiglu(mlp, x: torch.Tensor) -> torch.Tensor:
-    """A DenseMLP's forward in three launches: one [T, 2I] projection, silu_mul, down."""
+    """A DenseMLP's forward in three launches: one [T, 2I] projection, silu_mul, down; over
+    quantized weights two: the gate/up kernel applies the SiLU (dense_decode)."""
+    if isinstance(mlp.gate_proj, dense_decode.GpuQuantLinear):
+        gate_up = dense_decode.fuse(mlp, "_gate_up_q", (mlp.gate_proj, mlp.up_proj))
+        return mlp(x) if gate_up is None else mlp.down_proj(gate_up.swiglu(x))
     return mlp.down_proj(silu_mul(x @ fuse_gate_up(mlp).T))
 
 

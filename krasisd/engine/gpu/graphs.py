@@ -44,6 +44,7 @@ from krasisd.engine.kv_cache import KVCache, new_kv_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 256
+DENSE_WEIGHTS = ("quant", "bf16")  # load_hybrid's dense linears: the CPU cache's, or bf16
 
 
 @dataclass
@@ -382,16 +383,27 @@ def _storage_key(cache: KVCache) -> int:
 def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
                 budget=None, max_tokens: int = 8192, heat: dict | None = None,
                 use_gpu_experts: bool = True, use_graphs: bool = True, cpu_cache_dir=None,
-                gpu_cache_dir=None) -> HybridEngine:
+                gpu_cache_dir=None, dense: str = "quant") -> HybridEngine:
     """Load ``model_dir`` for hybrid decode from the dual-format cache (building what is
-    missing once); ``engine.load_times_s`` says where the load time went."""
+    missing once); ``engine.load_times_s`` says where the load time went.
+
+    ``dense``: "quant" runs the dense linears from the CPU cache's quantized copies (the
+    CPU-only path's weights; krasisd.engine.gpu.dense_decode), "bf16" from the checkpoint."""
     from krasisd.engine.engine import load
     from krasisd.engine.gpu.backend import create_backend
+    from krasisd.engine.gpu.dense_decode import quantized_linears
     from krasisd.engine.gpu.synthetic import dense_bytes
 
+    if dense not in DENSE_WEIGHTS:
+        raise ValueError(f"dense must be one of {DENSE_WEIGHTS}, got {dense!r}")
     times, start = {}, time.perf_counter()
     base = load(model_dir, quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
                 dtype=torch.bfloat16)
+    stored = getattr(base.expert_backend, "dense", None) or {}
+    if dense == "quant" and stored:
+        quantized_linears(base.model, stored, base.model.model.embed_tokens.weight.device)
+    elif dense == "quant":
+        log.info("the CPU cache holds no quantized dense linears: they stay in bf16")
     times["dense_and_cpu_cache"] = time.perf_counter() - start
     kv_bytes = new_kv_cache(base.config, max_tokens, torch.bfloat16, "meta").nbytes
     gpu = create_backend(model_dir, base.config, quant, cache_dir=gpu_cache_dir, device=device,

@@ -15,7 +15,7 @@ activation row on the CUDA cores. Two kernels per call:
   the K slots of a token and the K splits in the same pass (the order of those float32
   additions is not fixed: the last bits can differ between runs).
 
-The inner step (``_tile_sum``), for a weight tile of BK inputs and BN columns:
+The inner step (``tile_sum``), for a weight tile of BK inputs and BN columns:
 - INT4 keeps the int32 words [BK/8, BN] as loaded (8 nibbles along K per word, format.py)
   and walks the nibble positions with shifts; the activations of a row, x[k0 + 8*k8 + j]
   for j = 0..7, come in as one 16-byte load. No reshape of weights, no layout conversion.
@@ -178,7 +178,7 @@ def _int8_partial(w_base, k0, offs_r, offs_n, n_mask, stride_wk, a_row, BK8: tl.
 
 
 @triton.jit
-def _tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stride_sk, exp_bits,
+def tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stride_sk, exp_bits,
               GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, EVEN_N: tl.constexpr):
     """[BN] float32: sum over k in [first, last) of a[k] * w[k, n] for the columns offs_n
@@ -234,7 +234,7 @@ def _gate_up_gemv(
     split = tl.program_id(2)
     first = split * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
-    total = _tile_sum(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
+    total = tile_sum(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
                       s_ptr + wslot * stride_se, first, last, offs + half * N, mask, stride_wk,
                       stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
     row = part_ptr + slot * 2 * N + offs
@@ -270,7 +270,7 @@ def _down_gemv(
     mask = offs < N
     first = tl.program_id(2) * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
-    total = _tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
+    total = tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
                       s_ptr + wslot * stride_se, first, last, offs, mask, stride_wk, stride_sk,
                       exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
     route_w = tl.load(weights_ptr + slot)
