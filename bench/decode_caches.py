@@ -1,7 +1,8 @@
-"""Synthetic DeepSeek-V2-Lite-shaped caches for the decode benchmark (bench/gpu_decode.py):
-dense weights as one bf16 safetensors file and both expert formats (INT4, group 128),
-quantized on the device; loading them back as a runner would; the machine's read and copy
-rates beside which the benchmark prints its results."""
+"""Synthetic caches for the decode benchmark (bench/gpu_decode.py), in the shapes of a model of
+bench/configs/ (DeepSeek-V2-Lite or Qwen3-30B-A3B): dense weights as one bf16 safetensors file
+and both expert formats (INT4, the model's group size), quantized on the device; loading them
+back as a runner would; the machine's read and copy rates beside which the benchmark prints
+its results."""
 
 from __future__ import annotations
 
@@ -23,12 +24,22 @@ from krasisd.engine.gpu.cache import file_record as gpu_file_record
 from krasisd.engine.gpu.cache import load_gpu_cache
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
 from krasisd.engine.gpu.placement import PlacementError
-from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, synthetic_expert_weights, synthetic_model
+from krasisd.engine.gpu.synthetic import (
+    TINY_DEEPSEEK_V2,
+    TINY_QWEN3_MOE,
+    synthetic_expert_weights,
+    synthetic_model,
+)
 from krasisd.engine.models import build_model
-from krasisd.engine.quant import quantize
+from krasisd.engine.quant import pick_group_size, quantize
 
-CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "deepseek-v2-lite.json"
-GROUP_SIZE = 128
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_MODEL = "deepseek-v2-lite"
+# model name (a config in configs/) -> the tiny config of the same architecture for --smoke
+SMOKE_CONFIGS = {"deepseek-v2-lite": TINY_DEEPSEEK_V2, "qwen3-30b-a3b": TINY_QWEN3_MOE}
+MODELS = tuple(SMOKE_CONFIGS)
+SMOKE_SIZES = dict(hidden_size=128, moe_intermediate_size=64)  # INT4 packs 64-wide units
+EXPERT_BITS = 4
 CHUNK_CHOICES = (8192, 4096, 2048, 1024)  # prefill chunk tokens, largest first
 
 
@@ -85,28 +96,57 @@ def place_experts(host, config, device, budget_bytes: int, dense_bytes: int, kv_
 # -- the dual-format cache of a synthetic model --------------------------------------------
 
 
-def bench_config(smoke: bool) -> ModelConfig:
+def config_path(model: str = DEFAULT_MODEL) -> Path:
+    """The real config of ``model`` (one of MODELS)."""
+    if model not in SMOKE_CONFIGS:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    return CONFIG_DIR / f"{model}.json"
+
+
+def bench_config(smoke: bool, model: str = DEFAULT_MODEL) -> ModelConfig:
+    """The model's real shapes, or a tiny config of the same architecture for ``smoke``."""
+    path = config_path(model)
     if smoke:
-        return ModelConfig.from_dict(dict(TINY_DEEPSEEK_V2, hidden_size=128,
-                                          moe_intermediate_size=64))
-    return ModelConfig.from_file(CONFIG_PATH)
+        return ModelConfig.from_dict(dict(SMOKE_CONFIGS[model], **SMOKE_SIZES))
+    return ModelConfig.from_file(path)
 
 
-def build_caches(root: Path, device: str, smoke: bool) -> tuple[ModelConfig, dict]:
+def cache_fingerprint(model: str, smoke: bool) -> str:
+    """The model fingerprint the synthetic caches of ``model`` are recorded under."""
+    return f"synthetic:{model}" + (":smoke" if smoke else "")
+
+
+def check_cache_model(root: Path, model: str, smoke: bool) -> None:
+    """Raise ValueError unless the caches under ``root`` were built for ``model``."""
+    manifest = json.loads((root / "cpu" / "manifest.json").read_text())
+    found, wanted = manifest.get("model_fingerprint"), cache_fingerprint(model, smoke)
+    if found != wanted:
+        raise ValueError(f"the caches in {root} are {found!r}, not {wanted!r}: pass the --model "
+                         "(and --smoke) they were built with, or an empty folder")
+
+
+def expert_group_size(config: ModelConfig) -> int:
+    """The INT4 group size of the config's routed experts, as a cache build picks it."""
+    return pick_group_size(config.hidden_size, config.moe_intermediate_size, bits=EXPERT_BITS)
+
+
+def build_caches(root: Path, device: str, smoke: bool,
+                 model_name: str = DEFAULT_MODEL) -> tuple[ModelConfig, dict]:
     """Dense weights (bf16 safetensors) and both expert caches, quantized on ``device``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from safetensors.torch import save_file
 
-    config = bench_config(smoke)
-    group = 32 if smoke else GROUP_SIZE
-    layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size, QuantSpec(4, group))
+    config = bench_config(smoke, model_name)
+    group = expert_group_size(config)
+    layout = ExpertLayout(config.hidden_size, config.moe_intermediate_size,
+                          QuantSpec(EXPERT_BITS, group))
     model = synthetic_model(config, device, torch.bfloat16)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(root / "dense.safetensors"))
     del model
-    (root / "cpu").mkdir()
-    (root / "gpu").mkdir()
+    (root / "cpu").mkdir(exist_ok=True)  # a build cut short is redone
+    (root / "gpu").mkdir(exist_ok=True)
     names = []
     for layer in range(config.num_hidden_layers):
         if not config.is_moe_layer(layer):
@@ -118,7 +158,7 @@ def build_caches(root: Path, device: str, smoke: bool) -> tuple[ModelConfig, dic
                   metadata={"format": "krasis-gpu-experts"})
         tensors = {}
         for proj, w in (("gate", gate), ("up", up), ("down", down)):
-            q, scales = quantize(w, 4, group)
+            q, scales = quantize(w, EXPERT_BITS, group)
             tensors[f"{proj}.qweight"], tensors[f"{proj}.scales"] = q.cpu(), scales.cpu()
         save_file(tensors, str(root / "cpu" / name), metadata={"format": CPU_FORMAT,
                                                                 "quant": "int4"})
@@ -127,12 +167,13 @@ def build_caches(root: Path, device: str, smoke: bool) -> tuple[ModelConfig, dic
     with ThreadPoolExecutor(8) as pool:  # checksums: hashlib releases the GIL
         cpu_records = list(pool.map(lambda n: cpu_file_record(root / "cpu" / n[1], n[1]), names))
         gpu_records = list(pool.map(lambda n: gpu_file_record(root / "gpu" / n[1]), names))
-    cpu_manifest = cache_manifest(config, "int4", group, "synthetic", {
+    fingerprint = cache_fingerprint(model_name, smoke)
+    cpu_manifest = cache_manifest(config, "int4", group, fingerprint, {
         str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)})
     files = {str(layer): r for (layer, _), r in zip(names, gpu_records, strict=True)}
     (root / "cpu" / "manifest.json").write_text(json.dumps(cpu_manifest))
     (root / "gpu" / "manifest.json").write_text(
-        json.dumps(gpu_manifest(config, layout, "synthetic", files)))
+        json.dumps(gpu_manifest(config, layout, fingerprint, files)))
     sizes = {part: sum(p.stat().st_size for p in (root / part).iterdir()) for part in ("cpu", "gpu")}
     sizes["dense"] = (root / "dense.safetensors").stat().st_size
     return config, sizes
@@ -192,3 +233,41 @@ def release_loaded(loaded: dict) -> None:
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+# -- a small model of the same architecture on the CPU alone -------------------------------
+
+SMALL_SIZES = dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2816,
+                   num_hidden_layers=4, vocab_size=32000, num_attention_heads=8)
+
+
+def small_config(model: str = DEFAULT_MODEL) -> ModelConfig:
+    """``model``'s config shrunk to SMALL_SIZES, its query heads per KV head kept."""
+    raw = json.loads(config_path(model).read_text())
+    heads_per_kv = raw["num_attention_heads"] // raw["num_key_value_heads"]
+    raw.update(SMALL_SIZES, num_key_value_heads=max(1, SMALL_SIZES["num_attention_heads"]
+                                                    // heads_per_kv))
+    return ModelConfig.from_dict(raw)
+
+
+def small_cpu_engine(model: str, threads: int):
+    """An Engine of small_config(model) on the CPU: float32 dense weights, native INT4
+    experts on ``threads`` threads."""
+    from krasisd.engine.cpu_cache import CpuCache, LayerExperts
+    from krasisd.engine.engine import Engine
+    from krasisd.engine.native_experts import NativeExperts
+
+    config = small_config(model)
+    group = expert_group_size(config)
+    dense = synthetic_model(config, "cpu", torch.float32)  # CPU matmuls at one row: float32
+    layers = {}
+    for layer in range(config.num_hidden_layers):
+        if config.is_moe_layer(layer):
+            arrays = []
+            for w in synthetic_expert_weights(config, layer, "cpu"):
+                q, scales = quantize(w, EXPERT_BITS, group)
+                arrays += [q.numpy(), scales.numpy()]
+            layers[layer] = LayerExperts(*arrays)
+    cache = CpuCache({"bits": EXPERT_BITS, "group_size": group, "hidden": config.hidden_size,
+                      "n_experts": config.n_routed_experts}, layers)
+    return Engine(config, dense, NativeExperts(cache, threads=threads), eos_token_ids=set())

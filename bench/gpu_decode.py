@@ -1,19 +1,21 @@
 """GPU hybrid decode benchmark: the seed's decode table for S1 (16 GiB) and S2 (4 GiB), and S2
-with GPU experts off (every routed expert on the CPU), plus TTFT of a 10K-token prompt,
-load time from the dual-format cache (warm and cold), cache size on disk, the share of
-experts resident on the GPU, and 1 / 4 / 8 concurrent streams.
+with GPU experts off (every routed expert on the CPU), or S3 (8 GiB) with --model
+qwen3-30b-a3b, plus TTFT of a 10K-token prompt, load time from the dual-format cache (warm
+and cold), cache size on disk, the share of experts resident on the GPU, and 1 / 4 / 8
+concurrent streams.
 
-DeepSeek-V2-Lite shapes (bench/configs/deepseek-v2-lite.json), synthetic weights drawn on
-the GPU and quantized there straight into both cache formats (INT4, group 128); the dense
-weights go to one bf16 safetensors file. A load reads them back as a runner would: dense
-to the GPU, the GPU cache into pinned memory, the CPU cache memory-mapped; nothing is
-re-quantized. Each decode row gives ms per token (avg, p50, min, max over all timed tokens
+The shapes of --model (bench/configs/NAME.json; DeepSeek-V2-Lite by default), synthetic
+weights drawn on the GPU and quantized there straight into both cache formats (INT4, the
+group size a cache build picks for the model); the dense weights go to one bf16
+safetensors file. A load reads them back as a runner would: dense to the GPU, the GPU cache
+into pinned memory, the CPU cache memory-mapped; nothing is re-quantized. Each decode row gives ms per token (avg, p50, min, max over all timed tokens
 of several runs) and the physical limits beside it: CPU expert bytes per token over the
 host read rate measured here with the native thread pool, and GPU bytes per token over the
 device copy rate measured here.
 
     PYTHONPATH=. python3 bench/gpu_decode.py --out results.json     # on the GPU machine
-    python3 bench/gpu_decode.py --smoke                             # tiny model, CPU: checks the script
+    PYTHONPATH=. python3 bench/gpu_decode.py --model qwen3-30b-a3b  # S3 and S3-cpu
+    python3 bench/gpu_decode.py --smoke [--model NAME]              # tiny model, CPU: checks the script
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,37 +36,79 @@ import torch
 if "--smoke" in sys.argv:  # the tiny model runs the Triton kernels on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bench_cli import log, make_dir, positive_int, positive_ints  # noqa: E402
 from decode_caches import (  # noqa: E402
-    CONFIG_PATH,
-    GROUP_SIZE,
+    DEFAULT_MODEL,
+    MODELS,
     bench_config,
     build_caches,
+    check_cache_model,
     drop_page_cache,
     load_caches,
     measure_bandwidths,
     place_experts,
     release_loaded,
+    small_cpu_engine,
     sync,
 )
 
 from krasisd.engine.batch import BatchingEngine  # noqa: E402
-from krasisd.engine.config import ModelConfig  # noqa: E402
 from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
 from krasisd.engine.gpu.placement import parse_vram_budget  # noqa: E402
-from krasisd.engine.gpu.synthetic import (  # noqa: E402
-    dense_bytes,
-    synthetic_expert_weights,
-    synthetic_model,
-)
+from krasisd.engine.gpu.synthetic import dense_bytes  # noqa: E402
 from krasisd.engine.heat import ExpertHeat, hit_rate  # noqa: E402
 from krasisd.engine.kv_cache import new_kv_cache  # noqa: E402
 from krasisd.engine.native_experts import NativeExperts  # noqa: E402
-from krasisd.engine.quant import quantize  # noqa: E402
 
 SEED_DECODE = {100: (177.0, 5.6)}  # context: (ms/token, tok/s) of the seed, docs/PERFORMANCE.md
 TARGETS = {"S1": 500.0, "S2": 80.0, "S2-cpu": 80.0}  # tok/s at context 1000 (issue 7)
+
+# Scenarios: name=budget[:mode[+mode]], comma-separated. A new mode is one entry here and
+# its effect in run_scenario.
+SCENARIO_MODES = {
+    "off": "no GPU experts: every routed expert on the CPU",
+    "unfused": "torch ops instead of the fused Triton kernels",
+    "grouped": "decode experts through the prefill's grouped kernels, not moe_decode's",
+}
+DEFAULT_SCENARIOS = {"deepseek-v2-lite": "S1=16GiB,S2=4GiB,S2-cpu=4GiB:off",
+                     "qwen3-30b-a3b": "S3=8GiB,S3-cpu=8GiB:off"}
+SMOKE_SCENARIOS = {"deepseek-v2-lite": "S1=1GiB,S2-cpu=1GiB:off",
+                   "qwen3-30b-a3b": "S3=1GiB,S3-cpu=1GiB:off"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One placement to measure: a VRAM budget ("16GiB") and the modes of SCENARIO_MODES."""
+
+    name: str
+    budget: str
+    modes: frozenset[str] = frozenset()
+
+
+def parse_scenarios(text: str) -> list[Scenario]:
+    """Scenarios from ``name=budget[:mode[+mode]],...``; ValueError names the bad one."""
+    scenarios = []
+    for spec in text.split(","):
+        name, equals, rest = spec.strip().partition("=")
+        budget, _, mode_text = rest.partition(":")
+        if not (name and equals and budget):
+            raise ValueError(f"scenario {spec!r}: use name=budget[:mode[+mode]], "
+                             "e.g. S2-cpu=4GiB:off")
+        try:
+            parse_vram_budget(budget)
+        except ValueError as exc:
+            raise ValueError(f"scenario {spec!r}: {exc}") from None
+        modes = frozenset(mode for mode in mode_text.split("+") if mode)
+        unknown = sorted(modes - SCENARIO_MODES.keys())
+        if unknown:
+            raise ValueError(f"scenario {spec!r}: unknown mode {', '.join(unknown)} "
+                             f"(modes: {', '.join(SCENARIO_MODES)})")
+        if any(s.name == name for s in scenarios):
+            raise ValueError(f"scenario name {name!r} given twice")
+        scenarios.append(Scenario(name, budget, modes))
+    return scenarios
 
 
 # -- measurements of the machine ----------------------------------------------------------
@@ -114,16 +159,13 @@ def physical_limits(engine, bw: dict) -> dict:
     cpu_expert_bytes = cpu_layer_bytes / config.n_routed_experts
     cpu_bytes = slots * (1 - hits) * cpu_expert_bytes
     model = engine.model
-    dense = dense_bytes(model) - model.model.embed_tokens.weight.numel() * 2
+    embed = model.model.embed_tokens.weight  # read one row per token
+    dense = dense_bytes(model) - embed.numel() * embed.element_size()
     gpu_bytes = dense + slots * hits * backend.gpu.layout.expert_bytes
     cpu_s, gpu_s = cpu_bytes / bw["host_read_bytes_s"], gpu_bytes / bw["hbm_bytes_s"]
     return {"hit_rate": hits, "cpu_bytes_per_token": cpu_bytes,
             "gpu_bytes_per_token": gpu_bytes, "cpu_limit_tok_s": 1 / cpu_s if cpu_s else None,
             "gpu_limit_tok_s": 1 / gpu_s, "limit_tok_s": 1 / max(cpu_s, gpu_s)}
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def decode_run(engine, cache, context: int, steps: int, first_token: int) -> list[float]:
@@ -208,9 +250,9 @@ def _decode_stream(batching, caches, tokens, i: int, num: int) -> None:
             tokens[i] = int(batching.forward([tokens[i]], caches[i])[-1].argmax())
 
 
-def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:
-    """One scenario; ``modes``: "off" (no GPU experts), "unfused" (torch ops, not Triton),
-    "grouped" (decode experts through the grouped kernels, not moe_decode's)."""
+def run_scenario(scenario: Scenario, loaded, args, bw, rng) -> dict:
+    """One scenario, its modes as SCENARIO_MODES describes them."""
+    name, budget, modes = scenario.name, scenario.budget, scenario.modes
     gpu_experts, fused = "off" not in modes, "unfused" not in modes
     engine, plan_info = make_engine(loaded, budget, gpu_experts, args.threads,
                                     max_tokens=max(args.contexts) + args.steps + 2,
@@ -249,8 +291,8 @@ def run_scenario(name, loaded, budget, modes, args, bw, rng) -> dict:
     log(f"{name} re-placement: hit rate {replacement['hit_rate_before']:.3f} -> "
         f"{replacement['hit_rate_after']:.3f}, {replacement['experts_changed']} experts moved, "
         f"{replacement['bytes_copied'] / 1e9:.2f} GB copied in {replacement['ms']:.0f} ms")
-    result = {"scenario": name, "budget": budget, "gpu_experts": gpu_experts, "fused": fused,
-              "plan": plan_info,
+    result = {"scenario": name, "budget": budget, "modes": sorted(modes),
+              "gpu_experts": gpu_experts, "fused": fused, "plan": plan_info,
               "rows": rows, "limits": limits, "streams": streams, "replacement": replacement,
               "graph_failures": sum(s.graph_failures for s in engine._steps.values())}
     release(engine)
@@ -282,47 +324,34 @@ def print_summary(results, bw, loads, sizes) -> None:
 
 
 def cpu_streams(args) -> int:
-    """1 / 4 / 8 streams on the CPU alone: a small DeepSeek-shaped model, native INT4 experts."""
-    from krasisd.engine.cpu_cache import CpuCache, LayerExperts
-    from krasisd.engine.engine import Engine
-
+    """1 / 4 / 8 streams on the CPU alone: a small model of --model's shape, native INT4
+    experts."""
     torch.set_num_threads(1)  # torch's OpenMP pool beside the native pool oversubscribes
-    raw = json.loads(CONFIG_PATH.read_text())
-    raw.update(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2816,
-               num_hidden_layers=4, vocab_size=32000, num_attention_heads=8,
-               num_key_value_heads=8)
-    config = ModelConfig.from_dict(raw)
-    model = synthetic_model(config, "cpu", torch.float32)  # CPU matmuls at one row: float32
-    layers = {}
-    for layer in range(config.num_hidden_layers):
-        if config.is_moe_layer(layer):
-            arrays = []
-            for w in synthetic_expert_weights(config, layer, "cpu"):
-                q, scales = quantize(w, 4, GROUP_SIZE)
-                arrays += [q.numpy(), scales.numpy()]
-            layers[layer] = LayerExperts(*arrays)
-    cache = CpuCache({"bits": 4, "group_size": GROUP_SIZE, "hidden": config.hidden_size,
-                      "n_experts": config.n_routed_experts}, layers)
-    engine = Engine(config, model, NativeExperts(cache, threads=args.threads),
-                    eos_token_ids=set())
+    engine = small_cpu_engine(args.model, args.threads)
+    config = engine.config
     rows = streams_table(engine, args.streams, args.stream_steps, 100,
                          torch.Generator().manual_seed(0))
-    log(f"CPU only ({args.threads} threads), hidden {config.hidden_size}, "
-        f"{config.num_hidden_layers} layers, 64 INT4 experts top-6:")
+    log(f"CPU only ({args.threads} threads), {args.model} shape, hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, {config.n_routed_experts} INT4 experts "
+        f"top-{config.num_experts_per_tok}:")
     for row in rows:
         log(f"  {row['streams']} streams: {row['tok_s']:.1f} tok/s "
             f"({row['per_stream_tok_s']:.1f} per stream)")
     return 0
 
 
-def load_only(root: Path, device: str, smoke: bool) -> int:
+def load_only(root: Path, device: str, smoke: bool, model: str) -> int:
     """Build the caches under ``root`` when missing, then time one load in this process: run
     twice, the second run is a fresh process's load with the page cache full (warm)."""
-    config = bench_config(smoke)
+    config = bench_config(smoke, model)
     if not (root / "gpu" / "manifest.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        build_caches(root, device, smoke)
+        build_caches(root, device, smoke, model)
         log("caches built; run again for a fresh process's load")
+    try:
+        check_cache_model(root, model, smoke)
+    except (OSError, ValueError) as exc:
+        log(f"--load-only: {exc}")
+        return 2
     _, times = load_caches(root, config, device)
     log(f"load in this process: {json.dumps({k: round(v, 2) for k, v in times.items()})} s")
     return 0
@@ -330,21 +359,27 @@ def load_only(root: Path, device: str, smoke: bool) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", default="100,1000,10000")
-    parser.add_argument("--steps", type=int, default=32, help="tokens per timed run")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--ttft-runs", type=int, default=3)
-    parser.add_argument("--streams", default="1,4,8")
-    parser.add_argument("--stream-steps", type=int, default=24)
+    parser.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL,
+                        help="the shapes to benchmark (bench/configs/MODEL.json)")
+    parser.add_argument("--contexts", type=positive_ints, default=[100, 1000, 10000])
+    parser.add_argument("--steps", type=positive_int, default=32, help="tokens per timed run")
+    parser.add_argument("--runs", type=positive_int, default=3)
+    parser.add_argument("--ttft-runs", type=positive_int, default=3)
+    parser.add_argument("--streams", type=positive_ints, default=[1, 4, 8])
+    parser.add_argument("--stream-steps", type=positive_int, default=24)
     parser.add_argument("--skip-streams", action="store_true")
-    parser.add_argument("--scenarios", default="S1=16GiB,S2=4GiB,S2-cpu=4GiB:off",
-                        help="name=budget[:mode[+mode]] with modes off, unfused, grouped")
-    parser.add_argument("--threads", type=int, default=None, help="CPU expert threads "
+    parser.add_argument("--scenarios", default=None,
+                        help="name=budget[:mode[+mode]],... with modes "
+                        f"{', '.join(SCENARIO_MODES)} (default: {DEFAULT_SCENARIOS[DEFAULT_MODEL]}"
+                        "; with --model qwen3-30b-a3b: "
+                        f"{DEFAULT_SCENARIOS['qwen3-30b-a3b']})")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU expert threads "
                         "(default: cores minus one)")
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="print each scenario's kernels per decode step (torch.profiler)")
-    parser.add_argument("--cache-dir", default=None, help="where to write the caches")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where to write the caches (created when missing)")
     parser.add_argument("--out", default=None, help="write all numbers as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU")
     parser.add_argument("--load-only", metavar="DIR", default=None,
@@ -352,12 +387,32 @@ def parse_args(argv):
     parser.add_argument("--cpu-streams", action="store_true",
                         help="only 1/4/8 streams of a small model on the CPU (no GPU needed)")
     args = parser.parse_args(argv)
-    args.contexts = [int(c) for c in args.contexts.split(",")]
-    args.streams = [int(c) for c in args.streams.split(",")]
     if args.smoke:
         args.contexts, args.steps, args.runs, args.ttft_runs = [20, 60], 4, 2, 1
-        args.stream_steps, args.scenarios = 3, "S1=1GiB,S2-cpu=1GiB:off"
+        args.stream_steps = 3
+    default = (SMOKE_SCENARIOS if args.smoke else DEFAULT_SCENARIOS)[args.model]
+    try:
+        args.scenarios = parse_scenarios(args.scenarios or default)
+    except ValueError as exc:
+        parser.error(f"--scenarios: {exc}")
+    for flag in ("cache_dir", "load_only"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, make_dir(parser, getattr(args, flag),
+                                         "--" + flag.replace("_", "-")))
     return args
+
+
+def measure_loads(root: Path, config, device: str, smoke: bool) -> tuple[dict, dict]:
+    """A cold load (page cache dropped where permitted), then a warm one: (loaded, times)."""
+    loads = {}
+    cold = False if smoke else drop_page_cache()  # never on a shared dev machine
+    loaded, loads["cold" if cold else "cold (not permitted: page cache kept)"] = (
+        load_caches(root, config, device))
+    release_loaded(loaded)
+    loaded, loads["warm"] = load_caches(root, config, device)
+    for kind, times in loads.items():
+        log(f"load {kind}: {json.dumps({k: round(v, 2) for k, v in times.items()})} s")
+    return loaded, loads
 
 
 def main(argv=None) -> int:
@@ -370,7 +425,7 @@ def main(argv=None) -> int:
         return 2
     device = "cpu" if args.smoke else "cuda"
     if args.load_only:
-        return load_only(Path(args.load_only), device, args.smoke)
+        return load_only(args.load_only, device, args.smoke, args.model)
     torch.set_num_threads(1)  # the CPU's cores belong to the native expert pool
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     args.threads = threads
@@ -380,35 +435,25 @@ def main(argv=None) -> int:
     rng = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as tmp:
         start = time.perf_counter()
-        config, sizes = build_caches(Path(tmp), device, smoke=args.smoke)
-        log(f"caches built in {time.perf_counter() - start:.1f} s: "
+        config, sizes = build_caches(Path(tmp), device, args.smoke, args.model)
+        log(f"{args.model} caches built in {time.perf_counter() - start:.1f} s: "
             f"{json.dumps({k: round(v / 1e9, 2) for k, v in sizes.items()})} GB")
         if device == "cuda":
             torch.cuda.empty_cache()
-        loads = {}
-        cold = False if args.smoke else drop_page_cache()  # never on a shared dev machine
-        loaded, loads["cold" if cold else "cold (not permitted: page cache kept)"] = (
-            load_caches(Path(tmp), config, device))
-        release_loaded(loaded)
-        loaded, loads["warm"] = load_caches(Path(tmp), config, device)
-        for kind, times in loads.items():
-            log(f"load {kind}: {json.dumps({k: round(v, 2) for k, v in times.items()})} s")
+        loaded, loads = measure_loads(Path(tmp), config, device, args.smoke)
         results = []
-        for spec in args.scenarios.split(","):
-            name, _, rest = spec.partition("=")
-            budget, _, modes = rest.partition(":")
+        for scenario in args.scenarios:
             try:
-                results.append(run_scenario(name, loaded, budget, modes.split("+"), args, bw,
-                                            rng))
+                results.append(run_scenario(scenario, loaded, args, bw, rng))
             except Exception as exc:  # report and go on with the other scenarios
-                log(f"{name} failed: {type(exc).__name__}: {exc}")
+                log(f"{scenario.name} failed: {type(exc).__name__}: {exc}")
                 if args.smoke:
                     raise
     print_summary(results, bw, loads, sizes)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"bandwidths": bw, "cache_bytes": sizes, "loads": loads,
-                       "results": results}, handle, indent=1)
+            json.dump({"model": args.model, "bandwidths": bw, "cache_bytes": sizes,
+                       "loads": loads, "results": results}, handle, indent=1)
     return 0
 
 
