@@ -18,6 +18,7 @@ from krasisd.engine.config import ModelConfig
 from krasisd.engine.cpu_cache import FORMAT as CPU_FORMAT
 from krasisd.engine.cpu_cache import cache_manifest, load_cpu_cache
 from krasisd.engine.cpu_cache import file_record as cpu_file_record
+from krasisd.engine.dense_plan import dense_plan
 from krasisd.engine.gpu.backend import gpu_experts_for
 from krasisd.engine.gpu.cache import cache_manifest as gpu_manifest
 from krasisd.engine.gpu.cache import file_record as gpu_file_record
@@ -40,6 +41,7 @@ SMOKE_CONFIGS = {"deepseek-v2-lite": TINY_DEEPSEEK_V2, "qwen3-30b-a3b": TINY_QWE
 MODELS = tuple(SMOKE_CONFIGS)
 SMOKE_SIZES = dict(hidden_size=128, moe_intermediate_size=64)  # INT4 packs 64-wide units
 EXPERT_BITS = 4
+DENSE_FILE = "dense_all.safetensors"  # the CPU cache's quantized dense linears
 CHUNK_CHOICES = (8192, 4096, 2048, 1024)  # prefill chunk tokens, largest first
 
 
@@ -144,9 +146,10 @@ def build_caches(root: Path, device: str, smoke: bool,
     model = synthetic_model(config, device, torch.bfloat16)
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
               str(root / "dense.safetensors"))
-    del model
     (root / "cpu").mkdir(exist_ok=True)  # a build cut short is redone
     (root / "gpu").mkdir(exist_ok=True)
+    dense_files, dense_linears = write_dense(root / "cpu", model)
+    del model
     names = []
     for layer in range(config.num_hidden_layers):
         if not config.is_moe_layer(layer):
@@ -169,7 +172,8 @@ def build_caches(root: Path, device: str, smoke: bool,
         gpu_records = list(pool.map(lambda n: gpu_file_record(root / "gpu" / n[1]), names))
     fingerprint = cache_fingerprint(model_name, smoke)
     cpu_manifest = cache_manifest(config, "int4", group, fingerprint, {
-        str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)})
+        str(layer): r for (layer, _), r in zip(names, cpu_records, strict=True)},
+        dense_files, dense_linears)
     files = {str(layer): r for (layer, _), r in zip(names, gpu_records, strict=True)}
     (root / "cpu" / "manifest.json").write_text(json.dumps(cpu_manifest))
     (root / "gpu" / "manifest.json").write_text(
@@ -188,6 +192,22 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def write_dense(cpu_dir: Path, model) -> tuple[dict, dict]:
+    """The dense linears quantized as a CPU cache build stores them (dense_plan at the
+    experts' bits, the head INT8), in one file: its record and the linears' entries."""
+    from safetensors.torch import save_file
+
+    tensors, linears = {}, {}
+    for name, linear, bits, group in dense_plan(model, EXPERT_BITS):
+        qweight, scales = quantize(linear.weight, bits, group)  # on the model's device
+        tensors[f"{name}.qweight"], tensors[f"{name}.scales"] = qweight.cpu(), scales.cpu()
+        linears[name] = {"file": DENSE_FILE, "bits": bits, "group_size": group,
+                         "out_features": linear.out_features, "in_features": linear.in_features}
+    save_file(tensors, str(cpu_dir / DENSE_FILE),
+              metadata={"format": CPU_FORMAT, "quant": "int4", "part": "dense"})
+    return {DENSE_FILE: cpu_file_record(cpu_dir / DENSE_FILE, DENSE_FILE)}, linears
 
 
 def load_caches(root: Path, config: ModelConfig, device: str) -> tuple[dict, dict]:

@@ -53,6 +53,7 @@ from decode_caches import (  # noqa: E402
 )
 
 from krasisd.engine.batch import BatchingEngine  # noqa: E402
+from krasisd.engine.gpu.dense_decode import quantized_linears  # noqa: E402
 from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
@@ -71,6 +72,7 @@ SCENARIO_MODES = {
     "off": "no GPU experts: every routed expert on the CPU",
     "unfused": "torch ops instead of the fused Triton kernels",
     "grouped": "decode experts through the prefill's grouped kernels, not moe_decode's",
+    "bf16": "dense linears in bf16 (the default: the CPU cache's quantized ones)",
 }
 DEFAULT_SCENARIOS = {"deepseek-v2-lite": "S1=16GiB,S2=4GiB,S2-cpu=4GiB:off",
                      "qwen3-30b-a3b": "S3=8GiB,S3-cpu=8GiB:off"}
@@ -117,7 +119,7 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
                 use_graphs: bool, fused: bool = True) -> tuple[HybridEngine, dict]:
     """A HybridEngine over the loaded caches, placed under ``budget``."""
     config, model, host = loaded["config"], loaded["model"], loaded["host"]
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     dense = dense_bytes(model)
     kv_bytes = new_kv_cache(config, max_tokens, torch.bfloat16, "meta").nbytes
     start = time.perf_counter()
@@ -133,6 +135,20 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
     info = dict(gpu.plan.summary(), chunk_tokens=chunk, arena_upload_s=arena_s,
                 decode_resident_fraction=backend.resident_fraction())
     return engine, info
+
+
+def set_dense(loaded, quantized: bool) -> None:
+    """Put the model's quantized dense linears (from the CPU cache, as load_hybrid does by
+    default) or its bf16 ones in place; both are kept, so scenarios can switch."""
+    model, swaps = loaded["model"], loaded.setdefault("dense_swaps", {})
+    if not swaps:
+        stored = loaded["cpu_cache"].dense
+        swaps["float"] = {name: m for name, m in model.named_modules() if name in stored}
+        quantized_linears(model, stored, model.model.embed_tokens.weight.device)
+        swaps["quant"] = {name: model.get_submodule(name) for name in swaps["float"]}
+    for name, module in swaps["quant" if quantized else "float"].items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def release(engine) -> None:
@@ -254,13 +270,15 @@ def run_scenario(scenario: Scenario, loaded, args, bw, rng) -> dict:
     """One scenario, its modes as SCENARIO_MODES describes them."""
     name, budget, modes = scenario.name, scenario.budget, scenario.modes
     gpu_experts, fused = "off" not in modes, "unfused" not in modes
+    set_dense(loaded, quantized="bf16" not in modes)
     engine, plan_info = make_engine(loaded, budget, gpu_experts, args.threads,
                                     max_tokens=max(args.contexts) + args.steps + 2,
                                     use_graphs=not args.no_graphs, fused=fused)
     if "grouped" in modes:  # the prefill's grouped kernels for one token too
         engine.expert_backend.gemv_max_slots = 0
     log(f"\n{name}: budget {budget}, GPU experts {'on' if gpu_experts else 'off'}, "
-        f"{'fused' if fused else 'unfused'} kernels, {plan_info}")
+        f"{'fused' if fused else 'unfused'} kernels, dense "
+        f"{'bf16' if 'bf16' in modes else 'from the CPU cache (quantized)'}, {plan_info}")
     rows = decode_table(engine, plan_info["chunk_tokens"], args.contexts, args.steps, args.runs,
                         args.ttft_runs, rng)
     limits = physical_limits(engine, bw)

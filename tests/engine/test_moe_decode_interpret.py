@@ -171,3 +171,38 @@ def test_each_gate_up_tile_counts_every_split_of_gate_and_up_once():
     splits = 4  # 128 / 32 K steps, one per split
     want = resident[ids.reshape(-1)].repeat_interleave(tiles).to(torch.int32) * 2 * splits
     assert torch.equal(count, want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_shared_experts_run_beside_the_routed_ones(bits):
+    """Shared experts twice the routed width, quantized from the CPU cache's layout
+    (dense_decode), as two pieces per token in the same two launches, weight 1."""
+    from krasisd.engine.cpu_cache import DenseWeight
+    from krasisd.engine.dense_plan import quantize_weight
+    from krasisd.engine.gpu.dense_decode import GpuQuantLinear, moe_shared
+    from krasisd.engine.models.common import DenseMLP
+
+    d, i, group, tokens = 128, 64, 32, 2
+    layout, views = _arena(d, i, bits, group, seed=11)
+    mlp = DenseMLP(d, 2 * i)
+    g = torch.Generator().manual_seed(12)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        linear = getattr(mlp, name)
+        weight = torch.randn(linear.weight.shape, generator=g) / linear.in_features ** 0.5
+        stored = DenseWeight(*quantize_weight(weight, bits, group), bits, group,
+                             linear.in_features)
+        setattr(mlp, name, GpuQuantLinear.from_stored(stored, "cpu"))
+    shared = moe_shared(mlp, views, bits, group)
+    assert shared is not None and shared.width == 2 * i
+    assert moe_shared(mlp, views, bits, 2 * group) is None  # another group: run apart
+    resident = torch.tensor([True, False, True, True, False, True])
+    x = (torch.randn(tokens, d, generator=g) + 0.5).bfloat16()
+    ids, w = _routing(tokens, 3, seed=13)
+    cfg = GemvConfig(32, 32, 2, 1, 64, 2, 1, True)
+    out = moe_gemv(x, views, resident_slots(SLOTS, resident), ids, w, bits, group, cfg, shared)
+    spec = QuantSpec(bits, group)
+    gate_up = x.float() @ dequantize_kmajor(shared.w13_q, shared.w13_s, spec)  # [T, 4I]
+    h = _bf16_truncated(torch.nn.functional.silu(gate_up[:, :2 * i]) * gate_up[:, 2 * i:])
+    want = _reference(x, layout, views, resident, ids, w) + h @ dequantize_kmajor(
+        shared.w2_q, shared.w2_s, spec)
+    assert _rel(out, want) < REL_TOL

@@ -44,7 +44,14 @@ from torch import nn
 from krasisd.engine import quant
 from krasisd.engine.gpu import tuning
 from krasisd.engine.gpu.format import QuantSpec, dequantize_kmajor, pack_int4
-from krasisd.engine.gpu.moe_decode import F256_BITS, _block_k, _splits, tile_sum
+from krasisd.engine.gpu.moe_decode import (
+    F256_BITS,
+    SharedExperts,
+    _block_k,
+    _splits,
+    shared_fits,
+    tile_sum,
+)
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +316,23 @@ def fuse(owner: nn.Module, name: str, linears) -> GpuQuantLinear | None:
         start += width
     owner.__dict__[name] = fused
     return fused
+
+
+def moe_shared(mlp: nn.Module, views: dict, bits: int, group_size: int) -> SharedExperts | None:
+    """A SwiGLU MLP of quantized linears (a layer's shared experts) in the form moe_gemv runs
+    beside the routed experts (``views``, ``bits``, ``group_size``: the GPU expert format),
+    or None where it cannot: float linears, other bits or groups, a width that is not whole
+    routed-expert widths."""
+    linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(isinstance(linear, GpuQuantLinear) for linear in linears):
+        return None
+    gate_up, down = fuse(mlp, "_gate_up_q", linears[:2]), mlp.down_proj
+    if gate_up is None or (down.bits, down.group_size) != (gate_up.bits, gate_up.group_size):
+        return None
+    shared = SharedExperts(gate_up.qweight, gate_up.scales, down.qweight, down.scales)
+    if not shared_fits(shared, views, bits, group_size, gate_up.bits, gate_up.group_size):
+        return None
+    return shared
 
 
 def quantized_linears(model: nn.Module, stored: dict, device) -> int:

@@ -118,7 +118,7 @@ def project(owner, name: str, linears, x: torch.Tensor) -> torch.Tensor:
     Float linears share a ``fuse_rows`` weight; quantized ones (dense_decode) a fused
     GpuQuantLinear, or run one by one where they cannot be fused."""
     if isinstance(linears[0], dense_decode.GpuQuantLinear):
-        fused = dense_decode.fuse(owner, name, linears)
+        fused = dense_decode.fuse(owner, name + "_q", linears)
         if fused is None:
             return torch.cat([linear(x) for linear in linears], dim=-1)
         return fused(x)

@@ -124,6 +124,9 @@ class DecodeStep:
     def _build_program(self) -> list:
         """Pieces and host actions ("cpu", layer) in step order."""
         program, piece = [], Piece([self._embed])
+        # shared experts that run inside the resident experts' launches (moe_decode)
+        self._folded = {layer.layer_idx: self._fold_shared(layer)
+                        for layer in self.model.model.layers}
         for layer in self.model.model.layers:
             piece.ops.append(self._attention_op(layer))
             idx = layer.layer_idx
@@ -137,6 +140,14 @@ class DecodeStep:
         piece.ops.append(self._head)
         program.append(piece)
         return program
+
+    def _fold_shared(self, layer):
+        """The layer's shared experts in moe_gemv's form, or None (run as an MLP)."""
+        if not (self._hybrid and self.fused and layer.is_moe
+                and hasattr(layer.mlp, "shared_experts")):
+            return None
+        return self.backend.shared_experts(layer.layer_idx, layer.mlp.shared_experts,
+                                           self.topk_ids.numel())
 
     @torch.inference_mode()
     def __call__(self, token_id: int, cache=None) -> torch.Tensor:
@@ -229,8 +240,12 @@ class DecodeStep:
                 self._add(layer, self.h, self._mlp(layer.mlp, self.normed))
             else:
                 self._route(layer)
-                experts = self.backend.gpu_part if self._hybrid else self.backend
-                out = experts(layer.layer_idx, self.normed, self.topk_ids, self.topk_weights)
+                idx, shared = layer.layer_idx, self._folded[layer.layer_idx]
+                if self._hybrid:
+                    out = self.backend.gpu_part(idx, self.normed, self.topk_ids,
+                                                self.topk_weights, shared)
+                else:
+                    out = self.backend(idx, self.normed, self.topk_ids, self.topk_weights)
                 self._add(layer, self.h, out, *self._shared(layer))  # out: [1, D]
         return op
 
@@ -250,7 +265,7 @@ class DecodeStep:
             idx = layer.layer_idx
             if self.backend.has_gpu_part(idx):
                 self.partial.copy_(self.backend.gpu_part(idx, self.normed, self.topk_ids,
-                                                         self.topk_weights))
+                                                         self.topk_weights, self._folded[idx]))
             else:
                 self.partial.zero_()
             for out in self._shared(layer):
@@ -261,7 +276,7 @@ class DecodeStep:
         def op(bucket: int) -> None:
             staging = self.staging
             staging.out_dev.copy_(staging.out, non_blocking=True)
-            shared = (self.shared,) if hasattr(layer.mlp, "shared_experts") else ()
+            shared = (self.shared,) if self._shared_mlp(layer) else ()
             self._add(layer, self.h, self.partial, staging.out_dev, *shared)
         return op
 
@@ -282,8 +297,14 @@ class DecodeStep:
     def _mlp(self, mlp, x):
         return fused.swiglu(mlp, x) if self.fused else mlp(x)
 
+    def _shared_mlp(self, layer) -> bool:
+        """Whether the layer's shared experts run as their own MLP (not inside the resident
+        experts' kernels)."""
+        return hasattr(layer.mlp, "shared_experts") and self._folded[layer.layer_idx] is None
+
     def _shared(self, layer) -> tuple:
-        if hasattr(layer.mlp, "shared_experts"):
+        """The shared experts' output as a [1, D] delta, or no delta."""
+        if self._shared_mlp(layer):
             return (self._mlp(layer.mlp.shared_experts, self.normed),)
         return ()
 

@@ -36,7 +36,14 @@ import numpy as np
 import torch
 
 from krasisd.engine.gpu import tuning
-from krasisd.engine.gpu.moe_decode import GEMV_CANDIDATES, GemvConfig, moe_gemv, resident_slots
+from krasisd.engine.gpu.dense_decode import moe_shared
+from krasisd.engine.gpu.moe_decode import (
+    GEMV_CANDIDATES,
+    GemvConfig,
+    SharedExperts,
+    moe_gemv,
+    resident_slots,
+)
 from krasisd.engine.gpu.moe_triton import (
     AUTOTUNE_ENV,
     SortedRoutes,
@@ -242,18 +249,34 @@ class HybridExperts:
 
     # -- GPU side -------------------------------------------------------------------------
 
-    def gpu_part(self, layer: int, x, topk_ids, topk_weights) -> torch.Tensor:
-        """Resident experts only, with the Triton kernels: [T, D] float32 (sync-free)."""
+    def gpu_part(self, layer: int, x, topk_ids, topk_weights,
+                 shared: SharedExperts | None = None) -> torch.Tensor:
+        """Resident experts only, with the Triton kernels: [T, D] float32 (sync-free); with
+        ``shared`` (from ``shared_experts``, for as many slots as ``folds_shared`` allows)
+        the shared experts too, in the same launches."""
         if topk_ids.numel() <= self.gemv_max_slots:
             cfg = self._gemv_config(layer, x, topk_ids, topk_weights)
-            return self._gemv(layer, x, topk_ids, topk_weights, cfg)
+            return self._gemv(layer, x, topk_ids, topk_weights, cfg, shared)
+        if shared is not None:
+            raise ValueError(f"shared experts run with at most {self.gemv_max_slots} slots")
         cfg = default_config(1.0, self.device.type)
         return self._gpu_part(layer, x, topk_ids, topk_weights, cfg)
 
-    def _gemv(self, layer, x, topk_ids, topk_weights, cfg: GemvConfig) -> torch.Tensor:
+    def shared_experts(self, layer: int, mlp, num_slots: int) -> SharedExperts | None:
+        """The layer's shared-experts MLP in the form ``gpu_part`` runs beside the resident
+        experts, when it can (quantized like them, a layer with resident experts, the
+        matrix-vector kernels for ``num_slots`` routed slots); else None."""
+        if (self.gpu is None or not self.has_gpu_part(layer)
+                or num_slots > self.gemv_max_slots):
+            return None
+        spec = self.gpu.layout.spec
+        return moe_shared(mlp, self.gpu.views, spec.bits, spec.group_size)
+
+    def _gemv(self, layer, x, topk_ids, topk_weights, cfg: GemvConfig,
+              shared: SharedExperts | None = None) -> torch.Tensor:
         spec = self.gpu.layout.spec
         return moe_gemv(x.to(torch.bfloat16), self.gpu.views, self._gemv_slots[layer], topk_ids,
-                        topk_weights, spec.bits, spec.group_size, cfg)
+                        topk_weights, spec.bits, spec.group_size, cfg, shared)
 
     def _gpu_part(self, layer, x, topk_ids, topk_weights, cfg) -> torch.Tensor:
         t, k = topk_ids.shape

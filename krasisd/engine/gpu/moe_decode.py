@@ -212,20 +212,42 @@ def tile_sum(a_row, w_base, s_base, first, last, offs_n, n_mask, stride_wk, stri
 
 @triton.jit
 def _gate_up_gemv(
-    x_ptr, w_ptr, s_ptr, part_ptr, h_ptr, count_ptr, ids_ptr, slot_ptr, N, K, top_k,
-    num_slots, steps_per_split, num_splits,
-    stride_xm, stride_we, stride_wk, stride_se, stride_sk, exp_bits,
-    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_N: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, sw_ptr, ss_ptr, part_ptr, h_ptr, count_ptr, ids_ptr, slot_ptr, N, K,
+    top_k, num_slots, steps_per_split, num_splits,
+    stride_xm, stride_we, stride_wk, stride_se, stride_sk, stride_swk, stride_ssk, exp_bits,
+    SHARED: tl.constexpr, SHARED_UP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # x [T, K=D] bf16; w [S, D(/8), 2N]: gate columns [0, N), up [N, 2N)
-    # part [SPLIT, P, 2N] float32: each split's sums; count [P, N tiles] int32 arrivals
-    # h [P, N] float32 = silu(gate) * up rounded to bf16 (as the grouped kernel stores it; in
+    # SHARED pieces per token after the P routed slots: the shared experts' fused [gate | up]
+    # sw [D(/8), 2 SHARED_UP] (scales ss), piece j its columns j*N.. of gate and of up
+    # part [SPLIT, P', 2N] float32: each split's sums; count [P', N tiles] int32 arrivals
+    # h [P', N] float32 = silu(gate) * up rounded to bf16 (as the grouped kernel stores it; in
     # float32 so that the down kernel converts nothing), written by the last program of a tile
     slot = tl.program_id(0)
-    wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
-    if wslot < 0:
-        return
+    if slot < num_slots:
+        wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
+        if wslot >= 0:
+            _gate_up_program(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
+                             s_ptr + wslot * stride_se, 0, N, part_ptr, h_ptr, count_ptr, slot,
+                             N, K, steps_per_split, num_splits, stride_wk, stride_sk, exp_bits,
+                             GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
+    else:
+        piece = (slot - num_slots) % SHARED
+        token = (slot - num_slots) // SHARED
+        _gate_up_program(x_ptr + token * stride_xm, sw_ptr, ss_ptr, piece * N, SHARED_UP,
+                         part_ptr, h_ptr, count_ptr, slot, N, K, steps_per_split, num_splits,
+                         stride_swk, stride_ssk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS,
+                         EVEN_N)
+
+
+@triton.jit
+def _gate_up_program(x_row, w_base, s_base, col0, up_offset, part_ptr, h_ptr, count_ptr, slot,
+                     N, K, steps_per_split, num_splits, stride_wk, stride_sk, exp_bits,
+                     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, EVEN_N: tl.constexpr):
+    """One (slot, column tile of gate or up, K split) program: its part, and for the last
+    program of the tile the sum of the parts and h (gate at col0.., up at up_offset + col0..)."""
     num_tiles = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(1) % num_tiles
     half = tl.program_id(1) // num_tiles  # 0: gate, 1: up
@@ -234,11 +256,11 @@ def _gate_up_gemv(
     split = tl.program_id(2)
     first = split * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
-    total = tile_sum(x_ptr + (slot // top_k) * stride_xm, w_ptr + wslot * stride_we,
-                      s_ptr + wslot * stride_se, first, last, offs + half * N, mask, stride_wk,
-                      stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
+    total = tile_sum(x_row, w_base, s_base, first, last, offs + col0 + half * up_offset, mask,
+                     stride_wk, stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS,
+                     EVEN_N)
     row = part_ptr + slot * 2 * N + offs
-    split_stride = num_slots * 2 * N
+    split_stride = tl.num_programs(0) * 2 * N
     tl.store(row + split * split_stride + half * N, total, mask=mask)
     tl.debug_barrier()  # every thread's part is written before the arrival is counted
     arrived = tl.atomic_add(count_ptr + slot * num_tiles + tile, 1, sem="acq_rel", scope="gpu")
@@ -256,84 +278,133 @@ def _gate_up_gemv(
 
 @triton.jit
 def _down_gemv(
-    h_ptr, w_ptr, s_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k, steps_per_split,
-    stride_hm, stride_we, stride_wk, stride_se, stride_sk, stride_om, exp_bits,
-    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PAIRS: tl.constexpr, EVEN_N: tl.constexpr,
+    h_ptr, w_ptr, s_ptr, sw_ptr, ss_ptr, out_ptr, ids_ptr, weights_ptr, slot_ptr, N, K, top_k,
+    num_slots, steps_per_split, stride_hm, stride_we, stride_wk, stride_se, stride_sk,
+    stride_swk, stride_ssk, stride_om, exp_bits,
+    SHARED: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PAIRS: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # h [P, K=I] float32; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
+    # h [P', K=I] float32; w [S, I(/8), N=D]; out [T, D] float32 += weight * (h @ down)
+    # shared piece j: rows j*I.. of the shared down sw [SHARED * I(/8), D], weight 1
     slot = tl.program_id(0)
-    wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
-    if wslot < 0:
-        return
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     first = tl.program_id(2) * steps_per_split * BLOCK_K
     last = tl.minimum(first + steps_per_split * BLOCK_K, K)
-    total = tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
-                      s_ptr + wslot * stride_se, first, last, offs, mask, stride_wk, stride_sk,
-                      exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
-    route_w = tl.load(weights_ptr + slot)
-    tl.atomic_add(out_ptr + (slot // top_k) * stride_om + offs, total * route_w, mask=mask,
-                  sem="relaxed")
+    if slot < num_slots:
+        wslot = tl.load(slot_ptr + tl.load(ids_ptr + slot)).to(tl.int64)
+        if wslot >= 0:
+            total = tile_sum(h_ptr + slot * stride_hm, w_ptr + wslot * stride_we,
+                             s_ptr + wslot * stride_se, first, last, offs, mask, stride_wk,
+                             stride_sk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K, PAIRS, EVEN_N)
+            route_w = tl.load(weights_ptr + slot)
+            tl.atomic_add(out_ptr + (slot // top_k) * stride_om + offs, total * route_w,
+                          mask=mask, sem="relaxed")
+    else:
+        piece = (slot - num_slots) % SHARED
+        rows = piece * K  # the piece's first input row of the shared down
+        w_rows = rows // 8 if BITS == 4 else rows
+        total = tile_sum(h_ptr + slot * stride_hm, sw_ptr + w_rows * stride_swk,
+                         ss_ptr + (rows // GROUP) * stride_ssk, first, last, offs, mask,
+                         stride_swk, stride_ssk, exp_bits, GROUP, BITS, BLOCK_N, BLOCK_K,
+                         PAIRS, EVEN_N)
+        token = (slot - num_slots) // SHARED
+        tl.atomic_add(out_ptr + token * stride_om + offs, total, mask=mask, sem="relaxed")
+
+
+@dataclass(frozen=True)
+class SharedExperts:
+    """A layer's shared experts for ``moe_gemv``, in its k-major format and group size: the
+    fused [gate | up] (w13 [D(/8), 2 Is], scales [D/G, 2 Is]) and down (w2 [Is(/8), D],
+    scales [Is/G, D]); run as Is / I pieces of the routed experts' width I, weight 1."""
+
+    w13_q: torch.Tensor
+    w13_s: torch.Tensor
+    w2_q: torch.Tensor
+    w2_s: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.w13_s.shape[1] // 2
 
 
 def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_ids: torch.Tensor,
              topk_weights: torch.Tensor, bits: int, group_size: int,
-             cfg: GemvConfig | None = None) -> torch.Tensor:
+             cfg: GemvConfig | None = None, shared: SharedExperts | None = None
+             ) -> torch.Tensor:
     """Routed experts of x [T, D] (bf16) whose ``slot_of_expert`` [E] (int32) is >= 0:
-    float32 [T, D], the weighted sum over each token's resident slots."""
+    float32 [T, D], the weighted sum over each token's resident slots; plus the ``shared``
+    experts in the same two launches (check ``shared_fits`` first)."""
     cfg = cfg or GemvConfig()
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     t, d = x.shape
     k = topk_ids.shape[1]
     inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
+    pieces = 0 if shared is None else shared.width // inter
+    rows = t * (k + pieces)  # P' = routed slots, then each token's shared pieces
     block_k = _block_k(cfg.block_k, group_size, d, inter)
     gu_tiles = triton.cdiv(inter, cfg.block_n)
-    scratch = torch.zeros(t * d + t * k * gu_tiles, dtype=torch.float32, device=x.device)
+    scratch = torch.zeros(t * d + rows * gu_tiles, dtype=torch.float32, device=x.device)
     out = scratch[: t * d].view(t, d)  # [T, D]
-    count = scratch[t * d :].view(torch.int32)  # [P, I tiles] arrivals: zeros in one memset
+    count = scratch[t * d :].view(torch.int32)  # [P', I tiles] arrivals: zeros in one memset
     h = gemv_gate_up(x.contiguous(), views, slot_of_expert, topk_ids, bits, group_size, cfg,
-                     block_k, count)  # [P, I]
+                     block_k, count, shared, pieces)  # [P', I]
     gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg,
-              block_k, out)
+              block_k, out, shared, pieces)
     return out
 
 
-def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, block_k, count):
-    """h [P, I] float32 = silu(x @ gate) * (x @ up), rounded to bf16, of each resident slot
-    (other rows unset); ``count`` [P * I tiles] int32 must be zero."""
+def shared_fits(shared: SharedExperts, views: dict, bits: int, group_size: int,
+                shared_bits: int, shared_group: int) -> bool:
+    """Whether ``moe_gemv`` can run these shared experts beside the routed ones: same bits
+    and group size, and a width that is whole pieces of the routed experts' width."""
+    inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
+    return ((shared_bits, shared_group) == (bits, group_size) and shared.width % inter == 0
+            and shared.w13_q.shape[0] == views["w13_q"].shape[1])
+
+
+def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, block_k, count,
+                 shared=None, pieces=0):
+    """h [P', I] float32 = silu(x @ gate) * (x @ up), rounded to bf16, of each resident slot
+    and shared piece (other rows unset); ``count`` [P' * I tiles] int32 must be zero."""
     t, d = x.shape
     k = topk_ids.shape[1]
     w13, s13 = views["w13_q"], views["w13_s"]
+    sw, ss = (w13, s13) if shared is None else (shared.w13_q, shared.w13_s)
     inter = w13.shape[2] // 2
+    rows = t * (k + pieces)
     splits, steps = _splits(d // block_k, cfg.split_k)
-    part = torch.empty(splits, t * k, 2, inter, dtype=torch.float32, device=x.device)
-    h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)  # [P, I]
-    grid = (t * k, 2 * triton.cdiv(inter, cfg.block_n), splits)
+    part = torch.empty(splits, rows, 2, inter, dtype=torch.float32, device=x.device)
+    h = torch.empty(rows, inter, dtype=torch.float32, device=x.device)  # [P', I]
+    grid = (rows, 2 * triton.cdiv(inter, cfg.block_n), splits)
     _gate_up_gemv[grid](
-        x, w13, s13, part, h, count, topk_ids.reshape(-1), slot_of_expert, inter, d, k, t * k,
-        steps, splits, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1),
-        F256_BITS, GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        x, w13, s13, sw, ss, part, h, count, topk_ids.reshape(-1), slot_of_expert, inter, d, k,
+        t * k, steps, splits, x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0),
+        s13.stride(1), sw.stride(-2), ss.stride(-2), F256_BITS,
+        SHARED=max(pieces, 1), SHARED_UP=0 if shared is None else shared.width,
+        GROUP=group_size, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         PAIRS=cfg.pair_unpack, EVEN_N=inter % cfg.block_n == 0, num_warps=cfg.num_warps)
     return h
 
 
 def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg, block_k,
-              out):
-    """out [T, D] float32 += routing weight * (h @ down) of each resident slot."""
+              out, shared=None, pieces=0):
+    """out [T, D] float32 += routing weight * (h @ down) of each resident slot, and the
+    shared pieces' h @ down at weight 1."""
     w2, s2 = views["w2_q"], views["w2_s"]
+    sw, ss = (w2, s2) if shared is None else (shared.w2_q, shared.w2_s)
     inter, d = h.shape[1], out.shape[1]
     splits, steps = _splits(inter // block_k, cfg.down_split_k)
     weights = topk_weights.reshape(-1).to(torch.float32)  # [P]
     grid = (h.shape[0], triton.cdiv(d, cfg.down_block_n), splits)
     _down_gemv[grid](
-        h, w2, s2, out, topk_ids.reshape(-1), weights, slot_of_expert, d, inter,
-        topk_ids.shape[1], steps, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0),
-        s2.stride(1), out.stride(0), F256_BITS,
-        GROUP=group_size, BITS=bits, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k,
-        PAIRS=cfg.pair_unpack, EVEN_N=d % cfg.down_block_n == 0, num_warps=cfg.down_num_warps)
+        h, w2, s2, sw, ss, out, topk_ids.reshape(-1), weights, slot_of_expert, d, inter,
+        topk_ids.shape[1], topk_ids.numel(), steps, h.stride(0), w2.stride(0), w2.stride(1),
+        s2.stride(0), s2.stride(1), sw.stride(-2), ss.stride(-2), out.stride(0), F256_BITS,
+        SHARED=max(pieces, 1), GROUP=group_size, BITS=bits, BLOCK_N=cfg.down_block_n,
+        BLOCK_K=block_k, PAIRS=cfg.pair_unpack, EVEN_N=d % cfg.down_block_n == 0,
+        num_warps=cfg.down_num_warps)
 
 
 def _splits(steps: int, wanted: int) -> tuple[int, int]:
