@@ -31,7 +31,7 @@ KRASIS_AVX2 void dot_q8_avx2_t(const uint8_t* w_row, const float* w_scale, const
         for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
         for (int k = g * G; k < (g + 1) * G; k += kHalf) {
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_row + k));
-            prefetch_weights(w_row + k);
+            if (k % kUnit == 0) prefetch_weights(w_row + k);  // one per 64-byte line
             const __m256i aw = _mm256_sign_epi8(w, w);
             for (int t = 0; t < T; ++t) {
                 const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts[t].q + k));
@@ -61,7 +61,7 @@ KRASIS_AVX2 void dot_q4_avx2_t(const uint8_t* w_row, const float* w_scale, const
         for (int k = g * G; k < (g + 1) * G; k += kHalf) {
             const uint8_t* unit = w_row + (k / kUnit) * (kUnit / 2);
             const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(unit));
-            prefetch_weights(unit);
+            if (k % kPair == 0) prefetch_weights(unit);  // one per 64-byte line (two units)
             const __m256i w = (k % kUnit) == 0 ? _mm256_and_si256(raw, low4)
                                                : _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
             for (int t = 0; t < T; ++t) {
