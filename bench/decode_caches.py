@@ -23,6 +23,7 @@ from krasisd.engine.gpu.backend import gpu_experts_for
 from krasisd.engine.gpu.cache import cache_manifest as gpu_manifest
 from krasisd.engine.gpu.cache import file_record as gpu_file_record
 from krasisd.engine.gpu.cache import load_gpu_cache
+from krasisd.engine.gpu.dense_decode import quantized_linears
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
 from krasisd.engine.gpu.placement import PlacementError
 from krasisd.engine.gpu.synthetic import (
@@ -234,8 +235,23 @@ def load_caches(root: Path, config: ModelConfig, device: str) -> tuple[dict, dic
     times["gpu_cache_s"] = time.perf_counter() - start - times["dense_s"]
     cpu_cache = load_cpu_cache(root / "cpu")
     times["cpu_cache_s"] = time.perf_counter() - start - times["dense_s"] - times["gpu_cache_s"]
+    mark = time.perf_counter()
+    swaps = quantized_dense(model, cpu_cache, device)
+    sync(device)
+    times["dense_quant_s"] = time.perf_counter() - mark
     times["total_s"] = time.perf_counter() - start + times["device_init_s"]
-    return {"config": config, "model": model, "host": host, "cpu_cache": cpu_cache}, times
+    return {"config": config, "model": model, "host": host, "cpu_cache": cpu_cache,
+            "dense_swaps": swaps}, times
+
+
+def quantized_dense(model, cpu_cache, device) -> dict:
+    """The CPU cache's quantized dense linears put in the model, as load_hybrid does by
+    default (dense_decode.quantized_linears); the bf16 ones are kept beside them, so a
+    scenario can switch: {"float": {name: module}, "quant": {name: module}}."""
+    stored = cpu_cache.dense
+    floats = {name: m for name, m in model.named_modules() if name in stored}
+    quantized_linears(model, stored, device)
+    return {"float": floats, "quant": {name: model.get_submodule(name) for name in floats}}
 
 
 def release_loaded(loaded: dict) -> None:

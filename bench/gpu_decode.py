@@ -53,7 +53,6 @@ from decode_caches import (  # noqa: E402
 )
 
 from krasisd.engine.batch import BatchingEngine  # noqa: E402
-from krasisd.engine.gpu.dense_decode import quantized_linears  # noqa: E402
 from krasisd.engine.gpu.driver import prefill_logits  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
@@ -139,14 +138,9 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
 
 def set_dense(loaded, quantized: bool) -> None:
     """Put the model's quantized dense linears (from the CPU cache, as load_hybrid does by
-    default) or its bf16 ones in place; both are kept, so scenarios can switch."""
-    model, swaps = loaded["model"], loaded.setdefault("dense_swaps", {})
-    if not swaps:
-        stored = loaded["cpu_cache"].dense
-        swaps["float"] = {name: m for name, m in model.named_modules() if name in stored}
-        quantized_linears(model, stored, model.model.embed_tokens.weight.device)
-        swaps["quant"] = {name: model.get_submodule(name) for name in swaps["float"]}
-    for name, module in swaps["quant" if quantized else "float"].items():
+    default) or its bf16 ones in place (both kept by decode_caches.load_caches)."""
+    model = loaded["model"]
+    for name, module in loaded["dense_swaps"]["quant" if quantized else "float"].items():
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, module)
 
