@@ -160,3 +160,10 @@ def test_a_weight_of_another_shape_is_refused():
     stored, _ = _stored(32, 128, 8, 64)
     with pytest.raises(ValueError, match="the cache holds"):
         dense_decode.quantized_linears(mlp, {"gate_proj": stored}, "cpu")
+
+
+@pytest.mark.parametrize("fields", [dict(block_n=96), dict(block_k=8), dict(split_k=0),
+                                    dict(num_warps=3)])
+def test_bad_tiles_are_refused(fields):
+    with pytest.raises(ValueError, match="LinearTile"):
+        LinearTile(**fields)

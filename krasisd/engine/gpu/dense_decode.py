@@ -49,6 +49,7 @@ from krasisd.engine.gpu.moe_decode import (
     SharedExperts,
     _block_k,
     _splits,
+    check_tile,
     shared_fits,
     tile_sum,
 )
@@ -72,12 +73,7 @@ class LinearTile:
     pair_unpack: bool = True
 
     def __post_init__(self):
-        for name in ("block_n", "block_k", "num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"LinearTile.{name} must be a power of two, got {value}")
-        if self.split_k < 1:
-            raise ValueError(f"LinearTile.split_k must be >= 1, got {self.split_k}")
+        check_tile(self, ("block_n", "block_k", "num_warps"), ("split_k",))
 
 
 # 2048-wide inputs are 16-64 K steps: splits of 1..16 keep 100-1000 programs in flight for

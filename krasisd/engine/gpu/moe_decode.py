@@ -69,14 +69,23 @@ class GemvConfig:
     pair_unpack: bool = True
 
     def __post_init__(self):
-        for name in ("block_n", "block_k", "down_block_n", "num_warps", "down_num_warps"):
-            value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"GemvConfig.{name} must be a power of two, got {value}")
-        if self.block_k < MIN_BLOCK_K:
-            raise ValueError(f"GemvConfig.block_k must be >= {MIN_BLOCK_K}, got {self.block_k}")
-        if self.split_k < 1 or self.down_split_k < 1:
-            raise ValueError(f"K splits must be >= 1, got {self.split_k}, {self.down_split_k}")
+        check_tile(self, ("block_n", "block_k", "down_block_n", "num_warps", "down_num_warps"),
+                   ("split_k", "down_split_k"))
+
+
+def check_tile(tile, powers_of_two: tuple[str, ...], splits: tuple[str, ...]) -> None:
+    """ValueError unless the named fields of a matrix-vector tile are powers of two (K step at
+    least MIN_BLOCK_K) and its K splits at least 1."""
+    kind = type(tile).__name__
+    for name in powers_of_two:
+        value = getattr(tile, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{kind}.{name} must be a power of two, got {value}")
+    if tile.block_k < MIN_BLOCK_K:
+        raise ValueError(f"{kind}.block_k must be >= {MIN_BLOCK_K}, got {tile.block_k}")
+    for name in splits:
+        if getattr(tile, name) < 1:
+            raise ValueError(f"{kind}.{name} must be >= 1, got {getattr(tile, name)}")
 
 
 # Spans the tile (BN 64..512 columns: 256 B..2 KB per K row; 8 or 16 words per thread), K
