@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 KEEP_ALIVE_DEFAULT_S = 30 * 60.0
 DEFAULT_TCP_PORT = 11435
 DEFAULT_RUNNER_LOADER = "krasisd.engine.serving:load_for_serving"
+# Where a hybrid GPU+CPU load takes its dense linears from (KRASIS_GPU_DENSE; load_hybrid's
+# ``dense``): the CPU cache's quantized copies, or the checkpoint's bf16 weights. The one list,
+# here because this module is light; krasisd.engine.gpu.graphs imports it as DENSE_WEIGHTS.
+GPU_DENSE_WEIGHTS = ("quant", "bf16")
+DEFAULT_GPU_DENSE = GPU_DENSE_WEIGHTS[0]
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS_S = {
@@ -126,6 +131,17 @@ def num_parallel_value(value: Any, *, text: bool = False) -> int:
     return number
 
 
+def gpu_dense_value(value: Any) -> str:
+    """Where hybrid loads take their dense linears from (KRASIS_GPU_DENSE, the runner's
+    ``--gpu-dense``, load_for_serving's ``gpu_dense``), checked: one of GPU_DENSE_WEIGHTS, in
+    any case and with spaces around. Every caller gets this one ValueError."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text not in GPU_DENSE_WEIGHTS:
+        raise ValueError("gpu_dense (the dense weights of hybrid GPU+CPU loads, KRASIS_GPU_DENSE) "
+                         f"must be one of {', '.join(GPU_DENSE_WEIGHTS)}, got {value!r}")
+    return text
+
+
 def default_home(env: dict[str, str] | None = None) -> Path:
     """KRASIS_HOME, else $XDG_DATA_HOME/krasis, else ~/.local/share/krasis.
 
@@ -169,6 +185,7 @@ class Config:
     threads: int | None = None  # None: the engine's default (cores - 1)
     quant: str = "int4"
     device: str = "auto"
+    gpu_dense: str = DEFAULT_GPU_DENSE  # one of GPU_DENSE_WEIGHTS
     max_body_bytes: int = 16 * 1024 * 1024
     load_timeout_s: float = 600.0
     room_timeout_s: float = 600.0  # a load's wait for a busy model to become idle
@@ -181,6 +198,7 @@ class Config:
         if self.socket is None:
             self.socket = default_socket(self.home)
         num_parallel_value(self.num_parallel)
+        self.gpu_dense = gpu_dense_value(self.gpu_dense)
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -324,6 +342,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         threads=read.get("KRASIS_THREADS", None, _int_at_least(1)),
         quant=read.get("KRASIS_QUANT", "int4", _choice("none", "int8", "int4")),
         device=read.get("KRASIS_DEVICE", "auto", _choice("auto", "cpu", "cuda")),
+        gpu_dense=read.get("KRASIS_GPU_DENSE", DEFAULT_GPU_DENSE, gpu_dense_value),
         max_body_bytes=read.get("KRASIS_MAX_BODY", 16 * 1024 * 1024, parse_size_bytes),
         load_timeout_s=read.get("KRASIS_LOAD_TIMEOUT", 600.0, _positive_duration),
         room_timeout_s=read.get("KRASIS_ROOM_TIMEOUT", 600.0, _positive_duration),

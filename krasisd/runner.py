@@ -31,7 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 # measured 3-8x slower on 2 cores). An explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from krasisd.config import DEFAULT_RUNNER_LOADER, num_parallel_value  # noqa: E402
+from krasisd.config import (  # noqa: E402
+    DEFAULT_GPU_DENSE,
+    DEFAULT_RUNNER_LOADER,
+    gpu_dense_value,
+    num_parallel_value,
+)
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
 
 log = logging.getLogger("krasisd.runner")
@@ -60,10 +65,15 @@ class Channel:
 
 
 def load_engine(args: argparse.Namespace):
-    """Import the loader ('module:function') and load the model with the daemon's settings."""
+    """Import the loader ('module:function') and load the model with the daemon's settings.
+
+    ``gpu_cache_dir`` and ``gpu_dense`` are passed only when given and not the default, so a
+    plugged-in loader without those arguments keeps working with the default settings."""
     module_name, func_name = args.loader.split(":")
     loader = getattr(importlib.import_module(module_name), func_name)
     extra = {"gpu_cache_dir": args.gpu_cache_dir} if args.gpu_cache_dir else {}
+    if args.gpu_dense != DEFAULT_GPU_DENSE:
+        extra["gpu_dense"] = args.gpu_dense
     return loader(args.model_dir, quant=args.quant, device=args.device,
                   threads=args.threads, cache_dir=args.cache_dir, **extra)
 
@@ -255,6 +265,13 @@ def _num_parallel_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _gpu_dense_arg(text: str) -> str:
+    try:
+        return gpu_dense_value(text)
+    except ValueError as exc:  # argparse shows only an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="krasis-runner")
     parser.add_argument("--fd", type=int, required=True)
@@ -269,6 +286,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--num-parallel", type=_num_parallel_arg, default=1)
+    parser.add_argument("--gpu-dense", type=_gpu_dense_arg, default=DEFAULT_GPU_DENSE)
     return parser.parse_args(argv)
 
 

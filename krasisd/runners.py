@@ -226,7 +226,8 @@ def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
     argv = [sys.executable, "-m", "krasisd.runner", "--fd", str(fd), "--model", spec.name,
             "--model-dir", str(spec.model_dir), "--loader", cfg.runner_loader,
             "--quant", spec.quant or cfg.quant, "--device", cfg.device, "--log-format", cfg.log_format,
-            "--log-level", cfg.log_level, "--num-parallel", str(cfg.num_parallel)]
+            "--log-level", cfg.log_level, "--num-parallel", str(cfg.num_parallel),
+            "--gpu-dense", cfg.gpu_dense]
     if cfg.threads:
         argv += ["--threads", str(cfg.threads)]
     if spec.cache_dir is not None:

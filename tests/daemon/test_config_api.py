@@ -11,6 +11,7 @@ import pytest
 from krasisd import api, runner
 from krasisd.config import (
     Config,
+    gpu_dense_value,
     load_config,
     num_parallel_value,
     parse_duration_s,
@@ -220,3 +221,66 @@ def test_structured_log_formats():
     parsed = json.loads(JsonFormatter().format(record))
     assert parsed["msg"] == "runner ready" and parsed["model"] == "krasis-tiny:latest"
     assert parsed["load_ms"] == 12 and parsed["level"] == "INFO"
+
+
+@pytest.mark.parametrize("raw,expected,warned", [
+    (None, "quant", False), ("quant", "quant", False), ("bf16", "bf16", False),
+    (" BF16 ", "bf16", False), ("int4", "quant", True), ("fp16", "quant", True),
+])
+def test_gpu_dense(tmp_path, caplog, raw, expected, warned):
+    env = {"KRASIS_HOME": str(tmp_path)}
+    if raw is not None:
+        env["KRASIS_GPU_DENSE"] = raw
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(env)
+    assert cfg.gpu_dense == expected
+    warnings = [r for r in caplog.records if getattr(r, "setting", None) == "KRASIS_GPU_DENSE"]
+    assert bool(warnings) == warned
+    if warned:
+        assert warnings[0].reason == _gpu_dense_error(raw)
+    assert cfg.as_log_dict()["gpu_dense"] == expected
+
+
+def test_gpu_dense_from_the_config_file(tmp_path, caplog):
+    (tmp_path / "config.toml").write_text('gpu_dense = "bf16"\n')
+    assert load_config({"KRASIS_HOME": str(tmp_path)}).gpu_dense == "bf16"
+    (tmp_path / "config.toml").write_text("gpu_dense = 16\n")  # not text: the default
+    with caplog.at_level(logging.WARNING):
+        assert load_config({"KRASIS_HOME": str(tmp_path)}).gpu_dense == "quant"
+    assert any(getattr(r, "setting", None) == "KRASIS_GPU_DENSE" for r in caplog.records)
+
+
+def _gpu_dense_error(value) -> str:
+    with pytest.raises(ValueError) as caught:
+        gpu_dense_value(value)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["int8", "", None, 4])
+def test_gpu_dense_has_one_check_and_one_message(tmp_path, capsys, value):
+    """Config in code and the runner's command line refuse a bad value with the setting's
+    message (the environment's warning is checked above), none with a traceback."""
+    message = _gpu_dense_error(value)
+    assert "KRASIS_GPU_DENSE" in message and "quant, bf16" in message and repr(value) in message
+    with pytest.raises(ValueError) as caught:
+        Config(home=tmp_path, gpu_dense=value)
+    assert str(caught.value) == message
+    if isinstance(value, str):
+        with pytest.raises(SystemExit):
+            runner._parse_args(["--fd", "3", "--model", "m", "--model-dir", "/m",
+                                "--gpu-dense", value])
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_the_settings_module_stays_light():
+    """The daemon reads KRASIS_GPU_DENSE's values from krasisd.config without loading torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, krasisd.config as c; "
+            "assert c.GPU_DENSE_WEIGHTS == ('quant', 'bf16'), c.GPU_DENSE_WEIGHTS; "
+            "assert 'torch' not in sys.modules, 'krasisd.config loaded torch'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -48,7 +48,8 @@ def test_spec_without_a_gpu_cache_leaves_it_to_the_engine(tmp_path):
 
 def _args(**overrides):
     values = dict(loader="tests.daemon.test_runner_caches:_loader", model_dir="/m",
-                  quant="int4", device="cpu", threads=None, cache_dir="/c", gpu_cache_dir=None)
+                  quant="int4", device="cpu", threads=None, cache_dir="/c", gpu_cache_dir=None,
+                  gpu_dense="quant")
     values.update(overrides)
     return argparse.Namespace(**values)
 

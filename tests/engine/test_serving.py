@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 
 from krasisd.engine.serving import load_for_serving, wants_gpu
@@ -54,3 +56,56 @@ def test_on_a_gpu_serving_loads_the_hybrid_engine_from_both_registry_caches(monk
     assert engine == "hybrid-engine"
     assert seen["cpu_cache_dir"] == tmp_path / "c" and seen["gpu_cache_dir"] == tmp_path / "g"
     assert seen["quant"] == "int8" and seen["device"] == "cuda"
+
+
+def test_the_setting_and_the_hybrid_loader_share_one_list_of_values():
+    from krasisd.config import DEFAULT_GPU_DENSE, GPU_DENSE_WEIGHTS
+    from krasisd.engine.gpu import graphs
+
+    assert graphs.DENSE_WEIGHTS is GPU_DENSE_WEIGHTS
+    assert DEFAULT_GPU_DENSE == "quant"
+    assert inspect.signature(graphs.load_hybrid).parameters["dense"].default == DEFAULT_GPU_DENSE
+    assert inspect.signature(load_for_serving).parameters["gpu_dense"].default == "quant"
+
+
+def _hybrid_on_a_gpu(monkeypatch):
+    import torch
+
+    from krasisd.engine.gpu import graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_load_hybrid, seen = _recording_loader("hybrid-engine")
+    monkeypatch.setattr(graphs, "load_hybrid", fake_load_hybrid)
+    return seen
+
+
+@pytest.mark.parametrize("kwargs,dense", [({}, "quant"), ({"gpu_dense": "quant"}, "quant"),
+                                          ({"gpu_dense": "bf16"}, "bf16"),
+                                          ({"gpu_dense": " BF16 "}, "bf16")])
+def test_gpu_dense_becomes_the_hybrid_loaders_dense(monkeypatch, tmp_path, kwargs, dense):
+    seen = _hybrid_on_a_gpu(monkeypatch)
+    assert load_for_serving(tmp_path, quant="int4", device="auto", **kwargs) == "hybrid-engine"
+    assert seen["dense"] == dense
+
+
+def test_cpu_loads_do_not_take_gpu_dense(monkeypatch, tmp_path):
+    import torch
+
+    from krasisd.engine import engine as engine_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_load, seen = _recording_loader("cpu-engine")
+    monkeypatch.setattr(engine_mod, "load", fake_load)
+    for quant, device in (("int4", "cpu"), ("none", "auto")):
+        seen.clear()
+        assert load_for_serving(tmp_path, quant=quant, device=device, gpu_dense="bf16") \
+            == "cpu-engine"
+        assert "dense" not in seen and "gpu_dense" not in seen and seen["quant"] == quant
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_a_bad_gpu_dense_is_refused_before_any_load(monkeypatch, tmp_path, device):
+    seen = _hybrid_on_a_gpu(monkeypatch)
+    with pytest.raises(ValueError, match="KRASIS_GPU_DENSE.*quant, bf16.*'fp8'"):
+        load_for_serving(tmp_path, quant="int4", device=device, gpu_dense="fp8")
+    assert seen == {}

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from krasisd.config import GPU_DENSE_WEIGHTS as DENSE_WEIGHTS  # load_hybrid's dense values
 from krasisd.engine.engine import Engine
 from krasisd.engine.gpu import decode_attention as attention
 from krasisd.engine.gpu import fused
@@ -44,7 +45,6 @@ from krasisd.engine.kv_cache import KVCache, new_kv_cache
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 256
-DENSE_WEIGHTS = ("quant", "bf16")  # load_hybrid's dense linears: the CPU cache's, or bf16
 
 
 @dataclass
