@@ -40,6 +40,16 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _x(rows: int, k: int, seed: int = 9) -> torch.Tensor:
+    return torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+
+
+# float32 rows: summation order, and the INT4 pair unpack's constant parts (264 and 24 times
+# each activation) cancelling in float32 (relative 1e-6..3e-5 seen); a wrong nibble, scale or
+# split shows as 1e-2 and more
+REL_TOL = 1e-4
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_cpu_weights_are_laid_out_without_a_change_of_value(bits):
     stored, w = _stored(96, 256, bits, 64)
@@ -58,10 +68,10 @@ TILES = [LinearTile(64, 64, 1, 2), LinearTile(32, 32, 4, 1), LinearTile(64, 32, 
 def test_gemv_matches_float32_on_the_dequantized_weights(bits, tile, n):
     stored, w = _stored(n, 256, bits, 64, seed=n)
     linear = GpuQuantLinear.from_stored(stored, "cpu")
-    x = torch.randn(3, 256)
+    x = _x(3, 256)
     counts = torch.zeros(3 * 4, dtype=torch.int32)
     got = dense_decode.linear_gemv(x, linear.qweight, linear.scales, bits, 64, tile, counts)
-    assert _rel(got, x @ w.T) < 1e-5
+    assert _rel(got, x @ w.T) < REL_TOL
     assert not counts.any()  # reset by the last program of each tile
     again = dense_decode.linear_gemv(x, linear.qweight, linear.scales, bits, 64, tile, counts)
     assert _rel(again, got) < 1e-6
@@ -75,19 +85,19 @@ def test_gated_gemv_is_silu_gate_times_up(bits, tile):
     owner = nn.Module()
     linears = (GpuQuantLinear.from_stored(gate, "cpu"), GpuQuantLinear.from_stored(up, "cpu"))
     gate_up = dense_decode.fuse(owner, "_gate_up_q", linears)
-    x = torch.randn(2, 128)
+    x = _x(2, 128)
     counts = torch.zeros(2 * 2, dtype=torch.int32)
     got = dense_decode.linear_gemv(x, gate_up.qweight, gate_up.scales, bits, 64, tile, counts,
                                    gated=True)
     want = torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)
-    assert _rel(got, want) < 1e-5
+    assert _rel(got, want) < REL_TOL
     assert not counts.any()
 
 
 def test_bf16_rows_round_like_a_bf16_linear():
     stored, w = _stored(128, 256, 4, 64, seed=3)
     linear = GpuQuantLinear.from_stored(stored, "cpu")
-    x = torch.randn(1, 256).to(torch.bfloat16)
+    x = _x(1, 256).to(torch.bfloat16)
     got = linear.gemv(x)
     assert got.dtype == torch.bfloat16
     assert _rel(got, x.float() @ w.T) < 1e-2  # bf16 output (the interpreter truncates)
@@ -99,13 +109,13 @@ def test_fused_views_project_like_the_separate_linears():
     owner = nn.Module()
     owner.q_proj, owner.kv = GpuQuantLinear.from_stored(q, "cpu"), GpuQuantLinear.from_stored(
         kv, "cpu")
-    x = torch.randn(1, 128)
+    x = _x(1, 128)
     both = fused.project(owner, "_q_kv", (owner.q_proj, owner.kv), x)  # one fused linear
     assert both.shape == (1, 128)
-    assert owner.__dict__["_q_kv"].qweight.data_ptr() == owner.q_proj.qweight.data_ptr()
-    assert _rel(both, x @ torch.cat([w_q, w_kv]).T) < 1e-5
-    assert _rel(owner.kv.gemv(x), x @ w_kv.T) < 1e-5  # a column view of the fused weight
-    assert "_q_kv" not in dict(owner.named_modules())  # not registered: bytes counted once
+    assert owner.__dict__["_q_kv_q"].qweight.data_ptr() == owner.q_proj.qweight.data_ptr()
+    assert _rel(both, x @ torch.cat([w_q, w_kv]).T) < REL_TOL
+    assert _rel(owner.kv.gemv(x), x @ w_kv.T) < REL_TOL  # a column view of the fused weight
+    assert "_q_kv_q" not in dict(owner.named_modules())  # not registered: bytes counted once
 
 
 def test_fuse_declines_linears_of_different_formats():
@@ -114,7 +124,7 @@ def test_fuse_declines_linears_of_different_formats():
     owner = nn.Module()
     pair = (GpuQuantLinear.from_stored(a, "cpu"), GpuQuantLinear.from_stored(b, "cpu"))
     assert dense_decode.fuse(owner, "_pair", pair) is None
-    x = torch.randn(1, 128)
+    x = _x(1, 128)
     assert fused.project(owner, "_pair", pair, x).shape == (1, 64)
 
 
@@ -122,8 +132,8 @@ def test_many_rows_dequantize_in_column_chunks(monkeypatch):
     monkeypatch.setattr(dense_decode, "DEQUANT_COLS", 48)
     stored, w = _stored(128, 256, 8, 64, seed=6)
     linear = GpuQuantLinear.from_stored(stored, "cpu", bias=torch.ones(128))
-    x = torch.randn(20, 256)
-    assert _rel(linear(x), x @ w.T + 1) < 1e-5  # CPU rows: the dequantized path
+    x = _x(20, 256)
+    assert _rel(linear(x), x @ w.T + 1) < REL_TOL  # CPU rows: the dequantized path
 
 
 def test_swiglu_of_a_quantized_mlp_matches_the_float_mlp():
@@ -136,9 +146,9 @@ def test_swiglu_of_a_quantized_mlp_matches_the_float_mlp():
               for name, linear in mlp.named_children()}
     assert dense_decode.quantized_linears(mlp, stored, "cpu") > 0
     assert all(isinstance(m, GpuQuantLinear) for m in mlp.children())
-    x = torch.randn(2, 128)
+    x = _x(2, 128)
     want = mlp(x)  # the module's own forward over the quantized linears
-    assert _rel(fused.swiglu(mlp, x), want) < 1e-5
+    assert _rel(fused.swiglu(mlp, x), want) < REL_TOL
 
 
 def test_quantized_linears_follow_the_cpu_caches_plan():
