@@ -19,7 +19,7 @@ from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import KrasisEngineError, ModelLoadError
 from krasisd.engine.experts import TorchExperts
 from krasisd.engine.kv_cache import KVCache, new_kv_cache
-from krasisd.engine.loader import load_model
+from krasisd.engine.loader import load_model, read_config
 from krasisd.engine.models.common import CausalLM
 from krasisd.engine.quant import BITS
 
@@ -150,24 +150,34 @@ def _optional(module_name: str, attr: str):
 
 def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
          threads: int | None = None, cache_dir: str | Path | None = None,
-         dtype: torch.dtype | str | None = None) -> Engine:
-    """Load a Hugging Face model folder; raises ModelLoadError (or ValueError for bad options)."""
+         dtype: torch.dtype | str | None = None, dense_from_cache: bool = False) -> Engine:
+    """Load a Hugging Face model folder; raises ModelLoadError (or ValueError for bad options).
+
+    ``dense_from_cache`` (quantized models): the dense linears the CPU cache stores run from
+    those copies in the GPU kernels' layout (krasisd.engine.gpu.dense_decode) on ``device``,
+    and their float weights are never read; the hybrid GPU load asks for it. Otherwise a
+    CPU-only load runs them with the native kernels, and a GPU load in float."""
     torch_dtype = _check_options(quant, device, threads, dtype)
     if threads is not None:
         torch.set_num_threads(threads)
     model_dir = Path(model_dir)
     target = _resolve_device(device)
-    loaded = load_model(model_dir, torch_dtype, with_experts=quant == "none", device=target)
+    backend = None
+    if quant != "none":  # the CPU cache first: it says which dense weights need no reading
+        backend = _native_backend(model_dir, read_config(model_dir), quant, cache_dir, threads)
+    stored = dict(getattr(backend, "dense", None) or {}) if dense_from_cache else {}
+    loaded = load_model(model_dir, torch_dtype, with_experts=quant == "none", device=target,
+                        skip_linears=stored)
     model = loaded.model
+    if stored:
+        _optional("krasisd.engine.gpu.dense_decode", "quantized_linears")(model, stored, target)
     if target.type != "cpu":
         model = model.to(target)
     if quant == "none":
         backend = TorchExperts({layer: tuple([t.to(target) for t in ts] for ts in lists)
                                 for layer, lists in loaded.expert_weights.items()})
-    else:
-        backend = _native_backend(model_dir, loaded.config, quant, cache_dir, threads)
-        if target.type == "cpu":  # CPU-only: the dense weights are quantized too (DESIGN.md)
-            _quantize_dense(model, quant, backend)
+    elif target.type == "cpu" and not stored:  # CPU-only: dense quantized too (DESIGN.md)
+        _quantize_dense(model, quant, backend)
     tokenizer = _load_tokenizer(model_dir)
     eos = set(loaded.config.eos_token_ids) | _generation_eos(model_dir)
     if tokenizer is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class LoadedModel:
 
 def read_config(model_dir: Path) -> ModelConfig:
     """Parse config.json, turning every problem into ModelLoadError."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model folder not found: {model_dir}")
     path = model_dir / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"config.json not found in {model_dir}")
@@ -203,15 +206,16 @@ def _split_experts(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
-               with_experts: bool = True, device: torch.device | None = None) -> LoadedModel:
+               with_experts: bool = True, device: torch.device | None = None,
+               skip_linears: Iterable[str] = ()) -> LoadedModel:
     """Read, check and assemble a model; weights stay memory-mapped unless converted, or are
     read straight onto a CUDA ``device``.
 
     ``with_experts=False`` skips the routed experts (another backend reads them itself).
+    ``skip_linears``: modules whose ``weight`` is not read (left on the meta device, for the
+    caller to replace, e.g. by quantized linears from a cache).
     """
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model folder not found: {model_dir}")
     config = read_config(model_dir)
     index = read_headers(weight_files(model_dir))
     with torch.device("meta"):
@@ -219,17 +223,26 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,
     expected = plan_tensors(model, config, index)
     if not with_experts:
         expected = {n: s for n, s in expected.items() if ".mlp.experts." not in n}
+    skipped = {f"{name}.weight" for name in skip_linears}
+    unknown = skipped - {f"{name}.weight" for name, _ in model.named_modules()}
+    if unknown:
+        raise ValueError(f"no such linear to skip: {sorted(unknown)[:3]}")
+    expected = {n: s for n, s in expected.items() if n not in skipped}
     tensors = read_tensors(expected, index, device)
     compute_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
     experts = _split_experts(config, tensors, compute_dtype) if with_experts else {}
     state = {name: (t if ROUTER_KEYS.search(name) else t.to(compute_dtype))
              for name, t in tensors.items()}
-    if "lm_head.weight" not in state:
+    if "lm_head.weight" not in state and "lm_head.weight" not in skipped:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
         raise ModelLoadError(f"cannot assemble the model from {model_dir}: {exc}") from exc
+    if set(missing) != skipped or unexpected:  # what strict=True checks, less the skipped
+        raise ModelLoadError(f"cannot assemble the model from {model_dir}: missing "
+                             f"{sorted(set(missing) - skipped)[:5]}, unexpected "
+                             f"{sorted(unexpected)[:5]}")
     model.eval()
     log.info("loaded %s from %s (%d tensors, %s)", config.architecture, model_dir.name,
              len(tensors), compute_dtype)

@@ -412,18 +412,14 @@ def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: i
     CPU-only path's weights; krasisd.engine.gpu.dense_decode), "bf16" from the checkpoint."""
     from krasisd.engine.engine import load
     from krasisd.engine.gpu.backend import create_backend
-    from krasisd.engine.gpu.dense_decode import quantized_linears
     from krasisd.engine.gpu.synthetic import dense_bytes
 
     if dense not in DENSE_WEIGHTS:
         raise ValueError(f"dense must be one of {DENSE_WEIGHTS}, got {dense!r}")
     times, start = {}, time.perf_counter()
     base = load(model_dir, quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
-                dtype=torch.bfloat16)
-    stored = getattr(base.expert_backend, "dense", None) or {}
-    if dense == "quant" and stored:
-        quantized_linears(base.model, stored, base.model.model.embed_tokens.weight.device)
-    elif dense == "quant":
+                dtype=torch.bfloat16, dense_from_cache=dense == "quant")
+    if dense == "quant" and not getattr(base.expert_backend, "dense", None):
         log.info("the CPU cache holds no quantized dense linears: they stay in bf16")
     times["dense_and_cpu_cache"] = time.perf_counter() - start
     kv_bytes = new_kv_cache(base.config, max_tokens, torch.bfloat16, "meta").nbytes
