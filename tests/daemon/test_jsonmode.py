@@ -90,7 +90,7 @@ def test_constrained_generation_cancels():
     # checked before the prompt and before each token, as in plain generation
     engine = RandomLogitsEngine(0)
     calls = iter([False, False, False, True])
-    chunks = list(generate_json(engine, [0], SamplingOptions(num_predict=50),
+    chunks = list(generate_json(engine, [0], SamplingOptions(num_predict=50, seed=0),
                                 lambda: next(calls)))
     assert chunks[-1].done_reason == "cancel" and chunks[-1].eval_count == 2
 
