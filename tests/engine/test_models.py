@@ -163,3 +163,17 @@ def test_kv_cache_width_of_deepseek_v2_lite_is_576():
     config = ModelConfig.from_dict(json.loads(path.read_text()))
     assert config.kv_cache_width == 576
     assert config.rope_type == "yarn" and config.rope_factor == 40.0
+
+
+def test_rotary_tables_into_given_buffers_and_one_copy_per_device():
+    from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2
+    from krasisd.engine.models.common import RotaryEmbedding
+
+    rotary = RotaryEmbedding(ModelConfig.from_dict(TINY_DEEPSEEK_V2))
+    positions = torch.tensor([0, 5, 300])
+    cos, sin = rotary.cos_sin(positions)
+    out = (torch.empty_like(cos), torch.empty_like(sin))
+    assert all(a is b for a, b in zip(rotary.cos_sin(positions, out=out), out, strict=True))
+    assert torch.equal(out[0], cos) and torch.equal(out[1], sin)
+    assert rotary.inv_freq_on("meta") is rotary.inv_freq_on(torch.device("meta"))
+    assert rotary.inv_freq_on("cpu") is rotary.inv_freq

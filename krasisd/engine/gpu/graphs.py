@@ -101,8 +101,7 @@ class DecodeStep:
         self.topk_ids = torch.zeros(1, k, dtype=torch.long, device=dev)
         self.topk_weights = torch.zeros(1, k, dtype=torch.float32, device=dev)
         self.logits = torch.zeros(1, self.config.vocab_size, dtype=torch.float32, device=dev)
-        self.inv_freq = model.rotary.inv_freq.to(dev)  # [R/2]
-        half = self.inv_freq.shape[0]
+        half = model.rotary.inv_freq_on(dev).shape[0]  # copied to the device here, once
         self.cos = torch.zeros(1, half, dtype=torch.float32, device=dev)  # [1, R/2]
         self.sin = torch.zeros_like(self.cos)
         self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
@@ -199,10 +198,7 @@ class DecodeStep:
 
     def _embed(self, bucket: int) -> None:
         self.x.copy_(self.model.model.embed_tokens(self.ids))
-        freqs = self.pos.float()[:, None] * self.inv_freq[None, :]  # [1, R/2]
-        factor = self.model.rotary.attention_factor
-        torch.mul(freqs.cos(), factor, out=self.cos)
-        torch.mul(freqs.sin(), factor, out=self.sin)
+        self.model.rotary.cos_sin(self.pos, out=(self.cos, self.sin))  # [1, R/2] each
 
     def _head(self, bucket: int) -> None:
         if self.fused and self._first_layer is not None:  # normed by the last layer's add

@@ -88,11 +88,28 @@ class RotaryEmbedding:
     def __init__(self, config: ModelConfig):
         self.inv_freq, self.attention_factor = rope_inv_freq(config)
         self.interleave = config.rope_interleave
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # copies on other devices
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, R/2] in float32, scaled by the attention factor."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """inv_freq [R/2] on ``device``, copied once (a CUDA graph captures no copy)."""
+        device = torch.device(device)
+        if device == self.inv_freq.device:
+            return self.inv_freq
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
+
+    def cos_sin(self, positions: torch.Tensor, out: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, R/2] in float32, scaled by the attention factor
+        (written into ``out``'s two tensors when given)."""
+        freqs = positions.float()[:, None] * self.inv_freq_on(positions.device)[None, :]
+        if out is None:
+            return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+        cos, sin = out
+        torch.mul(freqs.cos(), self.attention_factor, out=cos)
+        torch.mul(freqs.sin(), self.attention_factor, out=sin)
+        return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, R] or [T, H, R]; the output is the same for q and k up to one shared
