@@ -176,6 +176,12 @@ def physical_limits(engine, bw: dict) -> dict:
             "gpu_limit_tok_s": 1 / gpu_s, "limit_tok_s": 1 / max(cpu_s, gpu_s)}
 
 
+def stream_steps(row: dict) -> str:
+    """The timed steps of a streams row: how many ran one by one, and the time inside steps."""
+    return (f"{row['one_by_one_steps']} of {row['steps']} steps one by one, "
+            f"{100 * row['in_steps_fraction']:.0f} % of the time inside steps")
+
+
 def run_scenario(scenario: Scenario, loaded, args, bw, rng) -> dict:
     """One scenario, its modes as SCENARIO_MODES describes them."""
     name, budget, modes = scenario.name, scenario.budget, scenario.modes
@@ -214,7 +220,7 @@ def run_scenario(scenario: Scenario, loaded, args, bw, rng) -> dict:
         streams = streams_table(engine, args.streams, args.stream_steps, 100, rng)
         for row in streams:
             log(f"{name} {row['streams']} streams: {row['tok_s']:.1f} tok/s "
-                f"({row['per_stream_tok_s']:.1f} per stream)")
+                f"({row['per_stream_tok_s']:.1f} per stream; {stream_steps(row)})")
     replacement = engine.rebalance(min_gain=0.0)  # by the heat of this run: its cost
     log(f"{name} re-placement: hit rate {replacement['hit_rate_before']:.3f} -> "
         f"{replacement['hit_rate_after']:.3f}, {replacement['experts_changed']} experts moved, "
@@ -264,7 +270,7 @@ def cpu_streams(args) -> int:
         f"top-{config.num_experts_per_tok}:")
     for row in rows:
         log(f"  {row['streams']} streams: {row['tok_s']:.1f} tok/s "
-            f"({row['per_stream_tok_s']:.1f} per stream)")
+            f"({row['per_stream_tok_s']:.1f} per stream; {stream_steps(row)})")
     return 0
 
 

@@ -111,12 +111,14 @@ class _Request:
 class BatchStats:
     """Steps run and sequences decoded since creation (mean batch = tokens / steps);
     ``one_by_one``: steps whose sequences ran one after another on the engine's own path,
-    because that measured faster than a shared step of their number."""
+    because that measured faster than a shared step of their number; ``step_s``: seconds
+    spent inside steps."""
 
     steps: int = 0
     tokens: int = 0
     prefills: int = 0
     one_by_one: int = 0
+    step_s: float = 0.0  # wall time inside steps (the rest: waiting, hand-offs, the callers)
 
 
 class StepClock:
@@ -327,8 +329,9 @@ class BatchingEngine:
             else:  # the engine's own one-token path (CUDA graphs on the GPU), one by one
                 rows = [self.engine.forward([r.token_id], r.cache)[0] for r in batch]  # [V]
             _sync(rows[0])  # the times must include the device's work
-            self.clock.record(size, shared, (time.perf_counter() - start) / (1 if shared
-                                                                              else size))
+            seconds = time.perf_counter() - start
+            self.clock.record(size, shared, seconds / (1 if shared else size))
+        self.stats.step_s += seconds
         for request, row in zip(batch, rows, strict=True):
             request.logits = row
         self.stats.steps += 1

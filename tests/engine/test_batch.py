@@ -7,6 +7,7 @@ of magnitude about 1 is far above that rounding and far below any real mistake.
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -190,11 +191,13 @@ def test_registered_sequences_share_forward_steps(engine):
             got[i] = batching.forward([9 + i], caches[i])[-1]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
     assert batching.stats.tokens == 3 and batching.stats.steps == 1  # one shared step
+    assert 0 < batching.stats.step_s < time.perf_counter() - start  # inside the step only
     for i in range(3):
         torch.testing.assert_close(got[i], want[i], atol=1e-4, rtol=1e-4)
 
