@@ -70,6 +70,39 @@ def measure_bandwidths(device: str, threads: int, small: bool) -> dict:
     return out
 
 
+def copy_gb_s(device, nbytes: int = 1 << 30) -> float:
+    """Device copy rate, read + write GB per second, of a ``nbytes`` tensor (NaN off the GPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return copy_rate(torch.empty_like(src), src, 2) / 1e9
+
+
+def time_us(run, repeats: int, device, batches: int = 1) -> float:
+    """Microseconds per call of ``run``: replays of a CUDA graph of it, the median over
+    ``batches`` of the mean over ``repeats`` replays (CPU: one plain call)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        run()
+        return 1e6 * (time.perf_counter() - start)
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    times = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / repeats)
+    return statistics.median(times)
+
+
 def copy_rate(dst, src, passes: int) -> float:
     """Bytes moved per second by dst.copy_(src) (read + write when ``passes`` is 2)."""
     times = []

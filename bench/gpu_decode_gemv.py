@@ -30,7 +30,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,7 +37,7 @@ if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
 import torch  # noqa: E402
 import triton  # noqa: E402
 from bench_cli import log  # noqa: E402
-from decode_caches import copy_rate  # noqa: E402
+from decode_caches import copy_gb_s, time_us  # noqa: E402
 
 from krasisd.engine.gpu import moe_decode  # noqa: E402
 from krasisd.engine.gpu.format import QMAX, ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
@@ -82,35 +81,6 @@ def reference(layer: dict, spec: QuantSpec, inter: int) -> torch.Tensor:
         out[t] += layer["weights"][t, k] * (h @ dequantize_kmajor(views["w2_q"][e],
                                                                  views["w2_s"][e], spec))
     return out
-
-
-def time_us(run, repeats: int, device) -> float:
-    """Microseconds per call of ``run``: replays of a CUDA graph of it (CPU: one plain call)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        run()
-        return 1e6 * (time.perf_counter() - start)
-    run()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / repeats
-
-
-def copy_gb_s(device, nbytes: int = 1 << 30) -> float:
-    """Device copy rate, read + write GB per second, of a ``nbytes`` tensor (NaN off the GPU)."""
-    if device.type != "cuda":
-        return float("nan")
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return copy_rate(torch.empty_like(src), src, 2) / 1e9
 
 
 def measure(cfg, layers, layout, slots, args, device) -> dict:

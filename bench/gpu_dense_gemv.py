@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ if "--smoke" in sys.argv:  # the kernels must be defined in interpreter mode
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from decode_caches import copy_gb_s, time_us  # noqa: E402
 
 from krasisd.engine.dense_plan import HEAD_BITS, pick_dense_group  # noqa: E402
 from krasisd.engine.gpu import fused  # noqa: E402
@@ -107,31 +107,6 @@ def step_fn(s, weights, x_in, bf16: bool):
     return run
 
 
-def time_us(run, repeats: int, device) -> float:
-    """Median microseconds of ``repeats`` replays of ``run`` captured as one CUDA graph."""
-    run()  # compile, tune, warm up
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 100)  # ms per 10 replays -> us per replay
-    return statistics.median(times)
-
-
-def copy_rate(device, nbytes: int = 1 << 30) -> float:
-    """TB/s of a device-to-device copy (read + write) of ``nbytes``."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    return 2 * nbytes / (time_us(src.clone, 3, device) * 1e6)
-
-
 def read_bytes(weights) -> int:
     total = 0
     for w in weights:
@@ -172,7 +147,7 @@ def sweep(s: dict, quants: list, x, repeats: int, device) -> None:
                 for k, gated, w in picked:
                     w.gemv(x[:, :k], gated)
 
-            us = time_us(run, repeats, device)
+            us = time_us(run, 10, device, batches=repeats)
             results.append((us, tile))
         for _, _, w in picked:
             w.tile = None
@@ -199,17 +174,17 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     x = torch.randn(1, max(s["hidden"], s["o_in"], s["shared"], s["dense_inter"]),
                     device=device, dtype=torch.bfloat16)
-    copy_tb_s = copy_rate(device)
+    copy_tb_s = copy_gb_s(device) / 1e3
     print(f"device copy {copy_tb_s:.2f} TB/s; {s['layers']} MoE layers + 1 dense, "
           f"{len(projections(s))} projections per step")
     for bits in (4, 8):
         floats, quants = build(s, bits, device)
         if bits == 4:
-            us = time_us(step_fn(s, floats, x, bf16=True), args.repeats, device)
+            us = time_us(step_fn(s, floats, x, bf16=True), 10, device, batches=args.repeats)
             nbytes = read_bytes(floats)
             print(f"bf16 cuBLAS:        {us:8.1f} us/step  {nbytes / 1e9:.3f} GB  "
                   f"{nbytes / us / 1e6:.2f} TB/s")
-        us = time_us(step_fn(s, quants, x, bf16=False), args.repeats, device)
+        us = time_us(step_fn(s, quants, x, bf16=False), 10, device, batches=args.repeats)
         nbytes = read_bytes(quants)
         print(f"INT{bits} (head INT8): {us:8.1f} us/step  {nbytes / 1e9:.3f} GB  "
               f"{nbytes / us / 1e6:.2f} TB/s  layer 0 error {check_layer0(s, quants, x):.1e}")
