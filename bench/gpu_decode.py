@@ -52,6 +52,7 @@ from decode_caches import (  # noqa: E402
 )
 from decode_timing import decode_table, streams_table  # noqa: E402
 
+from krasisd.engine.gpu.dense_decode import replace_module  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
 from krasisd.engine.gpu.placement import parse_vram_budget  # noqa: E402
@@ -137,10 +138,8 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
 def set_dense(loaded, quantized: bool) -> None:
     """Put the model's quantized dense linears (from the CPU cache, as load_hybrid does by
     default) or its bf16 ones in place (both kept by decode_caches.load_caches)."""
-    model = loaded["model"]
     for name, module in loaded["dense_swaps"]["quant" if quantized else "float"].items():
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, module)
+        replace_module(loaded["model"], name, module)
 
 
 def release(engine) -> None:

@@ -53,6 +53,7 @@ from krasisd.engine.gpu.moe_decode import (
     shared_fits,
     tile_sum,
 )
+from krasisd.engine.gpu.moe_triton import AUTOTUNE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -215,17 +216,14 @@ class GpuQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         rows = x.reshape(-1, self.in_features)
-        if rows.is_cuda and rows.shape[0] <= GEMV_MAX_ROWS:
-            y = self.gemv(rows)
-        else:
-            y = self.dense(rows)
+        y = self.gemv(rows) if _few_rows(rows) else self.dense(rows)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """For a fused [gate | up] weight: silu(x @ gate) * (x @ up), [T, N / 2]."""
-        if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS:
+        if _few_rows(x):
             return self.gemv(x, gated=True)
         gate, up = self.dense(x).chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -271,7 +269,7 @@ class GpuQuantLinear(nn.Module):
         in the L2, and timing one alone rewards tiles that are fast from cache."""
         if self.tile is not None:
             return self.tile
-        if x.device.type != "cuda" or os.environ.get("KRASIS_AUTOTUNE", "1") == "0":
+        if x.device.type != "cuda" or os.environ.get(AUTOTUNE_ENV, "1") == "0":
             return LinearTile()
         siblings = [s for s in _SIBLINGS.get(self._shape_key(), ()) if s.qweight.device
                     == x.device][:TUNE_SIBLINGS] or [self]
@@ -345,13 +343,22 @@ def quantized_linears(model: nn.Module, stored: dict, device) -> int:
             raise ValueError(f"{name}: the cache holds a [{weights.scales.shape[0]}, "
                              f"{weights.in_features}] weight, the model "
                              f"[{module.out_features}, {module.in_features}]")
-        linear = GpuQuantLinear.from_stored(weights, device, module.bias)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
+        replace_module(model, name, GpuQuantLinear.from_stored(weights, device, module.bias))
         freed += module.weight.numel() * module.weight.element_size()
     log.info("dense linears on the GPU from the CPU cache's quantized weights: %.2f GB of "
              "float weights replaced", freed / 1e9)
     return freed
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    """Whether rows x [T, K] take the matrix-vector kernel (a few rows, on the GPU)."""
+    return x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS
 
 
 def _as_tensor(array) -> torch.Tensor:

@@ -252,8 +252,8 @@ class HybridExperts:
     def gpu_part(self, layer: int, x, topk_ids, topk_weights,
                  shared: SharedExperts | None = None) -> torch.Tensor:
         """Resident experts only, with the Triton kernels: [T, D] float32 (sync-free); with
-        ``shared`` (from ``shared_experts``, for as many slots as ``folds_shared`` allows)
-        the shared experts too, in the same launches."""
+        ``shared`` (from ``shared_experts``, which says for how many slots) the shared
+        experts too, in the same launches."""
         if topk_ids.numel() <= self.gemv_max_slots:
             cfg = self._gemv_config(layer, x, topk_ids, topk_weights)
             return self._gemv(layer, x, topk_ids, topk_weights, cfg, shared)
