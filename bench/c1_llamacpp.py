@@ -1,4 +1,4 @@
-"""Scenario C1 (DESIGN.md): CPU decode of DeepSeek-V2-Lite shapes cut to 4 layers (q_lora_rank
+"""Scenario C1 (docs/architecture.md): CPU decode of DeepSeek-V2-Lite shapes cut to 4 layers (q_lora_rank
 1536), random weights, krasis INT4 group 128 against llama.cpp Q4_0 on the same weights and the
 same thread count, in the same run.
 

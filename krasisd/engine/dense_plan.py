@@ -1,4 +1,4 @@
-"""Which dense linears the CPU-only path quantizes, and how (DESIGN.md, "The engine's placement
+"""Which dense linears the CPU-only path quantizes, and how (docs/architecture.md, "The placement
 model"): the plan that both the CPU cache's builder (krasisd.engine.cpu_cache) and the load-time
 fallback (krasisd.engine.dense_quant) follow, so the two quantize the same weights the same way.
 

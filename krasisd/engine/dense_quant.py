@@ -1,4 +1,4 @@
-"""Quantized dense linears for the CPU-only path (DESIGN.md, "The engine's placement model").
+"""Quantized dense linears for the CPU-only path (docs/architecture.md, "The placement model").
 
 With no GPU, every dense weight (attention projections, shared experts, dense MLP layers,
 output head) is read from RAM on every decoded token; in bf16 they outweigh the routed experts
@@ -10,7 +10,7 @@ Which linears, at which bits and group size: krasisd.engine.dense_plan.
 
 The CPU cache (krasisd.engine.cpu_cache) stores the quantized dense linears beside the experts,
 built by the same ``dense_plan`` and ``quantize_weight`` (krasisd.engine.dense_plan); a load passes them as
-``stored`` and nothing is quantized again (DESIGN.md: "a load never re-quantizes"). Without
+``stored`` and nothing is quantized again (docs/architecture.md: "a load never quantizes again"). Without
 ``stored`` (or for a linear the cache lacks) the weights are quantized at load time.
 
 Legend: T = tokens, N = output features, K = input features, G = group size.

@@ -176,7 +176,7 @@ def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
     if quant == "none":
         backend = TorchExperts({layer: tuple([t.to(target) for t in ts] for ts in lists)
                                 for layer, lists in loaded.expert_weights.items()})
-    elif target.type == "cpu" and not stored:  # CPU-only: dense quantized too (DESIGN.md)
+    elif target.type == "cpu" and not stored:  # CPU-only: dense quantized too (docs/architecture.md)
         _quantize_dense(model, quant, backend)
     tokenizer = _load_tokenizer(model_dir)
     eos = set(loaded.config.eos_token_ids) | _generation_eos(model_dir)
