@@ -20,7 +20,6 @@ def v2_model_dir(tmp_path_factory):
 def v2_int8_cache(v2_model_dir, tmp_path_factory):
     """(folder, manifest) of the INT8 CPU cache of ``v2_model_dir``, group size 32, with the
     dense linears."""
-    pytest.importorskip("krasis_native")
     from krasisd.engine.cpu_cache import build_cpu_cache
 
     out_dir = tmp_path_factory.mktemp("caches") / "cpu-int8"

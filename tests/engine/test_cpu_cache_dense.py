@@ -10,19 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("krasis_native")
-
-from krasisd.engine import dense_quant  # noqa: E402
-from krasisd.engine.cpu_cache import (  # noqa: E402
+from krasisd.engine import dense_quant
+from krasisd.engine.cpu_cache import (
     DENSE_OTHER,
     CacheError,
     build_cpu_cache,
     load_cpu_cache,
     read_manifest,
 )
-from krasisd.engine.loader import read_config  # noqa: E402
-from krasisd.engine.native_experts import native_expert_backend  # noqa: E402
-from krasisd.engine.quant import LAYOUT_VERSION  # noqa: E402
+from krasisd.engine.loader import read_config
+from krasisd.engine.native_experts import native_expert_backend
+from krasisd.engine.quant import LAYOUT_VERSION
 
 
 @pytest.fixture

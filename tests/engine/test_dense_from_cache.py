@@ -14,7 +14,6 @@ import torch
 from krasisd.engine import engine as engine_module
 from krasisd.engine import load, loader
 
-pytest.importorskip("krasis_native")
 pytest.importorskip("triton")
 
 from krasisd.engine.gpu.dense_decode import GpuQuantLinear  # noqa: E402

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("krasis_native")
-
-from krasisd.engine import cpu_cache, dense_plan, dense_quant, native_experts, quant  # noqa: E402
-from krasisd.engine.dense_quant import QuantLinear, quantize_dense_linears  # noqa: E402
-from krasisd.engine.engine import Engine  # noqa: E402
-from krasisd.engine.loader import load_model  # noqa: E402
+from krasisd.engine import cpu_cache, dense_plan, dense_quant, native_experts, quant
+from krasisd.engine.dense_quant import QuantLinear, quantize_dense_linears
+from krasisd.engine.engine import Engine
+from krasisd.engine.loader import load_model
 
 IDS = [5, 17, 33, 2, 61, 8, 40]
 

@@ -251,8 +251,6 @@ def test_eos_ids_and_closed_engine(model_dir):
 
 
 def test_int8_quant_goes_through_the_native_expert_hook(model_dir, reference_logits, tmp_path):
-    pytest.importorskip("krasis_native")
-    pytest.importorskip("krasisd.engine.native_experts")
     engine = load(model_dir, quant="int8", threads=1, cache_dir=tmp_path / "cpu-cache")
     assert type(engine.expert_backend).__name__ == "NativeExperts"
     assert (tmp_path / "cpu-cache").is_dir()
