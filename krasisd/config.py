@@ -192,6 +192,8 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     runner_loader: str = DEFAULT_RUNNER_LOADER
+    create_dirs: list[str] | None = None  # folders create may read; None: any over the socket,
+    # none over TCP (krasis_registry.sources.SourcePolicy)
     config_file: Path | None = None
 
     def __post_init__(self):
@@ -293,6 +295,18 @@ def _host(raw: Any) -> str:
     return text
 
 
+def _folder_list(raw: Any) -> list[str]:
+    """Absolute folders, ':'-separated (as PATH) or a TOML list. A relative entry is left out
+    with a warning (never raised: the fallback default would allow more, not less)."""
+    items = raw if isinstance(raw, list) else str(raw).split(os.pathsep)
+    folders = [str(Path(str(item).strip()).expanduser()) for item in items if str(item).strip()]
+    for folder in folders:
+        if not folder.startswith("/"):
+            log.warning("bad setting entry left out: not an absolute folder",
+                        extra={"setting": "KRASIS_CREATE_DIRS", "value": folder})
+    return [folder for folder in folders if folder.startswith("/")]
+
+
 def _loader(raw: Any) -> str:
     text = str(raw).strip()
     if text.count(":") != 1 or not all(text.split(":")):
@@ -350,6 +364,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
                            lambda r: _choice("debug", "info", "warning", "error")(r).upper()),
         log_format=read.get("KRASIS_LOG_FORMAT", "text", _choice("text", "json")),
         runner_loader=read.get("KRASIS_RUNNER_LOADER", DEFAULT_RUNNER_LOADER, _loader),
+        create_dirs=read.get("KRASIS_CREATE_DIRS", None, _folder_list),
         config_file=config_path if config_path.is_file() else None,
     )
     _check_host(cfg)

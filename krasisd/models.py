@@ -18,6 +18,7 @@ from typing import Any
 from krasis_registry.caches import pick_quant
 from krasis_registry.names import parse_name
 from krasis_registry.registry import ready_cache, require_ready
+from krasis_registry.sources import SourcePolicy
 
 from krasisd.runners import ModelSpec
 
@@ -91,9 +92,10 @@ class ModelCatalog:
         """Progress events of a pull (Ollama's /api/pull shape)."""
         return iterate_in_thread(lambda: self.registry.pull(name, insecure=insecure))
 
-    def create(self, name: str, path: str) -> AsyncIterator[dict]:
-        """Progress events of creating a model from a local folder."""
-        return iterate_in_thread(lambda: self.registry.create(name, path))
+    def create(self, name: str, path: str, policy: SourcePolicy) -> AsyncIterator[dict]:
+        """Progress events of creating a model from a local folder that ``policy`` lets the
+        request read."""
+        return iterate_in_thread(lambda: self.registry.create(name, path, policy=policy))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 
 from aiohttp import web
+from krasis_registry.sources import SourcePolicy
 
 from krasisd import __version__, api
 from krasisd.context import daemon_of
@@ -99,11 +99,15 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    """POST /api/create: register a model from a folder on this machine."""
+    """POST /api/create: register a model from a folder on this machine.
+
+    Which folders may be read depends on how the request came (SourcePolicy): over TCP any
+    local user may be asking, so only KRASIS_CREATE_DIRS; the registry checks the folder
+    (no existence check here: that would tell a TCP caller what exists)."""
     req = api.create_request(await read_json(request))
-    if not os.path.isdir(req.path):
-        raise api.bad_request(f"'path' {req.path!r} is not a folder on the daemon's machine")
-    events = daemon_of(request).catalog.create(req.model, req.path)
+    daemon = daemon_of(request)
+    policy = SourcePolicy.for_transport(over_tcp(request), daemon.config.create_dirs)
+    events = daemon.catalog.create(req.model, req.path, policy)
     if req.stream:
         return await stream_ndjson(request, events)
     return web.json_response((await collect(events))[-1])
@@ -118,6 +122,12 @@ async def delete(request: web.Request) -> web.Response:
         await daemon.scheduler.unload(full)
     await daemon.catalog.remove(name, is_loaded=lambda _name: daemon.scheduler.is_busy(full))
     return web.Response(status=200)
+
+
+def over_tcp(request: web.Request) -> bool:
+    """Whether the request came over the TCP listener (a peer address), not the Unix socket."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return isinstance(peer, tuple)
 
 
 def _dumps(value) -> str:

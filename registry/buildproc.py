@@ -42,6 +42,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _child_main(builder: Callable[..., dict], model_dir: Path, out_dir: Path, quant: str,
                 group_size: int, conn, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
+    os.umask(0o077)  # what the builder writes stays private to the daemon's user (store.py)
 
     def progress(completed: int, total: int) -> None:
         conn.send(("progress", (int(completed), int(total))))

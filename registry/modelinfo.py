@@ -1,15 +1,28 @@
-"""What the registry records about a model folder: architecture, parameter counts, digest."""
+"""What the registry records about a model folder: architecture, parameter counts, digest.
+
+describe() is also the last check before a model becomes ready: config.json's sizes within
+krasisd.engine.limits, and every safetensors file whole (each tensor's bytes inside the
+file, at the size its dtype and shape say, the data section exactly covered), so a
+truncated or corrupt weights file fails the pull or create instead of every load.
+"""
 
 import hashlib
 import json
+import math
+import os
 import re
 import struct
 from pathlib import Path
+
+from krasisd.engine.limits import ModelLimitError, check_config_limits, machine_capacity_bytes
 
 from .errors import PullError
 
 _ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
 _HEADER_LIMIT_BYTES = 100 << 20
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+               "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+               "I64": 8, "U64": 8, "F64": 8}
 
 
 def read_config(model_dir: Path) -> dict:
@@ -23,13 +36,57 @@ def read_config(model_dir: Path) -> dict:
 
 
 def _tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header (8-byte little-endian length, then JSON)."""
+    """Tensor shapes from a safetensors header (8-byte little-endian length, then JSON),
+    after checking that the header describes the file's data exactly."""
+    def corrupt(why: str) -> PullError:
+        return PullError(f"{path.name} is not a valid safetensors file: {why}")
+
     with open(path, "rb") as handle:
-        (header_bytes,) = struct.unpack("<Q", handle.read(8))
-        if header_bytes > _HEADER_LIMIT_BYTES:
-            raise PullError(f"{path.name} is not a safetensors file (header too large)")
-        header = json.loads(handle.read(header_bytes))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        file_bytes = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise corrupt("shorter than its header length")
+        (header_bytes,) = struct.unpack("<Q", prefix)
+        if header_bytes > min(_HEADER_LIMIT_BYTES, file_bytes - 8):
+            raise corrupt(f"a header of {header_bytes:,} bytes in a file of {file_bytes:,}")
+        try:
+            header = json.loads(handle.read(header_bytes))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise corrupt(f"its header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    data_bytes = file_bytes - 8 - header_bytes
+    shapes, covered = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape, end = _check_tensor(name, entry, data_bytes, corrupt)
+        shapes[name] = shape
+        covered = max(covered, end)
+    if covered != data_bytes:
+        raise corrupt(f"its tensors cover {covered:,} of its {data_bytes:,} data bytes "
+                      "(truncated, or bytes appended)")
+    return shapes
+
+
+def _check_tensor(name: str, entry, data_bytes: int, corrupt) -> tuple[list[int], int]:
+    """(shape, end offset) of one header entry, checked against the data section."""
+    if not isinstance(entry, dict):
+        raise corrupt(f"tensor {name!r} has no description")
+    shape, offsets, dtype = entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise corrupt(f"tensor {name!r} lies outside the file's {data_bytes:,} data bytes "
+                      f"(offsets {offsets!r})")
+    item_bytes = DTYPE_BYTES.get(dtype)
+    if item_bytes is not None and offsets[1] - offsets[0] != math.prod(shape) * item_bytes:
+        raise corrupt(f"tensor {name!r} ({dtype} {shape}) should take "
+                      f"{math.prod(shape) * item_bytes:,} bytes, not {offsets[1] - offsets[0]:,}")
+    return shape, offsets[1]
 
 
 def parameter_counts(model_dir: Path, config: dict) -> tuple[int, int]:
@@ -50,8 +107,13 @@ def parameter_counts(model_dir: Path, config: dict) -> tuple[int, int]:
 
 
 def describe(model_dir: Path) -> dict:
-    """Architecture, model type, dtype and parameter counts of a model folder."""
+    """Architecture, model type, dtype and parameter counts of a model folder; PullError for
+    sizes beyond krasisd.engine.limits or a corrupt safetensors file."""
     config = read_config(model_dir)
+    try:
+        check_config_limits(config, machine_capacity_bytes(model_dir))
+    except ModelLimitError as exc:
+        raise PullError(f"refusing {model_dir.name}: {exc}") from exc
     total, active = parameter_counts(model_dir, config)
     architectures = config.get("architectures") or []
     return {

@@ -22,6 +22,7 @@ from .pipeline import Context, build_caches, guard_failure, locked
 from .pull import pull_files
 from .recovery import recover
 from .remove import remove_model
+from .sources import ANY_FOLDER, SourcePolicy
 from .store import Store, default_home
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,20 @@ class Registry:
         return self._run(ref, lambda ctx: pull_files(ctx, hub, ref, revision), formats)
 
     def create(self, name: str, from_dir: str | Path,
-               build_caches: bool | Iterable[str] = True) -> Iterator[dict]:
-        """Register a local Hugging Face folder under name (hard link or copy); stream events."""
+               build_caches: bool | Iterable[str] = True,
+               policy: SourcePolicy = ANY_FOLDER) -> Iterator[dict]:
+        """Register a local Hugging Face folder under name (hard link or copy); stream events.
+
+        ``policy`` says which folders may be read (sources.SourcePolicy; the daemon passes
+        the one for the request's transport). A cache build that fails leaves the model
+        'failed' (its weights could not be read), never 'ready'."""
         ref = parse_name(name)
         if ref.is_bundled or ref.name in ALIASES:
             raise InvalidName(f"{ref.name} is a reserved name: choose another")
         formats = formats_to_build(build_caches)
         return self._run(ref, lambda ctx: import_files(ctx, ref, Path(from_dir), "local",
-                                                       link=True), formats)
+                                                       link=True, policy=policy),
+                         formats, fail_model_on_build_error=True)
 
     def build_caches(self, name: str, formats: bool | Iterable[str] = True,
                      rebuild: bool = False) -> Iterator[dict]:
@@ -98,13 +105,18 @@ class Registry:
         return self._run(ref, lambda ctx: iter(()), fmts, rebuild=rebuild)
 
     def _run(self, ref: ModelRef, files_step: FilesStep, formats: list[str],
-             rebuild: bool = False) -> Iterator[dict]:
+             rebuild: bool = False, fail_model_on_build_error: bool = False) -> Iterator[dict]:
         with self._db() as db:
             ctx = Context(self.store, db, self.builders, self.quant, self.group_size)
 
             def body() -> Iterator[dict]:
                 yield from guard_failure(ctx, ref, files_step(ctx))
-                yield from build_caches(ctx, ref, formats, rebuild=rebuild)
+                try:
+                    yield from build_caches(ctx, ref, formats, rebuild=rebuild)
+                except Exception as exc:
+                    if fail_model_on_build_error:
+                        _fail_model(ctx, ref, str(exc))
+                    raise
                 yield {"status": "success"}
 
             yield from locked(self.store, ref, body)
@@ -187,6 +199,13 @@ class Registry:
         if row is None:
             raise ModelNotFound(f"model {ref.full} not found")
         return row
+
+
+def _fail_model(ctx: Context, ref: ModelRef, error: str) -> None:
+    row = records.get_model(ctx.db, ref.full)
+    if row is not None:
+        log.warning("create of %s failed: %s", ref.full, error)
+        records.set_state(ctx.db, row["id"], "failed", error)
 
 
 def require_ready(model: dict) -> None:

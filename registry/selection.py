@@ -22,14 +22,18 @@ def is_taken(path: str) -> bool:
     return path in TOKENIZER_FILES or path.endswith(TAKEN_SUFFIXES)
 
 
-def select(paths: list[str], source: str) -> list[str]:
-    """The taken paths, sorted; refuse folders without config.json or safetensors weights."""
+def select(paths: list[str], source: str, name_files: bool = True) -> list[str]:
+    """The taken paths, sorted; refuse folders without config.json or safetensors weights.
+
+    name_files=False: the errors do not name the files found (a folder the caller may not
+    be able to list)."""
     taken = sorted(p for p in paths if is_taken(p))
     if not any(p.endswith(".safetensors") for p in taken):
         pickles = sorted(p for p in paths if p.endswith(PICKLE_SUFFIXES))
         if pickles:
+            found = f" ({', '.join(pickles[:3])})" if name_files else ""
             raise PullError(
-                f"{source} has only pickle weights ({', '.join(pickles[:3])}); krasis loads "
+                f"{source} has only pickle weights{found}; krasis loads "
                 "safetensors only, since pickle files can run code when loaded. Use a repo "
                 "that ships .safetensors, or convert the weights first"
             )

@@ -1,8 +1,14 @@
-"""Where things live under KRASIS_HOME, and the few file-system moves the registry makes."""
+"""Where things live under KRASIS_HOME, and the few file-system moves the registry makes.
+
+The store is private to the daemon's user, whatever the umask: folders 0700, files 0600
+(the registry database and its -wal/-shm, files moved into place). Opening a store made by
+an older version tightens its top folders and database.
+"""
 
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from krasisd.config import default_home  # noqa: F401 (re-exported: one definition)
@@ -12,6 +18,9 @@ from .names import ModelRef
 log = logging.getLogger(__name__)
 
 DB_NAME = "registry.db"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+SUBDIRS = ("models", "partials", "caches", "locks")
 
 
 class Store:
@@ -19,8 +28,38 @@ class Store:
 
     def __init__(self, home: Path):
         self.home = Path(home).resolve()
-        for sub in ("models", "partials", "caches", "locks"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        self.make_private_dir(self.home)
+        for sub in SUBDIRS:
+            self.make_private_dir(self.home / sub)
+        self._make_private_db()
+
+    def make_private_dir(self, path: Path) -> None:
+        """Create path (and missing parents) with mode 0700; an existing folder of ours is
+        set to 0700 too."""
+        missing = []
+        for parent in (path, *path.parents):
+            if parent.exists():
+                break
+            missing.append(parent)
+        for folder in reversed(missing):
+            try:
+                folder.mkdir(mode=DIR_MODE)
+            except FileExistsError:
+                pass
+        _chmod_own(path, DIR_MODE)
+        for folder in missing:
+            _chmod_own(folder, DIR_MODE)  # mkdir's mode is filtered by the umask
+
+    def _make_private_db(self) -> None:
+        """registry.db created 0600 before SQLite opens it (its -wal and -shm files take
+        the database's mode); existing ones set to 0600."""
+        fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
+        os.close(fd)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path = self.db_path.with_name(DB_NAME + suffix)
+            if path.exists():
+                _chmod_own(path, FILE_MODE)
 
     @property
     def db_path(self) -> Path:
@@ -65,6 +104,15 @@ class Store:
             parent = parent.parent
 
 
+def _chmod_own(path: Path, mode: int) -> None:
+    """chmod a file or folder of ours that is not a link; others' files are left alone."""
+    info = path.lstat()
+    if info.st_uid == os.getuid() and not stat.S_ISLNK(info.st_mode) and \
+            stat.S_IMODE(info.st_mode) != mode:
+        log.info("setting mode %o on %s", mode, path)
+        os.chmod(path, mode)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in a folder durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -75,9 +123,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def move_into_place(src: Path, dest: Path) -> None:
-    """fsync src, then atomically rename it to dest (creating folders) and fsync the folder."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """fsync src, set it to 0600, then atomically rename it to dest (creating folders, 0700
+    when under the umask's control) and fsync the folder."""
+    dest.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     with open(src, "rb+") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
         os.fsync(handle.fileno())
     os.replace(src, dest)
     fsync_dir(dest.parent)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from krasisd.engine.errors import UnsupportedModelError
+from krasisd.engine.limits import check_config_limits, machine_capacity_bytes
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "yarn")
@@ -202,18 +203,26 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        """Parse a ``config.json``; raises ValueError for bad JSON or bad values."""
+        """Parse a ``config.json``; raises ValueError for bad JSON or bad values (sizes beyond
+        krasisd.engine.limits' ceilings or the machine's capacity included)."""
         try:
             raw = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(raw, capacity_bytes=machine_capacity_bytes(Path(path).parent))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Map a Hugging Face config dict onto the flat fields."""
+    def from_dict(cls, raw: dict[str, Any], capacity_bytes: int | None = None) -> ModelConfig:
+        """Map a Hugging Face config dict onto the flat fields.
+
+        The sizes are checked first (krasisd.engine.limits.ModelLimitError, a ValueError):
+        each against its ceiling, and the parameter count they imply against
+        ``capacity_bytes`` (default: this machine's memory plus the current folder's disk).
+        """
+        check_config_limits(raw, capacity_bytes if capacity_bytes is not None
+                            else machine_capacity_bytes())
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), archs[0] if archs else None)
         if arch is None:

@@ -62,7 +62,7 @@ class FakeRegistry:
         self.add(name)
         yield {"status": "success"}
 
-    def create(self, name: str, from_dir):
+    def create(self, name: str, from_dir, policy=None):
         if parse_name(name).name == "krasis-tiny":
             raise InvalidName("krasis-tiny is a reserved name: choose another")
         if not Path(from_dir).is_dir():

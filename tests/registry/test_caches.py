@@ -4,7 +4,7 @@ import json
 
 import pytest
 from fakebuilders import crashing_builder, failing_builder, fast_builder
-from krasis_registry import CacheNotReady, PullError, Registry, records
+from krasis_registry import CacheNotReady, ModelNotFound, PullError, Registry, records
 from krasis_registry import caches as caches_module
 from krasis_registry import registry as registry_module
 from krasis_registry.db import connect
@@ -33,15 +33,31 @@ def test_failed_build_is_recorded_and_cleaned(tiny_model_dir):
     reg = Registry(cache_builders={"cpu": failing_builder}, group_size=128)
     with pytest.raises(PullError, match="cpu cache build failed: the weights do not fit"):
         list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))
-    [cache] = reg.show("m")["caches"]
+    shown = reg.show("m")
+    [cache] = shown["caches"]
     assert cache["state"] == "failed" and "do not fit" in cache["error"]
     assert not (reg.home / "caches" / "_" / "m" / "latest" / "cpu-int4-g128").exists()
-    with pytest.raises(CacheNotReady):
-        reg.cache_dir("m")
-    assert reg.model_dir("m").is_dir()  # the files stay ready
+    # a create whose weights the builder cannot read leaves the model failed, not listed
+    assert shown["state"] == "failed" and "do not fit" in shown["error"]
+    assert reg.list() == []
+    with pytest.raises(ModelNotFound, match="not ready .failed: cpu cache build failed"):
+        reg.model_dir("m")
     reg = Registry(cache_builders={"cpu": fast_builder}, group_size=128)
-    assert list(reg.build_caches("m"))[-1] == {"status": "success"}
-    assert reg.cache_dir("m").is_dir()
+    assert list(reg.create("m", tiny_model_dir, build_caches=["cpu"]))[-1] == \
+        {"status": "success"}
+    assert reg.show("m")["state"] == "ready" and reg.cache_dir("m").is_dir()
+
+
+def test_failed_build_of_a_pull_keeps_the_verified_model_ready(hub):
+    reg = Registry(cache_builders={"cpu": failing_builder}, group_size=128)
+    with pytest.raises(PullError, match="cpu cache build failed"):
+        list(reg.pull(REPO_ID, build_caches=["cpu"]))
+    assert reg.model_dir(REPO_ID).is_dir()  # files checked against the hub's digests
+    with pytest.raises(CacheNotReady):
+        reg.cache_dir(REPO_ID)
+    reg = Registry(cache_builders={"cpu": fast_builder}, group_size=128)
+    assert list(reg.build_caches(REPO_ID))[-1] == {"status": "success"}
+    assert reg.cache_dir(REPO_ID).is_dir()
 
 
 def test_builder_process_crash_is_a_failed_build(tiny_model_dir):

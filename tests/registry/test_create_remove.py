@@ -25,7 +25,7 @@ def test_create_hard_links_on_same_filesystem(tiny_model_dir, krasis_home):
 
 
 def test_create_copies_across_filesystems(tiny_model_dir, monkeypatch):
-    def no_link(src, dest):
+    def no_link(src, dest, **kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(create_module.os, "link", no_link)

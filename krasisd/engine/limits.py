@@ -1,0 +1,124 @@
+"""Sanity ceilings on a model folder's ``config.json``, checked before anything is allocated.
+
+A hostile or broken ``config.json`` (``"num_hidden_layers": 1000000000``) must be refused
+with a clear message, not followed until the process is killed for memory. Two checks:
+
+- each size field against a ceiling far above any real model (and it must be an integer);
+- the parameter count the sizes imply against what the machine can hold at all: its RAM
+  plus the capacity of the disk the model lives on, at INT4 (half a byte a parameter, the
+  smallest format krasis serves). A real model's own bf16 files are four times that, so a
+  model whose files fit on the disk always passes.
+
+Standard library only: the registry (which does not import torch) checks a folder at create
+and pull time, and the engine checks again when it reads a config (krasisd/engine/config.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+# field -> ceiling; the largest published models are well below each (e.g. 126 layers,
+# hidden size 16,384, 384 routed experts, a vocabulary of 262,144)
+FIELD_CEILINGS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65_536,
+    "intermediate_size": 1 << 20,
+    "moe_intermediate_size": 1 << 20,
+    "shared_expert_intermediate_size": 1 << 20,
+    "n_routed_experts": 4096,
+    "num_experts": 4096,
+    "num_local_experts": 4096,
+    "n_shared_experts": 4096,
+    "num_experts_per_tok": 4096,
+    "first_k_dense_replace": 1024,
+    "vocab_size": 1 << 22,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 65_536,
+    "q_lora_rank": 65_536,
+    "kv_lora_rank": 65_536,
+    "qk_nope_head_dim": 65_536,
+    "qk_rope_head_dim": 65_536,
+    "v_head_dim": 65_536,
+    "n_group": 4096,
+    "topk_group": 4096,
+    "max_position_embeddings": 1 << 26,
+}
+INT4_BYTES_PER_PARAM = 0.5
+SEQUENCE_CEILING = 4096  # entries of list fields such as mlp_only_layers
+
+
+class ModelLimitError(ValueError):
+    """config.json describes a model beyond the ceilings; the message says which and why."""
+
+
+def check_config_limits(config: dict[str, Any], capacity_bytes: int | None = None) -> int:
+    """Refuse a config whose sizes are absurd; return the parameter count it implies.
+
+    ``capacity_bytes``: what the machine can hold (machine_capacity_bytes()); None skips
+    that check (the field ceilings are always checked).
+    """
+    if not isinstance(config, dict):
+        raise ModelLimitError("config.json must hold a JSON object")
+    for name, ceiling in FIELD_CEILINGS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelLimitError(f"config.json: {name} must be an integer, got {value!r}")
+        if not 0 <= value <= ceiling:
+            raise ModelLimitError(
+                f"config.json: {name} = {value} is outside the sane range [0, {ceiling:,}]; "
+                "refusing the model before allocating anything for it")
+    for name in ("mlp_only_layers", "eos_token_id"):
+        value = config.get(name)
+        if isinstance(value, list) and len(value) > SEQUENCE_CEILING:
+            raise ModelLimitError(f"config.json: {name} has {len(value):,} entries "
+                                  f"(at most {SEQUENCE_CEILING:,})")
+    params = implied_parameters(config)
+    if capacity_bytes is not None and params * INT4_BYTES_PER_PARAM > capacity_bytes:
+        raise ModelLimitError(
+            f"config.json describes a model of about {params:,} parameters "
+            f"({params * INT4_BYTES_PER_PARAM / 2**30:,.0f} GiB even at INT4), more than this "
+            f"machine can hold ({capacity_bytes / 2**30:,.0f} GiB of memory and disk)")
+    return params
+
+
+def implied_parameters(config: dict[str, Any]) -> int:
+    """A lower estimate of the parameter count from the sizes alone (exact ints)."""
+    def size(*names: str) -> int:
+        for name in names:
+            value = config.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return 0
+
+    layers, hidden = size("num_hidden_layers"), size("hidden_size")
+    vocab, dense_width = size("vocab_size"), size("intermediate_size")
+    expert_width = size("moe_intermediate_size") or dense_width
+    experts = size("n_routed_experts", "num_experts", "num_local_experts")
+    shared = size("n_shared_experts")
+    dense_layers = min(layers, size("first_k_dense_replace")) if experts else layers
+    moe_layers = layers - dense_layers
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    attention = 2 * hidden * hidden  # at least q and o projections
+    per_dense = attention + 3 * hidden * dense_width
+    per_moe = attention + 3 * hidden * expert_width * (experts + shared)
+    return embeddings + dense_layers * per_dense + moe_layers * per_moe
+
+
+def machine_capacity_bytes(path: str | Path | None = None) -> int:
+    """Physical memory plus the total size of the file system holding ``path`` (or the
+    current folder): the most any model krasis serves here could occupy."""
+    memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    where = Path(path) if path is not None else Path.cwd()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        disk_bytes = shutil.disk_usage(where).total
+    except OSError:
+        disk_bytes = 0
+    return memory_bytes + disk_bytes
