@@ -26,12 +26,11 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from llamacpp import convert_to_gguf, quantize_q4_0, write_bpe_tokenizer  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from krasisd.engine import engine as engine_mod  # noqa: E402
@@ -91,47 +90,7 @@ def write_checkpoint(model_dir: Path, config: dict, seed: int = 0) -> None:
         weight_map.update({name: f"{shard}.safetensors" for name in tensors})
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (model_dir / "config.json").write_text(json.dumps(config, indent=1))
-    write_tokenizer(model_dir)
-
-
-def write_tokenizer(model_dir: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20] * 50, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>"
-                            ).save_pretrained(model_dir)
-
-
-def convert_to_gguf(model_dir: Path, llama_src: Path, out_bf16: Path) -> None:
-    """convert_hf_to_gguf.py with the BPE pre-tokenizer check bypassed (home-made tokenizer)."""
-    code = (
-        "import sys; sys.path[:0] = [{src!r}, {src!r} + '/gguf-py']\n"
-        "import conversion.base as base\n"
-        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'deepseek-llm'\n"
-        "import convert_hf_to_gguf as c\n"
-        "sys.argv = ['convert', {model!r}, '--outfile', {out!r}, '--outtype', 'bf16']\n"
-        "c.main()\n"
-    ).format(src=str(llama_src), model=str(model_dir), out=str(out_bf16))
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def quantize_q4_0(src: Path, dst: Path, threads: int) -> None:
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.nthread = threads
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
-                                      ctypes.byref(params)) != 0:
-        raise RuntimeError("llama_model_quantize failed")
+    write_bpe_tokenizer(model_dir)
 
 
 def krasis_decode(model_dir: Path, cache_dir: Path, threads: int, contexts, n_decode: int,

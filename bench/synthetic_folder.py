@@ -1,0 +1,173 @@
+"""A Hugging Face model folder with random weights in the real shapes of a config, for benches
+that go through ``krasis create`` like a user's download would, and prompts of exact token
+counts for it.
+
+The checkpoint holds what the engine's loader expects (the names and shapes it checks, dense
+and routed experts, one safetensors shard per layer so memory stays at one layer), bf16,
+norms at 1. The tokenizer is a word-level one with one word per id of the config's vocabulary
+(``w123``; the config's BOS and EOS ids as ``<bos>``/``<eos>``), so every token a random model
+samples decodes to text of its own and streams as one line, and a prompt of N words is N
+tokens plus the BOS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+STD = 0.02
+
+
+def read_bench_config(model: str) -> dict:
+    """A config of bench/configs by name (``deepseek-v2-lite``) or any config.json path."""
+    path = Path(model)
+    if not path.suffix == ".json":
+        path = CONFIG_DIR / f"{model}.json"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+        raise ValueError(f"no config {model!r}: give a config.json path or one of {names}")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or "architectures" not in config:
+        raise ValueError(f"{path} is not a Hugging Face config.json (no architectures)")
+    return config
+
+
+def tensor_shapes(config: dict) -> dict[int | None, dict[str, tuple[int, ...]]]:
+    """Checkpoint names and shapes the loader expects, by layer (None: embeddings, final norm,
+    output head)."""
+    import torch
+
+    from krasisd.engine.config import ModelConfig
+    from krasisd.engine.loader import expert_names
+    from krasisd.engine.models import build_model
+
+    parsed = ModelConfig.from_dict(config)
+    with torch.device("meta"):
+        model = build_model(parsed)
+    shards: dict[int | None, dict[str, tuple[int, ...]]] = {None: {}}
+    for name, tensor in model.state_dict().items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        shards.setdefault(layer, {})[name] = tuple(tensor.shape)
+    if parsed.tie_word_embeddings:
+        shards[None].pop("lm_head.weight", None)
+    for layer in range(parsed.num_hidden_layers):
+        if parsed.is_moe_layer(layer):
+            shards.setdefault(layer, {}).update(expert_names(parsed, layer, {}))
+    return shards
+
+
+def write_model(folder: Path, config: dict, seed: int = 0) -> Path:
+    """Random bf16 weights, config.json and the word tokenizer in ``folder``; returns it.
+    A folder that already holds a complete checkpoint of the same config is kept."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / ".complete"
+    if done.is_file() and json.loads(done.read_text()) == config:
+        return folder
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for layer, shapes in tensor_shapes(config).items():
+        shard = "other.safetensors" if layer is None else f"layer{layer:03d}.safetensors"
+        tensors = {name: _random(shape, name, gen) for name, shape in shapes.items()}
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    write_word_tokenizer(folder, config)
+    done.write_text(json.dumps(config))
+    return folder
+
+
+def _random(shape: tuple[int, ...], name: str, gen):
+    import torch
+
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.bfloat16)
+    std = 1.0 / math.sqrt(shape[-1]) if name.endswith("mlp.gate.weight") else STD
+    return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+
+
+def special_ids(config: dict) -> tuple[int | None, int]:
+    """(BOS id or None, EOS id) of a config; EOS defaults to 1."""
+    eos = config.get("eos_token_id", 1)
+    eos = eos[0] if isinstance(eos, list) else eos
+    return config.get("bos_token_id"), int(eos)
+
+
+def write_word_tokenizer(folder: Path, config: dict) -> None:
+    """tokenizer.json (word level, one word per id of the vocabulary) and
+    tokenizer_config.json; encode adds the BOS when the config has one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab_size = int(config["vocab_size"])
+    bos, eos = special_ids(config)
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    names = {eos: "<eos>"} | ({bos: "<bos>"} if bos is not None else {})
+    for token_id, name in names.items():
+        del vocab[f"w{token_id}"]
+        vocab[name] = token_id
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", bos)])
+    tok.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>",
+                "bos_token": "<bos>" if bos is not None else None, "model_max_length": 1 << 20,
+                "clean_up_tokenization_spaces": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))
+
+
+class PromptMaker:
+    """Prompts of exactly N tokens (as the runner encodes a raw prompt: with the special tokens
+    the tokenizer adds) for the tokenizer in ``folder``: words that encode as one token each,
+    drawn at random so that no two prompts share a prefix."""
+
+    SCAN_IDS = 20000  # ids looked at for one-token words (a BPE vocabulary has plenty early on)
+
+    def __init__(self, folder: Path):
+        from krasisd.engine.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.from_dir(folder)
+        self.words = self._one_token_words()
+        if len(self.words) < 16:
+            raise ValueError(f"the tokenizer in {folder} has too few one-token words "
+                             f"({len(self.words)}) to build prompts")
+        self.added = len(self.tokenizer.encode(self.words[0])) - 1  # BOS and the like
+
+    def _one_token_words(self) -> list[str]:
+        tok = self.tokenizer
+        words = []
+        for token_id in range(min(tok.vocab_size, self.SCAN_IDS)):
+            text = tok.decode([token_id]).strip()
+            if text.isascii() and text.isalnum() and tok.encode(
+                    " " + text, add_special_tokens=False) == [token_id]:
+                words.append(" " + text)
+        return words
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def prompt(self, n_tokens: int, seed: int) -> str:
+        """A prompt of exactly ``n_tokens`` tokens; ValueError when none can be made."""
+        rng = random.Random(seed)
+        n_words = n_tokens - self.added
+        if n_words < 1:
+            raise ValueError(f"a prompt needs more than {self.added} tokens")
+        words = [rng.choice(self.words) for _ in range(n_words)]
+        for _ in range(8):  # words that merge across their boundary: add words until exact
+            text = "".join(words)
+            short = n_tokens - self.count(text)
+            if short == 0:
+                return text
+            if short < 0:
+                words = words[:short]
+            else:
+                words += [rng.choice(self.words) for _ in range(short)]
+        raise ValueError(f"could not build a prompt of exactly {n_tokens} tokens")
