@@ -6,7 +6,8 @@ CLI reads one stream at a time, and closing the connection is how an answer is c
 
 Where the daemon is:
 - ``KRASIS_SOCKET``: the Unix socket path;
-- else ``KRASIS_HOST`` (``127.0.0.1:11435`` or ``http://127.0.0.1:11435``): loopback TCP;
+- else ``KRASIS_HOST``: TCP, in the forms the daemon reads (``127.0.0.1:11434``,
+  ``http://127.0.0.1:11434``, ``:11434``, ``localhost``: krasisd.address);
 - else the daemon's own default, read through ``krasisd.config`` (so a ``socket`` set in the
   config file is found too): ``$XDG_RUNTIME_DIR/krasis/krasisd.sock``, or
   ``$KRASIS_HOME/krasisd.sock`` when XDG_RUNTIME_DIR is unset;
@@ -24,6 +25,8 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from krasisd.address import format_address
 
 CONNECT_TIMEOUT_S = 5.0
 SYSTEM_SOCKET = "/run/krasis/krasisd.sock"  # the system service's (systemd/krasisd.socket)
@@ -60,6 +63,8 @@ def default_socket_path() -> Path:
     config_log.setLevel(logging.ERROR)  # bad settings are the daemon's to report
     try:
         return Path(load_config().socket)
+    except ValueError as exc:  # krasisd.config.ConfigError: a setting the daemon refuses too
+        raise KrasisError(str(exc)) from None
     finally:
         config_log.setLevel(level)
 
@@ -73,16 +78,15 @@ def _find_socket() -> Path:
 
 
 def parse_host(value: str) -> tuple[str, int]:
-    """'127.0.0.1:11435', 'http://[::1]:11435', ':9000' or 'localhost' -> (host, port)."""
-    from krasisd.config import parse_host as parse_host_port
+    """KRASIS_HOST as the daemon reads it: '127.0.0.1:11434', 'http://[::1]:11434', ':11434',
+    'localhost' (port 11434) -> (host, port)."""
+    from krasisd.address import parse_host as parse_host_port
 
-    text = value.strip()
-    for prefix in ("http://", "HTTP://"):
-        text = text.removeprefix(prefix)
     try:
-        return parse_host_port(text.rstrip("/"))
+        return parse_host_port(value)
     except ValueError as exc:
-        raise KrasisError(f"KRASIS_HOST={value!r} is not a host[:port] address ({exc})") from None
+        raise KrasisError(f"KRASIS_HOST={value!r} cannot be read: {exc}; use host:port, :port "
+                          "or http://host:port (e.g. 127.0.0.1:11434)") from None
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -116,7 +120,7 @@ class Client:
     def address(self) -> str:
         """Where the daemon is expected, for messages."""
         if self.tcp:
-            return f"http://{self.tcp[0]}:{self.tcp[1]}"
+            return f"http://{format_address(*self.tcp)}"
         return str(self.socket_path)
 
     # -- transport -------------------------------------------------------------------------

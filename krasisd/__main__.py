@@ -8,7 +8,7 @@ import logging
 import sys
 
 from krasisd import __version__
-from krasisd.config import load_config
+from krasisd.config import ConfigError, load_config
 from krasisd.logs import setup_logging
 from krasisd.server import AlreadyRunning, serve
 
@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"krasisd {__version__}")
     parser.parse_args(argv)
     setup_logging()
-    cfg = load_config()
+    try:
+        cfg = load_config()
+    except ConfigError as exc:  # a setting that would start a different daemon than asked
+        print(f"krasisd: {exc}", file=sys.stderr)
+        return 2
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         from setproctitle import setproctitle

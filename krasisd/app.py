@@ -139,7 +139,7 @@ def _host_name(header: str) -> str:
 
 def host_allowed(host_header: str, daemon: Daemon) -> bool:
     """Loopback names, the listener's own address and KRASIS_ALLOWED_HOSTS."""
-    host = _host_name(host_header.strip()).lower()
+    host = _host_name(host_header.strip()).lower().rstrip(".")  # 'name.' is 'name' (DNS)
     if not host:
         return False
     allowed = {h.lower() for h in daemon.config.allowed_hosts} | daemon.extra_hosts

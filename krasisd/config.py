@@ -4,7 +4,8 @@ Each setting is read from the environment (``KRASIS_*``), else from the optional
 file (TOML, ``$KRASIS_CONFIG`` or ``$KRASIS_HOME/config.toml``, keys are the variable
 names without the ``KRASIS_`` prefix, in lower case), else it takes its default. A bad
 value logs a warning and falls back to the default: a typo must not keep the daemon from
-starting. ``docs/settings.md`` explains every default.
+starting. The one exception is KRASIS_HOST (:class:`ConfigError`): a listener the user asked
+for must not silently stay off. ``docs/settings.md`` explains every default.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from krasisd.address import format_address, host_name, parse_host
+
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_DEFAULT_S = 30 * 60.0
-DEFAULT_TCP_PORT = 11435
 DEFAULT_RUNNER_LOADER = "krasisd.engine.serving:load_for_serving"
 # Where a hybrid GPU+CPU load takes its dense linears from (KRASIS_GPU_DENSE; load_hybrid's
 # ``dense``): the CPU cache's quantized copies, or the checkpoint's bf16 weights. The one list,
@@ -86,23 +88,6 @@ def parse_size_bytes(value: Any) -> int:
     power = "kmgt".index(unit[0]) + 1
     base = 1024 if unit.endswith("i") else 1000
     return int(float(match.group(1)) * base**power)
-
-
-def parse_host(value: str, default_port: int = DEFAULT_TCP_PORT) -> tuple[str, int]:
-    """'127.0.0.1:11435', 'localhost', '[::1]:8080', ':9000' -> (host, port). Raises ValueError."""
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    host = host or "127.0.0.1"
-    port = int(port_text) if port_text else default_port
-    if not 0 < port < 65536:
-        raise ValueError(f"invalid port in {value!r}")
-    return host, port
 
 
 def is_loopback(host: str) -> bool:
@@ -287,12 +272,33 @@ def _positive_duration(raw: Any) -> float:
     return value
 
 
+class ConfigError(ValueError):
+    """A setting the daemon must not start with; the message names it and says why."""
+
+
 def _host(raw: Any) -> str:
+    """KRASIS_HOST as 'host:port' (krasisd.address's forms), or '' for off."""
     text = str(raw).strip()
     if text.lower() in ("", "0", "off", "false", "no"):
         return ""
-    parse_host(text)
-    return text
+    return format_address(*parse_host(text))
+
+
+def _host_setting(read: _Reader) -> str:
+    """KRASIS_HOST, checked: a value that cannot be read stops the daemon (ConfigError)."""
+    raw = read.raw("KRASIS_HOST")
+    if raw is None:
+        return ""
+    try:
+        return _host(raw)
+    except ValueError as exc:
+        raise ConfigError(f"KRASIS_HOST={raw!r} cannot be read: {exc}; use host:port, :port "
+                          "or http://host:port (e.g. 127.0.0.1:11434)") from None
+
+
+def _host_names(raw: Any) -> list[str]:
+    """KRASIS_ALLOWED_HOSTS entries as the Host check compares them (krasisd.address)."""
+    return [host_name(item) for item in _list(raw)]
 
 
 def _folder_list(raw: Any) -> list[str]:
@@ -342,9 +348,9 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         home=home,
         socket=Path(str(socket_raw)).expanduser() if socket_raw else default_socket(home, env),
         socket_group=read.get("KRASIS_SOCKET_GROUP", "", str),
-        host=read.get("KRASIS_HOST", "", _host),
+        host=_host_setting(read),
         allow_remote=read.get("KRASIS_ALLOW_REMOTE", False, _bool),
-        allowed_hosts=read.get("KRASIS_ALLOWED_HOSTS", [], _list),
+        allowed_hosts=read.get("KRASIS_ALLOWED_HOSTS", [], _host_names),
         origins=read.get("KRASIS_ORIGINS", [], _list),
         keep_alive_s=read.get("KRASIS_KEEP_ALIVE", KEEP_ALIVE_DEFAULT_S, parse_duration_s),
         max_queue=read.get("KRASIS_MAX_QUEUE", 512, _int_at_least(1)),

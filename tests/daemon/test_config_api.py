@@ -43,7 +43,7 @@ def test_sizes_and_hosts():
         parse_size_bytes("lots")
     assert parse_host("127.0.0.1:8080") == ("127.0.0.1", 8080)
     assert parse_host("[::1]:9") == ("::1", 9)
-    assert parse_host("localhost") == ("localhost", 11435)
+    assert parse_host("localhost") == ("localhost", 11434)  # Ollama's port
     with pytest.raises(ValueError):
         parse_host("localhost:99999")
 
