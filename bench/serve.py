@@ -53,9 +53,6 @@ class Scenario:
     name: str
     env: dict = field(default_factory=dict)
 
-    def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.env.items()) or "default settings"
-
 
 def parse_scenario(text: str) -> Scenario:
     """``NAME`` or ``NAME:KRASIS_VAR=value[,KRASIS_VAR=value]``."""
@@ -110,6 +107,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def daemon_env(args, scenario: Scenario) -> dict:
+    """The scenario's settings; KRASIS_NUM_PARALLEL, unless it sets it, large enough for the
+    most streams and for the long prompt to start beside the busy ones (with the default 4,
+    a fifth request waits in the queue instead)."""
+    parallel = str(max(max(args.streams), args.busy + 1))
+    return {"KRASIS_NUM_PARALLEL": parallel, **scenario.env}
+
+
 def default_scenarios(model: str, has_gpu: bool) -> list[Scenario]:
     if has_gpu and model in DEFAULT_SCENARIOS:
         return [parse_scenario(s) for s in DEFAULT_SCENARIOS[model]]
@@ -156,7 +161,7 @@ async def run_scenario(args, scenario: Scenario, home: Path, name: str, folder, 
 
     shutil.rmtree(home / "tuning", ignore_errors=True)  # every scenario starts untuned
     out: dict = {"scenario": scenario}
-    daemon = LocalDaemon(home, scenario.env).start()
+    daemon = LocalDaemon(home, daemon_env(args, scenario)).start()
     try:
         async with session(daemon.socket) as http:
             if first:
@@ -240,7 +245,8 @@ def ratio(ours, theirs_text: str) -> str:
 
 def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
     s = result["scenario"]
-    lines = [f"### {s.name} ({s.describe()})", ""]
+    settings = ", ".join(f"{k}={v}" for k, v in daemon_env(args, s).items())
+    lines = [f"### {s.name} ({settings})", ""]
     not_run = llama.get("not_run")
     head = ("llama.cpp Q4_0 all on the GPU | ratio | llama.cpp Q4_0 experts on the CPU "
             "(`-ot exps=CPU -b 8192 -ub 8192`) | ratio")
