@@ -7,19 +7,32 @@ does not escape HTML, and the globals ``raise_exception``, ``strftime_now``, ``d
 ``namespace``. Templates see ``messages``, ``add_generation_prompt``, ``tools``,
 ``documents``, the named special tokens (``bos_token``, ``eos_token``, ...) and any extra
 keyword arguments. A model without a template gets the plain format in docs/chat.md.
+
+A template is code from the model folder, so rendering is bounded (``RenderLimits``): every
+loop iteration and every call made by the template checks a deadline, the output is counted
+as it is produced, and the operations that could allocate a lot in one step (``*``, ``**``,
+``%`` and ``format`` with huge widths, padding filters and methods) are refused past the
+output limit. A template past a limit fails with ``ChatTemplateLimitError`` (a ValueError)
+and the thread rendering it is free again.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
-from collections.abc import Mapping
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import jinja2
 import jinja2.ext
+from jinja2 import nodes
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from krasisd.engine.tokenizer import Tokenizer
@@ -28,6 +41,53 @@ log = logging.getLogger(__name__)
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 FALLBACK_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+LOOP_GUARD = "__krasis_loop_guard"  # the global every template loop's iterable goes through
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """How long a chat template may run and how much it may write.
+
+    The output limit is ``output_chars`` plus ``output_per_input`` times the characters of
+    the messages and tools given (a template repeats its input with some markup)."""
+
+    time_s: float = 3.0
+    output_chars: int = 1 << 20
+    output_per_input: int = 4
+
+
+class ChatTemplateLimitError(ValueError):
+    """The model's chat template ran past RenderLimits; the message says which limit."""
+
+
+class _Budget:
+    """The limits of the render in progress, checked by the template's loops and calls."""
+
+    def __init__(self, limits: RenderLimits, input_chars: int):
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.time_s
+        self.max_chars = limits.output_chars + limits.output_per_input * input_chars
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ChatTemplateLimitError(
+                f"the model's chat template ran longer than {self.limits.time_s:g} s "
+                "(a loop that does not end?); it was stopped")
+
+    def check_size(self, chars: int, what: str = "its output") -> None:
+        if chars > self.max_chars:
+            raise ChatTemplateLimitError(
+                f"the model's chat template made {what} larger than {self.max_chars:,} "
+                "characters; it was stopped")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
+    "chat_template_budget", default=None)
+
+
+def _budget() -> _Budget:
+    budget = _BUDGET.get()
+    return budget if budget is not None else _Budget(RenderLimits(), 0)  # outside render_chat
 
 
 def render_chat(
@@ -35,9 +95,11 @@ def render_chat(
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    limits: RenderLimits = RenderLimits(),
     **template_vars: Any,
 ) -> str:
-    """Render ``messages`` into the prompt text the model was trained on."""
+    """Render ``messages`` into the prompt text the model was trained on, within ``limits``
+    (ChatTemplateLimitError past them)."""
     messages = _normalize_messages(messages)
     if tools is not None and not (
         isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)
@@ -47,12 +109,18 @@ def render_chat(
     if template is None:
         return _render_fallback(tokenizer, messages, add_generation_prompt)
     variables = {"documents": None, **tokenizer.special_tokens_map, **_plain(template_vars)}
+    input_chars = len(json.dumps([messages, _plain(tools), variables], default=str))
+    token = _BUDGET.set(_Budget(limits, input_chars))
     try:
         compiled = _compile(template)
-        return compiled.render(
+        return _render_bounded(compiled, dict(
             messages=messages, tools=_plain(tools), add_generation_prompt=add_generation_prompt,
             **variables,
-        )
+        ))
+    except ChatTemplateLimitError:
+        raise
+    except MemoryError as exc:
+        raise ChatTemplateLimitError("the model's chat template ran out of memory") from exc
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"the model's chat template is invalid (line {exc.lineno}): {exc}") from exc
     except jinja2.TemplateError as exc:
@@ -60,6 +128,20 @@ def render_chat(
     except (TypeError, KeyError, IndexError, AttributeError, ValueError, ArithmeticError,
             RecursionError) as exc:
         raise ValueError(f"the chat template failed on these messages: {exc}") from exc
+    finally:
+        _BUDGET.reset(token)
+
+
+def _render_bounded(template: jinja2.Template, variables: dict[str, Any]) -> str:
+    """template.render(), counting the output as it is produced."""
+    budget = _budget()
+    pieces, chars = [], 0
+    for piece in template.generate(**variables):
+        chars += len(piece)
+        budget.check_size(chars)
+        budget.tick()
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def encode_chat(
@@ -208,14 +290,127 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+def _guarded(iterable: Iterable) -> Iterator:
+    """Every loop of a template iterates through this: each step checks the deadline."""
+    budget = _budget()
+    for item in iterable:
+        budget.tick()
+        yield item
+
+
+# printf and str.format specs with a width or precision of 7 digits or more (a million
+# characters), or taken from the arguments ("%*s", "{:{w}}")
+_HUGE_PERCENT = re.compile(r"%[-#0 +]*(\d{7,}|\d*\.\d{7,})")
+_HUGE_BRACE = re.compile(r"\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
+_DYNAMIC_WIDTH = re.compile(r"%[-#0 +]*\*|%[-#0 +]*\d*\.\*|\{[^{}]*:[^{}]*\{")
+_PADDING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+
+def _check_width(value: Any) -> None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        _budget().check_size(value, "a padded string")
+
+
+def _check_format(text: Any, args: Any = ()) -> None:
+    """Refuse a format string that would pad past the output limit."""
+    if not isinstance(text, str):
+        return
+    budget = _budget()
+    if _HUGE_PERCENT.search(text) or _HUGE_BRACE.search(text):
+        budget.check_size(budget.max_chars + 1, "a formatted string")
+    if _DYNAMIC_WIDTH.search(text):
+        values = args.values() if isinstance(args, Mapping) else \
+            args if isinstance(args, (list, tuple)) else (args,)
+        for value in values:
+            _check_width(value)
+
+
+def _product_size(left: Any, right: Any) -> int:
+    """The length of a sequence repeated by *, or the bits of an integer product."""
+    if isinstance(left, int) and isinstance(right, int):
+        return (left.bit_length() + right.bit_length()) // 8
+    for seq, count in ((left, right), (right, left)):
+        if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+            return len(seq) * max(count, 0)
+    return 0
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, plus RenderLimits: calls, loops and costly operators counted."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        _budget().tick()
+        if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level
+            args = (_guarded(args[0]), *args[1:])
+        elif getattr(__obj, "__name__", None) in _PADDING_METHODS and \
+                isinstance(getattr(__obj, "__self__", None), str):
+            for arg in args[:1]:
+                _check_width(arg)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator_name: str, left: Any, right: Any) -> Any:
+        budget = _budget()
+        budget.tick()
+        if operator_name == "*":
+            budget.check_size(_product_size(left, right), "a repeated value")
+        elif operator_name == "**" and isinstance(left, int) and isinstance(right, int) \
+                and abs(left) > 1 and right > 0:
+            budget.check_size(right * left.bit_length() // 8, "a power")
+        elif operator_name == "%":
+            _check_format(left, right)
+        return super().call_binop(context, operator_name, left, right)
+
+    def wrap_str_format(self, value: Any):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text = value.__self__
+
+        def bounded(*args, **kwargs):
+            _check_format(text, [*args, *kwargs.values(), *(
+                args[0].values() if args and isinstance(args[0], Mapping) else ())])
+            return wrapped(*args, **kwargs)
+        return functools.update_wrapper(bounded, wrapped)
+
+
+def _padding_filter(name: str):
+    original = jinja2.filters.FILTERS[name]
+
+    def bounded(value, *args, **kwargs):
+        _check_width(args[0] if args else kwargs.get("width"))
+        return original(value, *args, **kwargs)
+    return functools.update_wrapper(bounded, original)
+
+
+def _format_filter(value, *args, **kwargs):
+    _check_format(value, [*args, *kwargs.values()])
+    return jinja2.filters.do_format(value, *args, **kwargs)
+
+
+def _guard_loops(tree: nodes.Template) -> nodes.Template:
+    """Every ``{% for %}`` iterates through LOOP_GUARD (its recursive calls: _BoundedEnvironment.call)."""
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name(LOOP_GUARD, "load"), [loop.iter], [], None, None,
+                               lineno=loop.lineno)
+    return tree
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
+    env.filters["center"] = _padding_filter("center")
+    env.filters["indent"] = _padding_filter("indent")
+    env.filters["format"] = _format_filter
+    env.globals.pop("lipsum", None)  # writes as much text as asked for
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
-    return env.from_string(template)
+    env.globals[LOOP_GUARD] = _guarded
+    code = env.compile(_guard_loops(env.parse(template)))
+    return env.template_class.from_code(env, code, env.make_globals(None), None)
