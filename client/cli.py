@@ -244,20 +244,39 @@ def cmd_service_install(args: argparse.Namespace) -> int:
 
 # -- parser ------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``intermixed=True`` subcommands take options anywhere on the line
+    (``krasis run MODEL --verbose hi``), as Ollama's do; ``--`` still ends the options."""
+
+    def __init__(self, *args, intermixed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+        self._intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed or self._intermixing:  # parse_known_intermixed_args calls back
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="krasis", description="Run Mixture-of-Experts models with krasisd.")
+    parser = _Parser(prog="krasis", description="Run Mixture-of-Experts models with krasisd.")
     parser.add_argument("-v", "--version", action="store_true", help="show version information")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add(name: str, handler, help_text: str, aliases=()) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text, description=help_text, aliases=aliases)
+    def add(name: str, handler, help_text: str, aliases=(), **kwargs) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text, aliases=aliases,
+                                 **kwargs)
         command.set_defaults(handler=handler)
         return command
 
-    serve = add("serve", cmd_serve, "run krasisd in the foreground")
-    serve.add_argument("daemon_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    # serve: every argument after it is krasisd's (main() hands them on), --help included
+    add("serve", cmd_serve, "run krasisd in the foreground", add_help=False)
     pull = add("pull", cmd_pull, "download a model and build its caches")
     pull.add_argument("model")
     pull.add_argument("--insecure", action="store_true", help="allow insecure downloads")
@@ -265,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("model")
     create.add_argument("-f", "--from", dest="from_dir", required=True, metavar="DIR",
                         help="folder with config.json, tokenizer and safetensors files")
-    _add_run(add("run", cmd_run, "chat with a model, or answer one prompt"))
+    _add_run(add("run", cmd_run, "chat with a model, or answer one prompt", intermixed=True))
     add("list", cmd_list, "list models on disk", aliases=["ls"])
     add("ps", cmd_ps, "list loaded models")
     show = add("show", cmd_show, "show a model's details")
@@ -284,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_run(run: argparse.ArgumentParser) -> None:
     run.add_argument("model")
-    run.add_argument("prompt", nargs="*", help="a prompt; without one, piped stdin or a chat")
+    run.add_argument("prompt", nargs="*", help="a prompt; without one, piped stdin or a chat "
+                     "(options may come anywhere; after --, everything is prompt)")
     run.add_argument("--verbose", action="store_true", help="show timings and token rates")
     run.add_argument("--format", choices=["json"], help="answer in JSON")
     run.add_argument("--keepalive", metavar="DURATION",
@@ -312,7 +332,11 @@ def _add_service(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `krasis` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        args.daemon_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version and not args.command:
         return cmd_version(args)
     if not args.command:

@@ -208,6 +208,47 @@ def test_run_verbose_prints_rates(daemon, monkeypatch, capsys):
     assert stats["total duration"].strip() == "2s"
 
 
+@pytest.mark.parametrize("argv", [
+    ["krasis-tiny", "--verbose", "hi", "there"],
+    ["--verbose", "krasis-tiny", "hi", "there"],
+    ["krasis-tiny", "hi", "there", "--verbose"],
+    ["krasis-tiny", "hi", "--verbose", "there"],
+])
+def test_run_takes_options_anywhere_on_the_line(daemon, monkeypatch, capsys, argv):
+    code, out, err = run_cli(monkeypatch, capsys, "run", *argv)
+    assert code == 0, err
+    assert daemon.bodies("/api/generate")[0]["prompt"] == "hi there"
+    assert out == "echo: hi there\n" and "eval rate:" in err
+
+
+def test_run_after_double_dash_everything_is_prompt(daemon, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "run", "krasis-tiny", "--system", "s", "--",
+                             "-n", "--verbose")
+    assert code == 0
+    body = daemon.bodies("/api/generate")[0]
+    assert body["prompt"] == "-n --verbose" and body["system"] == "s"
+    assert "eval rate" not in err
+
+
+def test_run_unknown_option_is_a_usage_error(daemon, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exited:
+        run_cli(monkeypatch, capsys, "run", "krasis-tiny", "hi", "--bogus")
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert daemon.requests == []
+
+
+def test_serve_hands_every_argument_to_krasisd(monkeypatch):
+    import krasisd.__main__ as daemon_main
+
+    seen = []
+    monkeypatch.setattr(daemon_main, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["serve", "--version"]) == 0
+    assert cli.main(["serve", "--help"]) == 0
+    assert cli.main(["serve"]) == 0
+    assert seen == [["--version"], ["--help"], []]
+
+
 @pytest.mark.parametrize(("flag", "sent"), [("10m", "10m"), ("-1", -1), ("0", 0), ("1.5", 1.5)])
 def test_run_keepalive_is_sent(daemon, monkeypatch, capsys, flag, sent):
     code, _, _ = run_cli(monkeypatch, capsys, "run", "krasis-tiny", "x", f"--keepalive={flag}")
