@@ -85,8 +85,9 @@ class RunnerProcess:
 
     def __init__(self, spec: ModelSpec, proc: asyncio.subprocess.Process,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 load_duration_ns: int):
+                 load_duration_ns: int, exit_wait_s: float = 5.0):
         self.spec = spec
+        self.exit_wait_s = exit_wait_s  # after its channel closes, how long it may take to exit
         self.proc = proc
         self.load_duration_ns = load_duration_ns
         self._reader = reader
@@ -181,7 +182,13 @@ class RunnerProcess:
         except (ConnectionError, ValueError) as exc:
             log.warning("runner channel broken", extra={"model": self.spec.name, "error": str(exc)})
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), 5.0)
+            await asyncio.wait_for(self.proc.wait(), self.exit_wait_s)
+        if self.proc.returncode is None and not self._stopping:
+            # Without its channel the runner can serve nothing, and the scheduler no longer
+            # lists it: it must not live on unseen, holding the model's memory.
+            log.error("runner channel closed but the process did not exit; killing it",
+                      extra={"model": self.spec.name, "pid": self.pid})
+            await _kill(self.proc)
         reason = describe_exit(self.proc.returncode)
         if self._stopping:
             message = f"{self.spec.name} was unloaded (the daemon is stopping or made room)"

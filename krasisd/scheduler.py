@@ -17,6 +17,13 @@ every loaded model is busy the load waits up to ``wait_for_room_s`` for one to b
 (the daemon passes KRASIS_ROOM_TIMEOUT), then fails with
 :class:`NoRoom` (HTTP 503). keep_alive follows Ollama: seconds, ``inf`` keeps the model
 forever, 0 unloads it as soon as it is idle.
+
+One runner per model, whatever the order of crashes, queued retries and unloads: a model's
+entry is replaced only by the synchronous step that takes the old one out of ``loaded``
+(:meth:`Scheduler._retire`), and the old runner is stopped by a tracked task that
+:meth:`Scheduler.close` waits for, so every runner process is either listed by
+:meth:`Scheduler.running` (``/api/ps``) or being stopped. After ``close()`` starts, no
+runner is started.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ class QueueFull(Exception):
 
 class NoRoom(Exception):
     """A model cannot be loaded because every loaded model is busy (HTTP 503)."""
+
+
+class Stopping(RunnerDied):
+    """krasisd is shutting down: no runner is started any more."""
 
 
 @dataclass
@@ -96,6 +107,8 @@ class Scheduler:
         self.loaded: dict[str, Loaded] = {}
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task] = set()  # runner starts and stops in progress
+        self._closing = False
 
     # ------------------------------------------------------------ requests
 
@@ -144,16 +157,20 @@ class Scheduler:
             await self._release(entry)
 
     async def _entry(self, spec: ModelSpec, keep_alive_s: float | None) -> Loaded:
+        # No await between looking the entry up and replacing it: two requests that find
+        # the same dead runner must not start two new ones.
+        if self._closing:
+            raise Stopping(f"cannot start {spec.name}: krasisd is stopping")
         entry = self.loaded.get(spec.name)
         if entry is not None and entry.runner is not None and not entry.runner.alive:
             log.warning("runner gone; starting a new one", extra={"model": spec.name})
-            await self._drop(entry)
+            self._retire(entry)
             entry = None
         if entry is None:
             entry = Loaded(spec, self.keep_alive_s)
             entry.ready = asyncio.get_running_loop().create_future()
             self.loaded[spec.name] = entry
-            asyncio.create_task(self._start(entry))
+            self._track(self._start(entry))
         if keep_alive_s is not None:
             entry.keep_alive_s = keep_alive_s
         self._cancel_timer(entry)
@@ -166,7 +183,13 @@ class Scheduler:
         try:
             async with self._load_lock:
                 await self._make_room(entry)
-                entry.runner = await self._factory(entry.spec)
+                if self._closing:
+                    raise Stopping(f"{entry.spec.name} was not started: krasisd is stopping")
+                runner = await self._factory(entry.spec)
+            if self._closing or self.loaded.get(entry.spec.name) is not entry:
+                self._track(runner.stop())
+                raise Stopping(f"{entry.spec.name} was not started: krasisd is stopping")
+            entry.runner = runner
             entry.slots = asyncio.Semaphore(runner_capacity(entry.runner))
             entry.load_duration_ns = entry.runner.load_duration_ns
             entry.ready.set_result(entry.runner)
@@ -218,7 +241,7 @@ class Scheduler:
     async def _make_room(self, new: Loaded) -> None:
         """Unload idle models until ``new`` fits by count and by memory estimate."""
         deadline = time.monotonic() + self.wait_for_room_s
-        while not self._fits(new):
+        while not self._fits(new) and not self._closing:
             victim = self._idle_victim(new)
             if victim is not None:
                 log.info("unloading idle model to make room", extra={
@@ -262,11 +285,24 @@ class Scheduler:
         return True
 
     async def _drop(self, entry: Loaded) -> None:
+        """Take the entry out and wait until its runner has stopped."""
+        stopping = self._retire(entry)
+        if stopping is not None:
+            await asyncio.shield(stopping)  # a cancelled caller does not cancel the stop
+
+    def _retire(self, entry: Loaded) -> asyncio.Task | None:
+        """Take the entry out of ``loaded`` now and stop its runner in a tracked task."""
         self._cancel_timer(entry)
         if self.loaded.get(entry.spec.name) is entry:
             del self.loaded[entry.spec.name]
-        if entry.runner is not None:
-            await entry.runner.stop()
+        runner, entry.runner = entry.runner, None
+        return None if runner is None else self._track(runner.stop())
+
+    def _track(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def is_loaded(self, name: str) -> bool:
         return name in self.loaded
@@ -276,19 +312,21 @@ class Scheduler:
         return entry is not None and entry.active > 0
 
     async def close(self) -> None:
-        """Stop every runner (daemon shutdown)."""
-        for name in list(self.loaded):
-            entry = self.loaded[name]
-            if entry.ready is not None and not entry.ready.done():
-                with contextlib.suppress(BaseException):
-                    await entry.ready
-            await self.unload(name)
+        """Stop every runner (daemon shutdown); loads under way finish, then stop."""
+        self._closing = True
+        while self.loaded or self._tasks:
+            for entry in list(self.loaded.values()):
+                if entry.runner is not None:
+                    self._retire(entry)
+            async with self._changed:
+                self._changed.notify_all()  # loads waiting for room give up
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def running(self) -> list[dict]:
         """/api/ps: the models with a live runner."""
         out = []
         for entry in self.loaded.values():
-            if entry.runner is None:
+            if entry.runner is None or not entry.runner.alive:
                 continue
             expires = entry.expires_at if entry.active == 0 else math.inf
             out.append({"spec": entry.spec, "pid": entry.runner.pid, "active": entry.active,
