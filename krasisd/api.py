@@ -12,11 +12,12 @@ scheduler hands to a runner.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from krasisd.config import parse_duration_s
+from krasisd.config import parse_keep_alive_s
 from krasisd.engine.options import SamplingOptions
 
 
@@ -30,6 +31,20 @@ class ApiError(Exception):
 
 def bad_request(message: str) -> ApiError:
     return ApiError(400, message)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value for an error message: its repr, cut to ``limit`` characters."""
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "an object"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Integers the API passes on are 64-bit (Ollama's Go ints); num_ctx, the context window in
+# tokens, is refused above 2^31 (the runner also caps it at the model's own maximum).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_NUM_CTX = 2**31
 
 
 # ---------------------------------------------------------------- field readers
@@ -56,14 +71,29 @@ def _bool(body: dict, name: str) -> bool | None:
 
 def _number(body: dict, name: str) -> float | None:
     value = _field(body, name, (int, float), "a number")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    if isinstance(value, int):
+        value = _within(name, value, INT64_MIN, INT64_MAX)
+    if not math.isfinite(value):
+        raise bad_request(f"invalid value for {name!r}: expected a finite number, got {value}")
+    return float(value)
 
 
-def _int(body: dict, name: str) -> int | None:
+def _int(body: dict, name: str, low: int = INT64_MIN, high: int = INT64_MAX) -> int | None:
     value = _field(body, name, (int, float), "an integer")
-    if value is not None and value != int(value):
+    if value is None:
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
         raise bad_request(f"invalid value for {name!r}: expected an integer, got {value}")
-    return None if value is None else int(value)
+    return _within(name, int(value), low, high)
+
+
+def _within(name: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise bad_request(f"invalid value for {name!r}: {shown(value, 24)} is out of range "
+                          f"({low} to {high})")
+    return value
 
 
 def as_object(body: Any) -> dict:
@@ -85,21 +115,25 @@ def model_name(body: dict, required: bool = True) -> str | None:
         if required:
             raise bad_request("missing field 'model'")
         return None
-    if ".." in name or not _NAME_RE.match(name):
-        raise bad_request(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', "
-                          "an optional 'org/' prefix and ':tag'")
+    if ".." in name or not _NAME_RE.fullmatch(name):  # fullmatch: no trailing newline either
+        raise bad_request(f"invalid model name {shown(name)}: use letters, digits, '.', '_', "
+                          "'-', an optional 'org/' prefix and ':tag'")
     return name
 
 
 def keep_alive_s(body: dict) -> float | None:
-    """keep_alive: seconds or a duration string; negative = forever; None when unset."""
+    """keep_alive: seconds or a duration string; negative = forever; None when unset.
+
+    Beyond KEEP_ALIVE_FOREVER_AFTER_S (100 years) is forever too, as Ollama treats huge
+    values (``1e308``, ``"99999999999h"``)."""
     value = body.get("keep_alive")
     if value is None:
         return None
     try:
-        return parse_duration_s(value)
-    except ValueError as exc:
-        raise bad_request(f"invalid keep_alive: {exc}") from None
+        return parse_keep_alive_s(value)
+    except ValueError:
+        raise bad_request(f"invalid keep_alive {shown(value)}: use seconds or a duration such "
+                          "as '5m' or '1h30m' (negative: forever)") from None
 
 
 # ---------------------------------------------------------------- options
@@ -107,6 +141,7 @@ def keep_alive_s(body: dict) -> float | None:
 _FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
                   "frequency_penalty")
 _INT_OPTIONS = ("top_k", "repeat_last_n", "seed", "num_predict", "num_ctx")
+_INT_RANGES = {"num_ctx": (1, MAX_NUM_CTX)}
 # Ollama options that krasis accepts and does not use (the engine decides these itself).
 IGNORED_OPTIONS = frozenset({
     "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
@@ -128,11 +163,11 @@ def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
         if key in _FLOAT_OPTIONS:
             values[key] = _number(raw, key)
         elif key in _INT_OPTIONS:
-            values[key] = _int(raw, key)
+            values[key] = _int(raw, key, *_INT_RANGES.get(key, (INT64_MIN, INT64_MAX)))
         elif key == "stop":
             values["stop"] = stop_list(value)
         else:
-            raise bad_request(f"invalid option {key!r}")
+            raise bad_request(f"invalid option {shown(key)}")
     try:
         return SamplingOptions(**values)
     except ValueError as exc:
@@ -157,7 +192,7 @@ def json_format(body: dict) -> str | None:
         return "json"
     if isinstance(value, dict):
         raise bad_request("'format' with a JSON schema is not supported; use \"json\"")
-    raise bad_request(f"invalid value for 'format': {value!r} (supported: \"json\")")
+    raise bad_request(f"invalid value for 'format': {shown(value)} (supported: \"json\")")
 
 
 # ---------------------------------------------------------------- what a runner is asked
@@ -272,8 +307,9 @@ def _openai_options(body: dict, max_tokens_default: int = -1) -> SamplingOptions
     raw["num_predict"] = max_tokens_default if max_tokens is None else max_tokens
     if body.get("stop") is not None:
         raw["stop"] = body["stop"]
-    if (_int(body, "n") or 1) != 1:
-        raise bad_request("only n=1 is supported")
+    n = _int(body, "n")
+    if n is not None and n != 1:
+        raise bad_request(f"only n=1 is supported (one choice per request), got n={n}")
     return sampling_options(raw, base=_OPENAI_BASE)
 
 

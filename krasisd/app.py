@@ -7,7 +7,6 @@ Ollama's ``{"error": "..."}``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from krasisd import routes_inference, routes_models, routes_openai
 from krasisd.api import ApiError
+from krasisd.client_errors import client_message
 from krasisd.config import is_loopback
 from krasisd.context import DAEMON_KEY, Daemon, daemon_of
 from krasisd.runners import RunnerDied, RunnerLoadError, RunnerRequestError
@@ -58,8 +58,10 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and message for an exception a handler raised."""
     import krasis_registry as registry
 
-    if isinstance(exc, (ApiError, RunnerRequestError)):
+    if isinstance(exc, ApiError):
         return exc.status, str(exc)
+    if isinstance(exc, RunnerRequestError):  # its text may come from the engine's libraries
+        return exc.status, client_message(str(exc))
     if isinstance(exc, (registry.InvalidName, registry.PullError)):
         return 400, str(exc)  # PullError: unknown model, not a folder, exists, hub refused
     if isinstance(exc, registry.ModelNotFound):
@@ -69,13 +71,13 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, (QueueFull, NoRoom)):
         return 503, str(exc)
     if isinstance(exc, (registry.RegistryError, RunnerLoadError, RunnerDied)):
-        return 500, str(exc)
+        return 500, client_message(str(exc))
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return 413, f"request body too large: {exc.text} (KRASIS_MAX_BODY)"
     if isinstance(exc, web.HTTPException):
         return exc.status, exc.reason
     log.exception("unexpected error", exc_info=exc)
-    return 500, f"internal error: {exc}"
+    return 500, f"internal error ({type(exc).__name__}); the daemon's log has the details"
 
 
 def error_body(path: str, status: int, message: str) -> dict:
@@ -89,23 +91,23 @@ def error_body(path: str, status: int, message: str) -> dict:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Map every exception to a JSON error with the right status (the one place)."""
+    detail = ""  # the whole text for the log, when the client gets a shorter one
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         status, message = status_for(exc)
-    except json.JSONDecodeError as exc:
-        status, message = 400, f"invalid JSON in request body: {exc}"
-    except UnicodeDecodeError:
-        status, message = 400, "request body is not valid UTF-8"
-    except ConnectionError:
-        raise  # the client went away mid-response: there is nobody to answer
     except Exception as exc:  # noqa: BLE001 - every error becomes a response
+        if isinstance(exc, ConnectionError) and _client_gone(request):
+            # Nobody to answer; the request line logs status 499. Re-raising would make
+            # aiohttp log a traceback at ERROR for every client that leaves mid-stream.
+            return web.Response(status=499)
         status, message = status_for(exc)
+        detail = str(exc)
     if status >= 500:
         log.warning("request failed", extra={"path": request.path, "status": status,
-                                             "error": message})
+                                             "error": detail or message})
     return web.json_response(error_body(request.path, status, message), status=status)
 
 
@@ -122,6 +124,11 @@ async def log_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         log.info("request", extra={"method": request.method, "path": request.path,
                                    "status": status,
                                    "duration_ms": round((time.monotonic() - started) * 1000, 1)})
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 # ------------------------------------------------------------------ guards

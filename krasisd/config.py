@@ -24,6 +24,12 @@ from krasisd.address import format_address, host_name, parse_host
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_DEFAULT_S = 30 * 60.0
+# A keep-alive longer than this is forever (as Ollama treats huge values): a model kept for
+# centuries is kept forever, and no date or timer overflows computing when it unloads.
+KEEP_ALIVE_FOREVER_AFTER_S = 100 * 365 * 24 * 3600.0
+MAX_CONNECTIONS_DEFAULT = 2048
+HEADER_TIMEOUT_DEFAULT_S = 30.0
+BODY_TIMEOUT_DEFAULT_S = 60.0
 DEFAULT_RUNNER_LOADER = "krasisd.engine.serving:load_for_serving"
 # Where a hybrid GPU+CPU load takes its dense linears from (KRASIS_GPU_DENSE; load_hybrid's
 # ``dense``): the CPU cache's quantized copies, or the checkpoint's bf16 weights. The one list,
@@ -58,6 +64,13 @@ def parse_duration_s(value: Any) -> float:
     if seconds != seconds:  # NaN
         raise ValueError(f"invalid duration {value!r}")
     return float("inf") if seconds < 0 else seconds
+
+
+def parse_keep_alive_s(value: Any) -> float:
+    """A keep-alive duration (parse_duration_s); one beyond KEEP_ALIVE_FOREVER_AFTER_S is
+    forever (``inf``), so every stored keep-alive is finite and small, or ``inf``."""
+    seconds = parse_duration_s(value)
+    return float("inf") if seconds > KEEP_ALIVE_FOREVER_AFTER_S else seconds
 
 
 def _parse_go_duration_s(text: str) -> float:
@@ -172,6 +185,9 @@ class Config:
     device: str = "auto"
     gpu_dense: str = DEFAULT_GPU_DENSE  # one of GPU_DENSE_WEIGHTS
     max_body_bytes: int = 16 * 1024 * 1024
+    max_connections: int = MAX_CONNECTIONS_DEFAULT  # more get HTTP 503 at once
+    header_timeout_s: float = HEADER_TIMEOUT_DEFAULT_S  # a connection without a request's headers
+    body_timeout_s: float = BODY_TIMEOUT_DEFAULT_S  # a request body must arrive within this
     load_timeout_s: float = 600.0
     room_timeout_s: float = 600.0  # a load's wait for a busy model to become idle
     log_level: str = "INFO"
@@ -272,6 +288,14 @@ def _positive_duration(raw: Any) -> float:
     return value
 
 
+def _timeout(raw: Any) -> float:
+    """A positive, finite duration (a timeout must end)."""
+    value = _positive_duration(raw)
+    if value == float("inf"):
+        raise ValueError("must be a finite duration")
+    return value
+
+
 class ConfigError(ValueError):
     """A setting the daemon must not start with; the message names it and says why."""
 
@@ -352,7 +376,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         allow_remote=read.get("KRASIS_ALLOW_REMOTE", False, _bool),
         allowed_hosts=read.get("KRASIS_ALLOWED_HOSTS", [], _host_names),
         origins=read.get("KRASIS_ORIGINS", [], _list),
-        keep_alive_s=read.get("KRASIS_KEEP_ALIVE", KEEP_ALIVE_DEFAULT_S, parse_duration_s),
+        keep_alive_s=read.get("KRASIS_KEEP_ALIVE", KEEP_ALIVE_DEFAULT_S, parse_keep_alive_s),
         max_queue=read.get("KRASIS_MAX_QUEUE", 512, _int_at_least(1)),
         max_loaded=read.get("KRASIS_MAX_LOADED", 2, _int_at_least(1)),
         num_parallel=read.get("KRASIS_NUM_PARALLEL", 4, _num_parallel_text),
@@ -364,6 +388,10 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         device=read.get("KRASIS_DEVICE", "auto", _choice("auto", "cpu", "cuda")),
         gpu_dense=read.get("KRASIS_GPU_DENSE", DEFAULT_GPU_DENSE, gpu_dense_value),
         max_body_bytes=read.get("KRASIS_MAX_BODY", 16 * 1024 * 1024, parse_size_bytes),
+        max_connections=read.get("KRASIS_MAX_CONNECTIONS", MAX_CONNECTIONS_DEFAULT,
+                                 _int_at_least(1)),
+        header_timeout_s=read.get("KRASIS_HEADER_TIMEOUT", HEADER_TIMEOUT_DEFAULT_S, _timeout),
+        body_timeout_s=read.get("KRASIS_BODY_TIMEOUT", BODY_TIMEOUT_DEFAULT_S, _timeout),
         load_timeout_s=read.get("KRASIS_LOAD_TIMEOUT", 600.0, _positive_duration),
         room_timeout_s=read.get("KRASIS_ROOM_TIMEOUT", 600.0, _positive_duration),
         log_level=read.get("KRASIS_LOG_LEVEL", "INFO",

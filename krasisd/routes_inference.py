@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from krasisd import api
+from krasisd import api, request_body
 from krasisd.context import Daemon, daemon_of
 from krasisd.runners import ModelSpec
 from krasisd.streaming import collect, stream_ndjson
@@ -24,12 +23,8 @@ def now_iso() -> str:
 
 
 async def read_json(request: web.Request) -> dict:
-    """The request body as a JSON object (400 if it is not one)."""
-    return api.as_object(await request.json(loads=_strict_loads))
-
-
-def _strict_loads(text: str):
-    return json.loads(text) if text.strip() else {}
+    """The request body as a JSON object, within KRASIS_BODY_TIMEOUT (request_body.read_json)."""
+    return await request_body.read_json(request, daemon_of(request).config.body_timeout_s)
 
 
 async def runner_events(daemon: Daemon, spec: ModelSpec,

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from krasisd import api
+from krasisd.client_errors import error_message
 from krasisd.context import daemon_of
 from krasisd.routes_inference import read_json, runner_events
-from krasisd.streaming import collect, error_message, stream_sse
+from krasisd.streaming import collect, stream_sse
 
 _FINISH = {"stop": "stop", "length": "length", "cancel": "stop"}
 

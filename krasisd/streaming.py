@@ -16,14 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from krasisd.client_errors import error_message
+
 log = logging.getLogger(__name__)
 
 _NDJSON = "application/x-ndjson"
-
-
-def error_message(exc: BaseException) -> str:
-    """The text a client sees for an error raised mid-stream."""
-    return str(exc) or type(exc).__name__
 
 
 async def _first(events: AsyncIterator[Any]) -> tuple[bool, Any]:
@@ -73,7 +70,7 @@ async def _write_all(response, first, events, encode, encode_error) -> bool:
     except (ConnectionError, OSError):
         raise  # the client went away: nothing more can be sent
     except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an error event
-        log.warning("stream ended with an error", extra={"error": error_message(exc)})
+        log.warning("stream ended with an error", extra={"error": str(exc) or repr(exc)})
         await response.write(encode_error(exc))
         return False
     return True

@@ -53,10 +53,13 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self._live().model.embed_tokens.weight.dtype
 
-    def _live(self) -> CausalLM:
+    def live_model(self) -> CausalLM:
+        """The model; raises KrasisEngineError once the engine is closed."""
         if self.closed:
             raise KrasisEngineError("the engine is closed")
         return self.model
+
+    _live = live_model  # the former name, while callers move to the public one
 
     def new_cache(self, max_tokens: int) -> KVCache:
         """An empty KV cache with room for ``max_tokens`` tokens."""
@@ -133,9 +136,7 @@ class Engine:
         """Release the weights and the backend; later calls raise KrasisEngineError."""
         if self.closed:
             return
-        close = getattr(self.expert_backend, "close", None)
-        if callable(close):
-            close()
+        self.expert_backend.close()
         self.closed = True
         self.model = None
         self.expert_backend = None
@@ -165,7 +166,7 @@ def load(model_dir: str | Path, quant: str = "none", device: str = "cpu",
     backend = None
     if quant != "none":  # the CPU cache first: it says which dense weights need no reading
         backend = _native_backend(model_dir, read_config(model_dir), quant, cache_dir, threads)
-    stored = dict(getattr(backend, "dense", None) or {}) if dense_from_cache else {}
+    stored = dict(backend.dense) if dense_from_cache and backend is not None else {}
     loaded = load_model(model_dir, torch_dtype, with_experts=quant == "none", device=target,
                         skip_linears=stored)
     model = loaded.model
@@ -209,17 +210,11 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _native_backend(model_dir: Path, config: ModelConfig, quant: str, cache_dir, threads):
+    from krasisd.engine.native_experts import create_backend
+
     try:
-        native = importlib.import_module("krasisd.engine.native_experts")
-    except ImportError as exc:
-        raise ValueError(f"quant={quant!r} needs the native CPU experts, "
-                         f"which are not available: {exc}") from exc
-    factory = getattr(native, "create_backend", None)
-    if factory is None:
-        raise ValueError(f"quant={quant!r}: krasisd.engine.native_experts has no create_backend()")
-    try:
-        return factory(model_dir=model_dir, config=config, quant=quant, cache_dir=cache_dir,
-                       threads=threads)
+        return create_backend(model_dir=model_dir, config=config, quant=quant,
+                              cache_dir=cache_dir, threads=threads)
     except (ValueError, KrasisEngineError):
         raise
     except Exception as exc:  # e.g. the expert cache cannot be built or read
@@ -232,7 +227,7 @@ def _quantize_dense(model: CausalLM, quant: str, backend) -> None:
     dense_quant = importlib.import_module("krasisd.engine.dense_quant")
     bits = BITS[quant]
     dense_quant.quantize_dense_linears(model, bits, runner=backend.runner,
-                                       stored=getattr(backend, "dense", None))  # from the cache
+                                       stored=backend.dense)  # from the cache
 
 
 def _load_tokenizer(model_dir: Path):

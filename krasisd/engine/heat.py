@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from krasisd.engine.experts import ExpertBackend
+
 log = logging.getLogger(__name__)
 
 # Varied on purpose (prose, code, maths, dialogue, lists, other languages): routing differs by domain.
@@ -115,18 +117,26 @@ def check_heat(heat: dict, moe_layers, num_experts: int) -> dict[int, list[int]]
     return out
 
 
-class HeatRecorder:
-    """ExpertBackend wrapper: records each call's routes in ``heat``, then delegates."""
+class HeatRecorder(ExpertBackend):
+    """An ExpertBackend around another: records each call's routes in ``heat``, then
+    delegates the call and the rest of the contract."""
 
-    def __init__(self, backend, heat: ExpertHeat):
+    def __init__(self, backend: ExpertBackend, heat: ExpertHeat):
         self.backend, self.heat = backend, heat
 
     def __call__(self, layer_idx, x, topk_ids, topk_weights):
         self.heat.record(layer_idx, topk_ids)
         return self.backend(layer_idx, x, topk_ids, topk_weights)
 
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
+    def begin_forward(self, num_tokens: int, top_k: int) -> None:
+        self.backend.begin_forward(num_tokens, top_k)
+
+    @property
+    def dense(self):
+        return self.backend.dense
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def moe_layers_of(config) -> list[int]:

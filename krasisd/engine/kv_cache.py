@@ -16,7 +16,12 @@ from krasisd.engine.config import ModelConfig
 
 
 class KVCache:
-    """Common bookkeeping: capacity and the number of tokens already cached."""
+    """Common bookkeeping: capacity and the number of tokens already cached.
+
+    ``compressed`` says the kind: True for MLA's latent cache (``entries``), False for GQA's
+    keys and values; callers read it instead of looking for attributes."""
+
+    compressed = False
 
     def __init__(self, max_tokens: int):
         if max_tokens < 1:
@@ -47,12 +52,19 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
+    def storage_key(self) -> int:
+        """Tells caches apart by their storage: handles that share the tensors (copies made by
+        ``copy.copy``) have the same key."""
+        return self._tensors()[0].data_ptr()
+
     def _tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
 
 class MLAKVCache(KVCache):
     """Per token and layer: kv_lora_rank latent values + qk_rope_head_dim rotated key values."""
+
+    compressed = True
 
     def __init__(self, num_layers: int, max_tokens: int, width: int, dtype, device):
         super().__init__(max_tokens)

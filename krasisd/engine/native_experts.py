@@ -14,6 +14,7 @@ import torch
 
 from krasisd.engine.cache_files import engine_cache_dir, load_or_build
 from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
+from krasisd.engine.experts import ExpertBackend
 from krasisd.engine.quant import BITS, DEFAULT_GROUP_SIZE, pick_group_size, quantize
 
 __all__ = ["DEFAULT_GROUP_SIZE", "NativeExperts", "NativeLinear", "create_backend",
@@ -30,7 +31,7 @@ def _native():
     return krasis_native
 
 
-class NativeExperts:
+class NativeExperts(ExpertBackend):
     """ExpertBackend over a CpuCache; ``threads`` defaults to usable cores minus one."""
 
     def __init__(self, cache: CpuCache, threads: int | None = None):

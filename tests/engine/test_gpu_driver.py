@@ -74,3 +74,18 @@ def test_driver_rejects_bad_chunk(tiny):
     _, model, _ = tiny
     with pytest.raises(ValueError):
         prefill_logits(model, torch.tensor([1, 2]), chunk_tokens=0)
+
+
+def test_sdpa_preference_keeps_an_enclosing_exclusion():
+    """The driver prefers cuDNN among the backends the caller allows: a caller (such as the
+    GPU test that forbids the math backend) keeps its exclusion inside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from krasisd.engine.gpu.driver import sdpa_backends
+
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        with sdpa_backends():
+            assert not torch.backends.cuda.math_sdp_enabled()
+            assert torch.backends.cuda.mem_efficient_sdp_enabled()
+    with sdpa_backends():
+        assert torch.backends.cuda.math_sdp_enabled()

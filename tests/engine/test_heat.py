@@ -6,7 +6,7 @@ import torch
 
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.engine import Engine
-from krasisd.engine.experts import TorchExperts
+from krasisd.engine.experts import ExpertBackend, TorchExperts
 from krasisd.engine.gpu.format import QuantSpec
 from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.hybrid import HybridExperts
@@ -97,7 +97,30 @@ def test_recorder_counts_and_returns_the_backend_result(engine):
     ids, weights = torch.tensor([[0, 1], [2, 3], [0, 7]]), torch.rand(3, 2)
     torch.testing.assert_close(recorder(1, x, ids, weights), backend(1, x, ids, weights))
     assert heat.as_dict()[1] == [2, 1, 1, 1, 0, 0, 0, 1]
-    assert recorder.weights is backend.weights  # other attributes pass through
+
+
+def test_recorder_passes_the_backend_contract_through():
+    """A wrapped backend still gets the prefill hook and the close, and shows its dense
+    linears: the recorder implements the whole ExpertBackend contract."""
+    calls = []
+
+    class Backend(ExpertBackend):
+        dense = {"lm_head": "stored"}
+
+        def __call__(self, layer_idx, x, topk_ids, topk_weights):
+            return x
+
+        def begin_forward(self, num_tokens, top_k):
+            calls.append(("begin", num_tokens, top_k))
+
+        def close(self):
+            calls.append(("close",))
+
+    recorder = HeatRecorder(Backend(), ExpertHeat([1], 4))
+    recorder.begin_forward(9, 2)
+    assert recorder.dense == {"lm_head": "stored"}
+    recorder.close()
+    assert calls == [("begin", 9, 2), ("close",)]
 
 
 def test_calibration_routes_every_prompt_token(engine):

@@ -177,3 +177,25 @@ def test_rotary_tables_into_given_buffers_and_one_copy_per_device():
     assert torch.equal(out[0], cos) and torch.equal(out[1], sin)
     assert rotary.inv_freq_on("meta") is rotary.inv_freq_on(torch.device("meta"))
     assert rotary.inv_freq_on("cpu") is rotary.inv_freq
+
+
+def test_prefill_attention_is_4d_and_contiguous(pair, monkeypatch):
+    """The form in which a fused SDPA backend (cuDNN, memory-efficient, flash) can take
+    prefill attention on the GPU: [B, H, T, D] with contiguous inputs (3-D inputs take the
+    math backend there, which materializes the [H, T, S] scores)."""
+    _, engine = pair
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        seen.append([(t.dim(), t.is_contiguous()) for t in (q, k, v)])
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    ids = prompt(12, seed=3)
+    cache = engine.new_cache(16)
+    engine.forward(ids[:8], cache)  # no cached prefix: causal
+    engine.forward(ids[8:], cache)  # after a cached prefix: a mask
+    layers = engine.config.num_hidden_layers
+    assert len(seen) == 2 * layers
+    assert all(call == [(4, True)] * 3 for call in seen)

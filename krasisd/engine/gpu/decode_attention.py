@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from krasisd.engine.gpu import fused as kernels
 from krasisd.engine.gpu.mla_decode import mla_decode_attention
+from krasisd.engine.models.deepseek import MLAttention
 
 
 @dataclass
@@ -93,7 +94,7 @@ def mla_rows(attn, x: torch.Tensor, entries: list[torch.Tensor], positions: torc
 
 def rows_fit(attn, entries: torch.Tensor) -> bool:
     """Whether ``mla_rows`` takes this layer (MLA, on CUDA, a half-precision cache)."""
-    return (hasattr(attn, "absorbed_weights") and entries.device.type == "cuda"
+    return (isinstance(attn, MLAttention) and entries.device.type == "cuda"
             and _flash_fits(entries))
 
 
@@ -104,8 +105,8 @@ def _flash_fits(entries: torch.Tensor) -> bool:
 
 def _mla_query(attn, x, entries, at: Position) -> torch.Tensor:
     """The torch reference: writes the entry, returns the absorbed query [H, C + R]."""
-    q_nope, q_rope = attn._query(x, at.cos, at.sin)  # [1, H, N], [1, H, R]
-    entries.index_copy_(0, at.pos, attn._latent(x, at.cos, at.sin))
+    q_nope, q_rope = attn.query(x, at.cos, at.sin)  # [1, H, N], [1, H, R]
+    entries.index_copy_(0, at.pos, attn.latent(x, at.cos, at.sin))
     w_uk, _ = attn.absorbed_weights()  # [H, N, C]
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, 1, C]
     q_full = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1)  # [H, 1, C + R]
@@ -116,10 +117,10 @@ def _mla_projections(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """MLA's query and compressed key/value projections of x [T, D]: q [T, H (N + R)],
     kv [T, C + R] (both in one launch where the layer has q_proj and no kv bias)."""
     kv_a = attn.kv_a_proj_with_mqa
-    if hasattr(attn, "q_proj") and kv_a.bias is None:
+    if attn.q_lora_rank is None and kv_a.bias is None:
         qkv = kernels.project(attn, "_q_kv_weight", (attn.q_proj, kv_a), x)
         return qkv.split([attn.q_proj.out_features, kv_a.out_features], dim=1)
-    if hasattr(attn, "q_proj"):
+    if attn.q_lora_rank is None:
         q = attn.q_proj(x)
     else:
         q = attn.q_b_proj(norm(attn.q_a_layernorm, attn.q_a_proj(x), fused=True))

@@ -36,11 +36,13 @@ import torch
 
 from krasisd.config import GPU_DENSE_WEIGHTS as DENSE_WEIGHTS  # load_hybrid's dense values
 from krasisd.engine.engine import Engine
+from krasisd.engine.experts import SplitExpertBackend
 from krasisd.engine.gpu import decode_attention as attention
 from krasisd.engine.gpu import fused
 from krasisd.engine.gpu.hybrid import HybridExperts
 from krasisd.engine.heat import ExpertHeat, replace_experts
 from krasisd.engine.kv_cache import KVCache, new_kv_cache
+from krasisd.engine.loop import decode_one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,9 @@ class DecodeStep:
         self.fused = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         self._fused_router = self.fused and fused.fusable_router(self.config)
         self.min_bucket = min_bucket
-        self.heat = getattr(self.backend, "heat", None)
-        self._hybrid = hasattr(self.backend, "gpu_part") and hasattr(self.backend, "submit_cpu")
-        self.generation = getattr(self.backend, "generation", 0)
+        self._hybrid = isinstance(self.backend, SplitExpertBackend)
+        self.heat = self.backend.heat if self._hybrid else None
+        self.generation = self.backend.generation if self._hybrid else 0
         dev, hidden = self.device, self.config.hidden_size
         self.ids = torch.zeros(1, dtype=torch.long, device=dev)  # [1]
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # [1]
@@ -104,7 +106,8 @@ class DecodeStep:
         half = model.rotary.inv_freq_on(dev).shape[0]  # copied to the device here, once
         self.cos = torch.zeros(1, half, dtype=torch.float32, device=dev)  # [1, R/2]
         self.sin = torch.zeros_like(self.cos)
-        self.staging = self.backend.staging(1, k) if self._hybrid and self.backend.cpu else None
+        self.staging = self.backend.staging(1, k) if (
+            self._hybrid and self.backend.cpu is not None) else None
         # recorded inside a graph after the hand-off copies: the host waits for it while the
         # rest of the piece (GPU and shared experts) runs; one replay per layer, not two
         self.handoff = torch.cuda.Event(external=True) if dev.type == "cuda" else None
@@ -143,7 +146,7 @@ class DecodeStep:
     def _fold_shared(self, layer):
         """The layer's shared experts in moe_gemv's form, or None (run as an MLP)."""
         if not (self._hybrid and self.fused and layer.is_moe
-                and hasattr(layer.mlp, "shared_experts")):
+                and layer.mlp.shared_experts is not None):
             return None
         return self.backend.shared_experts(layer.layer_idx, layer.mlp.shared_experts,
                                            self.topk_ids.numel())
@@ -296,7 +299,8 @@ class DecodeStep:
     def _shared_mlp(self, layer) -> bool:
         """Whether the layer's shared experts run as their own MLP (not inside the resident
         experts' kernels)."""
-        return hasattr(layer.mlp, "shared_experts") and self._folded[layer.layer_idx] is None
+        return (layer.is_moe and layer.mlp.shared_experts is not None
+                and self._folded[layer.layer_idx] is None)
 
     def _shared(self, layer) -> tuple:
         """The shared experts' output as a [1, D] delta, or no delta."""
@@ -325,11 +329,15 @@ class HybridEngine(Engine):
     longer referenced, so a new request replays the graphs already captured for it.
     """
 
-    POOLED_CACHES = 2  # caches kept for reuse, with their graphs; BatchingEngine raises it
+    POOLED_CACHES = 2  # caches kept for reuse, with their graphs; plan_sequences raises it
+    grow_kv_caches = False  # a DecodeStep binds to its cache's storage
 
     def __init__(self, *args, use_graphs: bool = True, fused_kernels: bool | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        if not isinstance(self.expert_backend, SplitExpertBackend):
+            raise TypeError("HybridEngine needs a SplitExpertBackend (HybridExperts), got "
+                            f"{type(self.expert_backend).__name__}")
         self.use_graphs = use_graphs
         self.fused_kernels = fused_kernels  # None: on CUDA (see DecodeStep)
         self._pool: list[tuple[KVCache, weakref.ref]] = []  # (storage, its current handle)
@@ -361,14 +369,23 @@ class HybridEngine(Engine):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return self._step_for(cache)(token, cache)[None, :]  # [1, V]
 
+    def decode_batch(self, token_ids: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of B sequences: [B, V]. They run one by one through the graph
+        path for now: batched eager steps (batched_decode) measured slower than one-token
+        graph replays on the GPU (8 streams: 110 vs 349 tok/s)."""
+        return decode_one_by_one(self, token_ids, caches)
+
+    def plan_sequences(self, max_sequences: int) -> None:
+        """Keep a pooled cache (and its graphs) for each sequence decoding at once."""
+        self.pooled_caches = max(self.pooled_caches, max_sequences)
+
     def _step_for(self, cache: KVCache) -> DecodeStep:
         key = _storage_key(cache)
         step = self._steps.get(key)
-        generation = getattr(self.expert_backend, "generation", 0)
-        if step is None or step.generation != generation:
+        if step is None or step.generation != self.expert_backend.generation:
             if len(self._steps) >= self.pooled_caches + 1:
                 self._steps.clear()
-            step = DecodeStep(self._live(), cache, use_graphs=self.use_graphs,
+            step = DecodeStep(self.live_model(), cache, use_graphs=self.use_graphs,
                               fused_kernels=self.fused_kernels)
             self._steps[key] = step
         return step
@@ -376,7 +393,7 @@ class HybridEngine(Engine):
     def rebalance(self, min_gain: float = 0.02) -> dict:
         """Re-place GPU experts by the heat recorded so far (call between requests)."""
         backend = self.expert_backend
-        if getattr(backend, "heat", None) is None:
+        if backend.heat is None:
             raise ValueError("this engine records no expert heat")
         return replace_experts(backend, backend.heat.as_dict(), min_gain=min_gain)
 
@@ -391,10 +408,7 @@ def _single_token(input_ids) -> int | None:
 
 
 def _storage_key(cache: KVCache) -> int:
-    tensor = getattr(cache, "entries", None)
-    if tensor is None:
-        tensor = cache.keys
-    return tensor.data_ptr()
+    return cache.storage_key()
 
 
 def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,

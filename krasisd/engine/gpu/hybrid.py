@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from krasisd.engine.experts import SplitExpertBackend
 from krasisd.engine.gpu import tuning
 from krasisd.engine.gpu.dense_decode import moe_shared
 from krasisd.engine.gpu.moe_decode import (
@@ -85,8 +86,8 @@ class Pending:
     staging: HostStaging | None
 
 
-class HybridExperts:
-    """ExpertBackend: resident experts on the GPU and the others on the CPU, concurrently."""
+class HybridExperts(SplitExpertBackend):
+    """Resident experts on the GPU and the others on the CPU, concurrently."""
 
     def __init__(self, gpu, cpu, device=None, use_gpu_experts: bool = True,
                  max_decode_tokens: int = DEFAULT_MAX_DECODE_TOKENS, cpu_thread: bool = True,
@@ -134,7 +135,7 @@ class HybridExperts:
             self.resident_np[layer] = mask
             self._resident_dev[layer] = torch.from_numpy(mask).to(self.device)  # [E] bool
             if mask.any():
-                self._slot_map[layer] = self.gpu._resident_tensor[layer]  # [E] int32 arena slot
+                self._slot_map[layer] = self.gpu.resident_slot_map(layer)  # [E] int32 arena slot
                 self._gemv_slots[layer] = resident_slots(self._slot_map[layer],
                                                          self._resident_dev[layer])
 
@@ -321,9 +322,8 @@ class HybridExperts:
             self._pool.shutdown(wait=True)
             self._pool = None
         for backend in (self.gpu, self.cpu):
-            close = getattr(backend, "close", None)
-            if callable(close):
-                close()
+            if backend is not None:
+                backend.close()
 
 
 _ALL_ROUTES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from krasisd.engine.experts import ExpertBackend
 from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.placement import PlacementPlan
 
@@ -56,7 +57,7 @@ def expected_routed_fraction(num_tokens: int, top_k: int, num_experts: int) -> f
     return 1.0 - (1.0 - top_k / num_experts) ** num_tokens
 
 
-class GpuExperts:
+class GpuExperts(ExpertBackend):
     """ExpertBackend: resident experts plus double-buffered streaming from pinned memory."""
 
     def __init__(self, host: HostExperts, plan: PlacementPlan, device, impl: str | None = None,
@@ -114,6 +115,10 @@ class GpuExperts:
         }
 
     # -- copies ---------------------------------------------------------------------------
+
+    def resident_slot_map(self, layer: int) -> torch.Tensor:
+        """[E] int32: the arena slot of each of the layer's resident experts (0 elsewhere)."""
+        return self._resident_tensor[layer]
 
     def _slot_map(self, layer: int, expert_ids: list[int], half: int) -> torch.Tensor:
         slot_of = list(self._resident_slots[layer])
@@ -183,7 +188,7 @@ class GpuExperts:
     def prefetch(self, layer_idx: int, topk_ids: torch.Tensor | None = None) -> None:
         """Start copying ``layer_idx``'s streamed experts: those ``topk_ids`` route to, or all.
 
-        Optional hook: the model may call it right after routing (subset) or earlier (all).
+        The model may call it right after routing (subset) or earlier (all).
         """
         if layer_idx in self._pending or not self._streamed.get(layer_idx):
             return
@@ -195,7 +200,7 @@ class GpuExperts:
         self._pending[layer_idx] = self._start_transfer(layer_idx, ids)
 
     def begin_forward(self, num_tokens: int, top_k: int) -> None:
-        """Optional hook before a forward pass: start the first MoE layer's copy early."""
+        """Before a forward pass: start the first MoE layer's copy early."""
         self._pending.clear()  # nothing left over from an interrupted pass
         self._current = None
         if self.moe_layers and self._wants_full_copy(num_tokens, top_k):

@@ -134,6 +134,13 @@ def causal_mask(num_new: int, num_total: int, device: torch.device) -> torch.Ten
     return key_pos[None, :] <= query_pos[:, None]
 
 
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, Dh] -> contiguous [1, H, T, Dh]: the 4-D form in which scaled_dot_product_attention
+    can take a fused backend on the GPU (cuDNN, memory-efficient, flash); 3-D inputs fall back
+    to the math backend, which materializes the [H, T, S] scores."""
+    return x.transpose(0, 1).unsqueeze(0).contiguous()
+
+
 class CausalLM(nn.Module):
     """embed -> decoder layers -> norm -> lm_head. Subclasses build ``self.model.layers``.
 
@@ -200,5 +207,9 @@ class DecoderLayer(nn.Module):
         h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache)
         return h + self._ffn(self.post_attention_layernorm(h), backend)
 
-    def _ffn(self, x: torch.Tensor, backend) -> torch.Tensor:
+    def ffn(self, x: torch.Tensor, backend) -> torch.Tensor:
+        """The feed-forward part of normed x [T, D]: the dense MLP, or the MoE block with its
+        routed experts through ``backend``."""
         return self.mlp(x, backend) if self.is_moe else self.mlp(x)
+
+    _ffn = ffn  # the former name, while callers move to the public one

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from krasisd.engine.config import ModelConfig
-from krasisd.engine.models.common import CausalLM, DecoderLayer, DenseMLP, RMSNorm, causal_mask
+from krasisd.engine.models.common import (
+    CausalLM,
+    DecoderLayer,
+    DenseMLP,
+    RMSNorm,
+    causal_mask,
+    heads_first,
+)
 from krasisd.engine.models.moe import SparseMoe
 
 
@@ -33,6 +40,7 @@ class MLAttention(nn.Module):
         self.scale = config.attention_scale
         q_out = self.num_heads * config.qk_head_dim
         bias = config.attention_bias
+        self.q_lora_rank = config.q_lora_rank  # None: one q_proj; else q_a_proj, norm, q_b_proj
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
         else:
@@ -60,9 +68,9 @@ class MLAttention(nn.Module):
                               w_uv.transpose(1, 2).contiguous())
         return self._absorbed[1], self._absorbed[2]
 
-    def _query(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> q_nope [T, H, N], rotated q_rope [T, H, R]."""
-        if hasattr(self, "q_proj"):
+        if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -70,10 +78,12 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, self.rotary.apply(q_rope, cos, sin)
 
-    def _latent(self, x, cos, sin) -> torch.Tensor:
+    def latent(self, x, cos, sin) -> torch.Tensor:
         """x [T, D] -> cache entries [T, C + R]: normalised latent, then rotated shared key."""
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], -1)
         return torch.cat([self.kv_a_layernorm(kv_latent), self.rotary.apply(k_rope, cos, sin)], -1)
+
+    _query, _latent = query, latent  # the former names, while callers move to the public ones
 
     def _cached(self, latent: torch.Tensor, cache) -> torch.Tensor:
         if cache is None:
@@ -83,8 +93,8 @@ class MLAttention(nn.Module):
     def prefill(self, x, cos, sin, cache) -> torch.Tensor:
         """x [T, D] -> [T, D], expanding every cached latent into per-head K and V."""
         num_new = x.shape[0]
-        q_nope, q_rope = self._query(x, cos, sin)
-        entries = self._cached(self._latent(x, cos, sin), cache)  # [S, C + R]
+        q_nope, q_rope = self.query(x, cos, sin)
+        entries = self._cached(self.latent(x, cos, sin), cache)  # [S, C + R]
         kv_latent, k_rope = entries.split([self.latent_dim, self.rope_dim], dim=-1)
         num_total = entries.shape[0]
         kv = self.kv_b_proj(kv_latent).view(num_total, self.num_heads, -1)  # [S, H, N + Dv]
@@ -96,16 +106,16 @@ class MLAttention(nn.Module):
         else:
             mask, is_causal = causal_mask(num_new, num_total, x.device), False
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [H, T|S, *]
+            heads_first(q), heads_first(k), heads_first(v),  # [1, H, T|S, *]
             attn_mask=mask, is_causal=is_causal, scale=self.scale,
-        )  # [H, T, Dv]
+        )[0]  # [H, T, Dv]
         return self.o_proj(out.transpose(0, 1).reshape(num_new, -1))
 
     def decode(self, x, cos, sin, cache) -> torch.Tensor:
         """x [T, D] -> [T, D], attending over the compressed cache in absorbed form."""
         num_new = x.shape[0]
-        q_nope, q_rope = self._query(x, cos, sin)  # [T, H, N], [T, H, R]
-        entries = self._cached(self._latent(x, cos, sin), cache)  # [S, C + R]
+        q_nope, q_rope = self.query(x, cos, sin)  # [T, H, N], [T, H, R]
+        entries = self._cached(self.latent(x, cos, sin), cache)  # [S, C + R]
         num_total = entries.shape[0]
         w_uk, w_uv_t = self.absorbed_weights()  # [H, N, C], [H, C, Dv]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, C]

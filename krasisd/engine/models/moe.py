@@ -22,6 +22,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(
             torch.zeros(config.n_routed_experts, config.hidden_size), requires_grad=False
         )
+        self.e_score_correction_bias: nn.Parameter | None = None  # noaux_tc routing only
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(config.n_routed_experts), requires_grad=False
@@ -42,8 +43,7 @@ class Router(nn.Module):
         """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
         logits = F.linear(x.float(), self.weight32())  # [T, E]
         scores = logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(-1)
-        bias = getattr(self, "e_score_correction_bias", None)
-        topk_ids = select_experts(self.config, scores, bias)
+        topk_ids = select_experts(self.config, scores, self.e_score_correction_bias)
         return topk_ids, scale_weights(self.config, scores.gather(1, topk_ids))
 
 
@@ -96,6 +96,7 @@ class SparseMoe(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = Router(config)
+        self.shared_experts: DenseMLP | None = None  # always-on experts, when the model has them
         if config.n_shared_experts:
             shared_size = config.moe_intermediate_size * config.n_shared_experts
             self.shared_experts = DenseMLP(config.hidden_size, shared_size)
@@ -105,6 +106,6 @@ class SparseMoe(nn.Module):
             raise RuntimeError("no expert backend is attached to the model")
         topk_ids, topk_weights = self.gate(x)  # [T, K], [T, K]
         out = backend(self.layer_idx, x, topk_ids, topk_weights)  # [T, D]
-        if hasattr(self, "shared_experts"):
+        if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

@@ -45,9 +45,12 @@ class GQAttention(nn.Module):
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        """q [H, T, Dh], k and v [Hkv, S, Dh] -> [T, D]; 4-D and contiguous, the form in which
+        a fused SDPA backend can take it on the GPU."""
+        q4, k4, v4 = (t.unsqueeze(0).contiguous() for t in (q, k, v))  # [1, H|Hkv, T|S, Dh]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
-        )  # [H, T, Dh]
+            q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=True
+        )[0]  # [H, T, Dh]
         return self.o_proj(out.transpose(0, 1).reshape(q.shape[1], -1))
 
     def prefill(self, x, cos, sin, cache) -> torch.Tensor:
