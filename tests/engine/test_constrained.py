@@ -1,0 +1,214 @@
+"""Grammar-constrained decoding (krasisd.engine.constrained): the bundled krasis-tiny's answers
+under a JSON schema always parse and validate, over several seeds; bad schemas are clear
+ValueErrors; the bitmask is applied exactly; only generated tokens reach the matcher."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import krasis_registry
+import numpy as np
+import pytest
+import torch
+
+from krasisd.engine.chat import encode_chat
+from krasisd.engine.constrained import (
+    MAX_WHITESPACE,
+    GrammarPick,
+    apply_bitmask,
+    format_grammar,
+    generate_constrained,
+    json_object_grammar,
+    json_schema_grammar,
+    response_format_grammar,
+)
+from krasisd.engine.options import SamplingOptions
+
+MODEL_DIR = pathlib.Path(krasis_registry.__file__).parent / "bundled" / "krasis-tiny"
+ROLES = ["admin", "user", "guest"]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "score": {"type": "number"},
+        "active": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "role": {"enum": ROLES},
+    },
+    "required": ["name", "age", "active", "tags", "role"],
+    "additionalProperties": False,
+}
+SAMPLED = dict(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from krasisd.engine import load
+
+    torch.set_num_threads(1)
+    engine = load(MODEL_DIR, quant="none", device="cpu", threads=1, dtype=torch.float32)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def prompt(engine):
+    return encode_chat(engine.tokenizer, [
+        {"role": "user", "content": "Describe a user as JSON with name, age and tags."}])
+
+
+def _answer(engine, prompt, grammar, **options):
+    chunks = list(generate_constrained(
+        engine, prompt, SamplingOptions(num_ctx=2048, num_predict=600, **options), grammar))
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+def _check_against_schema(value) -> None:
+    """SCHEMA checked by hand (no JSON-schema validator is a dependency)."""
+    assert isinstance(value, dict)
+    assert set(SCHEMA["required"]) <= set(value) <= set(SCHEMA["properties"])
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12
+    assert type(value["age"]) is int and 0 <= value["age"] <= 150
+    assert type(value["active"]) is bool
+    assert isinstance(value["tags"], list) and len(value["tags"]) <= 3
+    assert all(isinstance(t, str) and len(t) <= 8 for t in value["tags"])
+    assert value["role"] in ROLES
+    if "score" in value:
+        assert type(value["score"]) in (int, float)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_sampled_answers_validate_against_the_schema(engine, prompt, seed):
+    text, last = _answer(engine, prompt, json_schema_grammar(SCHEMA), seed=seed, **SAMPLED)
+    assert last.done_reason == "stop", text
+    _check_against_schema(json.loads(text))
+
+
+def test_greedy_answer_validates_and_repeats(engine, prompt):
+    grammar = json_schema_grammar(SCHEMA)
+    first, last = _answer(engine, prompt, grammar, temperature=0)
+    again, _ = _answer(engine, prompt, grammar, temperature=0)
+    assert last.done_reason == "stop" and first == again
+    _check_against_schema(json.loads(first))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_format_json_gives_one_object(engine, prompt, seed):
+    text, last = _answer(engine, prompt, format_grammar("json"), seed=seed, **SAMPLED)
+    assert last.done_reason == "stop", text
+    assert isinstance(json.loads(text), dict)
+    assert " " * (MAX_WHITESPACE + 1) not in text
+
+
+def test_end_of_sequence_is_refused_until_the_object_is_complete(engine, prompt):
+    tok = engine.tokenizer
+    eos = next(iter(engine.eos_token_ids))
+    [brace], [close] = tok.encode("{", add_special_tokens=False), tok.encode("}", False)
+    pick = GrammarPick(engine, json_object_grammar(), SamplingOptions(temperature=0),
+                       prompt_length=len(prompt))
+    logits = torch.zeros(engine.config.vocab_size)  # [V]
+    logits[eos], logits[brace], logits[close] = 100.0, 10.0, 5.0
+    token_id, logprob, ends = pick(logits, list(prompt))
+    assert (token_id, ends) == (brace, False)
+    assert -1e-3 < logprob <= 0  # under the masked distribution, where EOS has no mass
+    token_id, _, ends = pick(logits, [*prompt, brace])
+    assert (token_id, ends) == (close, True)
+
+
+def test_only_generated_tokens_reach_the_matcher(engine, prompt):
+    """The prompt (which starts with the special <|bos|>) is not fed; a token the loop
+    appended to the history after the prompt is."""
+    tok = engine.tokenizer
+    assert prompt[0] == tok.bos_token_id
+    brace = tok.encode("{", add_special_tokens=False)
+    pick = GrammarPick(engine, json_object_grammar(), SamplingOptions(temperature=0))
+    logits = torch.zeros(engine.config.vocab_size)  # [V]
+    logits[brace] = 50.0  # the model wants "{" again and again
+    token_id, _, _ = pick(logits, list(prompt) + brace)  # first call: this history is the prompt
+    assert tok.decode([token_id]).lstrip().startswith("{")
+    pick = GrammarPick(engine, json_object_grammar(), SamplingOptions(temperature=0),
+                       prompt_length=len(prompt))
+    token_id, _, _ = pick(logits, list(prompt) + brace)  # "{" already generated: no second one
+    assert pick.consumed == 2
+    assert not tok.decode([token_id]).strip().startswith("{")
+
+
+def test_a_lost_history_is_an_error(engine, prompt):
+    pick = GrammarPick(engine, json_object_grammar(), SamplingOptions(temperature=0),
+                       prompt_length=len(prompt))
+    logits = torch.zeros(engine.config.vocab_size)  # [V]
+    pick(logits, list(prompt))
+    with pytest.raises(ValueError, match="lost generated tokens"):
+        pick(logits, list(prompt)[:-1])
+
+
+@pytest.mark.parametrize("schema, message", [
+    ([1, 2], "must be a JSON object, got an array"),
+    ("string", "must be a JSON object, got a string"),
+    ({"type": "strin"}, "Invalid type: strin"),
+    ({"type": 5}, "type must be a string"),
+    ({"properties": {"a": {"$ref": "#/defs/missing"}}}, "/defs/missing"),
+    ({"type": "string", "pattern": "[a"}, "unclosed character class"),
+    ({"type": "string", "format": "wat"}, "Unknown format: wat"),
+    ({"not": {"type": "string"}}, "Unimplemented keys"),
+])
+def test_invalid_schemas_are_clear_value_errors(schema, message):
+    with pytest.raises(ValueError, match="invalid JSON schema|must be a JSON object") as info:
+        json_schema_grammar(schema)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None), ("", None), ("json", "grammar"), ({"type": "object"}, "grammar"),
+    ("yaml", ValueError), (5, ValueError),
+])
+def test_ollama_format_values(value, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError, match='format must be "json" or a JSON schema'):
+            format_grammar(value)
+    elif expected is None:
+        assert format_grammar(value) is None
+    else:
+        assert isinstance(format_grammar(value), str)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, None), ({"type": "text"}, None), ({"type": "json_object"}, "grammar"),
+    ({"type": "json_schema", "json_schema": {"name": "u", "schema": SCHEMA}}, "grammar"),
+    ({"type": "json_schema"}, "needs 'json_schema'"),
+    ({"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "x"}}},
+     "invalid JSON schema"),
+    ({"type": "xml"}, "type must be 'text'"),
+    ("json", "must be an object"),
+])
+def test_openai_response_format_values(value, expected):
+    if expected is None:
+        assert response_format_grammar(value) is None
+    elif expected == "grammar":
+        assert isinstance(response_format_grammar(value), str)
+    else:
+        with pytest.raises(ValueError, match=expected):
+            response_format_grammar(value)
+
+
+@pytest.mark.parametrize("vocab, allowed", [
+    (70, [0, 5, 31, 32, 63, 64, 69]),  # sparse
+    (70, [i for i in range(70) if i not in (3, 40)]),  # nearly full
+    (100, [1, 2, 65]),  # the mask covers 96 ids: the last 4 are refused
+    (1000, list(range(0, 1000, 3))),
+])
+def test_apply_bitmask_matches_the_bits(vocab, allowed):
+    words = -(-min(vocab, 96 if vocab == 100 else vocab) // 32)
+    bits = np.zeros(words * 32, np.bool_)
+    bits[allowed] = True
+    bitmask = np.packbits(bits, bitorder="little").view(np.int32)
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0))  # [V]
+    expected = torch.full((vocab,), float("-inf"))
+    expected[allowed] = logits[allowed]
+    before = logits.clone()
+    assert torch.equal(apply_bitmask(logits, bitmask), expected)
+    assert torch.equal(apply_bitmask(logits, torch.from_numpy(bitmask)), expected)
+    assert torch.equal(logits, before)  # the caller's logits are untouched
