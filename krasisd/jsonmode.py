@@ -15,7 +15,6 @@ Token texts are the tokenizer's decoding of each token alone; runs of whitespace
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -212,28 +211,16 @@ class JsonPick:
         return token_id, logprob, self.state.done
 
 
+def json_mode(engine, options: SamplingOptions) -> tuple[SamplingOptions, JsonPick]:
+    """The options (stop strings off) and the ``pick`` of a format "json" generation."""
+    options = dataclasses.replace(options, stop=[])
+    return options, JsonPick(engine, options)
+
+
 def generate_json(engine, prompt_ids: list[int], options: SamplingOptions,
                   should_cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
-    """engine's generation loop (same prompt checks, counters and limits), every answer a
-    prefix of one JSON object; stop strings are not applied.
-
-    Runs through ``engine.generate(..., pick=)`` when the engine takes ``pick``, so an engine
-    that tracks its streams (BatchingEngine counts the sequences it waits for in a shared
-    step) sees this one; else through the loop itself.
-    """
-    options = dataclasses.replace(options, stop=[])
-    pick = JsonPick(engine, options)
-    if _generate_takes_pick(engine):  # the engine's own entry (a batching one registers it)
-        return engine.generate(prompt_ids, options, should_cancel=should_cancel, pick=pick)
+    """The generation loop with one sequence (krasisd.engine.generate.generate_stream: same
+    prompt checks, counters and limits), every answer a prefix of one JSON object; stop
+    strings are not applied. A runner builds the same Generation from ``json_mode``."""
+    options, pick = json_mode(engine, options)
     return generate_stream(engine, prompt_ids, options, should_cancel, pick=pick)
-
-
-def _generate_takes_pick(engine) -> bool:
-    """Whether ``engine.generate`` accepts ``pick`` (Engine does; test fakes may not)."""
-    generate = getattr(engine, "generate", None)
-    if not callable(generate):
-        return False
-    try:
-        return "pick" in inspect.signature(generate).parameters
-    except (TypeError, ValueError):
-        return False

@@ -2,18 +2,21 @@
 
 Started by the daemon as ``python -m krasisd.runner --fd N --model NAME ...`` (see
 ``krasisd.runners`` for the message protocol). A reader thread takes messages from the
-daemon, so a ``cancel`` is seen between two tokens; each request runs on its own worker
-thread, at most ``--num-parallel`` at once, and sends its events through the shared
-:class:`Channel`. With more than one, an engine that has ``forward`` and ``new_cache`` is
-wrapped in :class:`krasisd.engine.batch.BatchingEngine`, so the requests decoding at the same
-time share one forward pass per step; any other engine (a plugged-in loader, a test fake) has
-its ``generate`` called from several threads at once. When the daemon goes away (the channel
-closes) the requests in flight stop at their next token and the runner exits.
+daemon and only puts them in the :class:`Inbox`; ONE engine thread (the one that calls
+:func:`serve`) owns the engine: between two steps of the generation loop
+(krasisd.engine.loop) it takes the new requests and cancels, then runs a step and sends the
+chunks it produced. Up to ``--num-parallel`` requests decode together in one batched forward
+per step, a long prompt is prefilled in chunks between those steps, and a cancel ends its
+request at the next step, mid-prompt too. An engine that is not a krasis Engine (a plugged-in
+loader, a test fake) only streams: its streams advance one chunk per step
+(krasisd.runner_streams). When the daemon goes away (the channel closes) the runner stops
+stepping and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -24,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 # The runner is a fresh interpreter and nothing above loads torch: set OpenMP's wait policy before
 # it does, or torch's spinning OpenMP workers starve the native kernels' thread pool (CPU decode
@@ -37,7 +39,9 @@ from krasisd.config import (  # noqa: E402
     gpu_dense_value,
     num_parallel_value,
 )
+from krasisd.engine.loop_options import LoopOptions  # noqa: E402
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
+from krasisd.runner_streams import Stream, StreamLoop  # noqa: E402
 
 log = logging.getLogger("krasisd.runner")
 
@@ -106,41 +110,48 @@ def prompt_ids(engine, text: str, add_special: bool, num_ctx: int) -> list[int]:
     return ids
 
 
-def generation(engine, ids: list[int], options: SamplingOptions, fmt: str | None,
-               should_cancel: Callable[[], bool]) -> Iterator[GenerationChunk]:
-    """The engine's stream, or the JSON-constrained one for format "json"."""
-    if fmt == "json":
-        from krasisd.jsonmode import generate_json
+def _prepared(engine, loop, request: dict, model: str) -> tuple[SamplingOptions, list[int]]:
+    """The request's options, its num_ctx resolved (checked against the model and the KV
+    budget: ContextLimitError), and its prompt ids."""
+    options = SamplingOptions(**request["options"])
+    text, add_special = render_prompt(engine, request, model)
+    options = dataclasses.replace(options, num_ctx=loop.num_ctx(options.num_ctx))
+    return options, prompt_ids(engine, text, add_special, options.num_ctx)
 
-        return generate_json(engine, ids, options, should_cancel)
-    return engine.generate(ids, options, should_cancel=should_cancel)
+
+def _generation(engine, loop, request: dict, model: str, should_cancel: Callable[[], bool]):
+    """A krasis Engine's request: a Generation for the loop (JSON mode: its ``pick``)."""
+    from krasisd.engine.generate import Generation
+
+    options, ids = _prepared(engine, loop, request, model)
+    pick = None
+    if request.get("format") == "json":
+        from krasisd.jsonmode import json_mode
+
+        options, pick = json_mode(engine, options)
+    return Generation(engine, ids, options, should_cancel, pick, key=request["id"])
 
 
-def serve_one(engine, request: dict, channel: Channel, model: str,
-              should_cancel: Callable[[], bool], generator=None) -> None:
-    """Run one generate request and send its chunks, its done event or its error.
+def _stream(engine, loop, request: dict, model: str, should_cancel: Callable[[], bool]):
+    """A streaming-only engine's request: its ``generate`` iterator."""
+    if request.get("format") == "json":
+        raise PromptError(f'model {model!r} does not support format "json": its engine '
+                          "only streams text")
+    options, ids = _prepared(engine, loop, request, model)
+    return Stream(engine.generate(ids, options, should_cancel=should_cancel), key=request["id"])
 
-    ``engine`` renders and tokenizes the prompt; ``generator`` (default: ``engine``, or the
-    BatchingEngine around it) generates.
-    """
-    request_id = request["id"]
-    try:
-        options = SamplingOptions(**request["options"])
-        text, add_special = render_prompt(engine, request, model)
-        ids = prompt_ids(engine, text, add_special, options.num_ctx)
-        for chunk in generation(generator or engine, ids, options, request.get("format"),
-                                should_cancel):
-            channel.send(_chunk_event(request_id, chunk))
-            if chunk.done:
-                return
-    except (PromptError, ValueError) as exc:
-        channel.send({"type": "error", "id": request_id, "status": 400, "error": str(exc)})
-    except OSError:
-        raise  # the channel to the daemon is gone: the runner exits
-    except Exception as exc:  # noqa: BLE001 - any engine failure is this request's error
-        log.exception("generation failed", extra={"model": model})
-        channel.send({"type": "error", "id": request_id, "status": 500,
-                      "error": f"generation failed: {exc}"})
+
+def _loop_for(engine, options: LoopOptions):
+    """The loop that serves ``engine`` and how a request becomes one of its sequences: the
+    generation loop for a krasis Engine, the stream loop for any other engine (checked
+    without importing torch for one that is not)."""
+    engine_module = sys.modules.get("krasisd.engine.engine")
+    if engine_module is not None and isinstance(engine, engine_module.Engine):
+        from krasisd.engine.loop import GenerationLoop
+
+        engine.plan_sequences(options.max_batch)
+        return GenerationLoop(engine, options, engine.context_spec()), _generation
+    return StreamLoop(options), _stream
 
 
 def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
@@ -154,100 +165,128 @@ def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
             "eval_count": chunk.eval_count, "eval_duration": chunk.eval_duration_ns}
 
 
-class Flight:
-    """The requests a runner has taken and not finished, and which of them are cancelled;
-    shared by the reader thread, the serving loop and the worker threads."""
+def _error_event(request_id: int, exc: BaseException) -> dict:
+    if isinstance(exc, PromptError | ValueError):  # ContextLimitError is a ValueError
+        return {"type": "error", "id": request_id, "status": 400, "error": str(exc)}
+    return {"type": "error", "id": request_id, "status": 500,
+            "error": f"generation failed: {exc}"}
+
+
+class Inbox:
+    """Messages from the reader thread to the engine thread: generate and cancel messages,
+    then None once the channel is closed."""
 
     def __init__(self):
-        self.requests: queue.Queue = queue.Queue()  # generate messages; None: stop
-        self.closed = False  # the channel is gone: every request stops
-        self.error: OSError | None = None  # why a worker could not send
-        self._lock = threading.Lock()
-        self._live: set[int] = set()
-        self._cancelled: set[int] = set()
+        self._queue: queue.Queue = queue.Queue()
 
-    def add(self, request: dict) -> None:
-        with self._lock:
-            self._live.add(request["id"])
-        self.requests.put(request)
+    def put(self, message: dict | None) -> None:
+        self._queue.put(message)
 
-    def cancel(self, request_id: int) -> None:
-        """Mark a request cancelled; ids that are not in flight are ignored."""
-        with self._lock:
-            if request_id in self._live:
-                self._cancelled.add(request_id)
-
-    def is_cancelled(self, request_id: int) -> bool:
-        return self.closed or request_id in self._cancelled
-
-    def finish(self, request_id: int) -> None:
-        with self._lock:
-            self._live.discard(request_id)
-            self._cancelled.discard(request_id)
-
-    def close(self, error: OSError | None = None) -> None:
-        """Stop taking requests; those in flight see themselves cancelled."""
-        self.closed = True
-        if error is not None and self.error is None:
-            self.error = error
-        self.requests.put(None)
+    def take(self, wait: bool) -> list[dict | None]:
+        """Every message there is; with ``wait``, block until there is one."""
+        messages = [self._queue.get()] if wait else []
+        while True:
+            try:
+                messages.append(self._queue.get_nowait())
+            except queue.Empty:
+                return messages
 
 
-def _read_messages(channel: Channel, flight: Flight) -> None:
+def _read_messages(channel: Channel, inbox: Inbox) -> None:
     try:
         for message in channel:
-            if message.get("type") == "generate":
-                flight.add(message)
-            elif message.get("type") == "cancel":
-                flight.cancel(message["id"])
+            if message.get("type") in ("generate", "cancel"):
+                inbox.put(message)
     except (OSError, ValueError) as exc:
         log.warning("daemon channel broken", extra={"error": str(exc)})
-    flight.close()  # the daemon closed the channel: exit
+    inbox.put(None)  # the daemon closed the channel: exit
 
 
-def batching_engine(engine, num_parallel: int):
-    """What generations run through: a BatchingEngine around ``engine`` when several
-    requests may decode at once and the engine has the surface it needs, else ``engine``."""
-    if num_parallel < 2 or not all(callable(getattr(engine, name, None))
-                                   for name in ("forward", "new_cache")):
-        return engine
-    from krasisd.engine.batch import BatchingEngine
+class _InFlight:
+    """Request ids the engine thread is serving, and which of them are cancelled."""
 
-    return BatchingEngine(engine, max_batch=num_parallel)
+    def __init__(self):
+        self.live: set[int] = set()
+        self.cancelled: set[int] = set()
+
+    def cancel(self, request_id: int) -> None:
+        if request_id in self.live:  # ids not in flight are ignored
+            self.cancelled.add(request_id)
+
+    def finish(self, request_id: int) -> None:
+        self.live.discard(request_id)
+        self.cancelled.discard(request_id)
 
 
-def _serve_request(engine, generator, request: dict, channel: Channel, model: str,
-                   flight: Flight) -> None:
-    request_id = request["id"]
+def _take_request(engine, loop, make, message: dict, model: str, channel: Channel,
+                  flight: _InFlight) -> None:
+    request_id = message["id"]
     try:
-        if not flight.is_cancelled(request_id):
-            serve_one(engine, request, channel, model,
-                      lambda: flight.is_cancelled(request_id), generator)
-    except OSError as exc:  # the channel to the daemon is gone: the runner exits
-        flight.close(exc)
-    finally:
-        flight.finish(request_id)
+        sequence = make(engine, loop, message, model,
+                        lambda: request_id in flight.cancelled)
+    except (PromptError, ValueError) as exc:
+        channel.send(_error_event(request_id, exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - e.g. a template that fails to render
+        log.exception("request setup failed", extra={"model": model})
+        channel.send(_error_event(request_id, exc))
+        return
+    flight.live.add(request_id)
+    loop.add(sequence)
 
 
-def serve(engine, channel: Channel, model: str, num_parallel: int = 1) -> None:
-    """Serve requests, up to ``num_parallel`` at once, until the daemon closes the channel;
-    raises the OSError of a send that failed."""
-    num_parallel_value(num_parallel)
-    generator = batching_engine(engine, num_parallel)
-    flight = Flight()
-    threading.Thread(target=_read_messages, args=(channel, flight), daemon=True,
+def serve(engine, channel: Channel, model: str, options: LoopOptions | None = None) -> None:
+    """Serve requests on this thread, the engine's only one, until the daemon closes the
+    channel; raises the OSError of a send that failed."""
+    options = options or LoopOptions()
+    loop, make = _loop_for(engine, options)
+    inbox, flight = Inbox(), _InFlight()
+    threading.Thread(target=_read_messages, args=(channel, inbox), daemon=True,
                      name="daemon-channel").start()
-    with ThreadPoolExecutor(max_workers=num_parallel, thread_name_prefix="request") as pool:
-        while (request := flight.requests.get()) is not None:
-            pool.submit(_serve_request, engine, generator, request, channel, model, flight)
-        # closed: the requests in flight stop at their next token, and the pool waits for them
-    stats = getattr(generator, "stats", None)
-    if stats is not None and stats.steps:
-        log.info("shared decode steps", extra={"model": model, "steps": stats.steps,
-                                               "tokens": stats.tokens, "prefills": stats.prefills,
-                                               "mean_batch": round(stats.tokens / stats.steps, 2)})
-    if flight.error is not None:
-        raise flight.error
+    while True:
+        for message in inbox.take(wait=not loop.has_work()):
+            if message is None:  # the daemon is gone: the requests in flight end here
+                _log_stats(loop, model)
+                return
+            if message["type"] == "cancel":
+                flight.cancel(message["id"])
+            else:
+                _take_request(engine, loop, make, message, model, channel, flight)
+        for emitted in loop.step():
+            request_id = emitted.generation.key
+            if emitted.error is not None:
+                if not isinstance(emitted.error, PromptError | ValueError):
+                    log.error("generation failed", exc_info=emitted.error,
+                              extra={"model": model})
+                channel.send(_error_event(request_id, emitted.error))
+                flight.finish(request_id)
+            else:
+                channel.send(_chunk_event(request_id, emitted.chunk))
+                if emitted.chunk.done:
+                    flight.finish(request_id)
+
+
+def _log_stats(loop, model: str) -> None:
+    stats = loop.stats
+    if stats.decode_steps:
+        log.info("decode steps", extra={
+            "model": model, "steps": stats.decode_steps, "tokens": stats.decode_tokens,
+            "prefill_chunks": stats.prefill_chunks,
+            "mean_batch": round(stats.decode_tokens / stats.decode_steps, 2)})
+
+
+def loop_options(engine, args: argparse.Namespace) -> LoopOptions:
+    """The generation loop's settings from the runner's arguments; the engine's defaults
+    (prefill chunk by device, KV budget from free memory) where they are not given."""
+    settings = {"max_batch": args.num_parallel, "step_token_budget": args.step_token_budget,
+                "prefill_chunk_tokens": args.prefill_chunk_tokens,
+                "kv_budget_bytes": args.kv_budget_bytes}
+    engine_module = sys.modules.get("krasisd.engine.engine")
+    if engine_module is None or not isinstance(engine, engine_module.Engine):
+        return LoopOptions(**{k: v for k, v in settings.items() if v is not None})
+    if settings["kv_budget_bytes"] is None:
+        settings["kv_budget_bytes"] = engine.default_kv_budget_bytes()
+    return engine.loop_options(**settings)
 
 
 def _vram_bytes() -> int:
@@ -263,6 +302,16 @@ def _num_parallel_arg(text: str) -> int:
         return num_parallel_value(text, text=True)
     except ValueError as exc:  # argparse shows only an ArgumentTypeError's own message
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _gpu_dense_arg(text: str) -> str:
@@ -287,6 +336,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--num-parallel", type=_num_parallel_arg, default=1)
     parser.add_argument("--gpu-dense", type=_gpu_dense_arg, default=DEFAULT_GPU_DENSE)
+    # the generation loop (krasisd.engine.loop); unset: the engine's defaults
+    parser.add_argument("--prefill-chunk-tokens", type=_positive_int_arg, default=None)
+    parser.add_argument("--step-token-budget", type=_positive_int_arg, default=None)
+    parser.add_argument("--kv-budget-bytes", type=_positive_int_arg, default=None)
     return parser.parse_args(argv)
 
 
@@ -315,10 +368,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     load_ms = (time.monotonic() - started) * 1000
     log.info("model loaded", extra={"model": args.model, "pid": os.getpid(), "load_ms": load_ms})
+    try:
+        options = loop_options(engine, args)
+    except ValueError as exc:  # e.g. a step token budget below --num-parallel
+        channel.send({"type": "load_error", "error": str(exc)})
+        return 1
     channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes(),
                   "num_parallel": args.num_parallel})
     try:
-        serve(engine, channel, args.model, args.num_parallel)
+        serve(engine, channel, args.model, options)
     except OSError as exc:
         log.info("daemon went away; runner exits", extra={"model": args.model, "error": str(exc)})
     finally:

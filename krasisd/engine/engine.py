@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from krasisd.engine.batch import batched_decode
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import KrasisEngineError, ModelLoadError
 from krasisd.engine.experts import TorchExperts
-from krasisd.engine.kv_cache import KVCache, new_kv_cache
+from krasisd.engine.kv_cache import KVCache, kv_bytes_per_token, new_kv_cache
 from krasisd.engine.loader import load_model, read_config
 from krasisd.engine.models.common import CausalLM
 from krasisd.engine.quant import BITS
@@ -28,10 +29,17 @@ log = logging.getLogger(__name__)
 QUANTS = ("none", "int8", "int4")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# share of the GPU memory free after the load that KV caches may take by default; the rest
+# is left for the decode graphs and prefill activations
+KV_GPU_FREE_FRACTION = 0.8
 
 
 class Engine:
     """A loaded model with its expert backend, tokenizer and end-of-sequence ids."""
+
+    # KV caches on the CPU grow with the sequence; an engine whose decode steps bind to the
+    # cache's storage (HybridEngine's graphs) turns this off
+    grow_kv_caches = True
 
     def __init__(self, config: ModelConfig, model: CausalLM, expert_backend,
                  tokenizer=None, eos_token_ids: set[int] | None = None,
@@ -62,8 +70,42 @@ class Engine:
     _live = live_model  # the former name, while callers move to the public one
 
     def new_cache(self, max_tokens: int) -> KVCache:
-        """An empty KV cache with room for ``max_tokens`` tokens."""
-        return new_kv_cache(self.config, max_tokens, self.dtype, self.device)
+        """An empty KV cache with room for ``max_tokens`` tokens; on the CPU its storage grows
+        with the sequence (krasisd.engine.kv_cache)."""
+        device = self.device
+        return new_kv_cache(self.config, max_tokens, self.dtype, device,
+                            grow=self.grow_kv_caches and device.type == "cpu")
+
+    def context_spec(self):
+        """The model's maximum context and the KV bytes per token (krasisd.engine.loop)."""
+        from krasisd.engine.loop import ContextSpec
+
+        return ContextSpec(max_tokens=self.config.max_position_embeddings,
+                           kv_bytes_per_token=kv_bytes_per_token(self.config, self.dtype))
+
+    def loop_options(self, **settings):
+        """LoopOptions for this engine: the device's prefill chunk unless ``settings`` say."""
+        from krasisd.engine.loop import LoopOptions, default_prefill_chunk_tokens
+
+        if settings.get("prefill_chunk_tokens") is None:
+            settings["prefill_chunk_tokens"] = default_prefill_chunk_tokens(self.device.type)
+        return LoopOptions(**settings)
+
+    def default_kv_budget_bytes(self) -> int | None:
+        """KV memory a runner lets its sequences take unless told: half the available RAM on
+        the CPU, KV_GPU_FREE_FRACTION of the free GPU memory on CUDA (None: unknown)."""
+        device = self.device
+        if device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+            return int(free_bytes * KV_GPU_FREE_FRACTION)
+        from krasisd.engine.loop_options import available_memory_bytes
+
+        available = available_memory_bytes()
+        return None if available is None else available // 2
+
+    def plan_sequences(self, max_sequences: int) -> None:
+        """Up to ``max_sequences`` sequences will decode at once (an engine that keeps
+        resources per sequence sizes them here; this one keeps none)."""
 
     def _ids(self, input_ids) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)  # [T]
@@ -94,6 +136,13 @@ class Engine:
         cache.advance(ids.shape[0])
         return logits
 
+    def decode_batch(self, token_ids: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of B sequences, each appending its token to its own cache:
+        float32 logits [B, V] (krasisd.engine.batch.batched_decode: the weights are read
+        once for all B)."""
+        self._ids(token_ids)  # the same checks as forward's
+        return batched_decode(self._live(), list(token_ids), caches)
+
     def logits(self, ids: list[int]) -> torch.Tensor:
         """float32 [T, V]: one full forward over ``ids``, no cache."""
         return self.forward(ids, None).cpu()
@@ -117,11 +166,14 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], options,
                  should_cancel: Callable[[], bool] | None = None, pick=None) -> Iterator[Any]:
-        """Stream GenerationChunks (see krasisd.engine.generate.generate_stream; ``pick``
-        chooses each token instead of the sampler, as JSON mode does)."""
+        """Stream GenerationChunks through the generation loop with this one sequence
+        (krasisd.engine.generate.generate_stream; ``pick`` chooses each token instead of the
+        sampler, as JSON mode does). A num_ctx beyond the model's maximum raises
+        ContextLimitError, a ValueError."""
         self._live()
         generate_stream = _optional("krasisd.engine.generate", "generate_stream")
-        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel, pick=pick)
+        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel, pick=pick,
+                               loop_options=self.loop_options(), context=self.context_spec())
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
                     **template_vars) -> str:

@@ -1,18 +1,24 @@
-"""Streaming generation: prefill, then sample and decode one token at a time.
+"""One generation's state: sampling, stop strings, detokenizing and Ollama's counters.
 
-Uses only ``engine.new_cache``, ``engine.forward``, ``engine.tokenizer`` and
-``engine.eos_token_ids``, so any engine (CPU, GPU, a test fake) streams the same way.
+:class:`Generation` is what the generation loop (krasisd.engine.loop) drives for each
+sequence: the loop prefills its prompt in chunks and forwards its sampled tokens (shared
+decode steps); the Generation picks each next token from the logits and turns it into
+chunks. ``generate_stream`` runs one Generation through that same loop, alone, so a
+runner serving many requests and ``Engine.generate`` go one way.
 
 - Every sampled token yields one chunk (its id, logprob and the text it completed, which may
   be empty while a character is unfinished or while the text could still begin a stop string).
 - The last chunk has ``done=True``, ``token_id=None``, any remaining text, the reason and the
   counters: "stop" (an EOS token, not emitted, or a stop string, not emitted), "length"
   (``num_predict`` tokens, or prompt + generated reached ``num_ctx``), "cancel".
-- ``eval_count`` counts sampled tokens other than EOS; durations are wall-clock ns.
+- ``eval_count`` counts sampled tokens other than EOS; durations are wall-clock ns:
+  ``prompt_eval_duration_ns`` the forwards of the prompt's chunks, ``eval_duration_ns`` the
+  picks and the decode steps of the generated tokens.
 - ``pick`` (optional) chooses each token instead of the sampler, e.g. JSON mode's constrained
   draw; it can also end the answer with the token it picked (reason "stop", token emitted).
-- Forwards: one for the prompt, then one per emitted token that does not end the answer, so
-  ``num_predict=N`` costs N forwards.
+- Forwards: the prompt (in chunks), then one per emitted token that does not end the answer,
+  so ``num_predict=N`` costs N decode forwards after the prompt.
+- Cancellation is asked once per loop step (``should_cancel``), also between prompt chunks.
 """
 
 from __future__ import annotations
@@ -20,12 +26,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from krasisd.engine.detokenize import StreamDecoder, context_ids
-from krasisd.engine.options import GenerationChunk, SamplingOptions
+from krasisd.engine.options import DEFAULT_NUM_CTX, GenerationChunk, SamplingOptions
 from krasisd.engine.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -117,12 +123,116 @@ def _check_prompt(engine, prompt_ids: Sequence[int], options: SamplingOptions) -
     return prompt
 
 
-def forward_last(engine, ids: list[int], cache) -> torch.Tensor:
-    """Logits [V] of the last of ``ids`` after appending them all to ``cache``."""
-    with torch.inference_mode():
-        # last_only: a long prompt never materialises [T, V] logits (1.6 GB at 4K x 102,400)
-        logits = engine.forward(torch.tensor(ids, dtype=torch.long), cache, last_only=True)
-    return logits[-1]  # [V]
+class Generation:
+    """One sequence as the generation loop drives it: the prompt still to prefill, its KV
+    cache, the sampled token to forward next, the choice of tokens (``pick``), the
+    stop-string filter, the detokenizer and the counters.
+
+    Raises ValueError for a bad prompt. ``options.num_ctx`` None means DEFAULT_NUM_CTX here;
+    the loop resolves it against the model first (GenerationLoop.num_ctx). ``key`` is the
+    caller's name for it (a runner's request id).
+    """
+
+    def __init__(self, engine, prompt_ids: Sequence[int], options: SamplingOptions,
+                 should_cancel: Callable[[], bool] | None = None, pick: Pick | None = None,
+                 key=None):
+        if options.num_ctx is None:
+            options = replace(options, num_ctx=DEFAULT_NUM_CTX)
+        self.prompt = _check_prompt(engine, prompt_ids, options)
+        self.options = options
+        self.key = key
+        self.should_cancel = should_cancel or (lambda: False)
+        self.pick = pick or sampler_pick(Sampler(options))
+        self.counters = _Counters(history=list(self.prompt))
+        self.decoder = None
+        if engine.tokenizer is not None:
+            self.decoder = StreamDecoder(engine.tokenizer,
+                                         context_ids(engine.tokenizer, self.prompt))
+        self.stops = StopStringFilter(options.stop)
+        self.eos_ids = set(engine.eos_token_ids or ())
+        self.cache = None  # the loop's: made at the first prompt chunk, dropped at the end
+        self.prefilled = 0  # prompt tokens in the cache
+        self.next_token: int | None = None  # sampled, forwarded by the next step
+        self.done = False
+
+    @property
+    def num_ctx(self) -> int:
+        return self.options.num_ctx
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens not yet in the cache."""
+        return len(self.prompt) - self.prefilled
+
+    def prefill_ids(self, max_tokens: int) -> list[int]:
+        """The next chunk of the prompt, at most ``max_tokens``."""
+        return self.prompt[self.prefilled:self.prefilled + max_tokens]
+
+    def cancelled(self) -> list[GenerationChunk]:
+        """The final chunk when the request was cancelled (asked once per step), else []."""
+        if not self.should_cancel():
+            return []
+        return self._end("cancel")
+
+    def prefilled_chunk(self, num_tokens: int, logits: torch.Tensor,
+                        elapsed_ns: int) -> list[GenerationChunk]:
+        """``num_tokens`` more of the prompt are cached; ``logits`` [V] are the last one's.
+        After the prompt's last chunk the first token is picked."""
+        self.prefilled += num_tokens
+        self.counters.prompt_eval_duration_ns += elapsed_ns
+        if self.prefill_left:
+            return []
+        self.counters.prompt_eval_count = len(self.prompt)
+        log.debug("prefill done: %d tokens in %.1f ms", len(self.prompt),
+                  self.counters.prompt_eval_duration_ns / 1e6)
+        return self._take(logits)
+
+    def decoded(self, logits: torch.Tensor, elapsed_ns: int) -> list[GenerationChunk]:
+        """``next_token`` was forwarded in a step of ``elapsed_ns``; ``logits`` [V] follow it."""
+        self.next_token = None
+        self.counters.eval_duration_ns += elapsed_ns
+        return self._take(logits)
+
+    def failed(self) -> None:
+        """The loop gave up on this sequence (its forward failed)."""
+        self.done = True
+
+    def _take(self, logits: torch.Tensor) -> list[GenerationChunk]:
+        """Pick the next token: its chunk, then the final chunk if it ends the answer, else
+        the token is left in ``next_token`` to forward."""
+        reason = self._limit_reached()
+        if reason is not None:
+            return self._end(reason)
+        counters = self.counters
+        start_ns = time.perf_counter_ns()
+        token_id, logprob, ends = self.pick(logits, counters.history)
+        if token_id in self.eos_ids:
+            counters.eval_duration_ns += time.perf_counter_ns() - start_ns
+            return self._end("stop")
+        counters.history.append(token_id)
+        counters.eval_count += 1
+        text, stopped = self.stops.push(self.decoder.push(token_id) if self.decoder else "")
+        counters.eval_duration_ns += time.perf_counter_ns() - start_ns
+        chunk = GenerationChunk(token_id=token_id, text=text, logprob=logprob)
+        reason = "stop" if stopped or ends else self._limit_reached()
+        if reason is not None:
+            return [chunk, *self._end(reason)]
+        self.next_token = token_id
+        return [chunk]
+
+    def _limit_reached(self) -> str | None:
+        """"length" when the context or num_predict is used up, else None."""
+        if len(self.counters.history) >= self.num_ctx:
+            return "length"
+        if 0 <= self.options.num_predict <= self.counters.eval_count:
+            return "length"
+        return None
+
+    def _end(self, reason: str) -> list[GenerationChunk]:
+        self.done = True
+        self.next_token = None
+        text = _final_text(self.decoder, self.stops, stopped=reason == "stop")
+        return [self.counters.final(text, reason)]
 
 
 def generate_stream(
@@ -131,64 +241,17 @@ def generate_stream(
     options: SamplingOptions,
     should_cancel: Callable[[], bool] | None = None,
     pick: Pick | None = None,
+    loop_options=None,
+    context=None,
 ) -> Iterator[GenerationChunk]:
-    """Stream the continuation of ``prompt_ids``; raises ValueError for a bad prompt."""
-    prompt = _check_prompt(engine, prompt_ids, options)
-    return _generate(engine, prompt, options, should_cancel or (lambda: False),
-                     pick or sampler_pick(Sampler(options)))
+    """Stream the continuation of ``prompt_ids`` through the generation loop with this one
+    sequence (krasisd.engine.loop.run_alone); raises ValueError for a bad prompt or a
+    num_ctx beyond ``context`` (a ContextSpec) at once, before any forward."""
+    from krasisd.engine.loop import ContextSpec, GenerationLoop, LoopOptions, run_alone
 
-
-def _generate(engine, prompt, options, should_cancel, pick: Pick) -> Iterator[GenerationChunk]:
-    counters = _Counters(history=list(prompt))
-    if should_cancel():
-        yield counters.final("", "cancel")
-        return
-    decoder = None
-    if engine.tokenizer is not None:
-        decoder = StreamDecoder(engine.tokenizer, context_ids(engine.tokenizer, prompt))
-    stops = StopStringFilter(options.stop)
-    eos_ids = set(engine.eos_token_ids or ())
-
-    start_ns = time.perf_counter_ns()
-    cache = engine.new_cache(options.num_ctx)
-    last_logits = forward_last(engine, prompt, cache)  # [V]
-    counters.prompt_eval_count = len(prompt)
-    counters.prompt_eval_duration_ns = time.perf_counter_ns() - start_ns
-    log.debug("prefill done: %d tokens in %.1f ms", len(prompt),
-              counters.prompt_eval_duration_ns / 1e6)
-
-    reason = None
-    while reason is None:
-        reason = _reason_to_end(counters, options, should_cancel)
-        if reason is not None:
-            break
-        start_ns = time.perf_counter_ns()
-        token_id, logprob, ends = pick(last_logits, counters.history)
-        if token_id in eos_ids:
-            counters.eval_duration_ns += time.perf_counter_ns() - start_ns
-            reason = "stop"
-            break
-        counters.history.append(token_id)
-        counters.eval_count += 1
-        text, stopped = stops.push(decoder.push(token_id) if decoder else "")
-        if stopped or ends:
-            reason = "stop"
-        elif _reason_to_end(counters, options, lambda: False) is None:
-            last_logits = forward_last(engine, [token_id], cache)  # [V]
-        counters.eval_duration_ns += time.perf_counter_ns() - start_ns
-        yield GenerationChunk(token_id=token_id, text=text, logprob=logprob)
-    yield counters.final(_final_text(decoder, stops, stopped=reason == "stop"), reason)
-
-
-def _reason_to_end(counters: _Counters, options: SamplingOptions, should_cancel) -> str | None:
-    """Why generation must end before sampling another token, or None to go on."""
-    if should_cancel():
-        return "cancel"
-    if len(counters.history) >= options.num_ctx:
-        return "length"
-    if 0 <= options.num_predict <= counters.eval_count:
-        return "length"
-    return None
+    loop = GenerationLoop(engine, loop_options or LoopOptions(), context or ContextSpec())
+    options = replace(options, num_ctx=loop.num_ctx(options.num_ctx))
+    return run_alone(loop, Generation(engine, prompt_ids, options, should_cancel, pick))
 
 
 def _final_text(decoder: StreamDecoder | None, stops: StopStringFilter, stopped: bool) -> str:

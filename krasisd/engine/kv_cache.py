@@ -1,11 +1,16 @@
-"""KV caches, preallocated for ``max_tokens``: MLA's compressed latent, or GQA's K and V.
+"""KV caches: MLA's compressed latent, or GQA's K and V, for up to ``max_tokens`` tokens.
 
 A forward pass writes each layer's new entries after the ``length`` tokens already cached
 and reads everything up to them; the engine then calls ``advance(T)`` once all layers have
 run, so a failed forward never leaves a half-written token counted as cached.
 
-Legend: L = layers, M = max_tokens, S = cached + new tokens, T = new tokens, W = latent width,
-Hkv = key/value heads, Dh = head_dim.
+Storage is either allocated for ``max_tokens`` up front (``grow=False``: the GPU's decode
+graphs capture fixed buffer addresses) or grows with the sequence (``grow=True``, the CPU):
+it starts at ``INITIAL_TOKENS`` and doubles, up to ``max_tokens``, when a write needs more
+room, so a request with a huge ``num_ctx`` holds memory for the tokens it really has.
+
+Legend: L = layers, M = allocated tokens (capacity), S = cached + new tokens, T = new tokens,
+W = latent width, Hkv = key/value heads, Dh = head_dim.
 """
 
 from __future__ import annotations
@@ -14,22 +19,33 @@ import torch
 
 from krasisd.engine.config import ModelConfig
 
+INITIAL_TOKENS = 256  # first allocation of a growing cache
+
 
 class KVCache:
-    """Common bookkeeping: capacity and the number of tokens already cached.
+    """Common bookkeeping: the token limit, the allocated capacity and the tokens cached.
 
     ``compressed`` says the kind: True for MLA's latent cache (``entries``), False for GQA's
     keys and values; callers read it instead of looking for attributes."""
 
     compressed = False
 
-    def __init__(self, max_tokens: int):
+    def __init__(self, max_tokens: int, grow: bool = False):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.max_tokens = max_tokens
+        self.grow = grow
         self.length = 0
 
-    def _span(self, num_new: int) -> tuple[int, int]:
+    def _initial_capacity(self) -> int:
+        return min(INITIAL_TOKENS, self.max_tokens) if self.grow else self.max_tokens
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the storage holds now (``max_tokens`` unless it grows)."""
+        return self._tensors()[0].shape[1]
+
+    def _check(self, num_new: int) -> tuple[int, int]:
         end = self.length + num_new
         if end > self.max_tokens:
             raise ValueError(
@@ -37,19 +53,27 @@ class KVCache:
             )
         return self.length, end
 
+    def _span(self, num_new: int) -> tuple[int, int]:
+        """Where ``num_new`` tokens go, growing the storage first if they need room."""
+        start, end = self._check(num_new)
+        if end > self.capacity:
+            self._resize(min(self.max_tokens, max(end, 2 * self.capacity)))
+        return start, end
+
     def check_room(self, num_new: int) -> None:
-        """Raise ValueError unless ``num_new`` more tokens fit."""
-        self._span(num_new)
+        """Raise ValueError unless ``num_new`` more tokens fit within ``max_tokens``."""
+        self._check(num_new)
 
     def advance(self, num_new: int) -> None:
         """Count ``num_new`` written tokens as cached."""
-        self.length = self._span(num_new)[1]
+        self.length = self._check(num_new)[1]
 
     def reset(self) -> None:
         self.length = 0
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated now."""
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def storage_key(self) -> int:
@@ -60,15 +84,28 @@ class KVCache:
     def _tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def _resize(self, capacity: int) -> None:
+        raise NotImplementedError
+
+
+def _grown(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``tensor`` [L, M, ...] copied into new storage of ``capacity`` tokens along dim 1."""
+    out = torch.zeros((tensor.shape[0], capacity, *tensor.shape[2:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    out[:, : tensor.shape[1]] = tensor
+    return out
+
 
 class MLAKVCache(KVCache):
     """Per token and layer: kv_lora_rank latent values + qk_rope_head_dim rotated key values."""
 
     compressed = True
 
-    def __init__(self, num_layers: int, max_tokens: int, width: int, dtype, device):
-        super().__init__(max_tokens)
-        self.entries = torch.zeros(num_layers, max_tokens, width, dtype=dtype, device=device)
+    def __init__(self, num_layers: int, max_tokens: int, width: int, dtype, device,
+                 grow: bool = False):
+        super().__init__(max_tokens, grow)
+        self.entries = torch.zeros(num_layers, self._initial_capacity(), width, dtype=dtype,
+                                   device=device)  # [L, M, W]
 
     def append(self, layer_idx: int, entries: torch.Tensor) -> torch.Tensor:
         """entries [T, W] -> all entries of the layer so far [S, W] (a view)."""
@@ -79,15 +116,18 @@ class MLAKVCache(KVCache):
     def _tensors(self):
         return [self.entries]
 
+    def _resize(self, capacity: int) -> None:
+        self.entries = _grown(self.entries, capacity)
+
 
 class GQAKVCache(KVCache):
     """Rotated keys and values of every key/value head."""
 
     def __init__(self, num_layers: int, max_tokens: int, num_kv_heads: int, head_dim: int,
-                 dtype, device):
-        super().__init__(max_tokens)
-        shape = (num_layers, max_tokens, num_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype, device, grow: bool = False):
+        super().__init__(max_tokens, grow)
+        shape = (num_layers, self._initial_capacity(), num_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [L, M, Hkv, Dh]
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
     def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
@@ -100,12 +140,23 @@ class GQAKVCache(KVCache):
     def _tensors(self):
         return [self.keys, self.values]
 
+    def _resize(self, capacity: int) -> None:
+        self.keys = _grown(self.keys, capacity)
+        self.values = _grown(self.values, capacity)
+
 
 def new_kv_cache(config: ModelConfig, max_tokens: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> KVCache:
-    """The cache kind the model's attention needs."""
+                 device: torch.device | str = "cpu", grow: bool = False) -> KVCache:
+    """The cache kind the model's attention needs; ``grow``: storage grows with the sequence
+    instead of being allocated for ``max_tokens`` at once."""
     if config.is_mla:
         return MLAKVCache(config.num_hidden_layers, max_tokens, config.kv_cache_width,
-                          dtype, device)
+                          dtype, device, grow)
     return GQAKVCache(config.num_hidden_layers, max_tokens, config.num_key_value_heads,
-                      config.head_dim, dtype, device)
+                      config.head_dim, dtype, device, grow)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """KV cache bytes one token of context takes, over all layers."""
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * config.kv_cache_width * element_bytes

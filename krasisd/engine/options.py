@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_NUM_CTX = 4096  # the context window of a request that sets none (at most the model's)
+
 
 @dataclass
 class SamplingOptions:
@@ -24,7 +26,9 @@ class SamplingOptions:
     seed: int | None = None  # same seed, same text
     num_predict: int = -1  # max new tokens; -1 = until EOS or context end
     stop: list[str] = field(default_factory=list)
-    num_ctx: int = 4096  # context window in tokens (prompt + generated)
+    # context window in tokens (prompt + generated); None: DEFAULT_NUM_CTX, or less where the
+    # model's maximum or the runner's KV budget is less (krasisd.engine.loop)
+    num_ctx: int | None = None
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -37,7 +41,7 @@ class SamplingOptions:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repeat_penalty <= 0:
             raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
-        if self.num_ctx < 1:
+        if self.num_ctx is not None and self.num_ctx < 1:
             raise ValueError(f"num_ctx must be >= 1, got {self.num_ctx}")
         if self.num_predict < -1:
             raise ValueError(f"num_predict must be >= -1, got {self.num_predict}")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from krasisd.engine.loop import decode_one_by_one
 from krasisd.engine.options import SamplingOptions
 from krasisd.jsonmode import MAX_WHITESPACE, JsonPrefix, generate_json
 
@@ -67,6 +68,8 @@ class RandomLogitsEngine:
         logits[:, [11, 13, 14]] += 3.0  # "x", EOS and "}}" look attractive
         return logits  # [T, V]
 
+    decode_batch = decode_one_by_one
+
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -87,34 +90,10 @@ def test_constrained_generation_yields_json(seed, temperature):
 
 
 def test_constrained_generation_cancels():
-    # checked before the prompt and before each token, as in plain generation
+    # asked once per loop step, as in plain generation: the prompt's step (token 1), the
+    # steps of tokens 2 and 3, then cancelled
     engine = RandomLogitsEngine(0)
     calls = iter([False, False, False, True])
     chunks = list(generate_json(engine, [0], SamplingOptions(num_predict=50, seed=0),
                                 lambda: next(calls)))
-    assert chunks[-1].done_reason == "cancel" and chunks[-1].eval_count == 2
-
-
-class TrackingEngine(RandomLogitsEngine):
-    """An engine whose own generate (as Engine's, or a batching engine's) takes ``pick``."""
-
-    def __init__(self, seed: int):
-        super().__init__(seed)
-        self.streams = 0
-
-    def generate(self, prompt_ids, options, should_cancel=None, pick=None):
-        from krasisd.engine.generate import generate_stream
-
-        self.streams += 1
-        return generate_stream(self, prompt_ids, options, should_cancel, pick=pick)
-
-
-def test_constrained_generation_goes_through_the_engines_generate_when_it_takes_pick():
-    options = SamplingOptions(temperature=0.0, num_predict=60, top_k=0, top_p=1.0,
-                              repeat_penalty=1.0)
-    tracked = TrackingEngine(2)
-    text = "".join(c.text for c in generate_json(tracked, [0], options, lambda: False))
-    plain = "".join(c.text for c in generate_json(RandomLogitsEngine(2), [0], options,
-                                                  lambda: False))
-    assert tracked.streams == 1 and text == plain
-    assert JsonPrefix().feed(text) is not None and "{" in text
+    assert chunks[-1].done_reason == "cancel" and chunks[-1].eval_count == 3

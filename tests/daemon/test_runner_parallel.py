@@ -1,12 +1,14 @@
 """The runner serving several requests at once over one channel, with a real (tiny, random)
 engine: answers equal those of each request alone, decode steps are shared, cancel is per
-request, and the channel closing stops everything."""
+request (also mid-prompt), num_ctx beyond the model is a 400, and the channel closing stops
+everything."""
 
 from __future__ import annotations
 
 import queue
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,6 @@ import torch
 
 from krasisd import runner
 from krasisd.config import Config
-from krasisd.engine.batch import BatchingEngine
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.engine import Engine
 from krasisd.engine.experts import TorchExperts
@@ -23,6 +24,7 @@ from krasisd.engine.gpu.synthetic import (
     synthetic_expert_weights,
     synthetic_model,
 )
+from krasisd.engine.loop import GenerationLoop, LoopOptions
 from krasisd.engine.options import SamplingOptions
 from krasisd.engine.tokenizer import Tokenizer
 from krasisd.jsonmode import JsonPrefix
@@ -53,29 +55,31 @@ def engine(tmp_path_factory):
 
 
 class Session:
-    """serve() on a thread over a socket pair; this side plays the daemon."""
+    """serve() on a thread over a socket pair; this side plays the daemon. ``loops`` holds
+    the generation loop serve() made."""
 
-    def __init__(self, engine, num_parallel: int, monkeypatch):
-        self.wrapped: list = []
-        make = runner.batching_engine
+    def __init__(self, engine, options: LoopOptions, monkeypatch):
+        self.loops: list = []
+        make = runner._loop_for
 
-        def capture(inner, n):
-            self.wrapped.append(make(inner, n))
-            return self.wrapped[-1]
+        def capture(inner, opts):
+            loop, build = make(inner, opts)
+            self.loops.append(loop)
+            return loop, build
 
-        monkeypatch.setattr(runner, "batching_engine", capture)
+        monkeypatch.setattr(runner, "_loop_for", capture)
         self.daemon_side, runner_side = socket.socketpair()
         self.channel = runner.Channel(self.daemon_side)
         self.events: dict[int, queue.Queue] = {}
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._serve, daemon=True,
-                                       args=(engine, runner.Channel(runner_side), num_parallel))
+                                       args=(engine, runner.Channel(runner_side), options))
         self.thread.start()
         threading.Thread(target=self._read, daemon=True).start()
 
-    def _serve(self, engine, channel, num_parallel):
+    def _serve(self, engine, channel, options):
         try:
-            runner.serve(engine, channel, "tiny", num_parallel)
+            runner.serve(engine, channel, "tiny", options)
         except OSError as exc:  # the test closed its side mid-send
             self.failure.append(exc)
 
@@ -111,8 +115,9 @@ class Session:
 def session_factory(engine, monkeypatch):
     sessions: list[Session] = []
 
-    def make(num_parallel: int) -> Session:
-        sessions.append(Session(engine, num_parallel, monkeypatch))
+    def make(num_parallel: int, engine=engine, **settings) -> Session:
+        options = LoopOptions(max_batch=num_parallel, **settings)
+        sessions.append(Session(engine, options, monkeypatch))
         return sessions[-1]
 
     yield make
@@ -125,7 +130,11 @@ def _alone(engine, prompt: str, fmt: str | None = None, **options) -> str:
     text, add_special = runner.render_prompt(engine, {"prompt": prompt}, "tiny")
     opts = SamplingOptions(**{**OPTIONS, **options})
     ids = runner.prompt_ids(engine, text, add_special, opts.num_ctx)
-    return "".join(c.text for c in runner.generation(engine, ids, opts, fmt, lambda: False))
+    if fmt == "json":
+        from krasisd.jsonmode import generate_json
+
+        return "".join(c.text for c in generate_json(engine, ids, opts, lambda: False))
+    return "".join(c.text for c in engine.generate(ids, opts))
 
 
 def test_concurrent_requests_share_steps_and_answer_as_alone(engine, session_factory):
@@ -138,10 +147,10 @@ def test_concurrent_requests_share_steps_and_answer_as_alone(engine, session_fac
     assert [text for text, _ in answers] == expected
     assert all(done["type"] == "done" for _, done in answers), answers
     assert JsonPrefix().feed(answers[3][0]) is not None
-    batching = session.wrapped[0]
-    assert isinstance(batching, BatchingEngine) and batching.max_batch == 4
-    assert batching.stats.prefills == 4
-    assert batching.stats.tokens > batching.stats.steps  # steps held more than one sequence
+    loop = session.loops[0]
+    assert isinstance(loop, GenerationLoop) and loop.options.max_batch == 4
+    assert loop.stats.prefill_chunks == 4
+    assert loop.stats.decode_tokens > loop.stats.decode_steps  # steps held several sequences
     session.close()
 
 
@@ -166,29 +175,93 @@ def test_more_requests_than_slots_wait_their_turn(engine, session_factory):
     for i, prompt in enumerate(PROMPTS, start=1):
         session.send(i, prompt)
     assert [session.answer(i)[0] for i in range(1, 5)] == expected
-    assert session.wrapped[0].max_batch == 2
+    assert session.loops[0].options.max_batch == 2
     session.close()
 
 
 def test_channel_close_stops_requests_in_flight(engine, session_factory):
     session = session_factory(2)
-    session.send(1, PROMPTS[0], options={"num_predict": 10_000, "num_ctx": 20_000})
+    session.send(1, PROMPTS[0], options={"num_predict": 10_000, "num_ctx": 256})
     assert session.first(1)["type"] == "chunk"
     session.close()  # returns only when serve() did
 
 
-def test_engines_without_the_batching_surface_are_used_as_they_are(engine):
-    class Plain:
-        def generate(self, prompt_ids, options, should_cancel=None):
-            return iter(())
+def test_cancel_mid_prompt_stops_its_prefill(engine, session_factory):
+    """A long prompt cancelled between two of its chunks is not prefilled further: it ends
+    with "cancel" at the next step, nothing evaluated, and the other stream goes on."""
+    session = session_factory(2, prefill_chunk_tokens=2)
+    session.send(1, PROMPTS[0], options={"num_predict": 200, "num_ctx": 256})
+    assert session.first(1)["type"] == "chunk"  # the short request is decoding
+    stats = session.loops[0].stats
+    before = stats.prefill_chunks
+    session.send(2, "word " * 60, options={"num_ctx": 256})  # 255 tokens: 128 chunks of 2
+    deadline = time.monotonic() + 10
+    while stats.prefill_chunks < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    session.channel.send({"type": "cancel", "id": 2})
+    _, cancelled = session.answer(2)
+    assert cancelled["type"] == "done" and cancelled["done_reason"] == "cancel"
+    assert cancelled["prompt_eval_count"] == 0 and cancelled["eval_count"] == 0
+    assert 3 <= stats.prefill_chunks - before < 100  # stopped long before its 128 chunks
+    assert all(g.key != 2 for g in session.loops[0].running)
+    text, done = session.answer(1)
+    assert done["done_reason"] == "length" and done["eval_count"] == 200
+    session.close()
 
-    plain = Plain()
-    assert runner.batching_engine(plain, 4) is plain
-    assert runner.batching_engine(engine, 1) is engine
-    wrapped = runner.batching_engine(engine, 3)
-    assert isinstance(wrapped, BatchingEngine) and wrapped.engine is engine
-    with pytest.raises(ValueError, match="num_parallel"):
-        runner.serve(engine, None, "tiny", 0)
+
+def test_num_ctx_beyond_the_model_is_a_400_naming_both_numbers(engine, session_factory):
+    session = session_factory(2)
+    session.send(1, "hi", options={"num_ctx": 2_000_000})
+    event = session.first(1)
+    assert event["type"] == "error" and event["status"] == 400
+    maximum = engine.config.max_position_embeddings
+    assert "2000000" in event["error"] and str(maximum) in event["error"]
+    session.send(2, "hi", options={"num_ctx": None, "num_predict": 2})  # unset: a default
+    assert session.answer(2)[1]["type"] == "done"
+    session.close()
+
+
+class _Words:
+    """An engine that only streams (not a krasis Engine): "<prompt length>:<i> " words."""
+
+    class tokenizer:  # noqa: N801 - the attribute engines have
+        chat_template = ""
+
+        @staticmethod
+        def encode(text, add_special_tokens=True):
+            return list(range(len(text)))
+
+    def chat_prompt(self, messages, add_generation_prompt=True, **template_vars):
+        return messages[-1]["content"]
+
+    def generate(self, prompt_ids, options, should_cancel=None):
+        from krasisd.engine.options import GenerationChunk
+
+        for i in range(options.num_predict):
+            if should_cancel():
+                yield GenerationChunk(None, "", done=True, done_reason="cancel", eval_count=i)
+                return
+            yield GenerationChunk(i, f"{len(prompt_ids)}:{i} ")
+        yield GenerationChunk(None, "", done=True, done_reason="length",
+                              eval_count=options.num_predict)
+
+
+def test_a_streaming_engine_is_served_one_chunk_per_step(session_factory):
+    """Its streams interleave on the engine thread, a cancel reaches it, JSON mode is a 400."""
+    session = session_factory(2, engine=_Words())
+    session.send(1, "abc", options={"num_predict": 3})
+    session.send(2, "abcdef", options={"num_predict": 3})
+    text, done = session.answer(1)
+    assert text == "3:0 3:1 3:2 " and done["done_reason"] == "length"
+    assert session.answer(2)[0] == "6:0 6:1 6:2 "
+    session.send(3, "x", options={"num_predict": 100_000})
+    assert session.first(3)["type"] == "chunk"
+    session.channel.send({"type": "cancel", "id": 3})
+    assert session.answer(3)[1]["done_reason"] == "cancel"
+    session.send(4, "x", format="json")
+    event = session.first(4)
+    assert event["status"] == 400, event
+    session.close()
 
 
 def test_runner_is_started_with_the_setting():

@@ -6,6 +6,7 @@ from test_tokenizer import train_bytelevel, write_model_dir
 
 from krasisd.engine.detokenize import REPLACEMENT_CHAR
 from krasisd.engine.generate import StopStringFilter, generate_stream
+from krasisd.engine.loop import decode_one_by_one
 from krasisd.engine.options import SamplingOptions
 from krasisd.engine.tokenizer import Tokenizer
 
@@ -49,6 +50,8 @@ class ScriptedEngine:
             if 0 <= step < len(self.script):
                 logits[row, self.script[step]] = 20.0
         return logits[-1:] if last_only else logits
+
+    decode_batch = decode_one_by_one
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +174,9 @@ def test_cancellation_is_checked_every_token(tokenizer):
 
     chunks, final = run(ScriptedEngine(tokenizer, list(range(10, 40))), [1], should_cancel,
                         **GREEDY)
-    assert final.done_reason == "cancel" and len(chunks) == 2  # checks: start, token 1, 2, 3
-    assert final.eval_count == 2
+    # asked once per loop step: the prompt's (token 1), then tokens 2 and 3, then cancelled
+    assert final.done_reason == "cancel" and len(chunks) == 3
+    assert final.eval_count == 3
 
 
 def test_seeded_sampling_repeats_and_differs_by_seed(tokenizer):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from krasisd.engine.generate import generate_stream
+from krasisd.engine.loop import decode_one_by_one
 from krasisd.engine.options import SamplingOptions
 from krasisd.jsonmode import _VOCAB_CACHE, JsonPrefix, generate_json, token_texts
 
@@ -48,6 +49,8 @@ class RankedEngine:
     def forward(self, ids, cache, last_only=False):
         self.forwards += 1
         return self.logits.expand(len(ids), -1).clone()  # [T, V]
+
+    decode_batch = decode_one_by_one
 
 
 # "[" and "x" can never open the object; after "{" "a" ":" the arrays nest without end

@@ -1,0 +1,212 @@
+"""The generation loop: one thread owns the engine and runs it in steps (continuous batching).
+
+Each ``step()``:
+1. asks every sequence whether it was cancelled (waiting ones too): a cancelled one ends at
+   once, even between two chunks of its prompt, and its KV cache is dropped;
+2. admits waiting sequences, oldest first, while fewer than ``max_batch`` run and the
+   worst-case KV memory of all admitted ones (``num_ctx`` tokens each) fits the KV budget
+   (a sequence that does not fit waits; one that could never fit was refused by ``num_ctx``);
+3. picks the work under ``step_token_budget`` tokens: every decoding sequence forwards its one
+   sampled token, and the rest of the budget (at most ``prefill_chunk_tokens``) goes to the
+   next chunk of ONE prefilling sequence (the oldest), so a long prompt is prefilled in
+   chunks between the decode steps of the sequences already running;
+4. runs it: the decode tokens as one batched forward (``engine.decode_batch``), the prompt
+   chunk through ``engine.forward(chunk, cache, last_only=True)``, which appends to the cache;
+5. post-processes: each sequence with new logits picks its next token (krasisd.engine.generate's
+   Generation: sampler or ``pick``, stop strings, detokenizing, counters) and the chunks are
+   returned as :class:`Emitted`; finished sequences leave, and waiting ones join at the next
+   step.
+
+A forward that raises fails the sequences it ran for (an :class:`Emitted` with ``error``); the
+others go on. ``run_alone`` drives a loop holding one sequence, synchronously: that is
+``Engine.generate``.
+
+The engine contract (:class:`StepEngine`): ``tokenizer``, ``eos_token_ids``,
+``new_cache(max_tokens)``, ``forward(ids, cache, last_only=True)`` and
+``decode_batch(token_ids, caches)``.
+
+Legend: B = sequences decoding in a step, T = tokens of a prompt chunk, V = vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+
+from krasisd.engine.loop_options import (
+    ContextLimitError,
+    ContextSpec,
+    Emitted,
+    LoopOptions,
+    LoopStats,
+    default_prefill_chunk_tokens,
+    resolve_num_ctx,
+)
+from krasisd.engine.options import GenerationChunk
+
+__all__ = ["ContextLimitError", "ContextSpec", "Emitted", "GenerationLoop", "LoopOptions",
+           "LoopStats", "StepEngine", "decode_one_by_one", "default_prefill_chunk_tokens",
+           "run_alone"]
+
+log = logging.getLogger(__name__)
+
+class StepEngine(Protocol):
+    """What the loop calls on an engine (Engine, HybridEngine and test fakes have it)."""
+
+    tokenizer: object
+    eos_token_ids: set[int]
+
+    def new_cache(self, max_tokens: int): ...
+
+    def forward(self, input_ids, cache=None, last_only: bool = False) -> torch.Tensor: ...
+
+    def decode_batch(self, token_ids: list[int], caches: list) -> torch.Tensor: ...
+
+
+def decode_one_by_one(engine, token_ids: list[int], caches: list) -> torch.Tensor:
+    """A ``decode_batch`` that forwards each token through ``engine.forward``: [B, V]."""
+    return torch.stack([engine.forward(torch.tensor([token], dtype=torch.long), cache,
+                                       last_only=True)[-1]
+                        for token, cache in zip(token_ids, caches, strict=True)])
+
+
+class GenerationLoop:
+    """Sequences waiting and running, stepped by the one thread that owns the engine."""
+
+    def __init__(self, engine: StepEngine, options: LoopOptions,
+                 context: ContextSpec | None = None):
+        self.engine = engine
+        self.options = options
+        self.context = context or ContextSpec()
+        self.waiting: deque = deque()
+        self.running: list = []  # admitted, in admission order: prefilling or decoding
+        self.stats = LoopStats()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def num_ctx(self, requested: int | None) -> int:
+        """The context window of a request (ContextLimitError beyond the model's maximum or
+        the KV budget; see krasisd.engine.loop_options.resolve_num_ctx)."""
+        return resolve_num_ctx(requested, self.context, self.options.kv_budget_bytes)
+
+    def kv_bytes(self, num_ctx: int) -> int:
+        """Worst-case KV bytes of a sequence of ``num_ctx`` tokens."""
+        return num_ctx * self.context.kv_bytes_per_token
+
+    def add(self, generation) -> None:
+        """Queue a sequence (a Generation); it joins the running ones at a coming step."""
+        self.waiting.append(generation)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------
+
+    def step(self) -> list[Emitted]:
+        """Run one step (see the module's docstring); returns the chunks it produced."""
+        self.stats.steps += 1
+        out: list[Emitted] = []
+        self._drop_cancelled(out)
+        self._admit()
+        decoding = [g for g in self.running if g.next_token is not None]
+        prefilling = next((g for g in self.running if g.prefill_left), None)
+        room = self.options.tokens_per_step - len(decoding)
+        chunk = prefilling.prefill_ids(min(room, self.options.prefill_chunk_tokens)) \
+            if prefilling is not None and room > 0 else []
+        if decoding:
+            self._decode(decoding, out)
+        if chunk:
+            self._prefill(prefilling, chunk, out)
+        self.running = [g for g in self.running if not g.done]
+        return out
+
+    def _drop_cancelled(self, out: list[Emitted]) -> None:
+        for queue in (self.waiting, self.running):
+            for generation in list(queue):
+                chunks = generation.cancelled()
+                if chunks:
+                    out.extend(Emitted(generation, chunk) for chunk in chunks)
+                    self._release(generation)
+                    queue.remove(generation)
+
+    def _admit(self) -> None:
+        budget = self.options.kv_budget_bytes
+        while self.waiting and len(self.running) < self.options.max_batch:
+            head = self.waiting[0]
+            if budget is not None and self.running:
+                needed = sum(self.kv_bytes(g.num_ctx) for g in self.running)
+                if needed + self.kv_bytes(head.num_ctx) > budget:
+                    return  # it waits for room; later ones wait behind it (no starving)
+            self.running.append(self.waiting.popleft())
+
+    def _decode(self, decoding: list, out: list[Emitted]) -> None:
+        start_ns = time.perf_counter_ns()
+        try:
+            logits = self.engine.decode_batch([g.next_token for g in decoding],
+                                              [g.cache for g in decoding])  # [B, V]
+        except Exception as exc:  # noqa: BLE001 - every sequence of the step sees it
+            log.exception("decode step failed")
+            for generation in decoding:
+                self._fail(generation, exc, out)
+            return
+        elapsed_ns = time.perf_counter_ns() - start_ns
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += len(decoding)
+        self.stats.forward_s += elapsed_ns / 1e9
+        for generation, row in zip(decoding, logits, strict=True):
+            self._emit(generation, lambda g=generation, r=row: g.decoded(r, elapsed_ns), out)
+
+    def _prefill(self, generation, chunk: list[int], out: list[Emitted]) -> None:
+        start_ns = time.perf_counter_ns()
+        try:
+            if generation.cache is None:
+                generation.cache = self.engine.new_cache(generation.num_ctx)
+            ids = torch.tensor(chunk, dtype=torch.long)  # [T]
+            with torch.inference_mode():
+                logits = self.engine.forward(ids, generation.cache, last_only=True)[-1]  # [V]
+        except Exception as exc:  # noqa: BLE001 - this sequence's failure
+            log.exception("prefill failed")
+            self._fail(generation, exc, out)
+            return
+        elapsed_ns = time.perf_counter_ns() - start_ns
+        self.stats.prefill_chunks += 1
+        self.stats.forward_s += elapsed_ns / 1e9
+        self._emit(generation,
+                   lambda: generation.prefilled_chunk(len(chunk), logits, elapsed_ns), out)
+
+    def _emit(self, generation, post: Callable[[], list[GenerationChunk]],
+              out: list[Emitted]) -> None:
+        """Post-process one sequence; an error there (a pick that fails) ends it alone."""
+        try:
+            chunks = post()
+        except Exception as exc:  # noqa: BLE001 - this sequence's failure
+            self._fail(generation, exc, out)
+            return
+        out.extend(Emitted(generation, chunk) for chunk in chunks)
+        if generation.done:
+            self._release(generation)
+
+    def _fail(self, generation, exc: BaseException, out: list[Emitted]) -> None:
+        generation.failed()
+        self._release(generation)
+        out.append(Emitted(generation, error=exc))
+
+    @staticmethod
+    def _release(generation) -> None:
+        generation.cache = None  # the KV memory goes with the last reference
+
+
+def run_alone(loop: GenerationLoop, generation) -> Iterator[GenerationChunk]:
+    """Drive ``loop`` with ``generation`` as its only sequence; yields its chunks and raises
+    the error of a failed forward."""
+    loop.add(generation)
+    while loop.has_work():
+        for emitted in loop.step():
+            if emitted.error is not None:
+                raise emitted.error
+            yield emitted.chunk
