@@ -1,9 +1,11 @@
 """`krasis run`'s interactive session, with Ollama's commands and habits.
 
-Input lines go to /api/chat with the whole conversation; answers stream as they come.
-``\"\"\"`` opens a multi-line message (closed by a line ending in ``\"\"\"``); Ctrl+C stops the
-current answer (the stream is closed, the daemon cancels the generation, and the unanswered
-question is dropped from the history) and keeps the session; Ctrl+D or ``/bye`` ends it.
+Messages go to /api/chat with the whole conversation; answers stream as they come. Input comes
+from krasis.line_input (prompt_toolkit on a terminal: pasted text is one message, history is
+kept; input() otherwise). ``\"\"\"`` opens a multi-line message (closed by a line ending in
+``\"\"\"``); Ctrl+C stops the current answer (the stream is closed, the daemon cancels the
+generation, and the unanswered question is dropped from the history) and keeps the session;
+Ctrl+D or ``/bye`` ends it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TextIO
 
 from .client import Client, KrasisError
 from .display import format_show
+from .line_input import QUOTES, LineReader, line_reader
 
 # Ollama's runtime options that krasis uses, and how to read their values.
 PARAMETER_TYPES: dict[str, Callable[[str], object]] = {
@@ -55,7 +58,9 @@ HELP_SHOW = '''Available Commands:
 HELP_SHORTCUTS = '''Available keyboard shortcuts:
   Ctrl + c   Stop the answer being generated (at the prompt: discard the input)
   Ctrl + d   Exit (on an empty line)
-  Up/Down    Walk through the input history (on a terminal with readline)
+  Up/Down    Walk through the input history (kept in $KRASIS_HOME/history)
+  Ctrl + r   Search the history
+  Pasting    Pasted lines stay one message; Enter sends it
 '''
 
 HELP_PARAMETERS = "Parameters:\n" + "".join(
@@ -119,7 +124,8 @@ class Repl:
     def __init__(self, client: Client, model: str, *, system: str | None = None,
                  options: dict | None = None, format: str | None = None,
                  keep_alive: object = None, verbose: bool = False,
-                 out: TextIO | None = None, err: TextIO | None = None):
+                 out: TextIO | None = None, err: TextIO | None = None,
+                 reader: LineReader | None = None):
         self.client = client
         self.model = model
         self.system = system
@@ -130,18 +136,20 @@ class Repl:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.messages: list[dict] = []
+        self.reader = reader
 
     def run(self) -> int:
         """Read, answer, repeat, until /bye or end of input; returns the exit code."""
-        _enable_line_editing()
+        if self.reader is None:
+            self.reader = line_reader()
         while True:
             try:
                 text = self.read_message()
             except KeyboardInterrupt:
-                self.out.write("\nUse Ctrl + d or /bye to exit.\n")
+                self.out.write(self._new_line() + "Use Ctrl + d or /bye to exit.\n")
                 continue
             if text is None:
-                self.out.write("\n")
+                self.out.write(self._new_line())
                 return 0
             if not text.strip():
                 continue
@@ -151,21 +159,25 @@ class Repl:
                 continue
             self.ask(text)
 
+    def _new_line(self) -> str:
+        return "" if self.reader.ends_line else "\n"
+
     def read_message(self) -> str | None:
-        """One message: a line, or the lines between \"\"\" marks; None at end of input."""
+        """One message: a line (on a terminal: what was typed or pasted before Enter), or the
+        text between \"\"\" marks; None at end of input."""
         try:
-            line = input(">>> ")
-            if '"""' not in line:
-                return line
-            head, _, tail = line.partition('"""')
-            if '"""' in tail:  # opened and closed on one line
-                body, _, after = tail.partition('"""')
-                return head + body + after
+            text = self.reader.read(">>> ", "... ")
+            if QUOTES not in text:
+                return text
+            head, _, tail = text.partition(QUOTES)
+            if QUOTES in tail:  # closed in what was read: one line, or a terminal's whole block
+                body, _, after = tail.partition(QUOTES)
+                return (head + body + after).strip("\n")
             lines = [head + tail]
             while True:
-                line = input("... ")
-                if '"""' in line:
-                    lines.append(line.partition('"""')[0])
+                line = self.reader.read("... ", "... ")
+                if QUOTES in line:
+                    lines.append(line.partition(QUOTES)[0])
                     return "\n".join(lines).strip("\n")
                 lines.append(line)
         except EOFError:
@@ -313,12 +325,3 @@ class Repl:
         for name, value in self.options.items():
             shown = " ".join(f'"{v}"' for v in value) if isinstance(value, list) else value
             self.out.write(f"{name:<20}{shown}\n")
-
-
-def _enable_line_editing() -> None:
-    """History and editing for input() on a terminal (readline is absent on some systems)."""
-    if sys.stdin.isatty():
-        try:
-            import readline  # noqa: F401
-        except ImportError:
-            pass
