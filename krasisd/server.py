@@ -1,8 +1,10 @@
 """Start-up and shut-down: listeners, the app, systemd notifications, preloading.
 
-The Unix socket is guarded by a lock file next to it, held for the daemon's lifetime: a
-second daemon finds the lock taken and exits with a clear message, and never touches a
-live socket; a socket file left by a dead daemon (no lock holder) is replaced.
+Two lock files are held for the daemon's lifetime: ``$KRASIS_HOME/krasisd.lock`` (one
+daemon per home, whatever socket it uses: a second one would delete models the first has
+loaded) and one next to the Unix socket. A second daemon finds a lock taken and exits with
+a clear message, and never touches a live socket; a socket file left by a dead daemon (no
+lock holder) is replaced.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from krasisd import connections
 from krasisd.app import make_app
 from krasisd.config import Config, is_loopback
 from krasisd.context import Daemon
@@ -33,14 +36,16 @@ log = logging.getLogger(__name__)
 
 
 class AlreadyRunning(Exception):
-    """Another daemon holds the socket."""
+    """Another daemon holds the socket or the home."""
 
 
-class SocketLock:
-    """An exclusive flock on '<socket>.lock', held while the daemon runs."""
+class DaemonLock:
+    """An exclusive flock on a lock file, held while the daemon runs; the file says who."""
 
-    def __init__(self, socket_path: Path):
-        self.path = socket_path.with_name(socket_path.name + ".lock")
+    def __init__(self, path: Path, busy_message: str, holder_note: str = ""):
+        self.path = path
+        self.busy_message = busy_message  # the error when another daemon holds it
+        self.holder_note = holder_note  # written into the file for the next one's message
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -49,17 +54,32 @@ class SocketLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip().replace("\n", ", ")
             os.close(fd)
-            raise AlreadyRunning(f"another krasisd is already serving {self.path.with_suffix('')}"
-                                 "; stop it first (or set KRASIS_SOCKET to another path)") from None
+            raise AlreadyRunning(self.busy_message.format(holder=holder or "unknown")) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"pid {os.getpid()}\n{self.holder_note}".encode())
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def socket_lock(socket_path: Path) -> DaemonLock:
+    """'<socket>.lock': one daemon per socket path."""
+    return DaemonLock(socket_path.with_name(socket_path.name + ".lock"),
+                      f"another krasisd ({{holder}}) is already serving {socket_path}; stop it "
+                      "first (or set KRASIS_SOCKET to another path)")
+
+
+def home_lock(cfg: Config) -> DaemonLock:
+    """'$KRASIS_HOME/krasisd.lock': one daemon per home, whichever socket it serves."""
+    return DaemonLock(cfg.home / "krasisd.lock",
+                      f"another krasisd ({{holder}}) is already using KRASIS_HOME {cfg.home}; "
+                      "stop it first (or set KRASIS_HOME to another folder)",
+                      holder_note=f"socket {cfg.socket}\n")
 
 
 def bind_unix_socket(path: Path, group: str = "") -> socket.socket:
@@ -138,7 +158,7 @@ def build_daemon(cfg: Config, registry: Any = None,
     return Daemon(cfg, ModelCatalog(registry, cfg.quant), scheduler)
 
 
-def _listeners(cfg: Config, lock: SocketLock) -> tuple[list[socket.socket], bool, set[str]]:
+def _listeners(cfg: Config, lock: DaemonLock) -> tuple[list[socket.socket], bool, set[str]]:
     """(sockets, owns_socket_file, TCP host names): systemd's sockets, else our own."""
     systemd = _systemd()
     passed = systemd.listen_fds() if systemd is not None else []
@@ -174,19 +194,24 @@ async def _preload(daemon: Daemon, names: list[str]) -> None:
 async def serve(cfg: Config, daemon: Daemon | None = None,
                 stop: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set)."""
-    lock = SocketLock(cfg.socket)
-    sockets, owns_socket, tcp_names = _listeners(cfg, lock)  # a second daemon stops here
+    home = home_lock(cfg)
+    home.acquire()  # a second daemon on this KRASIS_HOME stops here
+    lock = socket_lock(cfg.socket)
     try:
-        daemon = daemon or build_daemon(cfg)
-        daemon.extra_hosts |= tcp_names
-        await _run(cfg, daemon, sockets, stop or asyncio.Event())
+        sockets, owns_socket, tcp_names = _listeners(cfg, lock)  # or here, for this socket
+        try:
+            daemon = daemon or build_daemon(cfg)
+            daemon.extra_hosts |= tcp_names
+            await _run(cfg, daemon, sockets, stop or asyncio.Event())
+        finally:
+            for sock in sockets:
+                sock.close()
+            if owns_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    cfg.socket.unlink()
     finally:
-        for sock in sockets:
-            sock.close()
-        if owns_socket:
-            with contextlib.suppress(FileNotFoundError):
-                cfg.socket.unlink()
         lock.release()
+        home.release()
 
 
 async def _run(cfg: Config, daemon: Daemon, sockets: list[socket.socket],
@@ -195,13 +220,19 @@ async def _run(cfg: Config, daemon: Daemon, sockets: list[socket.socket],
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
             loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(make_app(daemon), handler_cancellation=True, access_log=None)
+    loop.set_exception_handler(connections.AcceptErrorLog())  # no traceback per failed accept()
+    # aiohttp's keep-alive timer closes a connection that has no complete request headers
+    # (new, or idle between requests) after this long: the header timeout.
+    runner = web.AppRunner(make_app(daemon), handler_cancellation=True, access_log=None,
+                           keepalive_timeout=cfg.header_timeout_s)
     await runner.setup()
+    cap = connections.ConnectionCap(connections.connection_cap(
+        cfg.max_connections, connections.open_files_limit()))
     systemd = _systemd()
     tasks = []
     try:
         for sock in sockets:
-            await web.SockSite(runner, sock).start()
+            await connections.CappedSite(runner, sock, cap).start()
             log.info("listening", extra={"address": _address(sock)})
         tasks.append(asyncio.create_task(_preload(daemon, cfg.preload)))
         if systemd is not None:

@@ -70,6 +70,36 @@ def test_second_daemon_exits_with_a_clear_message(proc):
         assert http.get("/api/tags").json() == {"models": []}
 
 
+def test_second_daemon_on_the_same_home_is_refused_whatever_its_socket(proc, tmp_path):
+    home = proc.root / "home"
+    second = Proc(tmp_path, KRASIS_HOME=str(home))  # its own runtime dir, so its own socket
+    assert second.proc.wait(20) == 1
+    message = second.stderr()
+    assert f"is already using KRASIS_HOME {home}" in message
+    assert f"pid {proc.proc.pid}" in message and str(proc.socket) in message
+    assert "Traceback" not in message and not second.socket.exists()
+    with uds_client(proc.socket) as http:  # the first one still serves
+        assert http.get("/api/tags").status_code == 200
+
+
+def test_home_lock_is_released_at_shutdown(tmp_path, fake_env):
+    from fakes import FakeRegistry, fake_config
+    from harness import DaemonThread
+
+    from krasisd.server import AlreadyRunning
+
+    cfg = fake_config(tmp_path)
+    first = DaemonThread(cfg, FakeRegistry(tmp_path / "models")).start()
+    try:
+        other_socket = fake_config(tmp_path, socket=tmp_path / "other.sock")
+        with pytest.raises(AlreadyRunning, match="KRASIS_HOME"):
+            DaemonThread(other_socket, FakeRegistry(tmp_path / "models")).start()
+    finally:
+        first.close()
+    again = DaemonThread(cfg, FakeRegistry(tmp_path / "models")).start()  # the lock is free
+    again.close()
+
+
 def test_stale_socket_replaced_bad_setting_falls_back_socket_removed_at_exit(tmp_path):
     path = tmp_path / "run" / "krasis" / "krasisd.sock"
     path.parent.mkdir(parents=True)
