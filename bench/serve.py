@@ -336,7 +336,7 @@ def report(args, info: dict, name: str, results: list[dict], llama: dict) -> str
              f"Commit {info['commit']}; GPU: {info['gpu']}; CPU: {info['cpu']}; "
              f"Python {platform.python_version()}.", "",
              "```sh", "python3 bench/serve.py " + shlex.join(sys.argv[1:]), "```", "",
-             f"Medians of {args.runs} runs; raw prompts, greedy, streamed over the Unix socket; "
+             f"Medians of {args.runs} run{'s' if args.runs > 1 else ''}; raw prompts, greedy, streamed over the Unix socket; "
              f"times by the client's clock. Registering the model ({how}, caches included) "
              f"took {results[0].get('register_s', 0):.1f} s.", ""]
     for result in results:
