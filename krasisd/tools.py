@@ -13,7 +13,9 @@ parsers write them:
 - deepseek_v3 (V3, R1): ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>N\\n
   ```json\\n{...}\\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>``; V3.1's
   ``<｜tool▁call▁begin｜>N<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`` is read too
-- glm45 (GLM-4.5/4.6): ``<tool_call>N\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>``
+- glm45 (GLM-4.5 to 4.7): ``<tool_call>N\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>``
+  (the separators may be absent)
+- qwen3_coder: ``<tool_call>\\n<function=N>\\n<parameter=k>\\nv\\n</parameter>\\n</function>\\n</tool_call>``
 - harmony (gpt-oss): ``<|channel|>commentary to=functions.N <|constrain|>json<|message|>{...}<|call|>``
   (``<|call|>`` is an end-of-sequence token, so an open call at the end is read as ended)
 - kimi_k2: ``<|tool_calls_section_begin|><|tool_call_begin|>functions.N:0
@@ -55,6 +57,7 @@ class ToolFormat:
     # tried in order on the text between the markers; groups "name", "args", optional "id"
     call_patterns: tuple[re.Pattern, ...]
     arguments: str = "json"  # "json", "json_named" (name inside the JSON) or "pairs"
+    pair_pattern: re.Pattern | None = None  # "pairs": groups (key, value)
     sections: tuple[Span, ...] = ()  # wrappers around calls; other whitespace inside is dropped
     framing: tuple[str, ...] = ()  # markers that are never content
     reasoning: tuple[Span, ...] = ()  # spans that are thinking, not content
@@ -77,7 +80,13 @@ FORMATS: dict[str, ToolFormat] = {f.family: f for f in (
         sections=(Span("<｜tool▁calls▁begin｜>", ("<｜tool▁calls▁end｜>",)),)),
     ToolFormat(
         "glm45", ("<tool_call>",), ("</tool_call>",),
-        (re.compile(r"\s*(?P<name>[^\s<]+)\s*(?P<args>(?:<arg_key>.*)?)", _S),), arguments="pairs"),
+        (re.compile(r"\s*(?P<name>[^\s<]+)\s*(?P<args>(?:<arg_key>.*)?)", _S),), arguments="pairs",
+        pair_pattern=re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", _S)),
+    ToolFormat(
+        "qwen3_coder", ("<tool_call>",), ("</tool_call>",),
+        (re.compile(r"\s*<function=(?P<name>[^>\s]+)>(?P<args>.*?)</function>\s*", _S),),
+        arguments="pairs",
+        pair_pattern=re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", _S)),
     ToolFormat(
         "harmony", ("<|channel|>commentary to=functions.", " to=functions."), ("<|call|>",),
         (re.compile(r"(?P<name>[^\s<]+)\s*(?:<\|channel\|>commentary)?\s*(?:<\|constrain\|>)?"
@@ -95,9 +104,10 @@ FORMATS: dict[str, ToolFormat] = {f.family: f for f in (
 # what a chat template writes for tool calls -> its family (the most specific first)
 _TEMPLATE_SIGNS = (
     ("<arg_key>", "glm45"),
+    ("<function=", "qwen3_coder"),
     ("<|tool_calls_section_begin|>", "kimi_k2"),
     ("<｜tool▁calls▁begin｜>", "deepseek_v3"),
-    ("<|constrain|>", "harmony"),
+    ("<|channel|>", "harmony"),
     ("<tool_call>", "hermes"),
 )
 _MODEL_TYPES = {  # config.json's model_type -> family, when the template says nothing
@@ -280,7 +290,7 @@ def read_call(fmt: ToolFormat, body: str, string_args: Mapping[str, set] | None 
         if fmt.arguments == "json_named":
             name, arguments = _named_json(args)
         elif fmt.arguments == "pairs":
-            arguments = _pairs(args, (string_args or {}).get(name, set()))
+            arguments = _pairs(fmt.pair_pattern, args, (string_args or {}).get(name, set()))
         else:
             arguments = _json_object(args)
         if not name or arguments is None:
@@ -313,14 +323,12 @@ def _named_json(text: str) -> tuple[str, dict | None]:
     return value["name"], arguments if isinstance(arguments, dict) else None
 
 
-_PAIR = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", _S)
-
-
-def _pairs(text: str, string_args: set) -> dict | None:
-    """GLM: <arg_key>k</arg_key><arg_value>v</arg_value> pairs. A value is JSON when it reads
-    as JSON and the tool does not declare that argument a string; else the text itself."""
-    pairs = _PAIR.findall(text)
-    if _PAIR.sub("", text).strip():  # text outside the pairs: not a call we can read
+def _pairs(pattern: re.Pattern, text: str, string_args: set) -> dict | None:
+    """GLM's <arg_key>k</arg_key><arg_value>v</arg_value> or Qwen3-Coder's
+    <parameter=k>v</parameter> pairs. A value is JSON when it reads as JSON and the tool
+    does not declare that argument a string; else the text itself."""
+    pairs = pattern.findall(text)
+    if pattern.sub("", text).strip():  # text outside the pairs: not a call we can read
         return None
     arguments = {}
     for key, raw in pairs:

@@ -51,6 +51,14 @@ CASES = [
      "<arg_value>07030</arg_value> <arg_key>pets</arg_key><arg_value>[\"cat\"]</arg_value>"
      "</tool_call><tool_call>get_time\n</tool_call>",
      "", [("book", {"nights": 3, "zip": "07030", "pets": ["cat"]}), ("get_time", {})], ""),
+    ("glm45",  # GLM-4.7 writes no separators
+     "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>unit"
+     "</arg_key><arg_value>celsius</arg_value></tool_call>",
+     "", [WEATHER], ""),
+    ("qwen3_coder",
+     "Checking.\n<tool_call>\n<function=book>\n<parameter=nights>\n3\n</parameter>\n"
+     "<parameter=zip>\n07030\n</parameter>\n</function>\n</tool_call>",
+     "Checking.\n", [("book", {"nights": 3, "zip": "07030"})], ""),
     ("harmony",
      "<|channel|>analysis<|message|>Need the weather for Paris.<|end|><|start|>assistant"
      "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
@@ -175,6 +183,9 @@ def test_ollama_and_openai_shapes():
     ("kimi_k2", None, "kimi_k2"),
     ("gpt_oss", None, "harmony"),
     (None, "<|channel|>commentary to=functions.x <|constrain|>json<|message|>", "harmony"),
+    (None, "{{- '<|start|>assistant to=' }}{{- 'functions.' + name + '<|channel|>commentary json'}}",
+     "harmony"),
+    ("qwen3_moe", "{{- '<tool_call>\\n<function=' + tool_call.name + '>\\n' }}", "qwen3_coder"),
     ("deepseek_v2", "{{ bos_token }}{% for m in messages %}User: {{ m.content }}{% endfor %}",
      None),
     (None, None, None),
