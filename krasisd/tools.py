@@ -268,6 +268,57 @@ class ToolCallStream:
         events.append(call)
 
 
+def request_tools(value: Any) -> list[dict] | None:
+    """A request's ``tools`` (Ollama's and OpenAI's shape: [{"type": "function", "function":
+    {"name", "description", "parameters"}}]) checked; None or [] = no tools. ValueError
+    names the first bad entry."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise ValueError("'tools' must be a list of {\"type\": \"function\", \"function\": {...}}")
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping) or tool.get("type", "function") != "function":
+            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+        if not isinstance(function.get("parameters", {}), Mapping):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+    return [dict(tool) for tool in value]
+
+
+def request_tool_choice(value: Any) -> str:
+    """OpenAI's ``tool_choice``: "auto" (the default) or "none"; forcing a call ("required",
+    a named function) is refused with a ValueError."""
+    if value is None or value == "auto":
+        return "auto"
+    if value == "none":
+        return "none"
+    raise ValueError(f"tool_choice {value!r} is not supported: use \"auto\" or \"none\"")
+
+
+def template_tool_calls(calls: Any) -> list[dict]:
+    """An assistant message's ``tool_calls`` (OpenAI's arguments as a JSON string, Ollama's as
+    an object) in the shape chat templates read: arguments always an object."""
+    if not isinstance(calls, list):
+        raise ValueError("'tool_calls' must be a list")
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ValueError(f"tool_calls[{i}] must be {{\"function\": {{\"name\", \"arguments\"}}}}")
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            arguments = _json_object(arguments)
+        if not isinstance(arguments, dict):
+            raise ValueError(f"tool_calls[{i}].function.arguments must be a JSON object")
+        item = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            item["id"] = call["id"]
+        out.append(item)
+    return out
+
+
 def parse_tool_calls(fmt: ToolFormat, text: str, tools: Iterable[Mapping] | None = None
                      ) -> tuple[str, list[ToolCall], str]:
     """A whole answer -> (content, tool calls, thinking)."""

@@ -201,14 +201,23 @@ class GrammarPick:
             raise ValueError(f"the grammar failed: {_one_line(self.matcher.get_error())}")
 
 
+def grammar_mode(engine, options: SamplingOptions, grammar: str
+                 ) -> tuple[SamplingOptions, GrammarPick]:
+    """The options (stop strings off) and the ``pick`` of a generation kept to ``grammar``,
+    for a Generation of the loop (its history starts with the prompt, so the pick takes the
+    history of its first call as the prompt)."""
+    options = dataclasses.replace(options, stop=[])
+    return options, GrammarPick(engine, grammar, options)
+
+
 def generate_constrained(engine, prompt_ids: list[int], options: SamplingOptions,
                          grammar: str, should_cancel: Callable[[], bool] | None = None,
                          ) -> Iterator[GenerationChunk]:
     """The engine's generation loop (same prompt checks, counters and limits) with every token
     kept to ``grammar``; stop strings are not applied. Through ``engine.generate(..., pick=)``
     when the engine takes ``pick`` (a batching engine then counts this stream), else the loop."""
-    options = dataclasses.replace(options, stop=[])
-    pick = GrammarPick(engine, grammar, options, prompt_length=len(prompt_ids))
+    options, pick = grammar_mode(engine, options, grammar)
+    pick.prompt_length = len(prompt_ids)
     should_cancel = should_cancel or (lambda: False)
     if _generate_takes_pick(engine):
         return engine.generate(prompt_ids, options, should_cancel=should_cancel, pick=pick)

@@ -15,6 +15,9 @@ from krasisd.tools import (
     ToolCall,
     ToolCallStream,
     parse_tool_calls,
+    request_tool_choice,
+    request_tools,
+    template_tool_calls,
     tool_format,
 )
 
@@ -202,3 +205,36 @@ def test_no_marker_of_a_family_is_a_prefix_of_another():
         markers = set(fmt.markers())
         for a in markers:
             assert not any(b != a and b.startswith(a) for b in markers), (fmt.family, a)
+
+
+def test_request_tools_are_checked():
+    assert request_tools(None) is None and request_tools([]) is None
+    assert request_tools(TOOLS) == TOOLS
+    for bad, message in [
+        ({"type": "function"}, "must be a list"),
+        ([{"type": "retrieval", "function": {"name": "x"}}], r"tools\[0\] must be"),
+        ([{"type": "function", "function": {"name": ""}}], r"tools\[0\].function.name"),
+        ([{"function": {"name": "x", "parameters": []}}], "parameters must be a JSON schema"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            request_tools(bad)
+
+
+def test_tool_choice_auto_or_none():
+    assert [request_tool_choice(v) for v in (None, "auto", "none")] == ["auto", "auto", "none"]
+    for forced in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        with pytest.raises(ValueError, match='use "auto" or "none"'):
+            request_tool_choice(forced)
+
+
+def test_assistant_tool_calls_reach_templates_with_object_arguments():
+    openai = [{"id": "call_1", "type": "function",
+               "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]
+    ollama = [{"function": {"name": "get_time", "arguments": {"tz": "UTC"}}}]
+    expected = {"type": "function", "function": {"name": "get_time", "arguments": {"tz": "UTC"}}}
+    assert template_tool_calls(openai) == [{**expected, "id": "call_1"}]
+    assert template_tool_calls(ollama) == [expected]
+    with pytest.raises(ValueError, match="arguments must be a JSON object"):
+        template_tool_calls([{"function": {"name": "f", "arguments": "[1]"}}])
+    with pytest.raises(ValueError, match=r"tool_calls\[0\] must be"):
+        template_tool_calls([{"name": "f"}])
