@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from krasisd.config import default_home
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.cpu_cache import FORMAT as CPU_FORMAT
 from krasisd.engine.cpu_cache import cache_manifest, load_cpu_cache
@@ -23,7 +24,7 @@ from krasisd.engine.gpu.backend import gpu_experts_for
 from krasisd.engine.gpu.cache import cache_manifest as gpu_manifest
 from krasisd.engine.gpu.cache import file_record as gpu_file_record
 from krasisd.engine.gpu.cache import load_gpu_cache
-from krasisd.engine.gpu.dense_decode import quantized_linears
+from krasisd.engine.gpu.dense_decode import quantized_linears, set_tuning
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec
 from krasisd.engine.gpu.placement import PlacementError
 from krasisd.engine.gpu.synthetic import (
@@ -32,6 +33,7 @@ from krasisd.engine.gpu.synthetic import (
     synthetic_expert_weights,
     synthetic_model,
 )
+from krasisd.engine.gpu.tuning import KernelTuning
 from krasisd.engine.models import build_model
 from krasisd.engine.quant import pick_group_size, quantize
 
@@ -44,6 +46,8 @@ SMOKE_SIZES = dict(hidden_size=128, moe_intermediate_size=64)  # INT4 packs 64-w
 EXPERT_BITS = 4
 DENSE_FILE = "dense_all.safetensors"  # the CPU cache's quantized dense linears
 CHUNK_CHOICES = (8192, 4096, 2048, 1024)  # prefill chunk tokens, largest first
+# kernel tiles timed once per shape and kept where a runner keeps them ($KRASIS_HOME/tuning)
+TUNING = KernelTuning(default_home() / "tuning")
 
 
 def measure_bandwidths(device: str, threads: int, small: bool) -> dict:
@@ -118,7 +122,9 @@ def copy_rate(dst, src, passes: int) -> float:
 
 def place_experts(host, config, device, budget_bytes: int, dense_bytes: int, kv_bytes: int,
                   max_tokens: int, **kwargs):
-    """GpuExperts under the budget with the largest prefill chunk that fits: (gpu, chunk)."""
+    """GpuExperts under the budget with the largest prefill chunk that fits: (gpu, chunk);
+    its kernels tune their tiles as a runner's do (TUNING) unless ``tuning`` says."""
+    kwargs.setdefault("tuning", TUNING)
     last = None
     for chunk in CHUNK_CHOICES:
         try:
@@ -284,6 +290,7 @@ def quantized_dense(model, cpu_cache, device) -> dict:
     stored = cpu_cache.dense
     floats = {name: m for name, m in model.named_modules() if name in stored}
     quantized_linears(model, stored, device)
+    set_tuning(model, TUNING)
     return {"float": floats, "quant": {name: model.get_submodule(name) for name in floats}}
 
 

@@ -58,10 +58,10 @@ def profile_host(engine, context: int, steps: int = 16) -> str:
     rest (graph launches, the merge, Python)."""
     import time
 
-    backend = engine.expert_backend
-    runner = getattr(getattr(backend, "cpu", None), "runner", None)
-    if runner is None or not hasattr(backend, "run_cpu"):
+    backend = engine.expert_backend  # a HybridEngine's SplitExpertBackend
+    if backend.cpu is None:
         return "host profile: no CPU experts"
+    runner = backend.cpu.runner  # NativeExperts' thread pool
     totals = {"wait_gpu": 0.0, "native": 0.0, "calls": 0}
     run_cpu = backend.run_cpu
 

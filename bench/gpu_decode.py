@@ -39,6 +39,7 @@ from bench_cli import log, make_dir, positive_int, positive_ints  # noqa: E402
 from decode_caches import (  # noqa: E402
     DEFAULT_MODEL,
     MODELS,
+    TUNING,
     bench_config,
     build_caches,
     check_cache_model,
@@ -52,10 +53,10 @@ from decode_caches import (  # noqa: E402
 )
 from decode_timing import decode_table, streams_table  # noqa: E402
 
+from krasisd.config import parse_size_bytes  # noqa: E402
 from krasisd.engine.gpu.dense_decode import replace_module  # noqa: E402
 from krasisd.engine.gpu.graphs import HybridEngine  # noqa: E402
 from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
-from krasisd.engine.gpu.placement import parse_vram_budget  # noqa: E402
 from krasisd.engine.gpu.synthetic import dense_bytes  # noqa: E402
 from krasisd.engine.heat import ExpertHeat, hit_rate  # noqa: E402
 from krasisd.engine.kv_cache import new_kv_cache  # noqa: E402
@@ -97,7 +98,7 @@ def parse_scenarios(text: str) -> list[Scenario]:
             raise ValueError(f"scenario {spec!r}: use name=budget[:mode[+mode]], "
                              "e.g. S2-cpu=4GiB:off")
         try:
-            parse_vram_budget(budget)
+            parse_size_bytes(budget)
         except ValueError as exc:
             raise ValueError(f"scenario {spec!r}: {exc}") from None
         modes = frozenset(mode for mode in mode_text.split("+") if mode)
@@ -121,13 +122,13 @@ def make_engine(loaded, budget, gpu_experts: bool, threads: int, max_tokens: int
     dense = dense_bytes(model)
     kv_bytes = new_kv_cache(config, max_tokens, torch.bfloat16, "meta").nbytes
     start = time.perf_counter()
-    gpu, chunk = place_experts(host, config, device, parse_vram_budget(budget), dense, kv_bytes,
+    gpu, chunk = place_experts(host, config, device, parse_size_bytes(budget), dense, kv_bytes,
                                max_tokens)
     sync(device)
     arena_s = time.perf_counter() - start
     heat = ExpertHeat(sorted(host.layers), host.num_experts, device)
     backend = HybridExperts(gpu, NativeExperts(loaded["cpu_cache"], threads=threads), device,
-                            use_gpu_experts=gpu_experts, heat=heat)
+                            use_gpu_experts=gpu_experts, heat=heat, tuning=TUNING)
     engine = HybridEngine(config, model, backend, eos_token_ids=set(), use_graphs=use_graphs,
                           fused_kernels=fused)
     info = dict(gpu.plan.summary(), chunk_tokens=chunk, arena_upload_s=arena_s,
@@ -146,8 +147,7 @@ def release(engine) -> None:
     import gc
 
     model = engine.model
-    engine._steps.clear()
-    engine.close()
+    engine.close()  # with its decode steps and their graphs
     model.expert_backend = None
     gc.collect()
     if torch.cuda.is_available():
@@ -176,9 +176,9 @@ def physical_limits(engine, bw: dict) -> dict:
 
 
 def stream_steps(row: dict) -> str:
-    """The timed steps of a streams row: how many ran one by one, and the time inside steps."""
-    return (f"{row['one_by_one_steps']} of {row['steps']} steps one by one, "
-            f"{100 * row['in_steps_fraction']:.0f} % of the time inside steps")
+    """The timed decode steps of a streams row, and the time inside their forwards."""
+    return (f"{row['steps']} decode steps, "
+            f"{100 * row['in_steps_fraction']:.0f} % of the time inside forwards")
 
 
 def run_scenario(scenario: Scenario, loaded, args, bw, rng) -> dict:
@@ -227,7 +227,7 @@ def run_scenario(scenario: Scenario, loaded, args, bw, rng) -> dict:
     result = {"scenario": name, "budget": budget, "modes": sorted(modes),
               "gpu_experts": gpu_experts, "fused": fused, "plan": plan_info,
               "rows": rows, "limits": limits, "streams": streams, "replacement": replacement,
-              "graph_failures": sum(s.graph_failures for s in engine._steps.values())}
+              "graph_failures": engine.graph_failures}
     release(engine)
     return result
 

@@ -85,7 +85,7 @@ def reference(layer: dict, spec: QuantSpec, inter: int) -> torch.Tensor:
 
 def measure(cfg, layers, layout, slots, args, device) -> dict:
     """us per layer of gate/up, down and the whole call for one tile, and layer 0's error."""
-    spec, block_k = layout.spec, moe_decode._block_k(cfg.block_k, args.group, args.hidden,
+    spec, block_k = layout.spec, moe_decode.k_block(cfg.block_k, args.group, args.hidden,
                                                      args.inter)
     p, tiles = args.tokens * args.top_k, -(-args.inter // cfg.block_n)
 

@@ -28,7 +28,7 @@ from bench_cli import log  # noqa: E402
 
 from krasisd.engine.gpu.format import ExpertLayout, QuantSpec, dequantize_kmajor  # noqa: E402
 from krasisd.engine.gpu.moe_grouped import moe_grouped_mm  # noqa: E402
-from krasisd.engine.gpu.moe_triton import CANDIDATES, _moe_triton, default_config  # noqa: E402
+from krasisd.engine.gpu.moe_triton import CANDIDATES, default_config, moe_triton_tiled  # noqa: E402
 
 E, K, D, I = 64, 6, 2048, 1408  # noqa: E741
 GROUP, DEVICE = 128, "cuda"
@@ -72,7 +72,7 @@ def measure_m(m: int, bits: int, layout, views, w13, w2) -> list[dict]:
                 f"s{cfg.num_stages} {unpack}{order}]")
         if DEVICE != "cuda":
             cfg = default_config(1, DEVICE)
-        variants[name] = partial(_moe_triton, x, views, slots, ids, weights, bits, GROUP, cfg)
+        variants[name] = partial(moe_triton_tiled, x, views, slots, ids, weights, bits, GROUP, cfg)
     variants["dequant+grouped_mm"] = partial(moe_grouped_mm, x, views, slots, ids, weights,
                                              layout.spec)
     variants["bf16 grouped_mm (no dequant)"] = partial(bf16_grouped, x, w13, w2, ids, weights)

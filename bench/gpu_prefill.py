@@ -24,10 +24,10 @@ import torch
 from bench_cli import log
 from decode_caches import copy_rate, place_experts, sync
 
+from krasisd.config import parse_size_bytes
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.gpu.driver import prefill_logits
 from krasisd.engine.gpu.format import QuantSpec
-from krasisd.engine.gpu.placement import parse_vram_budget
 from krasisd.engine.gpu.synthetic import (
     TINY_DEEPSEEK_V2,
     dense_bytes,
@@ -108,7 +108,7 @@ def time_prompt(model, backend, cache, t, runs, chunk, device):
 def run_scenario(name, budget, model, host, cfg, dense, sizes, runs, impl, h2d, rate):
     device = model.lm_head.weight.device
     on_cuda = device.type == "cuda"
-    budget_bytes = parse_vram_budget(budget)
+    budget_bytes = parse_size_bytes(budget)
     max_tokens = max(sizes)
     cache = new_kv_cache(cfg, max_tokens, model.lm_head.weight.dtype, device)
     kv_bytes = cache.nbytes

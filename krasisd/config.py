@@ -36,6 +36,12 @@ DEFAULT_RUNNER_LOADER = "krasisd.engine.serving:load_for_serving"
 # here because this module is light; krasisd.engine.gpu.graphs imports it as DENSE_WEIGHTS.
 GPU_DENSE_WEIGHTS = ("quant", "bf16")
 DEFAULT_GPU_DENSE = GPU_DENSE_WEIGHTS[0]
+# The engine's own lists (krasisd.engine.engine_options.EngineOptions checks against them).
+QUANTS = ("none", "int8", "int4")  # KRASIS_QUANT: routed-expert formats
+DEVICES = ("auto", "cpu", "cuda")  # KRASIS_DEVICE
+# KRASIS_GPU_PREFILL_MIN_TOKENS: prompts from this length stream their experts through the GPU;
+# shorter ones take the decode path (provisional, until both are measured side by side).
+DEFAULT_GPU_PREFILL_MIN_TOKENS = 32
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS_S = {
@@ -186,6 +192,8 @@ class Config:
     quant: str = "int4"
     device: str = "auto"
     gpu_dense: str = DEFAULT_GPU_DENSE  # one of GPU_DENSE_WEIGHTS
+    gpu_prefill_min_tokens: int = DEFAULT_GPU_PREFILL_MIN_TOKENS
+    moe_autotune: bool = True  # time the GPU kernels' tiles (off: fixed tiles)
     max_body_bytes: int = 16 * 1024 * 1024
     max_connections: int = MAX_CONNECTIONS_DEFAULT  # more get HTTP 503 at once
     header_timeout_s: float = HEADER_TIMEOUT_DEFAULT_S  # a connection without a request's headers
@@ -395,9 +403,12 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, parse_size_bytes),
         memory_budget_bytes=read.get("KRASIS_MEMORY_BUDGET", None, parse_size_bytes),
         threads=read.get("KRASIS_THREADS", None, _int_at_least(1)),
-        quant=read.get("KRASIS_QUANT", "int4", _choice("none", "int8", "int4")),
-        device=read.get("KRASIS_DEVICE", "auto", _choice("auto", "cpu", "cuda")),
+        quant=read.get("KRASIS_QUANT", "int4", _choice(*QUANTS)),
+        device=read.get("KRASIS_DEVICE", "auto", _choice(*DEVICES)),
         gpu_dense=read.get("KRASIS_GPU_DENSE", DEFAULT_GPU_DENSE, gpu_dense_value),
+        gpu_prefill_min_tokens=read.get("KRASIS_GPU_PREFILL_MIN_TOKENS",
+                                        DEFAULT_GPU_PREFILL_MIN_TOKENS, _int_at_least(1)),
+        moe_autotune=read.get("KRASIS_MOE_AUTOTUNE", True, _bool),
         max_body_bytes=read.get("KRASIS_MAX_BODY", 16 * 1024 * 1024, parse_size_bytes),
         max_connections=read.get("KRASIS_MAX_CONNECTIONS", MAX_CONNECTIONS_DEFAULT,
                                  _int_at_least(1)),

@@ -35,10 +35,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from krasisd.config import (  # noqa: E402
     DEFAULT_GPU_DENSE,
+    DEFAULT_GPU_PREFILL_MIN_TOKENS,
     DEFAULT_RUNNER_LOADER,
     gpu_dense_value,
     num_parallel_value,
 )
+from krasisd.engine.engine_options import EngineOptions  # noqa: E402
 from krasisd.engine.loop_options import LoopOptions  # noqa: E402
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
 from krasisd.runner_streams import Stream, StreamLoop  # noqa: E402
@@ -68,13 +70,26 @@ class Channel:
             yield json.loads(line)
 
 
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The engine's settings from the runner's command line, checked once."""
+    return EngineOptions(
+        quant=args.quant, device=args.device, threads=args.threads, cache_dir=args.cache_dir,
+        gpu_cache_dir=args.gpu_cache_dir, gpu_dense=args.gpu_dense,
+        vram_budget_bytes=args.vram_budget, gpu_prefill_min_tokens=args.gpu_prefill_min_tokens,
+        autotune=args.moe_autotune == "on", tuning_dir=args.tuning_dir)
+
+
 def load_engine(args: argparse.Namespace):
     """Import the loader ('module:function') and load the model with the daemon's settings.
 
-    ``gpu_cache_dir`` and ``gpu_dense`` are passed only when given and not the default, so a
-    plugged-in loader without those arguments keeps working with the default settings."""
+    The built-in loader (krasisd.engine.serving:load_for_serving) gets every setting as one
+    EngineOptions. A plugged-in loader gets keywords: model_dir, quant, device, threads,
+    cache_dir, and ``gpu_cache_dir`` and ``gpu_dense`` only when given and not the default,
+    so one without those arguments keeps working with the default settings."""
     module_name, func_name = args.loader.split(":")
     loader = getattr(importlib.import_module(module_name), func_name)
+    if args.loader == DEFAULT_RUNNER_LOADER:
+        return loader(args.model_dir, options=engine_options(args))
     extra = {"gpu_cache_dir": args.gpu_cache_dir} if args.gpu_cache_dir else {}
     if args.gpu_dense != DEFAULT_GPU_DENSE:
         extra["gpu_dense"] = args.gpu_dense
@@ -336,6 +351,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--num-parallel", type=_num_parallel_arg, default=1)
     parser.add_argument("--gpu-dense", type=_gpu_dense_arg, default=DEFAULT_GPU_DENSE)
+    # the engine's GPU settings (EngineOptions); unset: the engine's defaults
+    parser.add_argument("--vram-budget", type=_positive_int_arg, default=None)  # bytes
+    parser.add_argument("--gpu-prefill-min-tokens", type=_positive_int_arg,
+                        default=DEFAULT_GPU_PREFILL_MIN_TOKENS)
+    parser.add_argument("--moe-autotune", choices=("on", "off"), default="on")
+    parser.add_argument("--tuning-dir", default=None)  # unset: timed tiles are not kept
     # the generation loop (krasisd.engine.loop); unset: the engine's defaults
     parser.add_argument("--prefill-chunk-tokens", type=_positive_int_arg, default=None)
     parser.add_argument("--step-token-budget", type=_positive_int_arg, default=None)

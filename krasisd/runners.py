@@ -222,11 +222,8 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
 
 
 def _runner_env(cfg: Config) -> dict[str, str]:
-    """The daemon's environment, plus settings the engine reads itself (from the config file)."""
-    env = dict(os.environ)
-    if cfg.vram_budget_bytes is not None:
-        env["KRASIS_VRAM_BUDGET"] = str(cfg.vram_budget_bytes)
-    return env
+    """The daemon's environment (the engine's settings travel as arguments, _runner_argv)."""
+    return dict(os.environ)
 
 
 def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
@@ -234,7 +231,12 @@ def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
             "--model-dir", str(spec.model_dir), "--loader", cfg.runner_loader,
             "--quant", spec.quant or cfg.quant, "--device", cfg.device, "--log-format", cfg.log_format,
             "--log-level", cfg.log_level, "--num-parallel", str(cfg.num_parallel),
-            "--gpu-dense", cfg.gpu_dense]
+            "--gpu-dense", cfg.gpu_dense,
+            "--gpu-prefill-min-tokens", str(cfg.gpu_prefill_min_tokens),
+            "--moe-autotune", "on" if cfg.moe_autotune else "off",
+            "--tuning-dir", str(cfg.home / "tuning")]
+    if cfg.vram_budget_bytes is not None:
+        argv += ["--vram-budget", str(cfg.vram_budget_bytes)]
     if cfg.threads:
         argv += ["--threads", str(cfg.threads)]
     if cfg.kv_budget_bytes is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from krasisd.config import DEVICES, QUANTS  # the one list of each (KRASIS_QUANT, KRASIS_DEVICE)
 from krasisd.engine.batch import batched_decode
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import KrasisEngineError, ModelLoadError
@@ -26,8 +27,6 @@ from krasisd.engine.quant import BITS
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("none", "int8", "int4")
-DEVICES = ("cpu", "cuda", "auto")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # share of the GPU memory free after the load that KV caches may take by default; the rest
 # is left for the decode graphs and prefill activations

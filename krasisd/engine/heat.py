@@ -214,7 +214,7 @@ def replace_experts(hybrid, heat: dict[int, list[int]], min_gain: float = 0.02) 
     hybrid.gpu = GpuExperts(old.host, plan, old.device, impl=old.impl,
                             chunk_tokens=old.chunk_tokens,
                             full_copy_fraction=old.full_copy_fraction,
-                            kernel_config=old.kernel_config)
+                            kernel_config=old.kernel_config, tuning=old.tuning)
     hybrid.refresh_residency()
     if old.device.type == "cuda":
         torch.cuda.synchronize(old.device)

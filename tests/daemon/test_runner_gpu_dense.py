@@ -1,5 +1,5 @@
 """KRASIS_GPU_DENSE reaches the hybrid loader: daemon setting -> runner command line ->
-load_for_serving(gpu_dense=...) -> load_hybrid(dense=...)."""
+load_for_serving -> load_hybrid(options=EngineOptions(gpu_dense=...))."""
 
 from pathlib import Path
 
@@ -69,5 +69,6 @@ def test_the_setting_reaches_the_hybrid_loader(tmp_path, monkeypatch, value):
                         lambda model_dir, **kwargs: seen.update(kwargs) or "hybrid-engine")
     cfg = Config(home=tmp_path, quant="int8", device="auto", gpu_dense=value)
     assert runner.load_engine(_runner_args(cfg, DEFAULT_RUNNER_LOADER)) == "hybrid-engine"
-    assert seen["dense"] == value and seen["quant"] == "int8"
-    assert seen["cpu_cache_dir"] == "/c"
+    options = seen["options"]  # the runner's EngineOptions, whole
+    assert options.gpu_dense == value and options.quant == "int8"
+    assert options.cache_dir == Path("/c")

@@ -103,7 +103,7 @@ def test_create_backend_builds_once_then_loads(model_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(gpu_backend, "build_gpu_cache", counting_build)
     kwargs = dict(cache_dir=tmp_path / "gpu", device="cpu", dense_bytes=1000, max_tokens=64,
-                  budget="1GiB")
+                  vram_budget_bytes=1 << 30)
     first = gpu_backend.create_backend(folder, config, "int4", **kwargs)
     second = gpu_backend.create_backend(folder, config, "int4", **kwargs)
     assert len(builds) == 1
@@ -125,15 +125,3 @@ def test_group_size_and_workspace_estimates():
     assert prefill_workspace_bytes(config, 1000, 64) < prefill_workspace_bytes(config, 1000, 1000)
     assert prefill_workspace_bytes(config, 100, 64, "grouped_mm") > prefill_workspace_bytes(
         config, 100, 64, "triton")
-
-
-def test_gpu_prefill_threshold_setting(monkeypatch):
-    from krasisd.engine.gpu.backend import DEFAULT_MIN_TOKENS, gpu_prefill_min_tokens
-
-    monkeypatch.delenv("KRASIS_GPU_PREFILL_MIN_TOKENS", raising=False)
-    assert gpu_prefill_min_tokens() == DEFAULT_MIN_TOKENS
-    monkeypatch.setenv("KRASIS_GPU_PREFILL_MIN_TOKENS", "200")
-    assert gpu_prefill_min_tokens() == 200
-    assert gpu_prefill_min_tokens(5) == 5
-    for bad in ("many", "0", "-3"):
-        assert gpu_prefill_min_tokens(bad) == DEFAULT_MIN_TOKENS

@@ -1,12 +1,12 @@
-"""VRAM budget parsing and the placement plan (pure functions)."""
+"""VRAM budgets and the placement plan (pure functions)."""
 
 import pytest
 
+from krasisd.config import parse_size_bytes
 from krasisd.engine.gpu.placement import (
     PlacementError,
     PlacementRequest,
     default_vram_budget,
-    parse_vram_budget,
     plan_placement,
     resolve_vram_budget,
 )
@@ -18,23 +18,25 @@ GIB = 1 << 30
     ("16GiB", 16 * GIB), ("4GiB", 4 * GIB), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000),
     ("2g", 2_000_000_000), ("4gi", 4 * GIB), ("1048576", 1 << 20), (123, 123), (" 8 GiB ", 8 * GIB),
 ])
-def test_parse_vram_budget(text, expected):
-    assert parse_vram_budget(text) == expected
+def test_budgets_are_read_by_the_one_size_parser(text, expected):
+    assert parse_size_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "lots", "-4GiB", "0", "16 PiB", "4GiB8", 0, -1])
-def test_parse_vram_budget_rejects(text):
+@pytest.mark.parametrize("text", ["", "lots", "-4GiB", "16 PiB", "4GiB8", -1])
+def test_size_parser_rejects(text):
     with pytest.raises(ValueError):
-        parse_vram_budget(text)
+        parse_size_bytes(text)
 
 
-def test_resolve_budget_from_env_default_and_cap(monkeypatch):
-    monkeypatch.setenv("KRASIS_VRAM_BUDGET", "4GiB")
-    assert resolve_vram_budget(free_bytes=100 * GIB) == 4 * GIB
-    assert resolve_vram_budget(free_bytes=2 * GIB) == 2 * GIB  # capped at what is free
-    assert resolve_vram_budget(free_bytes=100 * GIB, setting="1GiB") == GIB
-    monkeypatch.delenv("KRASIS_VRAM_BUDGET")
+def test_resolve_budget_default_and_cap_ignoring_the_environment(monkeypatch):
+    """The budget is what the caller passes (EngineOptions.vram_budget_bytes): the engine
+    reads no KRASIS_VRAM_BUDGET of its own."""
+    monkeypatch.setenv("KRASIS_VRAM_BUDGET", "1GiB")
     assert resolve_vram_budget(free_bytes=100 * GIB) == default_vram_budget(100 * GIB)
+    assert resolve_vram_budget(free_bytes=100 * GIB, budget_bytes=4 * GIB) == 4 * GIB
+    assert resolve_vram_budget(free_bytes=2 * GIB, budget_bytes=4 * GIB) == 2 * GIB  # capped
+    with pytest.raises(ValueError, match="positive"):
+        resolve_vram_budget(free_bytes=2 * GIB, budget_bytes=0)
     assert default_vram_budget(100 * GIB) == 95 * GIB  # 5 % margin beats 1 GiB
     assert default_vram_budget(10 * GIB) == 9 * GIB  # 1 GiB margin beats 5 %
     assert default_vram_budget(GIB // 2) == 0

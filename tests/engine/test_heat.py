@@ -203,3 +203,17 @@ def test_replacement_skips_small_gains():
     report = replace_experts(hybrid, heat, min_gain=0.5)
     assert not report["replaced"]
     assert all((hybrid.resident_np[k] == v).all() for k, v in before.items())
+
+
+def test_prompts_from_the_prefill_threshold_stream_through_the_gpu():
+    """EngineOptions.gpu_prefill_min_tokens (KRASIS_GPU_PREFILL_MIN_TOKENS): from that many
+    tokens a forward streams its experts through the GPU; fewer take the hybrid decode path."""
+    gpu = _hybrid(cold_first=False)[0].gpu
+    hybrid = HybridExperts(gpu, cpu=_FakeCpu(), device="cpu", prefill_min_tokens=4)
+    started = []
+    gpu.begin_forward = lambda num_tokens, top_k: started.append(num_tokens)
+    for num_tokens in (1, 3, 4, 40):
+        hybrid.begin_forward(num_tokens, 2)
+    assert started == [4, 40]
+    with pytest.raises(ValueError, match="prefill_min_tokens"):
+        HybridExperts(gpu, cpu=_FakeCpu(), device="cpu", prefill_min_tokens=0)

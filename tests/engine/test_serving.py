@@ -1,3 +1,4 @@
+import dataclasses
 import inspect
 
 import pytest
@@ -54,8 +55,9 @@ def test_on_a_gpu_serving_loads_the_hybrid_engine_from_both_registry_caches(monk
     engine = load_for_serving(tmp_path, quant="int8", device="auto", cache_dir=tmp_path / "c",
                               gpu_cache_dir=tmp_path / "g")
     assert engine == "hybrid-engine"
-    assert seen["cpu_cache_dir"] == tmp_path / "c" and seen["gpu_cache_dir"] == tmp_path / "g"
-    assert seen["quant"] == "int8" and seen["device"] == "cuda"
+    options = seen["options"]
+    assert options.cache_dir == tmp_path / "c" and options.gpu_cache_dir == tmp_path / "g"
+    assert options.quant == "int8" and options.device == "cuda"  # "auto" resolved
 
 
 def test_the_setting_and_the_hybrid_loader_share_one_list_of_values():
@@ -85,7 +87,7 @@ def _hybrid_on_a_gpu(monkeypatch):
 def test_gpu_dense_becomes_the_hybrid_loaders_dense(monkeypatch, tmp_path, kwargs, dense):
     seen = _hybrid_on_a_gpu(monkeypatch)
     assert load_for_serving(tmp_path, quant="int4", device="auto", **kwargs) == "hybrid-engine"
-    assert seen["dense"] == dense
+    assert seen["options"].gpu_dense == dense
 
 
 def test_cpu_loads_do_not_take_gpu_dense(monkeypatch, tmp_path):
@@ -109,3 +111,15 @@ def test_a_bad_gpu_dense_is_refused_before_any_load(monkeypatch, tmp_path, devic
     with pytest.raises(ValueError, match="KRASIS_GPU_DENSE.*quant, bf16.*'fp8'"):
         load_for_serving(tmp_path, quant="int4", device=device, gpu_dense="fp8")
     assert seen == {}
+
+
+def test_every_engine_option_reaches_the_hybrid_loader(monkeypatch, tmp_path):
+    """What a runner passes arrives whole: the GPU settings the keywords do not carry too."""
+    from krasisd.engine.engine_options import EngineOptions
+
+    seen = _hybrid_on_a_gpu(monkeypatch)
+    options = EngineOptions(quant="int8", device="auto", threads=3, cache_dir=tmp_path / "c",
+                            vram_budget_bytes=4 << 30, gpu_prefill_min_tokens=200,
+                            autotune=False, tuning_dir=tmp_path / "tiles")
+    assert load_for_serving(tmp_path, options=options) == "hybrid-engine"
+    assert seen["options"] == dataclasses.replace(options, device="cuda")

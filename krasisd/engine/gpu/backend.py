@@ -10,8 +10,8 @@ I = expert intermediate, E = experts, H = heads.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,30 +23,13 @@ from krasisd.engine.gpu.placement import PlacementRequest, plan_placement, resol
 from krasisd.engine.gpu.prefill import GpuExperts
 from krasisd.engine.quant import pick_group_size
 
+if TYPE_CHECKING:  # tuning imports Triton
+    from krasisd.engine.gpu.tuning import KernelTuning
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_TOKENS = 8192
 BF16_BYTES = 2
-MIN_TOKENS_ENV = "KRASIS_GPU_PREFILL_MIN_TOKENS"
-# Provisional: below this a prompt goes through the decode path. The crossover is where
-# T / prefill_wall(T) beats the decode path's tokens per second; set it from both benches.
-DEFAULT_MIN_TOKENS = 32
-
-
-def gpu_prefill_min_tokens(setting: str | int | None = None) -> int:
-    """Prompt length from which prefill takes the GPU path (``KRASIS_GPU_PREFILL_MIN_TOKENS``)."""
-    raw = setting if setting is not None else os.environ.get(MIN_TOKENS_ENV, "")
-    if raw == "":
-        return DEFAULT_MIN_TOKENS
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        value = -1
-    if value < 1:
-        log.warning("%s=%r is not a positive integer; using %d", MIN_TOKENS_ENV, raw,
-                    DEFAULT_MIN_TOKENS)
-        return DEFAULT_MIN_TOKENS
-    return value
 
 
 def prefill_workspace_bytes(config, max_tokens: int, chunk_tokens: int, impl: str = "triton") -> int:
@@ -68,8 +51,8 @@ def prefill_workspace_bytes(config, max_tokens: int, chunk_tokens: int, impl: st
 
 def gpu_experts_for(host: HostExperts, config, device, budget_bytes: int, dense_bytes: int,
                     kv_cache_bytes: int, max_tokens: int, heat=None, impl: str | None = None,
-                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, time_copies: bool = False
-                    ) -> GpuExperts:
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, time_copies: bool = False,
+                    tuning: KernelTuning | None = None) -> GpuExperts:
     """Plan the budget for prompts up to ``max_tokens`` and build the backend."""
     impl = impl or ("triton" if torch.device(device).type == "cuda" else "grouped_mm")
     workspace_bytes = prefill_workspace_bytes(config, max_tokens, chunk_tokens, impl)
@@ -80,7 +63,7 @@ def gpu_experts_for(host: HostExperts, config, device, budget_bytes: int, dense_
     plan = plan_placement(request)
     log.info("gpu placement: %s", plan.summary())
     return GpuExperts(host, plan, device, impl=impl, chunk_tokens=chunk_tokens,
-                      time_copies=time_copies)
+                      time_copies=time_copies, tuning=tuning)
 
 
 def default_gpu_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:
@@ -89,9 +72,11 @@ def default_gpu_cache_dir(model_dir: Path, quant: str, group_size: int) -> Path:
 
 def create_backend(model_dir, config, quant: str, cache_dir=None, device="cuda",
                    dense_bytes: int = 0, kv_cache_bytes: int = 0, max_tokens: int = 8192,
-                   budget=None, heat=None, impl: str | None = None,
-                   group_size: int | None = None) -> GpuExperts:
-    """GpuExperts for ``model_dir``: loads the GPU cache (building it when missing or stale)."""
+                   vram_budget_bytes: int | None = None, heat=None, impl: str | None = None,
+                   group_size: int | None = None, tuning: KernelTuning | None = None
+                   ) -> GpuExperts:
+    """GpuExperts for ``model_dir``: loads the GPU cache (building it when missing or stale)
+    and places experts within ``vram_budget_bytes`` (None: free memory minus a margin)."""
     if group_size is None:  # the CPU cache's rule too, so both formats group alike
         group_size = pick_group_size(config.hidden_size, config.moe_intermediate_size)
     cache_dir = Path(cache_dir) if cache_dir else default_gpu_cache_dir(model_dir, quant, group_size)
@@ -102,6 +87,6 @@ def create_backend(model_dir, config, quant: str, cache_dir=None, device="cuda",
     device = torch.device(device)
     free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1 << 62
     # the dense weights are already on the device: what they hold counts as available
-    budget_bytes = resolve_vram_budget(free_bytes + dense_bytes, budget)
+    budget_bytes = resolve_vram_budget(free_bytes + dense_bytes, vram_budget_bytes)
     return gpu_experts_for(host, config, device, budget_bytes, dense_bytes, kv_cache_bytes,
-                           max_tokens, heat=heat, impl=impl)
+                           max_tokens, heat=heat, impl=impl, tuning=tuning)

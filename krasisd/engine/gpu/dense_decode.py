@@ -29,7 +29,6 @@ program, BK = inputs per K step.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -47,13 +46,12 @@ from krasisd.engine.gpu.format import QuantSpec, dequantize_kmajor, pack_int4
 from krasisd.engine.gpu.moe_decode import (
     F256_BITS,
     SharedExperts,
-    _block_k,
-    _splits,
     check_tile,
+    k_block,
+    k_splits,
     shared_fits,
     tile_sum,
 )
-from krasisd.engine.gpu.moe_triton import AUTOTUNE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +164,8 @@ def linear_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     rows, k = x.shape
     width = scales.shape[1]
     n = width // 2 if gated else width
-    block_k = _block_k(tile.block_k, group_size, k)
-    splits, steps = _splits(k // block_k, tile.split_k)
+    block_k = k_block(tile.block_k, group_size, k)
+    splits, steps = k_splits(k // block_k, tile.split_k)
     tiles = triton.cdiv(n, tile.block_n)
     if counts.numel() < rows * tiles:
         raise ValueError(f"counts holds {counts.numel()} arrivals, {rows * tiles} needed")
@@ -200,6 +198,7 @@ class GpuQuantLinear(nn.Module):
                                                            requires_grad=False)
         self._counts: dict[tuple, torch.Tensor] = {}  # (device, arrivals) -> zeros
         self.tile: LinearTile | None = None  # set: this tile, not the tuned one
+        self.tuning: tuning.KernelTuning | None = None  # None: LinearTile() unless ``tile``
         _SIBLINGS.setdefault(self._shape_key(), weakref.WeakSet()).add(self)
 
     @classmethod
@@ -269,7 +268,7 @@ class GpuQuantLinear(nn.Module):
         in the L2, and timing one alone rewards tiles that are fast from cache."""
         if self.tile is not None:
             return self.tile
-        if x.device.type != "cuda" or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        if x.device.type != "cuda" or self.tuning is None:
             return LinearTile()
         siblings = [s for s in _SIBLINGS.get(self._shape_key(), ()) if s.qweight.device
                     == x.device][:TUNE_SIBLINGS] or [self]
@@ -279,8 +278,8 @@ class GpuQuantLinear(nn.Module):
                 linear_gemv(x, linear.qweight, linear.scales, self.bits, self.group_size, tile,
                             linear.counts(x, tile, gated), gated)
 
-        return _TUNER.pick(self._shape_key() + (x.shape[0], gated), run, x.device,
-                           fallback=LinearTile())
+        return _TUNER.pick(self._shape_key() + (x.shape[0], gated), run, self.tuning,
+                           x.device, fallback=LinearTile())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -302,6 +301,7 @@ def fuse(owner: nn.Module, name: str, linears) -> GpuQuantLinear | None:
     qweight = torch.cat([linear.qweight for linear in linears], dim=1)  # [K(/8), sum N]
     scales = torch.cat([linear.scales for linear in linears], dim=1)  # [K/G, sum N]
     fused = GpuQuantLinear(qweight, scales, first.bits, first.group_size, first.in_features)
+    fused.tuning = first.tuning
     start = 0
     for linear in linears:
         width = linear.out_features
@@ -348,6 +348,15 @@ def quantized_linears(model: nn.Module, stored: dict, device) -> int:
     log.info("dense linears on the GPU from the CPU cache's quantized weights: %.2f GB of "
              "float weights replaced", freed / 1e9)
     return freed
+
+
+def set_tuning(model: nn.Module, kernel_tuning: tuning.KernelTuning | None) -> int:
+    """Give every GpuQuantLinear of ``model`` the tile tuning (None: fixed tiles); returns
+    how many there are."""
+    linears = [m for m in model.modules() if isinstance(m, GpuQuantLinear)]
+    for linear in linears:
+        linear.tuning = kernel_tuning
+    return len(linears)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -26,6 +26,7 @@ from a model folder and its dual-format cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -35,10 +36,13 @@ from dataclasses import dataclass, field
 import torch
 
 from krasisd.config import GPU_DENSE_WEIGHTS as DENSE_WEIGHTS  # load_hybrid's dense values
+from krasisd.config import parse_size_bytes
 from krasisd.engine.engine import Engine
+from krasisd.engine.engine_options import EngineOptions
 from krasisd.engine.experts import SplitExpertBackend
 from krasisd.engine.gpu import decode_attention as attention
 from krasisd.engine.gpu import fused
+from krasisd.engine.gpu.driver import sdpa_backends
 from krasisd.engine.gpu.hybrid import HybridExperts
 from krasisd.engine.heat import ExpertHeat, replace_experts
 from krasisd.engine.kv_cache import KVCache, new_kv_cache
@@ -361,10 +365,13 @@ class HybridEngine(Engine):
     @torch.inference_mode()
     def forward(self, input_ids, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """As Engine.forward; one token with a cache goes through the decode step."""
+        """As Engine.forward; one token with a cache goes through the decode step, and
+        prefill attention prefers cuDNN among the fused SDPA backends (driver.sdpa_backends)."""
         token = _single_token(input_ids) if cache is not None else None
         if token is None:
-            return super().forward(input_ids, cache, last_only=last_only)
+            prefer = sdpa_backends() if self.device.type == "cuda" else contextlib.nullcontext()
+            with prefer:
+                return super().forward(input_ids, cache, last_only=last_only)
         if not 0 <= token < self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
         return self._step_for(cache)(token, cache)[None, :]  # [1, V]
@@ -390,6 +397,17 @@ class HybridEngine(Engine):
             self._steps[key] = step
         return step
 
+    @property
+    def graph_failures(self) -> int:
+        """Graph captures that failed in the live decode steps (they decode eagerly)."""
+        return sum(step.graph_failures for step in self._steps.values())
+
+    def close(self) -> None:
+        """Drop the decode steps (their graphs and buffers), then as Engine.close."""
+        self._steps.clear()
+        self._pool.clear()
+        super().close()
+
     def rebalance(self, min_gain: float = 0.02) -> dict:
         """Re-place GPU experts by the heat recorded so far (call between requests)."""
         backend = self.expert_backend
@@ -414,31 +432,51 @@ def _storage_key(cache: KVCache) -> int:
 def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
                 budget=None, max_tokens: int = 8192, heat: dict | None = None,
                 use_gpu_experts: bool = True, use_graphs: bool = True, cpu_cache_dir=None,
-                gpu_cache_dir=None, dense: str = "quant") -> HybridEngine:
+                gpu_cache_dir=None, dense: str = "quant",
+                options: EngineOptions | None = None) -> HybridEngine:
     """Load ``model_dir`` for hybrid decode from the dual-format cache (building what is
     missing once); ``engine.load_times_s`` says where the load time went.
 
+    The settings are ``options`` (what runners pass, through load_for_serving) or, without
+    it, the keywords: ``budget`` is the VRAM budget in bytes or a size such as "16GiB";
     ``dense``: "quant" runs the dense linears from the CPU cache's quantized copies (the
     CPU-only path's weights; krasisd.engine.gpu.dense_decode), "bf16" from the checkpoint."""
     from krasisd.engine.engine import load
     from krasisd.engine.gpu.backend import create_backend
+    from krasisd.engine.gpu.dense_decode import set_tuning
     from krasisd.engine.gpu.synthetic import dense_bytes
+    from krasisd.engine.gpu.tuning import tuning_for
 
-    if dense not in DENSE_WEIGHTS:
-        raise ValueError(f"dense must be one of {DENSE_WEIGHTS}, got {dense!r}")
+    if options is None:
+        if dense not in DENSE_WEIGHTS:
+            raise ValueError(f"dense must be one of {DENSE_WEIGHTS}, got {dense!r}")
+        options = EngineOptions(
+            quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
+            gpu_cache_dir=gpu_cache_dir, gpu_dense=dense,
+            vram_budget_bytes=None if budget is None else parse_size_bytes(budget))
+    kernel_tuning = tuning_for(options.autotune, options.tuning_dir)
+    from_cache = options.gpu_dense == "quant"
     times, start = {}, time.perf_counter()
-    base = load(model_dir, quant=quant, device=device, threads=threads, cache_dir=cpu_cache_dir,
-                dtype=torch.bfloat16, dense_from_cache=dense == "quant")
-    if dense == "quant" and not getattr(base.expert_backend, "dense", None):
+    base = load(model_dir, quant=options.quant, device=options.device, threads=options.threads,
+                cache_dir=options.cache_dir, dtype=torch.bfloat16, dense_from_cache=from_cache)
+    if from_cache and not base.expert_backend.dense:
         log.info("the CPU cache holds no quantized dense linears: they stay in bf16")
+    set_tuning(base.model, kernel_tuning)
+    device = base.device  # "auto" resolved
     times["dense_and_cpu_cache"] = time.perf_counter() - start
     kv_bytes = new_kv_cache(base.config, max_tokens, torch.bfloat16, "meta").nbytes
-    gpu = create_backend(model_dir, base.config, quant, cache_dir=gpu_cache_dir, device=device,
-                         dense_bytes=dense_bytes(base.model), kv_cache_bytes=kv_bytes,
-                         max_tokens=max_tokens, budget=budget, heat=heat)
+    gpu = create_backend(model_dir, base.config, options.quant, cache_dir=options.gpu_cache_dir,
+                         device=device, dense_bytes=dense_bytes(base.model),
+                         kv_cache_bytes=kv_bytes, max_tokens=max_tokens,
+                         vram_budget_bytes=options.vram_budget_bytes, heat=heat,
+                         tuning=kernel_tuning)
     times["gpu_cache_and_placement"] = time.perf_counter() - start - times["dense_and_cpu_cache"]
-    backend = HybridExperts(gpu, base.expert_backend, device, use_gpu_experts=use_gpu_experts,
-                            heat=ExpertHeat(sorted(gpu.host.layers), gpu.host.num_experts, device))
+    backend = HybridExperts(gpu, base.expert_backend, device,
+                            use_gpu_experts=use_gpu_experts,
+                            prefill_min_tokens=options.gpu_prefill_min_tokens,
+                            heat=ExpertHeat(sorted(gpu.host.layers), gpu.host.num_experts,
+                                            device),
+                            tuning=kernel_tuning)
     engine = HybridEngine(base.config, base.model, backend, base.tokenizer, base.eos_token_ids,
                           base.model_dir, use_graphs=use_graphs)
     engine.load_times_s = times

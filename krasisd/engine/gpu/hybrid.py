@@ -12,7 +12,7 @@ Per MoE layer and decode step (``start`` then ``finish``):
    the CPU part itself, which saves the thread hand-off);
 3. ``finish`` joins the worker, copies its [T, D] result back through a pinned buffer (one
    copy) and adds it to the GPU part.
-Prompts longer than ``max_decode_tokens`` go to the streaming prefill backend (GpuExperts).
+Prompts of ``prefill_min_tokens`` or more go to the streaming prefill backend (GpuExperts).
 
 Resident experts are the GpuExperts placement's (one arena serves prefill and decode).
 Slots of non-resident experts are never computed on the GPU: slots are compacted so the
@@ -28,13 +28,13 @@ I = expert intermediate, BM = rows per kernel block.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from krasisd.config import DEFAULT_GPU_PREFILL_MIN_TOKENS
 from krasisd.engine.experts import SplitExpertBackend
 from krasisd.engine.gpu import tuning
 from krasisd.engine.gpu.dense_decode import moe_shared
@@ -46,16 +46,15 @@ from krasisd.engine.gpu.moe_decode import (
     resident_slots,
 )
 from krasisd.engine.gpu.moe_triton import (
-    AUTOTUNE_ENV,
     SortedRoutes,
-    _launch_down,
-    _launch_gate_up,
     default_config,
+    launch_down,
+    launch_gate_up,
 )
+from krasisd.engine.gpu.tuning import KernelTuning
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_DECODE_TOKENS = 32
 GEMV_MAX_SLOTS = 16  # up to this many routed slots, the matrix-vector kernels (moe_decode)
 _DECODE_TUNER = tuning.Tuner("moe_decode", GEMV_CANDIDATES, GemvConfig, tuning.time_graph)
 
@@ -90,18 +89,22 @@ class HybridExperts(SplitExpertBackend):
     """Resident experts on the GPU and the others on the CPU, concurrently."""
 
     def __init__(self, gpu, cpu, device=None, use_gpu_experts: bool = True,
-                 max_decode_tokens: int = DEFAULT_MAX_DECODE_TOKENS, cpu_thread: bool = True,
-                 heat=None):
-        """``gpu``: a GpuExperts (or None), ``cpu``: a NativeExperts (or None)."""
+                 prefill_min_tokens: int = DEFAULT_GPU_PREFILL_MIN_TOKENS,
+                 cpu_thread: bool = True, heat=None, tuning: KernelTuning | None = None):
+        """``gpu``: a GpuExperts (or None), ``cpu``: a NativeExperts (or None);
+        ``prefill_min_tokens``: calls with this many tokens or more stream through ``gpu``
+        (EngineOptions.gpu_prefill_min_tokens); ``tuning``: time the matrix-vector tiles
+        (None: a fixed tile)."""
         if gpu is None and cpu is None:
             raise ValueError("HybridExperts needs a GPU backend, a CPU backend, or both")
-        if max_decode_tokens < 1:
-            raise ValueError(f"max_decode_tokens must be >= 1, got {max_decode_tokens}")
+        if prefill_min_tokens < 1:
+            raise ValueError(f"prefill_min_tokens must be >= 1, got {prefill_min_tokens}")
         self.gpu, self.cpu = gpu, cpu
         self.device = torch.device(device if device is not None else gpu.device)
         self._cuda = self.device.type == "cuda"
         self.use_gpu_experts = use_gpu_experts and gpu is not None
-        self.max_decode_tokens = max_decode_tokens
+        self.prefill_min_tokens = prefill_min_tokens
+        self.tuning = tuning
         self.gemv_max_slots = GEMV_MAX_SLOTS  # 0: always the grouped kernels
         self.heat = heat
         layers = sorted(gpu.host.layers) if gpu is not None else sorted(cpu.cache.layers)
@@ -155,7 +158,7 @@ class HybridExperts(SplitExpertBackend):
         """[T, D] -> [T, D]: long prompts stream through GpuExperts, short ones go hybrid."""
         if layer_idx not in self.resident_np:
             raise KeyError(f"layer {layer_idx} has no routed experts")
-        if x.shape[0] > self.max_decode_tokens and self.gpu is not None:
+        if x.shape[0] >= self.prefill_min_tokens and self.gpu is not None:
             if self.heat is not None:
                 self.heat.record(layer_idx, topk_ids)
             return self.gpu(layer_idx, x, topk_ids, topk_weights)
@@ -163,7 +166,7 @@ class HybridExperts(SplitExpertBackend):
 
     def begin_forward(self, num_tokens: int, top_k: int) -> None:
         """Prefill hook (krasisd.engine.gpu.driver): long prompts start their copies early."""
-        if self.gpu is not None and num_tokens > self.max_decode_tokens:
+        if self.gpu is not None and num_tokens >= self.prefill_min_tokens:
             self.gpu.begin_forward(num_tokens, top_k)
 
     def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
@@ -292,8 +295,8 @@ class HybridExperts(SplitExpertBackend):
         xb = x.to(torch.bfloat16).contiguous()  # [T, D]
         h = torch.empty(routes.sorted_ids.numel(), inter, dtype=torch.bfloat16, device=x.device)
         y = torch.zeros(t * k, x.shape[1], dtype=torch.bfloat16, device=x.device)  # [P, D]
-        _launch_gate_up(xb, views, h, routes, block_slot, spec.bits, spec.group_size, cfg)
-        _launch_down(h, views, y, topk_weights, routes, block_slot, spec.bits, spec.group_size,
+        launch_gate_up(xb, views, h, routes, block_slot, spec.bits, spec.group_size, cfg)
+        launch_down(h, views, y, topk_weights, routes, block_slot, spec.bits, spec.group_size,
                      cfg)
         return y.view(t, k, -1).sum(dim=1, dtype=torch.float32)  # [T, D]
 
@@ -305,7 +308,7 @@ class HybridExperts(SplitExpertBackend):
         runs them: one layer's experts (26 MB at DeepSeek-V2-Lite's shape) fit in the H200's
         50 MB L2, so timing one layer alone rewards tiles that are fast from cache, not from
         memory."""
-        if not self._cuda or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        if not self._cuda or self.tuning is None:
             return GemvConfig()
         spec = self.gpu.layout.spec
         key = (spec.bits, spec.group_size, x.shape[1], self.gpu.layout.intermediate,
@@ -315,7 +318,7 @@ class HybridExperts(SplitExpertBackend):
             for each in sorted(self._gemv_slots) or [layer]:
                 self._gemv(each, x, topk_ids, topk_weights, cfg)
 
-        return _DECODE_TUNER.pick(key, run, self.device, fallback=GemvConfig())
+        return _DECODE_TUNER.pick(key, run, self.tuning, self.device, fallback=GemvConfig())
 
     def close(self) -> None:
         if self._pool is not None:

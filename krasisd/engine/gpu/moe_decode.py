@@ -352,7 +352,7 @@ def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_id
     inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
     pieces = 0 if shared is None else shared.width // inter
     rows = t * (k + pieces)  # P' = routed slots, then each token's shared pieces
-    block_k = _block_k(cfg.block_k, group_size, d, inter)
+    block_k = k_block(cfg.block_k, group_size, d, inter)
     gu_tiles = triton.cdiv(inter, cfg.block_n)
     scratch = torch.zeros(t * d + rows * gu_tiles, dtype=torch.float32, device=x.device)
     out = scratch[: t * d].view(t, d)  # [T, D]
@@ -383,7 +383,7 @@ def gemv_gate_up(x, views, slot_of_expert, topk_ids, bits, group_size, cfg, bloc
     sw, ss = (w13, s13) if shared is None else (shared.w13_q, shared.w13_s)
     inter = w13.shape[2] // 2
     rows = t * (k + pieces)
-    splits, steps = _splits(d // block_k, cfg.split_k)
+    splits, steps = k_splits(d // block_k, cfg.split_k)
     part = torch.empty(splits, rows, 2, inter, dtype=torch.float32, device=x.device)
     h = torch.empty(rows, inter, dtype=torch.float32, device=x.device)  # [P', I]
     grid = (rows, 2 * triton.cdiv(inter, cfg.block_n), splits)
@@ -404,7 +404,7 @@ def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size
     w2, s2 = views["w2_q"], views["w2_s"]
     sw, ss = (w2, s2) if shared is None else (shared.w2_q, shared.w2_s)
     inter, d = h.shape[1], out.shape[1]
-    splits, steps = _splits(inter // block_k, cfg.down_split_k)
+    splits, steps = k_splits(inter // block_k, cfg.down_split_k)
     weights = topk_weights.reshape(-1).to(torch.float32)  # [P]
     grid = (h.shape[0], triton.cdiv(d, cfg.down_block_n), splits)
     _down_gemv[grid](
@@ -416,7 +416,7 @@ def gemv_down(h, views, slot_of_expert, topk_ids, topk_weights, bits, group_size
         num_warps=cfg.down_num_warps)
 
 
-def _splits(steps: int, wanted: int) -> tuple[int, int]:
+def k_splits(steps: int, wanted: int) -> tuple[int, int]:
     """(splits, K steps per split) for ``steps`` K steps cut into about ``wanted`` parts."""
     per_split = triton.cdiv(steps, min(wanted, steps))
     return triton.cdiv(steps, per_split), per_split
@@ -428,7 +428,7 @@ def resident_slots(slot_of_expert: torch.Tensor, resident: torch.Tensor) -> torc
     return torch.where(resident, slot_of_expert, torch.full_like(slot_of_expert, -1))
 
 
-def _block_k(block_k: int, group_size: int, *dims: int) -> int:
+def k_block(block_k: int, group_size: int, *dims: int) -> int:
     """The largest power-of-two K step <= block_k inside one group that divides ``dims``."""
     block_k = min(block_k, group_size)
     while block_k > MIN_BLOCK_K and (group_size % block_k or any(d % block_k for d in dims)):

@@ -16,7 +16,6 @@ S = weight slots (an expert's position in the arena), P = padded sorted rows.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 from krasisd.engine.gpu import tuning
+from krasisd.engine.gpu.tuning import KernelTuning
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,6 @@ CANDIDATES = (
     KernelConfig(128, 64, 64, 8, 8, 4, True), KernelConfig(128, 128, 64, 8, 8, 3, True),
     KernelConfig(64, 128, 64, 8, 8, 3, True, True), KernelConfig(64, 128, 64, 8, 8, 3, False),
 )
-AUTOTUNE_ENV = "KRASIS_MOE_AUTOTUNE"
 _TUNER = tuning.Tuner("moe_triton", CANDIDATES, KernelConfig, tuning.time_events)
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,9 @@ def _bucket(rows_per_expert: float) -> int:
     return 1 << 30
 
 
-def tuned_config(key: tuple, run) -> KernelConfig:
+def tuned_config(key: tuple, run, tuning: KernelTuning) -> KernelConfig:
     """The fastest candidate for ``key``, timed once with ``run(config)`` on the real inputs."""
-    return _TUNER.pick(key, run)
+    return _TUNER.pick(key, run, tuning)
 
 
 @dataclass
@@ -265,24 +264,26 @@ def moe_triton(
     bits: int,
     group_size: int,
     config: KernelConfig | None = None,
+    tuning: KernelTuning | None = None,
 ) -> torch.Tensor:  # [T, D] bf16
-    """Routed experts for many tokens with the two Triton kernels."""
+    """Routed experts for many tokens with the two Triton kernels: with ``config``, or the
+    tile timed for the shape (with ``tuning``, on CUDA), else a fixed tile."""
     num_experts = slot_of_expert.numel()
     rows_per_expert = x.shape[0] * topk_ids.shape[1] / num_experts
-    if config is None and x.is_cuda and os.environ.get(AUTOTUNE_ENV, "1") != "0":
+    if config is None and x.is_cuda and tuning is not None:
         key = (bits, group_size, x.shape[1], views["w13_s"].shape[-1], num_experts,
                topk_ids.shape[1], _bucket(rows_per_expert))
 
         def run(cfg):
-            return _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits,
+            return moe_triton_tiled(x, views, slot_of_expert, topk_ids, topk_weights, bits,
                                group_size, cfg)
 
-        config = tuned_config(key, run)
+        config = tuned_config(key, run, tuning)
     cfg = config or default_config(rows_per_expert, x.device.type)
-    return _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg)
+    return moe_triton_tiled(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg)
 
 
-def _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg):
+def moe_triton_tiled(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_size, cfg):
     t, d = x.shape
     num_experts = slot_of_expert.numel()
     inter = views["w2_q"].shape[1] * (8 if bits == 4 else 1)
@@ -292,12 +293,12 @@ def _moe_triton(x, views, slot_of_expert, topk_ids, topk_weights, bits, group_si
     x = x.contiguous()
     h = torch.empty(routes.sorted_ids.numel(), inter, dtype=torch.bfloat16, device=x.device)
     y = torch.empty(routes.num_slots, d, dtype=torch.bfloat16, device=x.device)
-    _launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg)
-    _launch_down(h, views, y, topk_weights, routes, block_slot, bits, group_size, cfg)
+    launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg)
+    launch_down(h, views, y, topk_weights, routes, block_slot, bits, group_size, cfg)
     return y.view(t, routes.top_k, d).sum(dim=1, dtype=torch.float32).to(torch.bfloat16)
 
 
-def _launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg):
+def launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg):
     w, s = views["w13_q"], views["w13_s"]
     n, d = h.shape[1], x.shape[1]
     block_k = _pick_block_k(cfg.block_k, group_size, d)
@@ -314,7 +315,7 @@ def _launch_gate_up(x, views, h, routes, block_slot, bits, group_size, cfg):
     )
 
 
-def _launch_down(h, views, y, topk_weights, routes, block_slot, bits, group_size, cfg):
+def launch_down(h, views, y, topk_weights, routes, block_slot, bits, group_size, cfg):
     w, s = views["w2_q"], views["w2_s"]
     n, inter = y.shape[1], h.shape[1]
     block_k = _pick_block_k(cfg.block_k, group_size, inter)

@@ -8,41 +8,16 @@ experts fit beside the first three, no streaming buffers are needed.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-VRAM_BUDGET_ENV = "KRASIS_VRAM_BUDGET"
 DEFAULT_MARGIN_BYTES = 1 << 30  # left free for the CUDA context, cuDNN/cuBLAS workspaces
 DEFAULT_MARGIN_FRACTION = 0.05
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
 class PlacementError(ValueError):
     """The VRAM budget cannot hold what the GPU path needs at the least."""
-
-
-def parse_vram_budget(value: str | int) -> int:
-    """Bytes from ``16GiB``, ``4GiB``, ``512MiB``, ``1.5GB`` or a plain byte count."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"VRAM budget must be positive, got {value}")
-        return value
-    match = _SIZE_RE.match(str(value))
-    if not match:
-        raise ValueError(f"invalid VRAM budget {value!r}: use bytes or a size like '16GiB'")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    unit = unit[:-1] if unit.endswith("b") else unit
-    scale = 1
-    if unit:
-        base = 1024 if unit.endswith("i") else 1000
-        scale = base ** ("kmgt".index(unit[0]) + 1)
-    budget_bytes = int(number * scale)
-    if budget_bytes <= 0:
-        raise ValueError(f"VRAM budget must be positive, got {value!r}")
-    return budget_bytes
 
 
 def default_vram_budget(free_bytes: int) -> int:
@@ -51,12 +26,13 @@ def default_vram_budget(free_bytes: int) -> int:
     return max(0, free_bytes - margin_bytes)
 
 
-def resolve_vram_budget(free_bytes: int, setting: str | int | None = None) -> int:
-    """The budget from ``setting`` or ``KRASIS_VRAM_BUDGET``, else the default; capped at free."""
-    raw = setting if setting is not None else os.environ.get(VRAM_BUDGET_ENV)
-    if raw is None or raw == "":
+def resolve_vram_budget(free_bytes: int, budget_bytes: int | None = None) -> int:
+    """The budget: ``budget_bytes`` (EngineOptions.vram_budget_bytes, KRASIS_VRAM_BUDGET)
+    capped at what is free, or by default what is free minus a margin."""
+    if budget_bytes is None:
         return default_vram_budget(free_bytes)
-    budget_bytes = parse_vram_budget(raw)
+    if budget_bytes <= 0:
+        raise ValueError(f"the VRAM budget must be positive, got {budget_bytes}")
     if budget_bytes > free_bytes:
         log.warning("vram budget %d bytes exceeds free memory %d; using free", budget_bytes,
                     free_bytes)

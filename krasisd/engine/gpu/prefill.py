@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from krasisd.engine.experts import ExpertBackend
 from krasisd.engine.gpu.host import HostExperts
 from krasisd.engine.gpu.placement import PlacementPlan
+
+if TYPE_CHECKING:  # tuning imports Triton, which the grouped_mm path does not need
+    from krasisd.engine.gpu.tuning import KernelTuning
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,9 @@ class GpuExperts(ExpertBackend):
 
     def __init__(self, host: HostExperts, plan: PlacementPlan, device, impl: str | None = None,
                  chunk_tokens: int = 8192, full_copy_fraction: float = 0.9, kernel_config=None,
-                 time_copies: bool = False):
+                 time_copies: bool = False, tuning: KernelTuning | None = None):
+        """``kernel_config``: the Triton kernels' tile (None: timed per shape with ``tuning``,
+        else a fixed tile)."""
         self.device = torch.device(device)
         self.impl = impl or ("triton" if self.device.type == "cuda" else "grouped_mm")
         if self.impl not in IMPLS:
@@ -71,7 +77,7 @@ class GpuExperts(ExpertBackend):
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
         self.host, self.plan, self.layout = host, plan, host.layout
         self.chunk_tokens, self.full_copy_fraction = chunk_tokens, full_copy_fraction
-        self.kernel_config = kernel_config
+        self.kernel_config, self.tuning = kernel_config, tuning
         self.time_copies = time_copies  # keep timing events until take_stats() (benchmarks)
         self.moe_layers = sorted(host.layers)
         self._next_layer = dict(zip(self.moe_layers, self.moe_layers[1:] + [None], strict=True))
@@ -263,7 +269,7 @@ class GpuExperts(ExpertBackend):
             from krasisd.engine.gpu.moe_triton import moe_triton
 
             return moe_triton(x, self.views, slot_of_expert, topk_ids, topk_weights, spec.bits,
-                              spec.group_size, self.kernel_config)
+                              spec.group_size, self.kernel_config, self.tuning)
         from krasisd.engine.gpu.moe_grouped import moe_grouped_mm
 
         return moe_grouped_mm(x, self.views, slot_of_expert, topk_ids, topk_weights, spec)

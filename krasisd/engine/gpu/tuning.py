@@ -2,8 +2,9 @@
 
 Picking a Triton tile times every candidate on the real inputs, which compiles each one:
 seconds for the first prompt of a new size in a fresh runner. The winner is written to
-``$KRASIS_HOME/tuning/<device>.json`` and read back by later processes, so only the first
-process on a machine pays. Entries are keyed by kernel family, the candidate list (a change
+``<table_dir>/<device>.json`` (runners: ``$KRASIS_HOME/tuning``, given by the daemon) and read
+back by later processes, so only the first process on a machine pays. Kernels tune only when
+given a ``KernelTuning`` (EngineOptions.autotune); without one they take fixed tiles. Entries are keyed by kernel family, the candidate list (a change
 of candidates in the code makes old entries unused) and the shape key the caller gives.
 A missing, unreadable or unwritable file only means timing again.
 """
@@ -17,22 +18,35 @@ import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import triton
 
-from krasisd.config import default_home
-
 log = logging.getLogger(__name__)
 
 
-def table_path(device: torch.device | str | None = None) -> Path | None:
-    """The tuning file of this device (None without CUDA)."""
-    if not torch.cuda.is_available():
+@dataclass(frozen=True)
+class KernelTuning:
+    """Autotuning is on: kernels time their candidate tiles once per shape and keep the
+    fastest; ``table_dir`` keeps the winners for later processes (None: this process only)."""
+
+    table_dir: Path | None = None
+
+
+def tuning_for(autotune: bool, table_dir: Path | None) -> KernelTuning | None:
+    """The kernels' tuning from EngineOptions' ``autotune`` and ``tuning_dir``."""
+    return KernelTuning(table_dir) if autotune else None
+
+
+def table_path(device: torch.device | str | None = None,
+               table_dir: Path | None = None) -> Path | None:
+    """The tuning file of this device in ``table_dir`` (None without CUDA or a folder)."""
+    if table_dir is None or not torch.cuda.is_available():
         return None
     name = f"{torch.cuda.get_device_name(device)}-triton{triton.__version__}"
-    return default_home() / "tuning" / f"{re.sub(r'[^A-Za-z0-9.]+', '-', name)}.json"
+    return Path(table_dir) / f"{re.sub(r'[^A-Za-z0-9.]+', '-', name)}.json"
 
 
 def candidates_id(candidates) -> str:
@@ -111,11 +125,11 @@ class Tuner:
         self.timer = timer
         self._memo: dict[tuple, object] = {}
 
-    def pick(self, key: tuple, run, device=None, fallback=None):
+    def pick(self, key: tuple, run, tuning: KernelTuning, device=None, fallback=None):
         """The tile for ``key``; ``fallback`` when no candidate runs (else RuntimeError)."""
         if key in self._memo:
             return self._memo[key]
-        path = table_path(device)
+        path = table_path(device, tuning.table_dir)
         table, stamp = _read(path)
         best = _lookup(table, self.family, self.candidates, key, self.config_type)
         if best is None:
