@@ -140,7 +140,7 @@ def test_create_run_ps_stop_rm(served, tmp_path):
 
     child = pexpect.spawn(sys.executable, ["-m", "krasis.cli", "run", "tiny", "--verbose"],
                           env=served, encoding="utf-8", timeout=180, dimensions=(24, 120))
-    child.expect_exact(">>> ")
+    child.expect_exact(">>>")
     child.sendline("/set parameter num_predict 12")
     child.expect_exact("Set parameter 'num_predict' to '12'")
     child.sendline("/set parameter seed 7")
@@ -148,18 +148,18 @@ def test_create_run_ps_stop_rm(served, tmp_path):
     child.expect(r"\neval count:\s+(\d+) token\(s\)")
     assert 1 <= int(child.match.group(1)) <= 12
     child.expect(r"eval rate:\s+[\d.]+ tokens/s")
-    child.expect_exact(">>> ")
+    child.expect_exact(">>>")
     # Ctrl+C stops a long answer and the session goes on
     child.sendline("/set parameter num_predict 100000")
     child.sendline("w8 w9")
     child.expect(r"w\d+ w\d+ w\d+")
     child.sendintr()
-    child.expect_exact(">>> ", timeout=30)
+    child.expect_exact(">>>", timeout=30)
     child.sendline("/set parameter num_predict 3")
     child.sendline("w10")
     child.expect(r"\neval count:\s+(\d+) token\(s\)")
     assert 1 <= int(child.match.group(1)) <= 3
-    child.expect_exact(">>> ")
+    child.expect_exact(">>>")
     child.sendline("/bye")
     child.expect(pexpect.EOF)
     child.close()
