@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
-import threading
 import time
+from dataclasses import replace
 
 import torch
 from decode_caches import sync
 
-from krasisd.engine.batch import BatchingEngine
+from krasisd.engine.generate import Generation
 from krasisd.engine.gpu.driver import prefill_logits
+from krasisd.engine.loop import GenerationLoop
+from krasisd.engine.options import SamplingOptions
 
 
 def decode_run(engine, cache, context: int, steps: int, first_token: int) -> list[float]:
@@ -60,41 +61,31 @@ def decode_table(engine, chunk, contexts, steps, runs, ttft_runs, rng) -> list[d
 
 
 def streams_table(engine, counts, steps, context, rng) -> list[dict]:
-    """Aggregate tok/s of B sequences decoding at once, one thread each, through
-    BatchingEngine as a runner serves them: steps shared, or run one by one where that
-    measured faster (krasisd.engine.batch.StepClock)."""
-    device, vocab, rows = engine.device, engine.config.vocab_size, []
+    """Aggregate tok/s of B sequences decoding at once through the generation loop, as a
+    runner serves them (krasisd.engine.loop: one engine thread, every decoding sequence's
+    token in one ``decode_batch`` per step)."""
+    vocab, rows = engine.config.vocab_size, []
+    greedy = SamplingOptions(temperature=0.0, repeat_penalty=1.0, top_k=0, top_p=1.0,
+                             num_ctx=context + 3 * steps + 4)
     for count in counts:
-        batching = BatchingEngine(engine, max_batch=count, max_wait_ms=5)
-        caches = [engine.new_cache(context + 3 * steps + 4) for _ in range(count)]
-        tokens = []
-        for cache in caches:
-            ids = torch.randint(0, vocab, (context,), generator=rng).to(device)
-            tokens.append(int(engine.forward(ids, cache)[-1].argmax()))
-        for num in (2 * steps, steps):  # warm-up (captures, the clock's first measures), timed
-            before = dataclasses.replace(batching.stats)
-            threads = [threading.Thread(target=_decode_stream,
-                                        args=(batching, caches, tokens, i, num))
-                       for i in range(count)]
-            sync(device)
+        loop = GenerationLoop(engine, engine.loop_options(max_batch=count), engine.context_spec())
+        prompts = [torch.randint(0, vocab, (context,), generator=rng).tolist()
+                   for _ in range(count)]
+        for num in (2 * steps, steps):  # warm-up (graph captures), timed
+            for key, prompt in enumerate(prompts):
+                loop.add(Generation(engine, prompt, replace(greedy, num_predict=num + 1),
+                                    key=key))
+            while any(g.prefill_left for g in [*loop.waiting, *loop.running]):
+                loop.step()  # prompts in, each stream's first token drawn
+            before = replace(loop.stats)
+            sync(engine.device)
             start = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            while loop.has_work():
+                loop.step()
             seconds = time.perf_counter() - start
-        stats = batching.stats  # the timed part's: steps, one-by-one steps, time inside steps
-        rows.append({"streams": count, "tok_s": count * steps / seconds,
-                     "per_stream_tok_s": steps / seconds,
-                     "steps": stats.steps - before.steps,
-                     "one_by_one_steps": stats.one_by_one - before.one_by_one,
-                     "in_steps_fraction": (stats.step_s - before.step_s) / seconds})
-        del caches
+        stats = loop.stats  # the timed part's: tokens, decode steps, time inside forwards
+        tok_s = (stats.decode_tokens - before.decode_tokens) / seconds
+        rows.append({"streams": count, "tok_s": tok_s, "per_stream_tok_s": tok_s / count,
+                     "steps": stats.decode_steps - before.decode_steps,
+                     "in_steps_fraction": (stats.forward_s - before.forward_s) / seconds})
     return rows
-
-
-def _decode_stream(batching, caches, tokens, i: int, num: int) -> None:
-    """Sequence i decodes ``num`` greedy tokens through the batching engine."""
-    with batching.sequence():
-        for _ in range(num):
-            tokens[i] = int(batching.forward([tokens[i]], caches[i])[-1].argmax())

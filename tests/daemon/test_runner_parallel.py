@@ -272,3 +272,23 @@ def test_runner_is_started_with_the_setting():
     with pytest.raises(SystemExit):
         runner._parse_args(["--fd", "3", "--model", "m", "--model-dir", "/m",
                             "--num-parallel", "0"])
+
+
+def test_runner_is_started_with_the_loop_settings(engine):
+    """KRASIS_KV_BUDGET and KRASIS_PREFILL_CHUNK_TOKENS reach the runner's loop options;
+    unset, the engine's defaults (the CPU chunk, a budget from the available memory)."""
+    from krasisd.config import load_config
+
+    cfg = load_config({"KRASIS_HOME": "/tmp/unused", "KRASIS_KV_BUDGET": "2MiB",
+                       "KRASIS_PREFILL_CHUNK_TOKENS": "64", "KRASIS_NUM_PARALLEL": "3"})
+    spec = ModelSpec(name="m", model_dir=Path("/m"))
+    argv = _runner_argv(spec, cfg, fd=3)
+    args = runner._parse_args(argv[argv.index("--fd"):])
+    options = runner.loop_options(engine, args)
+    assert (options.max_batch, options.prefill_chunk_tokens, options.kv_budget_bytes) == \
+        (3, 64, 2 * 2**20)
+    default = runner.loop_options(engine, runner._parse_args(
+        ["--fd", "3", "--model", "m", "--model-dir", "/m"]))
+    assert default.prefill_chunk_tokens == 512 and default.kv_budget_bytes > 0
+    assert load_config({"KRASIS_HOME": "/tmp/unused", "KRASIS_KV_BUDGET": "0"}) \
+        .kv_budget_bytes is None  # a bad value: the default, with a warning

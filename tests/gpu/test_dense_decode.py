@@ -8,6 +8,7 @@ import torch
 from krasisd.engine.gpu import dense_decode
 from krasisd.engine.gpu.dense_decode import LINEAR_CANDIDATES, GpuQuantLinear
 from krasisd.engine.gpu.format import QuantSpec, dequantize_kmajor
+from krasisd.engine.gpu.tuning import KernelTuning
 
 
 def _linear(k: int, n: int, bits: int, group: int, device, seed: int = 0) -> GpuQuantLinear:
@@ -74,12 +75,14 @@ def test_graph_replays_reset_the_counters(cuda):
     assert not any(c.any() for c in linear._counts.values())
 
 
-def test_tuned_tile_is_one_of_the_candidates_and_right(cuda, monkeypatch, tmp_path):
-    monkeypatch.setenv("KRASIS_HOME", str(tmp_path))
+def test_tuned_tile_is_one_of_the_candidates_and_right(cuda, tmp_path):
     linears = [_linear(2048, 2048, 4, 128, cuda, seed) for seed in range(3)]
+    for linear in linears:
+        linear.tuning = KernelTuning(tmp_path)  # as load_hybrid sets with autotune on
     x = torch.randn(1, 2048, device=cuda, dtype=torch.bfloat16)
     got = linears[0](x)
     assert linears[0]._tile(x, False) in LINEAR_CANDIDATES
+    assert list(tmp_path.glob("*.json")), "the timed tile was not kept in the tuning folder"
     assert _rel(got, _reference(linears[0], x)) < 8e-3
     many = torch.randn(40, 2048, device=cuda, dtype=torch.bfloat16)  # prefill: dequantized
     assert _rel(linears[1](many), _reference(linears[1], many)) < 8e-3
