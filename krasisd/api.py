@@ -142,6 +142,10 @@ _FLOAT_OPTIONS = ("temperature", "top_p", "min_p", "repeat_penalty", "presence_p
                   "frequency_penalty")
 _INT_OPTIONS = ("top_k", "repeat_last_n", "seed", "num_predict", "num_ctx")
 _INT_RANGES = {"num_ctx": (1, MAX_NUM_CTX)}
+# Bounds that keep the sampler's float32 arithmetic finite: a temperature or repeat_penalty
+# of 1e-308, or a penalty of -1e308, made every logit NaN. 0 stays allowed (greedy).
+_FLOAT_RANGES = {"temperature": (1e-6, 1e6), "repeat_penalty": (1e-6, 1e6),
+                 "presence_penalty": (-1e6, 1e6), "frequency_penalty": (-1e6, 1e6)}
 # Ollama options that krasis accepts and does not use (the engine decides these itself).
 IGNORED_OPTIONS = frozenset({
     "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
@@ -161,7 +165,7 @@ def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
         if value is None or key in IGNORED_OPTIONS:
             continue
         if key in _FLOAT_OPTIONS:
-            values[key] = _number(raw, key)
+            values[key] = _bounded_number(raw, key)
         elif key in _INT_OPTIONS:
             values[key] = _int(raw, key, *_INT_RANGES.get(key, (INT64_MIN, INT64_MAX)))
         elif key == "stop":
@@ -172,6 +176,15 @@ def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
         return SamplingOptions(**values)
     except ValueError as exc:
         raise bad_request(f"invalid options: {exc}") from None
+
+
+def _bounded_number(raw: dict, key: str) -> float | None:
+    value = _number(raw, key)
+    low, high = _FLOAT_RANGES.get(key, (-math.inf, math.inf))
+    if value is not None and value != 0 and not low <= value <= high:
+        raise bad_request(f"invalid value for {key!r}: {value:g} is out of range "
+                          f"({low:g} to {high:g}, or 0)")
+    return value
 
 
 def stop_list(value: Any) -> list[str]:
