@@ -62,6 +62,8 @@ def status_for(exc: BaseException) -> tuple[int, str]:
         return exc.status, str(exc)
     if isinstance(exc, RunnerRequestError):  # its text may come from the engine's libraries
         return exc.status, client_message(str(exc))
+    if isinstance(exc, registry.StorageFull):  # a PullError too: checked first
+        return 507, str(exc)  # "insufficient storage: ..."
     if isinstance(exc, (registry.InvalidName, registry.PullError)):
         return 400, str(exc)  # PullError: unknown model, not a folder, exists, hub refused
     if isinstance(exc, registry.ModelNotFound):

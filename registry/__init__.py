@@ -7,6 +7,7 @@ from .errors import (
     ModelNotFound,
     PullError,
     RegistryError,
+    StorageFull,
 )
 from .registry import Registry
 
@@ -18,4 +19,5 @@ __all__ = [
     "PullError",
     "Registry",
     "RegistryError",
+    "StorageFull",
 ]

@@ -23,3 +23,8 @@ class PullError(RegistryError):
 
 class ModelInUse(RegistryError):
     """The model is loaded, or a pull or cache build of it is running."""
+
+
+class StorageFull(PullError):
+    """The disk under KRASIS_HOME is full, or too full for a pull (HTTP 507); the message
+    starts with "insufficient storage:"."""

@@ -2,8 +2,10 @@
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlite_utils import Database
 
@@ -11,13 +13,16 @@ from krasisd.engine.cache_files import ENGINE_CACHE_DIR
 
 from . import caches, records
 from .caches import Builder
-from .errors import ModelInUse
+from .errors import ModelInUse, StorageFull
 from .locks import FileLock
 from .modelinfo import describe, manifest_digest
 from .names import ModelRef
+from .space import is_disk_full, storage_full
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+GIVE_BACK_BYTES = 4 << 20  # of a partial download, so a full disk can record a failure
 
 
 @dataclass
@@ -47,16 +52,62 @@ def locked(store: Store, ref: ModelRef, body: Callable[[], Iterator[dict]],
 
 
 def guard_failure(ctx: Context, ref: ModelRef, body: Iterator[dict]) -> Iterator[dict]:
-    """On an error or a closed stream, a model still 'pulling' becomes 'failed'; re-raise."""
+    """On an error or a closed stream, a model still 'pulling' becomes 'failed'; re-raise
+    (a full disk as StorageFull, whatever step met it)."""
     try:
         yield from body
-    except BaseException as exc:  # a stream closed early (GeneratorExit) counts too
-        error = str(exc) if isinstance(exc, Exception) else \
-            "cancelled: pull again to resume (the partial downloads are kept)"
-        row = records.get_model(ctx.db, ref.full)
-        if row is not None and row["state"] == "pulling":
-            records.set_state(ctx.db, row["id"], "failed", error)
+    except StorageFull as exc:
+        _record_failure(ctx, ref, str(exc))
         raise
+    except Exception as exc:
+        if not is_disk_full(exc, ctx.store.home):
+            _record_failure(ctx, ref, str(exc))
+            raise
+        full = storage_full(exc, ctx.store.home)
+        _record_failure(ctx, ref, str(full))
+        raise full from exc
+    except BaseException:  # a stream closed early (GeneratorExit)
+        _record_failure(ctx, ref,
+                        "cancelled: pull again to resume (the partial downloads are kept)")
+        raise
+
+
+def _record_failure(ctx: Context, ref: ModelRef, error: str) -> None:
+    """Mark a model still 'pulling' as 'failed'. On a full disk (which SQLite needs a few
+    pages of to write), the newest partial download gives back its last GIVE_BACK_BYTES
+    first: they are fetched again on resume."""
+    row = records.get_model(ctx.db, ref.full)
+    if row is None or row["state"] != "pulling":
+        return
+    try:
+        records.set_state(ctx.db, row["id"], "failed", error)
+        return
+    except Exception as exc:
+        if not is_disk_full(exc, ctx.store.home) or not give_back(ctx.store.partial_dir(ref)):
+            log.error("could not record the failure of %s (%s); the next open marks it "
+                      "interrupted", ref.full, exc)
+            return
+    try:
+        records.set_state(ctx.db, row["id"], "failed", error)
+    except Exception as exc:  # the original error is the one to raise
+        log.error("could not record the failure of %s (%s); the next open marks it "
+                  "interrupted", ref.full, exc)
+
+
+def give_back(partial_dir: Path) -> int:
+    """Shorten the most recently written partial download by up to GIVE_BACK_BYTES; the
+    bytes given back (0 when there is none). A resume fetches them again."""
+    parts = [p for p in partial_dir.glob("*.part") if p.is_file()] \
+        if partial_dir.is_dir() else []
+    if not parts:
+        return 0
+    newest = max(parts, key=lambda p: p.stat().st_mtime_ns)
+    size_bytes = newest.stat().st_size
+    keep_bytes = max(size_bytes - GIVE_BACK_BYTES, 0)
+    os.truncate(newest, keep_bytes)
+    log.warning("disk full: gave back the last %d bytes of %s so the failure can be recorded",
+                size_bytes - keep_bytes, newest)
+    return size_bytes - keep_bytes
 
 
 def sweep_model_dir(ctx: Context, ref: ModelRef, model_id: int) -> Iterator[dict]:

@@ -12,11 +12,12 @@ from collections.abc import Generator, Iterator
 
 from . import records
 from .download import Hashes, Incomplete, drop_meta, matches, transfer
-from .errors import PullError
+from .errors import PullError, StorageFull
 from .hub import TRANSPORT_ERRORS, Hub, RemoteFile
 from .names import ModelRef, safe_file_path
 from .pipeline import Context, finish, sweep_model_dir
 from .selection import select
+from .space import is_disk_full, storage_full
 from .store import move_into_place
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,9 @@ def _check_disk(ctx: Context, ref: ModelRef, pending: list[RemoteFile], repo: st
         need_bytes += max(remote.size_bytes - have_bytes, 0)
     free_bytes = shutil.disk_usage(ctx.store.home).free
     if need_bytes > free_bytes:
-        raise PullError(
-            f"not enough disk space to pull {repo}: {_gib(need_bytes)} still to download, "
-            f"{_gib(free_bytes)} free under {ctx.store.home}"
+        raise StorageFull(
+            f"insufficient storage: not enough disk space to pull {repo}: {_gib(need_bytes)} "
+            f"still to download, {_gib(free_bytes)} free under {ctx.store.home}"
         )
 
 
@@ -170,6 +171,9 @@ def _transfer_events(ctx: Context, hub: Hub, ref: ModelRef, url: str, remote: Re
                     last_s = time.monotonic()
                     yield {**event, "completed": completed}
     except OSError as exc:  # the hub's own errors are PullErrors by now: this is the local disk
+        if is_disk_full(exc, ctx.store.home):
+            raise storage_full(exc, ctx.store.home, f"writing {remote.path}",
+                               "then pull again to resume (the bytes written are kept)") from exc
         raise PullError(f"writing {remote.path} under {ctx.store.home} failed: {exc}; "
                         "the bytes already written are kept") from exc
 

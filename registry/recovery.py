@@ -2,6 +2,8 @@
 
 A row counts as abandoned only when nobody holds the model's lock (the kernel releases a
 dead process's flock), so a pull or build that is still running elsewhere is left alone.
+On a full disk what cannot be written is logged and left for the next open: the registry
+still opens, and reads work.
 """
 
 import logging
@@ -12,6 +14,7 @@ from . import caches, records
 from .locks import FileLock
 from .names import parse_name
 from .remove import finish_removal
+from .space import is_disk_full
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,10 @@ def _with_free_lock(store: Store, full_name: str, action) -> None:
         return
     try:
         action()
+    except Exception as exc:
+        if not is_disk_full(exc, store.home):
+            raise
+        log.warning("disk full: %s is left as it is until the next open (%s)", full_name, exc)
     finally:
         lock.release()
 

@@ -13,8 +13,15 @@ from sqlite_utils import Database
 from . import records
 from .caches import DEFAULT_BUILDERS, Builder, formats_to_build
 from .create import bundled_dir, import_files
-from .db import connect, migrate
-from .errors import CacheNotReady, InvalidName, ModelNotFound, PullError, RegistryError
+from .db import connect, migrate, pin
+from .errors import (
+    CacheNotReady,
+    InvalidName,
+    ModelNotFound,
+    PullError,
+    RegistryError,
+    StorageFull,
+)
 from .hub import Hub
 from .modelinfo import human_count
 from .names import ALIASES, ModelRef, parse_name
@@ -23,6 +30,7 @@ from .pull import pull_files
 from .recovery import recover
 from .remove import remove_model
 from .sources import ANY_FOLDER, SourcePolicy
+from .space import is_disk_full, storage_full
 from .store import Store, default_home
 
 log = logging.getLogger(__name__)
@@ -48,18 +56,32 @@ class Registry:
         with self._db() as db:
             migrate(db, self.store.global_lock_path())
             recover(db, self.store)
+        self._pin = pin(self.store.db_path)  # reads keep working on a full disk (db.pin)
+        self._heat_warned = False
 
     @property
     def home(self) -> Path:
         return self.store.home
 
+    def close(self) -> None:
+        """Close the connection held open for the registry's life (when done with it)."""
+        self._pin.close()
+
     @contextlib.contextmanager
     def _db(self) -> Iterator[Database]:
-        db = connect(self.store.db_path)
+        """A connection of its own; a full disk met inside becomes StorageFull (HTTP 507)."""
         try:
-            yield db
-        finally:
-            db.close()
+            db = connect(self.store.db_path)
+            try:
+                yield db
+            finally:
+                db.close()
+        except StorageFull:
+            raise
+        except Exception as exc:
+            if is_disk_full(exc, self.home):
+                raise storage_full(exc, self.home) from exc
+            raise
 
     # pulls, imports, cache builds
 
@@ -183,10 +205,17 @@ class Registry:
             remove_model(db, self.store, ref, force, is_loaded)
 
     def add_expert_heat(self, name: str, counts: dict[int, list[int]]) -> None:
-        """Add routing counts per layer ({layer: [count per expert]}) to the stored heat."""
+        """Add routing counts per layer ({layer: [count per expert]}) to the stored heat.
+
+        Heat is bookkeeping: on a full disk the counts are dropped (logged once), not raised."""
         ref = parse_name(name)
-        with self._db() as db:
-            records.add_heat(db, self._row(db, ref)["id"], counts)
+        try:
+            with self._db() as db:
+                records.add_heat(db, self._row(db, ref)["id"], counts)
+        except StorageFull as exc:
+            if not self._heat_warned:
+                self._heat_warned = True
+                log.warning("expert heat not stored: %s", exc)
 
     def expert_heat(self, name: str) -> dict[int, list[int]]:
         """Accumulated routing counts per layer."""
