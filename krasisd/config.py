@@ -185,10 +185,6 @@ class Config:
     num_parallel: int = 4  # requests one runner serves at once (decode steps shared)
     kv_budget_bytes: int | None = None  # None: the runner's (half the available RAM on the CPU)
     prefill_chunk_tokens: int | None = None  # None: the engine's (512 on the CPU, 2048 on CUDA)
-    kv_budget_bytes: int | None = None  # None: the runner's (half the available RAM on the CPU)
-    prefill_chunk_tokens: int | None = None  # None: the engine's (512 on the CPU, 2048 on CUDA)
-    kv_budget_bytes: int | None = None  # None: the runner's (half the available RAM on the CPU)
-    prefill_chunk_tokens: int | None = None  # None: the engine's (512 on the CPU, 2048 on CUDA)
     preload: list[str] = field(default_factory=list)
     vram_budget_bytes: int | None = None  # None: the engine uses what is free minus a margin
     memory_budget_bytes: int | None = None  # None: the hardware probe's total RAM + VRAM
@@ -275,20 +271,6 @@ def _int_at_least(minimum: int):
             raise ValueError(f"must be >= {minimum}")
         return value
     return parse
-
-
-def _positive_size(raw: Any) -> int:
-    value = parse_size_bytes(raw)
-    if value < 1:
-        raise ValueError("must be at least 1 byte")
-    return value
-
-
-def _positive_size(raw: Any) -> int:
-    value = parse_size_bytes(raw)
-    if value < 1:
-        raise ValueError("must be at least 1 byte")
-    return value
 
 
 def _positive_size(raw: Any) -> int:
@@ -415,10 +397,6 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         max_queue=read.get("KRASIS_MAX_QUEUE", 512, _int_at_least(1)),
         max_loaded=read.get("KRASIS_MAX_LOADED", 2, _int_at_least(1)),
         num_parallel=read.get("KRASIS_NUM_PARALLEL", 4, _num_parallel_text),
-        kv_budget_bytes=read.get("KRASIS_KV_BUDGET", None, _positive_size),
-        prefill_chunk_tokens=read.get("KRASIS_PREFILL_CHUNK_TOKENS", None, _int_at_least(1)),
-        kv_budget_bytes=read.get("KRASIS_KV_BUDGET", None, _positive_size),
-        prefill_chunk_tokens=read.get("KRASIS_PREFILL_CHUNK_TOKENS", None, _int_at_least(1)),
         kv_budget_bytes=read.get("KRASIS_KV_BUDGET", None, _positive_size),
         prefill_chunk_tokens=read.get("KRASIS_PREFILL_CHUNK_TOKENS", None, _int_at_least(1)),
         preload=read.get("KRASIS_PRELOAD", [], _list),

@@ -243,14 +243,6 @@ def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
         argv += ["--kv-budget-bytes", str(cfg.kv_budget_bytes)]
     if cfg.prefill_chunk_tokens is not None:
         argv += ["--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens)]
-    if cfg.kv_budget_bytes is not None:
-        argv += ["--kv-budget-bytes", str(cfg.kv_budget_bytes)]
-    if cfg.prefill_chunk_tokens is not None:
-        argv += ["--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens)]
-    if cfg.kv_budget_bytes is not None:
-        argv += ["--kv-budget-bytes", str(cfg.kv_budget_bytes)]
-    if cfg.prefill_chunk_tokens is not None:
-        argv += ["--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens)]
     if spec.cache_dir is not None:
         argv += ["--cache-dir", str(spec.cache_dir)]
     if spec.gpu_cache_dir is not None:
