@@ -79,9 +79,11 @@ def _check_tensor(name: str, entry, data_bytes: int, corrupt) -> tuple[list[int]
         raise corrupt(f"tensor {name!r} has a bad shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(
             isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
-        raise corrupt(f"tensor {name!r} lies outside the file's {data_bytes:,} data bytes "
-                      f"(offsets {offsets!r})")
+            and 0 <= offsets[0] <= offsets[1]):
+        raise corrupt(f"tensor {name!r} has bad data offsets {offsets!r}")
+    if offsets[1] > data_bytes:
+        raise corrupt(f"tensor {name!r} ends at data byte {offsets[1]:,}, past the file's "
+                      f"{data_bytes:,} (truncated?)")
     item_bytes = DTYPE_BYTES.get(dtype)
     if item_bytes is not None and offsets[1] - offsets[0] != math.prod(shape) * item_bytes:
         raise corrupt(f"tensor {name!r} ({dtype} {shape}) should take "
