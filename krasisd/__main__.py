@@ -8,6 +8,7 @@ import logging
 import sys
 
 from krasisd import __version__
+from krasisd.address import listen_error
 from krasisd.config import ConfigError, load_config
 from krasisd.logs import setup_logging
 from krasisd.server import AlreadyRunning, serve
@@ -39,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg))
     except AlreadyRunning as exc:
         print(f"krasisd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the TCP port: taken, or not this machine's address
+        message = listen_error(exc, cfg.tcp_address)
+        if message is None:
+            raise
+        print(f"krasisd: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

@@ -10,6 +10,7 @@ reason; nothing is guessed. Standard library only.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 
@@ -40,6 +41,20 @@ def parse_host(value: str, default_port: int = DEFAULT_TCP_PORT) -> tuple[str, i
 def format_address(host: str, port: int) -> str:
     """(host, port) as 'host:port', with brackets around an IPv6 address."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_error(exc: OSError, address: tuple[str, int] | None) -> str | None:
+    """Why the TCP listener at ``address`` could not be opened, for one line on stderr; None
+    when ``exc`` is not such an error (no listener asked for, or another errno)."""
+    if address is None:
+        return None
+    where = format_address(*address)
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on KRASIS_HOST={where}: the port is in use (Ollama, or another "
+                "server, may hold it); choose another, e.g. KRASIS_HOST=:11435")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on KRASIS_HOST={where}: not an address of this machine"
+    return None
 
 
 def host_name(entry: str) -> str:

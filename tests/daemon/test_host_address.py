@@ -91,6 +91,21 @@ def test_krasisd_refuses_to_start_with_one_error_line(tmp_path):
     assert not (tmp_path / "run" / "krasis" / "krasisd.sock").exists()
 
 
+def test_a_port_in_use_is_one_error_line(tmp_path):
+    with socket.socket() as holder:  # another server (Ollama, say) on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"PATH": "/usr/bin:/bin", "KRASIS_HOME": str(tmp_path),
+               "XDG_RUNTIME_DIR": str(tmp_path / "run"), "KRASIS_HOST": f"http://:{port}"}
+        done = subprocess.run([sys.executable, "-m", "krasisd"], env=env, capture_output=True,
+                              text=True, timeout=30)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"krasisd: cannot listen on KRASIS_HOST=127.0.0.1:{port}: the port is in use (Ollama, "
+        "or another server, may hold it); choose another, e.g. KRASIS_HOST=:11435")
+
+
 def test_the_client_names_a_bad_host_in_the_config_file(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("KRASIS_SOCKET", raising=False)
     monkeypatch.delenv("KRASIS_HOST", raising=False)
