@@ -3,7 +3,8 @@
 On a terminal: prompt_toolkit, with bracketed paste (a pasted multi-line text is one message,
 sent when Enter is pressed), a history kept in ``$KRASIS_HOME/history`` (mode 0600; none with
 ``KRASIS_NOHISTORY=1``), Emacs-style line editing, and a ``\"\"\"`` block that stays open across
-Enter until it is closed. Anything else (pipes, files, tests): ``input()``, a line at a time.
+Enter until it is closed. When stdin or stdout is not a terminal device (``krasis run m | tee``,
+tests that feed lines): ``input()``, a line at a time.
 
 Both readers raise EOFError at end of input (Ctrl+D on an empty line) and KeyboardInterrupt
 on Ctrl+C, which is what the session acts on.
