@@ -166,6 +166,29 @@ def test_one_listed_runner_per_model_under_random_crashes(chunk):
             raise AssertionError(f"seed {seed}: {exc}") from None
 
 
+def test_close_while_requests_retry_leaves_no_runner_running():
+    """Shutdown in the middle of crashes: requests still retrying start no runner after
+    close(), and close() stops the ones it finds, loading ones included."""
+
+    async def scenario(seed: int) -> None:
+        world = World(seed)
+        for _ in range(world.rng.randint(5, 30)):
+            await world.step()
+        await asyncio.wait_for(world.scheduler.close(), 10)
+        results = await asyncio.wait_for(
+            asyncio.gather(*world.tasks, return_exceptions=True), 10)
+        await _turns(10)  # stops handed to tasks finish
+        for result in results:
+            if isinstance(result, BaseException):
+                assert isinstance(result, (RunnerDied, RunnerLoadError, QueueFull, NoRoom)), \
+                    repr(result)
+        left = [r.pid for r in world.runners if r.process_running]
+        assert not left, f"seed {seed}: runner processes left after close(): {left}"
+
+    for seed in range(100):
+        asyncio.run(scenario(seed))
+
+
 def test_queued_requests_after_a_kill_start_one_runner():
     """The issue's case: 12 streams on one model, kill -9 while most of them wait."""
 
