@@ -101,7 +101,7 @@ def fuse_rows(owner, name: str, linears) -> torch.Tensor:
     """One [sum of N, D] weight for Linear layers without bias that read the same input, kept
     as ``owner.<name>``; the layers then hold views of it (no copy kept), so one projection
     replaces several launches. Idempotent."""
-    fused = getattr(owner, name, None)
+    fused = owner.__dict__.get(name)  # kept by an earlier call
     if fused is None:
         fused = torch.cat([linear.weight.data for linear in linears], dim=0)  # [sum N, D]
         start = 0
