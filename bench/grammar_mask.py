@@ -33,15 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cli import log, make_dir, positive_int  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from krasisd.engine.constrained import (  # noqa: E402
-    GrammarPick,
-    apply_bitmask,
-    grammar_tokenizer,
-    json_schema_grammar,
-)
+from krasisd.engine.constrained import GrammarPick, apply_bitmask, grammar_tokenizer  # noqa: E402
 from krasisd.engine.options import SamplingOptions  # noqa: E402
 from krasisd.engine.sampling import Sampler  # noqa: E402
 from krasisd.engine.tokenizer import Tokenizer as KrasisTokenizer  # noqa: E402
+from krasisd.grammars import json_schema_grammar  # noqa: E402
 
 TINY = Path(__file__).resolve().parent.parent / "registry" / "bundled" / "krasis-tiny"
 BUDGET_MS = 0.5  # 5 % of a 10 ms step (100 tok/s)

@@ -1,18 +1,18 @@
 """Structured output: each token drawn from the model's distribution restricted, by a grammar,
 to the tokens that keep the answer valid (a JSON schema, any JSON object, Ollama's "json").
 
-The grammar engine is llguidance (a Rust library with no Python dependencies): it compiles a
-JSON schema into a grammar, and at every step its matcher writes a bitmask of the allowed
-token ids (one bit per id, int32 words). :class:`GrammarPick` is a ``pick`` for the one
-generation loop (krasisd.engine.generate's ``Pick``): it masks the logits with that bitmask,
+The grammar engine is llguidance (a Rust library with no Python dependencies); the grammars
+come from krasisd.grammars (a JSON schema, any JSON object). At every step the matcher
+writes a bitmask of the allowed token ids (one bit per id, int32 words). :class:`GrammarPick`
+is a ``pick`` for the one generation loop (krasisd.engine.generate's ``Pick``): it masks
+the logits with that bitmask,
 draws with the request's :class:`~krasisd.engine.sampling.Sampler` (greedy at temperature 0),
 feeds the drawn token to the matcher and ends the answer as soon as the grammar is complete.
 Only generated tokens reach the matcher, never the prompt's. An end-of-sequence token is
 allowed only where the grammar could end.
 
-Limits: runs of JSON whitespace are capped at ``MAX_WHITESPACE`` characters (a small model
-can otherwise pad forever); stop strings are not applied (they could cut the JSON); an answer
-cut by ``num_predict`` or the context is left incomplete. The bench bench/grammar_mask.py
+Limits: stop strings are not applied (they could cut the JSON); an answer cut by
+``num_predict`` or the context is left incomplete. The bench bench/grammar_mask.py
 measures the per-step mask cost (docs/api.md has the numbers).
 """
 
@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import llguidance
 import numpy as np
@@ -32,70 +30,7 @@ import torch
 from krasisd.engine.generate import generate_stream
 from krasisd.engine.options import GenerationChunk, SamplingOptions
 from krasisd.engine.sampling import Sampler
-
-MAX_WHITESPACE = 16
-JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-# JSON's four whitespace characters, at most MAX_WHITESPACE in a row between two tokens
-_WHITESPACE = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE}}}"}
-_LIMITS = llguidance.LLParserLimits(verbose_errors=False)  # errors name no parser state
-
-
-def json_schema_grammar(schema: Any) -> str:
-    """The llguidance grammar of answers that are JSON documents valid under ``schema``.
-
-    Raises ValueError, naming the problem, for anything that is not a usable JSON schema:
-    a non-object, an unknown type, a broken ``$ref`` or regex, an unsupported keyword.
-    """
-    if not isinstance(schema, Mapping):
-        raise ValueError(f"a JSON schema must be a JSON object, got {_json_type(schema)}")
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema), overrides=_WHITESPACE)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"invalid JSON schema: {exc}") from exc
-    error = llguidance.LLMatcher.validate_grammar(grammar, limits=_LIMITS)
-    if error:
-        raise ValueError(f"invalid JSON schema: {_one_line(error)}")
-    return grammar
-
-
-def json_object_grammar() -> str:
-    """Answers that are one JSON object, of any keys and values (format "json", json_object)."""
-    return json_schema_grammar(JSON_OBJECT_SCHEMA)
-
-
-def format_grammar(fmt: Any) -> str | None:
-    """Ollama's ``format``: None or "" = free text, "json" = one JSON object, an object = a
-    JSON schema. Anything else is a ValueError."""
-    if fmt is None or fmt == "":
-        return None
-    if fmt == "json":
-        return json_object_grammar()
-    if isinstance(fmt, Mapping):
-        return json_schema_grammar(fmt)
-    raise ValueError(f'format must be "json" or a JSON schema object, got {fmt!r}')
-
-
-def response_format_grammar(response_format: Any) -> str | None:
-    """OpenAI's ``response_format``: {"type": "text"} = free text, {"type": "json_object"},
-    or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}."""
-    if response_format is None:
-        return None
-    if not isinstance(response_format, Mapping):
-        raise ValueError("response_format must be an object with a 'type'")
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return json_object_grammar()
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, Mapping) or "schema" not in spec:
-            raise ValueError("response_format json_schema needs 'json_schema': {'name', 'schema'}")
-        return json_schema_grammar(spec["schema"])
-    raise ValueError(
-        f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
-
+from krasisd.grammars import LIMITS, one_line
 
 # per engine, for the engine's life (an id() key could be reused by a later engine)
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -153,9 +88,9 @@ class GrammarPick:
     def __init__(self, engine, grammar: str, options: SamplingOptions,
                  prompt_length: int | None = None):
         self.tokenizer = grammar_tokenizer(engine)
-        self.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=_LIMITS)
+        self.matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=LIMITS)
         if self.matcher.is_error():
-            raise ValueError(f"invalid grammar: {_one_line(self.matcher.get_error())}")
+            raise ValueError(f"invalid grammar: {one_line(self.matcher.get_error())}")
         self.sampler = Sampler(options)
         self.eos_ids = set(self.tokenizer.eos_tokens)
         self.prompt_length = prompt_length  # None: the history of the first call is the prompt
@@ -193,12 +128,12 @@ class GrammarPick:
     def _consume(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):
             raise ValueError(f"token {token_id} breaks the grammar: "
-                             f"{_one_line(self.matcher.get_error())}")
+                             f"{one_line(self.matcher.get_error())}")
         self.consumed += 1
 
     def _check_matcher(self) -> None:
         if self.matcher.is_error():
-            raise ValueError(f"the grammar failed: {_one_line(self.matcher.get_error())}")
+            raise ValueError(f"the grammar failed: {one_line(self.matcher.get_error())}")
 
 
 def grammar_mode(engine, options: SamplingOptions, grammar: str
@@ -232,16 +167,3 @@ def _generate_takes_pick(engine) -> bool:
         return "pick" in inspect.signature(generate).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _one_line(message: str, max_chars: int = 300) -> str:
-    """llguidance's multi-line messages (a regex error draws a caret under the pattern) as
-    one line: "regex parse error: [a: error: unclosed character class"."""
-    lines = [line.strip().rstrip(":") for line in message.splitlines()]
-    text = ": ".join(line for line in lines if line and set(line) != {"^"})
-    return (text[:max_chars] + "...") if len(text) > max_chars else text or "unknown error"
-
-
-def _json_type(value: Any) -> str:
-    return {str: "a string", bool: "a boolean", int: "a number", float: "a number",
-            list: "an array", type(None): "null"}.get(type(value), type(value).__name__)
