@@ -184,6 +184,13 @@ class ToolCallStream:
             pass
         return events
 
+    def split(self, text: str, final: bool = False) -> tuple[str, str, list[ToolCall]]:
+        """``feed`` (and, when ``final``, ``finish``) as (content, thinking, calls): what a
+        generation chunk becomes."""
+        events = self.feed(text) + (self.finish() if final else [])
+        return (_joined(events, Content), _joined(events, Thinking),
+                [e for e in events if isinstance(e, ToolCall)])
+
     def finish(self) -> list[Event]:
         """The events still held at the end of the answer (an open call is read as ended)."""
         events = self.feed("")
@@ -322,11 +329,8 @@ def template_tool_calls(calls: Any) -> list[dict]:
 def parse_tool_calls(fmt: ToolFormat, text: str, tools: Iterable[Mapping] | None = None
                      ) -> tuple[str, list[ToolCall], str]:
     """A whole answer -> (content, tool calls, thinking)."""
-    stream = ToolCallStream(fmt, tools)
-    events = stream.feed(text) + stream.finish()
-    content = "".join(e.text for e in events if isinstance(e, Content))
-    thinking = "".join(e.text for e in events if isinstance(e, Thinking))
-    return content, [e for e in events if isinstance(e, ToolCall)], thinking
+    content, thinking, calls = ToolCallStream(fmt, tools).split(text, final=True)
+    return content, calls, thinking
 
 
 def read_call(fmt: ToolFormat, body: str, string_args: Mapping[str, set] | None = None
@@ -403,6 +407,10 @@ def _string_arguments(tools: Iterable[Mapping] | None) -> dict[str, set]:
         out[function.get("name", "")] = {
             k for k, v in properties.items() if isinstance(v, Mapping) and v.get("type") == "string"}
     return out
+
+
+def _joined(events: list[Event], kind: type) -> str:
+    return "".join(e.text for e in events if isinstance(e, kind))
 
 
 def _add(events: list[Event], event: Content | Thinking) -> None:

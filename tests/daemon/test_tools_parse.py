@@ -155,6 +155,14 @@ def test_a_call_comes_out_whole_as_soon_as_it_closes():
     assert stream.finish() == []
 
 
+def test_split_turns_chunks_into_content_thinking_and_calls():
+    stream = ToolCallStream(FORMATS["harmony"])
+    assert stream.split("<|channel|>analysis<|message|>Think") == ("", "Think", [])
+    assert stream.split("ing.<|end|><|start|>assistant to=functions.get_time") == ("", "ing.", [])
+    content, thinking, [call] = stream.split('<|channel|>commentary json<|message|>{}', final=True)
+    assert (content, thinking, call.name, call.arguments) == ("", "", "get_time", {})
+
+
 def test_kimi_keeps_its_call_ids():
     text = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_time:0"
             '<|tool_call_argument_begin|>{"tz": "UTC"}<|tool_call_end|><|tool_calls_section_end|>')
