@@ -73,6 +73,7 @@ def test_system_units_carry_the_promised_settings():
     for key, value in [("Type", "notify"), ("NotifyAccess", "main"), ("User", "krasis"),
                        ("StateDirectory", "krasis"), ("RuntimeDirectory", "krasis"),
                        ("RuntimeDirectoryPreserve", "yes"), ("Restart", "on-failure"),
+                       ("RestartPreventExitStatus", "2"),
                        ("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"),
                        ("ProtectHome", "yes"), ("PrivateTmp", "yes")]:
         assert service_unit[key] == [value], key
@@ -87,6 +88,7 @@ def test_user_units_use_the_runtime_dir():
     service_unit = unit_settings(REPO / "systemd" / "user" / "krasisd.service")
     socket_unit = unit_settings(REPO / "systemd" / "user" / "krasisd.socket")
     assert socket_unit["ListenStream"] == ["%t/krasis/krasisd.sock"]
+    assert service_unit["RestartPreventExitStatus"] == ["2"]  # a bad setting is not retried
     assert socket_unit["SocketMode"] == ["0600"]
     assert "KRASIS_SOCKET=%t/krasis/krasisd.sock" in service_unit["Environment"]
     assert service_unit["Type"] == ["notify"]
