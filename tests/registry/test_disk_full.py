@@ -1,6 +1,6 @@
 """A full disk under KRASIS_HOME, injected: pulls end 'failed' with the reason and keep their
 bytes, a failure is recorded even when SQLite cannot write, bookkeeping is dropped, reads
-work. (tests/daemon/test_disk_full.py fills a real small file system.)"""
+work. (tests/daemon/test_full_disk_daemon.py fills a real small file system.)"""
 
 import builtins
 import errno
