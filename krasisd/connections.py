@@ -10,7 +10,8 @@ connections, and then every listener stops answering. So:
   programs do) and :func:`connection_cap` keeps the cap below it;
 - :class:`AcceptErrorLog` replaces the event loop's traceback per failed ``accept()``
   (EMFILE and friends, retried every second by asyncio) with one line per interval and a
-  count.
+  count, and :class:`HttpServerLog` aiohttp's traceback per request that is not valid HTTP
+  with one INFO line.
 
 Idle connections are closed by aiohttp's keep-alive timer, which the server sets to
 KRASIS_HEADER_TIMEOUT: it fires when a connection has no complete request's headers.
@@ -28,6 +29,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +199,24 @@ class AcceptErrorLog:
             log.error("accept() kept failing", extra={"failures": self._count,
                                                       "interval_s": self.interval_s})
             self._count = 0
+
+
+class HttpServerLog:
+    """aiohttp's server logger (``AppRunner(logger=...)``): a request that is not valid HTTP
+    (garbage bytes, an over-long header line) is one INFO line, where aiohttp logs an ERROR
+    with a traceback for each; everything else is logged as aiohttp does."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        self._log = logger or logging.getLogger("aiohttp.server")
+
+    def exception(self, msg: str, *args, exc_info=None, **kwargs) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            text = (exc_info.message or type(exc_info).__name__).strip().splitlines()
+            self._log.info("bad HTTP request", extra={
+                "status": exc_info.code, "error": text[0] if text else type(exc_info).__name__})
+            return
+        self._log.exception(msg, *args, exc_info=exc_info if exc_info is not None else True,
+                            **kwargs)
+
+    def debug(self, msg: str, *args, **kwargs) -> None:
+        self._log.debug(msg, *args, **kwargs)

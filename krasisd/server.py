@@ -224,7 +224,7 @@ async def _run(cfg: Config, daemon: Daemon, sockets: list[socket.socket],
     # aiohttp's keep-alive timer closes a connection that has no complete request headers
     # (new, or idle between requests) after this long: the header timeout.
     runner = web.AppRunner(make_app(daemon), handler_cancellation=True, access_log=None,
-                           keepalive_timeout=cfg.header_timeout_s)
+                           keepalive_timeout=cfg.header_timeout_s, logger=connections.HttpServerLog())
     await runner.setup()
     cap = connections.ConnectionCap(connections.connection_cap(
         cfg.max_connections, connections.open_files_limit()))

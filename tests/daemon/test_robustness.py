@@ -222,3 +222,23 @@ def test_clients_leaving_mid_stream_log_no_errors(daemon, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
     assert any(getattr(r, "status", None) == 499 for r in caplog.records)
+
+
+@pytest.mark.parametrize("data,line", [
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", []),  # aiohttp: debug
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 10_000 + b"\r\n\r\n",
+     [(logging.INFO, "bad HTTP request", None)]),
+    (b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",
+     [(logging.INFO, "bad HTTP request", None)]),
+], ids=["tls-to-http", "header-too-long", "bad-length"])
+def test_invalid_http_is_a_400_and_at_most_one_info_line(daemon, caplog, data, line):
+    caplog.set_level(logging.INFO)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket_path))
+        sock.settimeout(5)
+        sock.sendall(data)
+        assert sock.recv(100).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    time.sleep(0.2)  # the log line follows the answer
+    logged = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records
+              if r.name == "aiohttp.server"]
+    assert logged == line
