@@ -176,3 +176,28 @@ def test_accept_error_log_counts_what_it_does_not_print(caplog):
     messages = [(r.getMessage(), getattr(r, "failures", None)) for r in caplog.records]
     assert messages == [("accept() failed; new connections wait", None),
                         ("accept() kept failing", 49)]
+
+
+def test_limit_settings_are_read_and_bad_values_fall_back(tmp_path, caplog):
+    from krasisd.config import load_config
+
+    env = {"KRASIS_HOME": str(tmp_path), "KRASIS_MAX_CONNECTIONS": "100",
+           "KRASIS_HEADER_TIMEOUT": "5s", "KRASIS_BODY_TIMEOUT": "2m",
+           "KRASIS_KEEP_ALIVE": "99999999999h"}
+    cfg = load_config(env)
+    assert (cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s) == (100, 5.0, 120.0)
+    assert cfg.keep_alive_s == float("inf")  # beyond 100 years: forever
+    bad = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_MAX_CONNECTIONS": "0",
+                       "KRASIS_HEADER_TIMEOUT": "-1", "KRASIS_BODY_TIMEOUT": "1e999"})
+    assert (bad.max_connections, bad.header_timeout_s, bad.body_timeout_s) == (2048, 30.0, 60.0)
+    warned = {r.setting for r in caplog.records if r.getMessage().startswith("bad setting")}
+    assert warned == {"KRASIS_MAX_CONNECTIONS", "KRASIS_HEADER_TIMEOUT", "KRASIS_BODY_TIMEOUT"}
+
+
+def test_the_cap_leaves_descriptors_for_the_daemon(caplog):
+    from krasisd.connections import RESERVED_FDS, connection_cap
+
+    assert connection_cap(2048, 1_048_576) == 2048
+    assert connection_cap(2048, 1024) == 1024 - RESERVED_FDS
+    assert "lowered" in caplog.text
+    assert connection_cap(10, 20) == 1  # never 0: the daemon must still answer
