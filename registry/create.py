@@ -88,20 +88,22 @@ def import_files(ctx: Context, ref: ModelRef, from_dir: Path, source: str, link:
     yield from finish(ctx, ref, model_id)
 
 
-def check_source_config(folder: SourceFolder, home: Path) -> dict:
-    """config.json of the folder, refused when its sizes are beyond krasisd.engine.limits
-    (checked before any file is taken)."""
+def check_source_config(folder: SourceFolder, home: Path) -> None:
+    """Refuse the folder when config.json's sizes are beyond krasisd.engine.limits (checked
+    before any file is taken). A config.json that is not a JSON object is imported and then
+    fails the create at describe(), with the model recorded as failed, like any bad file."""
     with open_file(folder, "config.json") as src:
         text = read_bytes(src, CONFIG_LIMIT_BYTES)
     try:
         config = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PullError(f"cannot read config.json of {folder.label}: {exc}") from exc
+    except (UnicodeDecodeError, ValueError):
+        return
+    if not isinstance(config, dict):
+        return
     try:
         check_config_limits(config, machine_capacity_bytes(home))
     except ModelLimitError as exc:
         raise PullError(f"refusing {folder.label}: {exc}") from exc
-    return config
 
 
 def _import_one(ctx: Context, ref: ModelRef, model_id: int, src: SourceFile, model_dir: Path,
