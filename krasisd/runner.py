@@ -390,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     load_ms = (time.monotonic() - started) * 1000
     log.info("model loaded", extra={"model": args.model, "pid": os.getpid(), "load_ms": load_ms})
     try:
-        options = loop_options(engine, args)
-    except ValueError as exc:  # e.g. a step token budget below --num-parallel
-        channel.send({"type": "load_error", "error": str(exc)})
-        return 1
-    channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes(),
-                  "num_parallel": args.num_parallel})
-    try:
+        try:
+            options = loop_options(engine, args)
+        except ValueError as exc:  # e.g. a step token budget below --num-parallel
+            channel.send({"type": "load_error", "error": str(exc)})
+            return 1
+        channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes(),
+                      "num_parallel": args.num_parallel})
         serve(engine, channel, args.model, options)
     except OSError as exc:
         log.info("daemon went away; runner exits", extra={"model": args.model, "error": str(exc)})

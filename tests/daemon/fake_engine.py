@@ -4,41 +4,19 @@ It answers fast and predictably: the first chunk echoes the last 80 characters o
 (so tests see what the daemon sent), then words "w1 w2 ..." until num_predict (8 when -1).
 ``KRASIS_FAKE_DELAY_S`` sets the time per token. A prompt containing "FAIL" raises after
 two tokens; a model folder containing a file ``broken`` fails to load. When it notices a
-cancellation it writes the file ``cancelled`` into the model folder. A prompt containing
-"MEET<n>" waits (at most 5 s) until n such requests are generating at the same time, before
-its first token: it fails when the runner serves them one after the other.
+cancellation it writes the file ``cancelled`` into the model folder. It is not a krasis
+Engine, so a runner advances its streams one chunk per step on its engine thread
+(krasisd.runner_streams).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import threading
 import time
 from pathlib import Path
 
 from krasisd.engine.errors import ModelLoadError
 from krasisd.engine.options import GenerationChunk, SamplingOptions
-
-_BARRIERS: dict[int, threading.Barrier] = {}
-_BARRIERS_LOCK = threading.Lock()
-
-
-def _meet(prompt: str) -> None:
-    """Wait until MEET<n>'s n requests all arrive here (RuntimeError after 5 s)."""
-    match = re.search(r"MEET(\d+)", prompt)
-    if match is None:
-        return
-    parties = int(match.group(1))
-    with _BARRIERS_LOCK:
-        barrier = _BARRIERS.setdefault(parties, threading.Barrier(parties))
-    try:
-        barrier.wait(timeout=5.0)
-    except threading.BrokenBarrierError:
-        with _BARRIERS_LOCK:
-            if _BARRIERS.get(parties) is barrier:
-                del _BARRIERS[parties]
-        raise RuntimeError(f"MEET{parties}: the requests did not run at the same time") from None
 
 
 class ByteTokenizer:
@@ -71,7 +49,6 @@ class FakeEngine:
         prompt = self.tokenizer.decode(prompt_ids)
         count = options.num_predict if options.num_predict >= 0 else 8
         started_ns = time.perf_counter_ns()
-        _meet(prompt)
         for i in range(count):
             if should_cancel():
                 (self.model_dir / "cancelled").write_text(str(i))
