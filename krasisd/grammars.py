@@ -3,8 +3,12 @@
 
 This module imports llguidance only (no torch), so the daemon checks a request's schema and
 answers 400 before any runner sees it; the runner compiles the same grammar for its pick
-(krasisd.engine.constrained). Runs of JSON whitespace are capped at ``MAX_WHITESPACE``
-characters between two tokens: a small model can otherwise pad forever.
+(krasisd.engine.constrained).
+
+Whitespace between two JSON tokens is what llama.cpp's JSON grammar (Ollama's format "json")
+allows: nothing, one space, or a newline and at most ``MAX_INDENT`` spaces or tabs. Compact
+and indented JSON both fit; runs of blank lines or padding, which a small model would
+otherwise write until ``num_predict`` runs out, do not.
 """
 
 from __future__ import annotations
@@ -15,10 +19,9 @@ from typing import Any
 
 import llguidance
 
-MAX_WHITESPACE = 16
+MAX_INDENT = 20
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
-# JSON's four whitespace characters, at most MAX_WHITESPACE in a row between two tokens
-_WHITESPACE = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_WHITESPACE}}}"}
+_WHITESPACE = {"whitespace_pattern": rf"(?:[ ]|\n[ \t]{{0,{MAX_INDENT}}})?"}
 LIMITS = llguidance.LLParserLimits(verbose_errors=False)  # errors name no parser state
 
 

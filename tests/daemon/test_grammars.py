@@ -46,9 +46,11 @@ def test_a_schema_grammar_accepts_exactly_its_documents(text, ok):
 
 @pytest.mark.parametrize("text, ok", [
     ('{"a": [1, {"b": null}], "c": "x"}', True), ("[1]", False), ('"s"', False),
-    ('{"a":' + " " * 16 + "1}", True), ('{"a":' + " " * 17 + "1}", False),
+    ('{\n  "a": [\n    1\n  ]\n}', True), ('{ "a" : 1 }', True), ('{"a":1}', True),
+    ('{"a":\n' + " " * 20 + "1}", True), ('{"a":\n' + " " * 21 + "1}", False),
+    ('{"a":  1}', False), ('{"a":\n\n1}', False), ('{"a":\t1}', False),
 ])
-def test_format_json_is_any_object_with_bounded_whitespace(text, ok):
+def test_format_json_is_any_object_with_llama_cpp_whitespace(text, ok):
     assert _accepts(format_grammar("json"), text) is ok
 
 @pytest.mark.parametrize("schema, message", [
