@@ -168,10 +168,10 @@ def sass_report(args) -> list[dict]:
     for cfg in moe_decode.GEMV_CANDIDATES:
         row = {"config": short_name(cfg)}
         block_k = min(cfg.block_k, args.group)
-        kernels = (("gate_up", moe_decode._gate_up_gemv, cfg.block_n, cfg.num_warps, args.inter),
-                   ("down", moe_decode._down_gemv, cfg.down_block_n, cfg.down_num_warps,
-                    args.hidden))
-        for name, fn, block_n, warps, width in kernels:
+        kernels = (("gate_up", cfg.block_n, cfg.num_warps, args.inter),
+                   ("down", cfg.down_block_n, cfg.down_num_warps, args.hidden))
+        for name, block_n, warps, width in kernels:
+            fn = moe_decode.KERNELS[name]
             consts = {"GROUP": args.group, "BITS": args.bits, "BLOCK_N": block_n,
                       "BLOCK_K": block_k, "PAIRS": cfg.pair_unpack,
                       "EVEN_N": width % block_n == 0}

@@ -337,6 +337,9 @@ class SharedExperts:
         return self.w13_s.shape[1] // 2
 
 
+# the two launched kernels by name, for tools that read their builds (bench/gpu_decode_gemv.py)
+KERNELS = {"gate_up": _gate_up_gemv, "down": _down_gemv}
+
 def moe_gemv(x: torch.Tensor, views: dict, slot_of_expert: torch.Tensor, topk_ids: torch.Tensor,
              topk_weights: torch.Tensor, bits: int, group_size: int,
              cfg: GemvConfig | None = None, shared: SharedExperts | None = None
