@@ -171,8 +171,7 @@ class Engine:
         ContextLimitError, a ValueError."""
         self._live()
         generate_stream = _optional("krasisd.engine.generate", "generate_stream")
-        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel, pick=pick,
-                               loop_options=self.loop_options(), context=self.context_spec())
+        return generate_stream(self, prompt_ids, options, should_cancel=should_cancel, pick=pick)
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True,
                     **template_vars) -> str:

@@ -246,9 +246,15 @@ def generate_stream(
 ) -> Iterator[GenerationChunk]:
     """Stream the continuation of ``prompt_ids`` through the generation loop with this one
     sequence (krasisd.engine.loop.run_alone); raises ValueError for a bad prompt or a
-    num_ctx beyond ``context`` (a ContextSpec) at once, before any forward."""
+    num_ctx beyond ``context`` (a ContextSpec) at once, before any forward. An Engine's own
+    loop options and context spec are the defaults; other engines (test fakes) get plain
+    LoopOptions and no context limits."""
+    from krasisd.engine.engine import Engine
     from krasisd.engine.loop import ContextSpec, GenerationLoop, LoopOptions, run_alone
 
+    if isinstance(engine, Engine):
+        loop_options = loop_options or engine.loop_options()
+        context = context or engine.context_spec()
     loop = GenerationLoop(engine, loop_options or LoopOptions(), context or ContextSpec())
     options = replace(options, num_ctx=loop.num_ctx(options.num_ctx))
     return run_alone(loop, Generation(engine, prompt_ids, options, should_cancel, pick))

@@ -203,6 +203,17 @@ def test_num_ctx_beyond_the_model_maximum_names_both_numbers(engine):
     assert loop.num_ctx(None) == min(4096, maximum) and loop.num_ctx(maximum) == maximum
 
 
+def test_generate_stream_on_an_engine_takes_its_limits_and_chunk(engine):
+    """generate_stream (JSON mode and grammars call it with their pick) gives an Engine its
+    own context limits and prefill chunk, as Engine.generate does."""
+    from krasisd.engine.generate import generate_stream
+
+    with pytest.raises(ContextLimitError, match="max_position_embeddings"):
+        generate_stream(engine, [1, 2], SamplingOptions(num_ctx=10**6),
+                        pick=lambda logits, history: (3, 0.0, True))
+    assert engine.loop_options().prefill_chunk_tokens == 512  # the CPU's
+
+
 def test_the_kv_budget_refuses_what_never_fits_and_queues_what_fits_later(engine):
     per_token = engine.context_spec().kv_bytes_per_token
     loop = GenerationLoop(engine, LoopOptions(max_batch=4, kv_budget_bytes=100 * per_token),
