@@ -117,14 +117,22 @@ _MODEL_TYPES = {  # config.json's model_type -> family, when the template says n
 }
 
 
-def tool_format(model_type: str | None = None, chat_template: str | None = None
-                ) -> ToolFormat | None:
+_ARCHITECTURES = {  # config.json's architectures[0] -> family, the last resort
+    "Qwen2ForCausalLM": "hermes", "Qwen2MoeForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
+    "Qwen3MoeForCausalLM": "hermes", "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm45", "GptOssForCausalLM": "harmony",
+}
+
+
+def tool_format(model_type: str | None = None, chat_template: str | None = None,
+                architecture: str | None = None) -> ToolFormat | None:
     """The format a model writes tool calls in: read from its chat template (what it was
-    trained to write), else from config.json's ``model_type``; None when neither says."""
+    trained to write), else from config.json's ``model_type``, else its architecture (Kimi K2
+    is a DeepseekV3ForCausalLM: only its template or model_type tells); None when none says."""
     for sign, family in _TEMPLATE_SIGNS:
         if chat_template and sign in chat_template:
             return FORMATS[family]
-    family = _MODEL_TYPES.get((model_type or "").lower())
+    family = _MODEL_TYPES.get((model_type or "").lower()) or _ARCHITECTURES.get(architecture or "")
     return FORMATS[family] if family else None
 
 

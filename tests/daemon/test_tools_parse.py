@@ -206,6 +206,17 @@ def test_the_format_comes_from_the_template_then_the_model_type(model_type, temp
     assert (fmt.family if fmt else None) == family
 
 
+@pytest.mark.parametrize("architecture, family", [
+    ("Qwen3MoeForCausalLM", "hermes"), ("DeepseekV3ForCausalLM", "deepseek_v3"),
+    ("Glm4MoeForCausalLM", "glm45"), ("GptOssForCausalLM", "harmony"),
+    ("DeepseekV2ForCausalLM", None),
+])
+def test_the_architecture_is_the_last_resort(architecture, family):
+    fmt = tool_format(architecture=architecture)
+    assert (fmt.family if fmt else None) == family
+    assert tool_format("kimi_k2", architecture=architecture).family == "kimi_k2"
+
+
 def test_no_marker_of_a_family_is_a_prefix_of_another():
     """The splitter decides at the first whole marker; a marker that began another would be
     taken too early."""
