@@ -149,6 +149,7 @@ class GenerationLoop:
         try:
             logits = self.engine.decode_batch([g.next_token for g in decoding],
                                               [g.cache for g in decoding])  # [B, V]
+            logits = logits.to("cpu")  # the picks read them there: one copy, not one per row
         except Exception as exc:  # noqa: BLE001 - every sequence of the step sees it
             log.exception("decode step failed")
             for generation in decoding:
