@@ -256,11 +256,12 @@ def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
         peers = _peers(llama, ("pp", n, 0))
         lines.append(f"| {n:,} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['prefill_tok_s'])} | "
                      + " | ".join(_with_ratios(row["prefill_tok_s"], peers)) + " |")
-    lines += ["", f"| context | decode tok/s | runner tok/s | ITL p50 ms | ITL p99 ms | {head} |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| context | first token ms | decode tok/s | runner tok/s | ITL p50 ms | "
+              f"ITL p99 ms | {head} |", "| ---: |" + " ---: |" * 9]
     for ctx, row in result["decode"].items():
         peers = _peers(llama, ("tg", args.decode, ctx))
-        lines.append(f"| {ctx:,} | {fmt(row['tok_s'])} | {fmt(row['runner_tok_s'])} | "
+        lines.append(f"| {ctx:,} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['tok_s'])} | "
+                     f"{fmt(row['runner_tok_s'])} | "
                      f"{fmt(row['itl_p50_s'], 1e3, 2)} | {fmt(row['itl_p99_s'], 1e3, 2)} | "
                      + " | ".join(_with_ratios(row["tok_s"], peers)) + " |")
     if not_run:

@@ -5,10 +5,11 @@ and every figure is the median of ``runs`` repetitions.
 Definitions (times by the client's clock unless said otherwise):
 - first token: request sent to the first token line;
 - prefill tok/s: the runner's prompt_eval_count / prompt_eval_duration;
-- decode tok/s: token lines after the first / time from the first to the last;
+- decode tok/s: token lines after the first / time from the end of the runner's prefill
+  (request sent + its prompt_eval_duration) to the last line (served.StreamResult);
 - inter-token latency (ITL): gaps between consecutive token lines; p50 and p99 by nearest rank;
-- streams: ``n`` requests sent at once; total tok/s is all their tokens over the time from the
-  first token of any to the last token of any (queued requests included, as a user sees them);
+- streams: ``n`` requests sent at once; total tok/s is all their tokens over the time from
+  sending them to the last token of any (their prefills included, as a user sees them);
 - long prompt under load: ``busy`` streams decode, then a long prompt arrives; the gaps of the
   busy streams that overlap the time from its arrival to its first token are "during".
 """
@@ -98,7 +99,8 @@ async def decode(http, target: Target, context: int, n_decode: int, runs: int) -
         count, ns = r.counter("eval_count"), r.counter("eval_duration")
         return count / (ns / 1e9) if count and ns else None
 
-    return {"tok_s": median(r.decode_tok_s() for r in results),
+    return {"ttft_s": median(r.ttft_s for r in results),
+            "tok_s": median(r.decode_tok_s() for r in results),
             "runner_tok_s": median(runner_tok_s(r) for r in results),
             "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),
             "tokens": median(len(r.token_times_s) for r in results)}
@@ -113,10 +115,9 @@ async def streams(http, target: Target, n_streams: int, context: int, n_decode: 
             for i in range(n_streams)])
         for result in results:
             check(result, f"{n_streams} streams")
-        firsts = [r.token_times_s[0] for r in results if r.token_times_s]
         lasts = [r.token_times_s[-1] for r in results if r.token_times_s]
         tokens = sum(len(r.token_times_s) for r in results)
-        span_s = max(lasts) - min(firsts) if firsts else 0
+        span_s = max(lasts) - min(r.sent_s for r in results) if lasts else 0
         gaps = [g for r in results for g in r.gaps_s]
         per_run.append({"total_tok_s": tokens / span_s if span_s > 0 else None,
                         "stream_tok_s": median(r.decode_tok_s() for r in results),

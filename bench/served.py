@@ -57,11 +57,17 @@ class StreamResult:
         return [b - a for a, b in zip(times, times[1:], strict=False)]
 
     def decode_tok_s(self) -> float | None:
-        """Tokens per second after the first token, by the client's clock."""
+        """Tokens per second after the prefill, by the client's clock: the token lines after
+        the first over the time from the end of the runner's prefill (sent + its
+        prompt_eval_duration) to the last line. Lines that arrive in bursts (held back
+        somewhere on the way) do not inflate it, as a rate between the first and the last
+        line would; without the counters (a cut stream), that rate is what is left."""
         times = self.token_times_s
-        if len(times) < 2 or times[-1] <= times[0]:
+        if len(times) < 2:
             return None
-        return (len(times) - 1) / (times[-1] - times[0])
+        prefill_ns = self.counter("prompt_eval_duration")
+        start_s = self.sent_s + prefill_ns / 1e9 if prefill_ns else times[0]
+        return (len(times) - 1) / (times[-1] - start_s) if times[-1] > start_s else None
 
     def counter(self, name: str) -> int | None:
         return None if self.final is None else self.final.get(name)

@@ -44,8 +44,14 @@ def test_stream_result_times(bench):
     assert result.ok
     assert result.ttft_s == pytest.approx(0.5)
     assert result.gaps_s == pytest.approx([0.1, 0.2, 0.2])
-    assert result.decode_tok_s() == pytest.approx(3 / 0.5)
+    assert result.decode_tok_s() == pytest.approx(3 / 0.75)  # from the prefill's end at 10.25
     assert result.prefill_tok_s() == pytest.approx(400.0)
+    burst = served.StreamResult(status=200, sent_s=10.0, token_times_s=[11.0] * 4,
+                                final=result.final)  # every line held back to the end
+    assert burst.decode_tok_s() == pytest.approx(3 / 0.75)
+    cut = served.StreamResult(status=200, sent_s=10.0, token_times_s=[10.5, 10.6, 10.8],
+                              cut=True)
+    assert cut.ok and cut.decode_tok_s() == pytest.approx(2 / 0.3)
     assert not served.StreamResult(status=200, error="runner died").ok
 
 
