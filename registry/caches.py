@@ -134,7 +134,7 @@ def build(db: Database, store: Store, model: dict, ref, fmt: str, builder: Build
     out_dir = store.cache_dir(ref, fmt, quant, group_size)
     cache_id = records.begin_cache(db, model["id"], fmt, quant, group_size, str(out_dir))
     store.remove_tree(out_dir, "caches")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    store.make_private_dir(out_dir.parent)
     status = f"building {fmt} cache"
     yield {"status": status, "total": 0, "completed": 0}
     model_dir = store.model_dir(ref)

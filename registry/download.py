@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import PullError
 from .hub import Hub, RemoteFile
+from .store import make_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _discard(part: Path, meta: Path, reason: str) -> None:
 def _prepare_partial(part: Path, remote: RemoteFile) -> int:
     """Bytes already on disk that belong to this remote file (0 when starting afresh)."""
     meta = part.with_name(part.name + ".json")
-    part.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(part.parent)
     if part.exists():
         try:
             recorded = json.loads(meta.read_text())

@@ -34,21 +34,7 @@ class Store:
         self._make_private_db()
 
     def make_private_dir(self, path: Path) -> None:
-        """Create path (and missing parents) with mode 0700; an existing folder of ours is
-        set to 0700 too."""
-        missing = []
-        for parent in (path, *path.parents):
-            if parent.exists():
-                break
-            missing.append(parent)
-        for folder in reversed(missing):
-            try:
-                folder.mkdir(mode=DIR_MODE)
-            except FileExistsError:
-                pass
-        _chmod_own(path, DIR_MODE)
-        for folder in missing:
-            _chmod_own(folder, DIR_MODE)  # mkdir's mode is filtered by the umask
+        make_private_dir(path)
 
     def _make_private_db(self) -> None:
         """registry.db created 0600 before SQLite opens it (its -wal and -shm files take
@@ -104,6 +90,24 @@ class Store:
             parent = parent.parent
 
 
+def make_private_dir(path: Path) -> None:
+    """Create path and its missing parents with mode 0700 (whatever the umask); an existing
+    folder of ours at path is set to 0700 too."""
+    missing = []
+    for parent in (path, *path.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass
+    _chmod_own(path, DIR_MODE)
+    for folder in missing:
+        _chmod_own(folder, DIR_MODE)  # mkdir's mode is filtered by the umask
+
+
 def _chmod_own(path: Path, mode: int) -> None:
     """chmod a file or folder of ours that is not a link; others' files are left alone."""
     info = path.lstat()
@@ -123,9 +127,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def move_into_place(src: Path, dest: Path) -> None:
-    """fsync src, set it to 0600, then atomically rename it to dest (creating folders, 0700
-    when under the umask's control) and fsync the folder."""
-    dest.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """fsync src, set it to 0600, then atomically rename it to dest (creating missing
+    folders 0700) and fsync the folder."""
+    if not dest.parent.is_dir():
+        make_private_dir(dest.parent)
     with open(src, "rb+") as handle:
         os.fchmod(handle.fileno(), FILE_MODE)
         os.fsync(handle.fileno())
