@@ -1,7 +1,7 @@
 """The hybrid MoE engine: models, quantized expert backends, sampler.
 
-``from krasisd.engine import load, Engine``. The names are resolved lazily, so importing a
-light submodule (``krasisd.engine.options``) does not pull in torch.
+``from krasisd.engine import load, Engine, EngineOptions``. The names are resolved lazily, so
+importing a light submodule (``krasisd.engine.options``) does not pull in torch.
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from krasisd.engine.engine import Engine, load
+    from krasisd.engine.engine_options import EngineOptions
 
-__all__ = ["Engine", "load"]
+__all__ = ["Engine", "EngineOptions", "load"]
+
+_MODULES = {"Engine": "engine", "load": "engine", "EngineOptions": "engine_options"}
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from krasisd.engine import engine
+    module = _MODULES.get(name)
+    if module is not None:
+        from importlib import import_module
 
-        return getattr(engine, name)
+        return getattr(import_module(f"krasisd.engine.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

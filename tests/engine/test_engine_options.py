@@ -107,3 +107,15 @@ def test_nothing_under_the_engine_reads_the_environment():
                for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
                if _ENV_READ.search(line.split("#")[0])]
     assert readers == []
+
+
+def test_options_are_made_without_torch():
+    """A runner checks its settings before anything heavy is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from krasisd.engine import EngineOptions; EngineOptions(quant='int8'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
