@@ -71,6 +71,7 @@ class Session:
         self.daemon_side, runner_side = socket.socketpair()
         self.channel = runner.Channel(self.daemon_side)
         self.events: dict[int, queue.Queue] = {}
+        self.order: list[tuple[int, str]] = []  # (id, type) of every event, as they came
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._serve, daemon=True,
                                        args=(engine, runner.Channel(runner_side), options))
@@ -85,6 +86,7 @@ class Session:
 
     def _read(self):
         for event in self.channel:
+            self.order.append((event["id"], event["type"]))
             self.events.setdefault(event["id"], queue.Queue()).put(event)
 
     def send(self, request_id: int, prompt: str, **extra) -> None:
@@ -244,6 +246,22 @@ class _Words:
             yield GenerationChunk(i, f"{len(prompt_ids)}:{i} ")
         yield GenerationChunk(None, "", done=True, done_reason="length",
                               eval_count=options.num_predict)
+
+
+def test_kv_budget_queues_what_fits_later_and_refuses_what_never_fits(engine, session_factory):
+    per_token = engine.context_spec().kv_bytes_per_token
+    session = session_factory(2, kv_budget_bytes=100 * per_token)
+    session.send(1, "hi", options={"num_ctx": 101})
+    refused = session.first(1)
+    assert refused["status"] == 400 and "num_ctx 101" in refused["error"]
+    assert "100 tokens" in refused["error"]
+    session.send(2, "hi", options={"num_ctx": 60, "num_predict": 20})
+    session.send(3, "ho", options={"num_ctx": 60, "num_predict": 20})
+    assert session.answer(2)[1]["eval_count"] == 20
+    assert session.answer(3)[1]["eval_count"] == 20
+    order = [event for event in session.order if event[0] in (2, 3)]
+    assert order.index((2, "done")) < order.index((3, "chunk"))  # 3 waited for room
+    session.close()
 
 
 def test_a_streaming_engine_is_served_one_chunk_per_step(session_factory):
