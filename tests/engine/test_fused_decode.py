@@ -78,8 +78,8 @@ def test_mla_prep_matches_the_attention_code(interleave):
     x = torch.randn(1, config.hidden_size).to(DEVICE, BF16)
     pos = torch.tensor([5], device=DEVICE)
     cos, sin = rotary.cos_sin(pos)  # [1, R/2]
-    q_nope, q_rope = attn._query(x, cos, sin)  # [1, H, N], [1, H, R]
-    want_entry = attn._latent(x, cos, sin)[0]  # [C + R]
+    q_nope, q_rope = attn.query(x, cos, sin)  # [1, H, N], [1, H, R]
+    want_entry = attn.latent(x, cos, sin)[0]  # [C + R]
     w_uk, _ = attn.absorbed_weights()
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)[:, 0]  # [H, C]
     want_q = torch.cat([q_latent, q_rope[0]], dim=-1)  # [H, C + R]

@@ -201,15 +201,15 @@ class DecoderLayer(nn.Module):
 
     def prefill(self, x, cos, sin, cache, backend):
         h = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, cache)
-        return h + self._ffn(self.post_attention_layernorm(h), backend)
+        return h + self.ffn(self.post_attention_layernorm(h), backend)
 
     def decode(self, x, cos, sin, cache, backend):
         h = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache)
-        return h + self._ffn(self.post_attention_layernorm(h), backend)
+        return h + self.ffn(self.post_attention_layernorm(h), backend)
 
     def ffn(self, x: torch.Tensor, backend) -> torch.Tensor:
         """The feed-forward part of normed x [T, D]: the dense MLP, or the MoE block with its
         routed experts through ``backend``."""
         return self.mlp(x, backend) if self.is_moe else self.mlp(x)
 
-    _ffn = ffn  # the former name, while callers move to the public one
+    _ffn = ffn  # the former name, while batch.py moves to the public one

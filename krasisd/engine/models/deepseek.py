@@ -83,8 +83,6 @@ class MLAttention(nn.Module):
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], -1)
         return torch.cat([self.kv_a_layernorm(kv_latent), self.rotary.apply(k_rope, cos, sin)], -1)
 
-    _query, _latent = query, latent  # the former names, while callers move to the public ones
-
     def _cached(self, latent: torch.Tensor, cache) -> torch.Tensor:
         if cache is None:
             return latent
