@@ -39,7 +39,10 @@ def sdpa_backends():
     order = [backend for backend, on in enabled.items() if on]
     if not order:
         return contextlib.nullcontext()
-    return sdpa_kernel(order, set_priority=True)
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without set_priority: the same backends, torch's order
+        return sdpa_kernel(order)
 
 
 def _ffn_chunked(layer, h: torch.Tensor, backend, chunk_tokens: int) -> None:
