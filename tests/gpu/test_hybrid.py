@@ -349,7 +349,7 @@ def test_bundled_tiny_model(tmp_path_factory, fraction, quant, dense):
     experts under float32 dense weights."""
     if not (BUNDLED_TINY / "config.json").is_file():
         pytest.skip("krasis-tiny is not bundled in this checkout")
-    from krasisd.engine import load
+    from krasisd.engine import EngineOptions, load
     from krasisd.engine.gpu.graphs import load_hybrid
     from krasisd.engine.native_experts import native_expert_backend, pick_group_size
 
@@ -368,8 +368,9 @@ def test_bundled_tiny_model(tmp_path_factory, fraction, quant, dense):
         cpu.expert_backend = cpu.model.expert_backend = native
     prompt = cpu.tokenizer.encode("The quick brown fox")
     tokens = cpu.greedy(prompt, STEPS)
-    engine = load_hybrid(BUNDLED_TINY, quant=quant, max_tokens=256, cpu_cache_dir=tmp / "cpu",
-                         gpu_cache_dir=tmp / "gpu", dense=dense)
+    options = EngineOptions(quant=quant, device="cuda", cache_dir=tmp / "cpu",
+                            gpu_cache_dir=tmp / "gpu", gpu_dense=dense, autotune=False)
+    engine = load_hybrid(BUNDLED_TINY, max_tokens=256, options=options)  # fixed tiles
     swapped = [m for m in engine.model.modules() if isinstance(m, GpuQuantLinear)]
     assert bool(swapped) == (dense == "quant")
     backend = engine.expert_backend

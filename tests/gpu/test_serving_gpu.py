@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from krasisd.engine.engine_options import EngineOptions
 from krasisd.engine.options import SamplingOptions
 from krasisd.engine.serving import load_for_serving
 
@@ -15,8 +16,9 @@ TINY = Path(__file__).resolve().parents[2] / "registry" / "bundled" / "krasis-ti
 def test_tiny_is_served_by_the_hybrid_engine(cuda, tmp_path, quant):
     from krasisd.engine.gpu.graphs import HybridEngine
 
-    engine = load_for_serving(TINY, quant=quant, device="auto", threads=2,
-                              cache_dir=tmp_path / "cpu")
+    options = EngineOptions(quant=quant, device="auto", threads=2, cache_dir=tmp_path / "cpu",
+                            autotune=False)  # fixed tiles: no timing in the tests
+    engine = load_for_serving(TINY, options=options)
     assert isinstance(engine, HybridEngine)
     prompt = engine.tokenizer.encode(engine.chat_prompt([{"role": "user", "content": "What is a list?"}]),
                                      add_special_tokens=False)
@@ -35,8 +37,6 @@ def test_served_prefill_attention_takes_a_fused_backend(cuda, tmp_path):
     "No available kernel" when the attention's form suits only math (3-D or odd strides),
     which materializes the [H, T, S] scores."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from krasisd.engine.engine_options import EngineOptions
 
     options = EngineOptions(quant="int8", device="cuda", threads=2, cache_dir=tmp_path / "cpu",
                             autotune=False)
