@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from krasisd.engine.config import ModelConfig  # noqa: E402
+from krasisd.engine.dense_quant import QuantLinear  # noqa: E402
 from krasisd.engine.engine import Engine, load  # noqa: E402
 from krasisd.engine.experts import TorchExperts  # noqa: E402
 from krasisd.engine.models import build_model  # noqa: E402
@@ -128,7 +129,7 @@ def bytes_per_token(engine: Engine, context: int, quant_bits: int) -> dict[str, 
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if n != "model.embed_tokens.weight")
     dense += sum(m.native.qweight.nbytes + m.native.scales.nbytes  # quantized dense linears
-                 for m in model.modules() if hasattr(m, "native"))
+                 for m in model.modules() if isinstance(m, QuantLinear))
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     expert_params = 3 * config.hidden_size * config.moe_intermediate_size
     expert_bytes = expert_params * quant_bits // 8
