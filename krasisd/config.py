@@ -298,6 +298,13 @@ def _choice(*choices: str):
     return parse
 
 
+def _positive_size(raw: Any) -> int:
+    value = parse_size_bytes(raw)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
 def _positive_duration(raw: Any) -> float:
     value = parse_duration_s(raw)
     if value <= 0:
@@ -400,7 +407,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         kv_budget_bytes=read.get("KRASIS_KV_BUDGET", None, _positive_size),
         prefill_chunk_tokens=read.get("KRASIS_PREFILL_CHUNK_TOKENS", None, _int_at_least(1)),
         preload=read.get("KRASIS_PRELOAD", [], _list),
-        vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, parse_size_bytes),
+        vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, _positive_size),
         memory_budget_bytes=read.get("KRASIS_MEMORY_BUDGET", None, parse_size_bytes),
         threads=read.get("KRASIS_THREADS", None, _int_at_least(1)),
         quant=read.get("KRASIS_QUANT", "int4", _choice(*QUANTS)),

@@ -119,3 +119,9 @@ def test_options_are_made_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_zero_vram_budget_is_a_bad_setting_not_a_runner_that_cannot_start(tmp_path, caplog):
+    cfg = load_config({"KRASIS_HOME": str(tmp_path), "KRASIS_VRAM_BUDGET": "0"})
+    assert cfg.vram_budget_bytes is None and "bad setting" in caplog.text
+    assert "--vram-budget" not in _runner_argv(_SPEC, cfg, fd=3)
