@@ -8,7 +8,8 @@ at import then no longer matches). Tools that save models write new files and re
 
 What may be read is sources.py's rule (no links out of the folder, KRASIS_CREATE_DIRS over
 TCP). Only files owned by the daemon's own user are linked: another user's file would stay
-theirs to rewrite in the store. Copies are created 0600 and hashed as they are written.
+theirs to rewrite in the store. Copies are created 0600 and hashed again as they are
+written: a file that changed between the two reads fails the import.
 config.json is checked against krasisd.engine.limits before any file is taken.
 """
 
@@ -108,23 +109,22 @@ def check_source_config(folder: SourceFolder, home: Path) -> None:
 
 def _import_one(ctx: Context, ref: ModelRef, model_id: int, src: SourceFile, model_dir: Path,
                 link: bool) -> Iterator[dict]:
-    event = {"status": f"importing {src.name}", "total": src.size_bytes}
+    sha256 = _hash_fd(src.fd)
+    event = {"status": f"importing {src.name}", "digest": f"sha256:{sha256}",
+             "total": src.size_bytes}
     yield {**event, "completed": 0}
     dest = model_dir / src.name
-    sha256 = None
-    if link and src.uid == os.getuid():
-        sha256 = _hash_fd(src.fd)
-        if not _try_link(src, dest):
-            sha256 = None
-    if sha256 is None:
+    if not (link and src.uid == os.getuid() and _try_link(src, dest)):
         part = ctx.store.partial_dir(ref) / f"{src.name}.part"
         ctx.store.make_private_dir(part.parent)
-        sha256 = _copy_fd(src.fd, part)
+        if _copy_fd(src.fd, part) != sha256:
+            part.unlink()
+            raise PullError(f"{src.name} changed while it was imported; import again")
         move_into_place(part, dest)
         drop_meta(part)  # a pull's note about a partial of the same name
     if dest.stat().st_size != src.size_bytes:
         raise PullError(f"{src.name} changed while it was imported; import again")
-    yield {**event, "digest": f"sha256:{sha256}", "completed": src.size_bytes}
+    yield {**event, "completed": src.size_bytes}
     records.complete_file(ctx.db, model_id, src.name, sha256)
 
 
