@@ -16,10 +16,30 @@ from typing import Any
 from krasisd.engine.errors import UnsupportedModelError
 from krasisd.engine.limits import check_config_limits, machine_capacity_bytes
 
-SUPPORTED_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
+# architectures -> the engine's model family (krasisd.engine.models.build_model)
+FAMILIES = {
+    "DeepseekV2ForCausalLM": "deepseek",
+    "DeepseekV3ForCausalLM": "deepseek",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
+    "GptOssForCausalLM": "gpt_oss",
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+# other class names of a supported architecture: Kimi K2 / K2.5 are DeepSeek-V3 text models
+# (K2.5's config.json nests the text model's config under ``text_config``)
+ARCHITECTURE_ALIASES = {
+    "KimiK2ForCausalLM": "DeepseekV3ForCausalLM",
+    "KimiK25ForConditionalGeneration": "DeepseekV3ForCausalLM",
+    "Kimi_K25ForConditionalGeneration": "DeepseekV3ForCausalLM",
+}
+KIMI_MODEL_TYPES = ("kimi_k2", "kimi_k25")
 ROPE_TYPES = ("default", "linear", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "topk_softmax")  # topk_softmax: gpt-oss
+QK_NORMS = ("none", "head", "projection")  # RMSNorm of q and k: off, per head, whole projection
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -37,8 +57,14 @@ class ModelConfig:
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
-    head_dim: int = 0  # GQA head size (Qwen3-MoE); 0 means hidden_size // num_attention_heads
+    head_dim: int = 0  # GQA head size; 0 means hidden_size // num_attention_heads
     attention_bias: bool = False
+    # GQA variants: q/k norm kind (None: the family's own), rotated share of each head,
+    # sliding-window attention (on every layer, or on those ``layer_types`` mark sliding)
+    qk_norm: str | None = None
+    partial_rotary_factor: float = 1.0
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
     tie_word_embeddings: bool = False
     # multi-head latent attention (DeepSeek)
     q_lora_rank: int | None = None
@@ -60,6 +86,9 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = False
+    # gpt-oss experts: clamped SwiGLU (up + 1) * g * sigmoid(alpha * g), g and up clamped at limit
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # rotary position embedding
     rope_theta: float = 10000.0
     rope_type: str = "default"
@@ -84,6 +113,9 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         self.mlp_only_layers = tuple(self.mlp_only_layers)
+        self.layer_types = tuple(self.layer_types)
+        if self.qk_norm is None:
+            self.qk_norm = {"qwen3_moe": "head", "minimax_m2": "projection"}.get(self.family, "none")
         self.eos_token_ids = tuple(self.eos_token_ids)
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
@@ -114,6 +146,31 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act {self.hidden_act!r} is not supported (silu)")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        self._check_attention_variants()
+
+    def _check_attention_variants(self) -> None:
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ValueError("partial_rotary_factor must be in (0, 1], "
+                             f"got {self.partial_rotary_factor}")
+        if self.sliding_window is not None and (
+                isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be null or a positive integer, "
+                             f"got {self.sliding_window!r}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_hidden_layers} layers")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise UnsupportedModelError(f"layer types {unknown} are not supported; "
+                                            f"supported: {', '.join(LAYER_TYPES)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but no sliding_window")
+        if self.swiglu_alpha <= 0 or self.swiglu_limit <= 0:
+            raise ValueError("swiglu_alpha and swiglu_limit must be > 0")
 
     def _check_routing(self) -> None:
         if self.n_routed_experts == 0:
@@ -159,8 +216,21 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """``"deepseek"`` (MLA) or ``"qwen3_moe"`` (GQA)."""
-        return "qwen3_moe" if self.architecture == "Qwen3MoeForCausalLM" else "deepseek"
+        """``"deepseek"`` (MLA) or a GQA family: ``"qwen3_moe"``, ``"mixtral"``, ``"glm4_moe"``,
+        ``"minimax_m2"``, ``"gpt_oss"`` (FAMILIES)."""
+        return FAMILIES[self.architecture]
+
+    @property
+    def expert_bias(self) -> bool:
+        """Whether the routed experts have biases and the clamped SwiGLU (gpt-oss), which only
+        the torch reference expert backend computes."""
+        return self.family == "gpt_oss"
+
+    def attention_window(self, layer_idx: int) -> int | None:
+        """Tokens a query of this layer sees (itself included), or None for all before it."""
+        if self.layer_types and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def is_mla(self) -> bool:
@@ -172,7 +242,11 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        """Rotated dims per head: MLA's rope part, or the first ``partial_rotary_factor`` of a
+        GQA head (as transformers: int(head_dim * factor))."""
+        if self.is_mla:
+            return self.qk_rope_head_dim
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_cache_width(self) -> int:
@@ -221,9 +295,10 @@ class ModelConfig:
         each against its ceiling, and the parameter count they imply against
         ``capacity_bytes`` (default: this machine's memory plus the current folder's disk).
         """
+        raw = text_model_config(raw)
         check_config_limits(raw, capacity_bytes if capacity_bytes is not None
                             else machine_capacity_bytes())
-        archs = raw.get("architectures") or []
+        archs = [ARCHITECTURE_ALIASES.get(a, a) for a in raw.get("architectures") or []]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), archs[0] if archs else None)
         if arch is None:
             raise UnsupportedModelError(
@@ -233,11 +308,20 @@ class ModelConfig:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in names and v is not None}
         values["architecture"] = arch
-        if arch == "Qwen3MoeForCausalLM":
+        family = FAMILIES.get(arch)
+        values.pop("qk_norm", None)  # set by the family's parser only
+        if family not in ("mixtral", "gpt_oss"):  # e.g. Qwen3's unused sliding_window
+            values.pop("sliding_window", None)
+            values.pop("layer_types", None)
+        if family == "qwen3_moe":
             values.update(_qwen3_moe_fields(raw))
+        elif family in GQA_FIELDS:
+            values.update(GQA_FIELDS[family](raw))
         else:
             values.update(_deepseek_fields(raw, arch))
         values.update(_rope_fields(raw))
+        if family != "deepseek":
+            values["partial_rotary_factor"] = _partial_rotary_factor(raw, values)
         eos = raw.get("eos_token_id")
         eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
         values["eos_token_ids"] = tuple(eos_list)
@@ -273,6 +357,89 @@ def _qwen3_moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
         "mlp_only_layers": tuple(raw.get("mlp_only_layers") or ()),
         "rope_interleave": False,
     }
+
+
+def text_model_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config of the text model: Kimi K2.5's config.json nests a DeepSeek-V3 config under
+    ``text_config`` (its vision tower is not served); other configs are returned as they are."""
+    archs = raw.get("architectures") or []
+    nested = raw.get("text_config")
+    if not isinstance(nested, dict) or not (
+            raw.get("model_type") in KIMI_MODEL_TYPES
+            or any(a in ARCHITECTURE_ALIASES for a in archs if isinstance(a, str))):
+        return raw
+    text = dict(nested)
+    text["architectures"] = ["DeepseekV3ForCausalLM"]
+    for key in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype", "tie_word_embeddings"):
+        if text.get(key) is None and raw.get(key) is not None:
+            text[key] = raw[key]
+    return text
+
+
+def _mixtral_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """Mixtral: softmax over all experts, top-k renormalised; experts as wide as
+    ``intermediate_size``; sliding-window attention on every layer when set."""
+    return {
+        "n_routed_experts": raw.get("num_local_experts", 0) or 0,
+        "moe_intermediate_size": raw.get("intermediate_size"),
+        "n_shared_experts": 0, "topk_method": "greedy", "scoring_func": "softmax",
+        "norm_topk_prob": True, "routed_scaling_factor": 1.0, "qk_norm": "none",
+        "rope_interleave": False,
+    }
+
+
+def _glm4_moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4.5/4.6/4.7: DeepSeek-V3's router (sigmoid, correction bias, groups) over GQA with
+    partial rotary and optional per-head q/k norm."""
+    return {
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "n_group": raw.get("n_group") or 1, "topk_group": raw.get("topk_group") or 1,
+        "qk_norm": "head" if raw.get("use_qk_norm") else "none", "rope_interleave": False,
+    }
+
+
+def _minimax_m2_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """MiniMax-M2: sigmoid scores plus correction bias choose the top k (no groups), their
+    scores renormalised; q/k RMSNorm over the whole projection; experts of width
+    ``intermediate_size``."""
+    return {
+        "n_routed_experts": raw.get("num_local_experts", 0) or 0,
+        "moe_intermediate_size": raw.get("intermediate_size"),
+        "n_shared_experts": 0, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0,
+        "qk_norm": "projection", "rope_interleave": False,
+    }
+
+
+def _gpt_oss_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """gpt-oss: a biased router whose top-k logits are softmaxed; experts with biases and the
+    clamped SwiGLU; attention with biases and sinks, sliding and full layers alternating."""
+    return {
+        "n_routed_experts": raw.get("num_local_experts", 0) or 0,
+        "moe_intermediate_size": raw.get("intermediate_size"),
+        "n_shared_experts": 0, "topk_method": "greedy", "scoring_func": "topk_softmax",
+        "norm_topk_prob": False, "routed_scaling_factor": 1.0, "qk_norm": "none",
+        "rope_interleave": False,
+        "layer_types": tuple(raw.get("layer_types") or ()),
+        "swiglu_alpha": float(raw.get("swiglu_alpha", 1.702)),
+        "swiglu_limit": float(raw.get("swiglu_limit", 7.0)),
+    }
+
+
+GQA_FIELDS = {"mixtral": _mixtral_fields, "glm4_moe": _glm4_moe_fields,
+              "minimax_m2": _minimax_m2_fields, "gpt_oss": _gpt_oss_fields}
+
+
+def _partial_rotary_factor(raw: dict[str, Any], values: dict[str, Any]) -> float:
+    """The rotated share of a GQA head: ``partial_rotary_factor`` at the top level or in the
+    rope parameters, or MiniMax-M2's ``rotary_dim`` over ``head_dim``."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    factor = factor if factor is not None else raw.get("partial_rotary_factor")
+    if factor is None and raw.get("rotary_dim"):
+        head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
+        factor = raw["rotary_dim"] / head_dim
+    return float(factor) if factor is not None else 1.0
 
 
 def _rope_fields(raw: dict[str, Any]) -> dict[str, Any]:

@@ -49,25 +49,50 @@ class ExpertBackend(ABC):
         """Release what the backend holds; it is not called afterwards."""
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the expert activation every backend computes."""
+    return F.silu(gate) * up
+
+
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: gate clamped above at ``limit``, up within +-limit, then
+    (up + 1) * gate * sigmoid(alpha * gate)."""
+
+    def __init__(self, alpha: float, limit: float):
+        self.alpha, self.limit = alpha, limit
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
 class TorchExperts(ExpertBackend):
     """Float reference backend: per-layer stacked weights, computed expert by expert.
 
-    ``weights[layer_idx] = (gate [E, I, D], up [E, I, D], down [E, D, I])``.
+    ``weights[layer_idx] = (gate [E, I, D], up [E, I, D], down [E, D, I])``, optionally followed
+    by biases ``(gate [E, I], up [E, I], down [E, D])``; ``activation(gate, up)`` is SwiGLU
+    unless the model sets another (ClampedSwiGLU for gpt-oss).
     """
 
-    def __init__(self, weights: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    def __init__(self, weights: dict[int, tuple[torch.Tensor, ...]]):
         self.weights = weights
+        self.activation = swiglu
 
     def __call__(self, layer_idx, x, topk_ids, topk_weights):
-        gate, up, down = self.weights[layer_idx]
+        gate, up, down, *biases = self.weights[layer_idx]
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T, D]
         flat_ids = topk_ids.reshape(-1)  # [T*K]
         for expert in torch.unique(flat_ids).tolist():
             token_idx, slot = torch.nonzero(topk_ids == expert, as_tuple=True)  # [n], [n]
             xe = x[token_idx]  # [n, D]
-            h = F.silu(xe @ gate[expert].T) * (xe @ up[expert].T)  # [n, I]
-            ye = (h @ down[expert].T).float()  # [n, D]
-            out.index_add_(0, token_idx, ye * topk_weights[token_idx, slot, None])
+            g, u = xe @ gate[expert].T, xe @ up[expert].T  # [n, I] each
+            if biases:
+                g, u = g + biases[0][expert], u + biases[1][expert]
+            ye = self.activation(g, u) @ down[expert].T  # [n, D]
+            if biases:
+                ye = ye + biases[2][expert]
+            out.index_add_(0, token_idx, ye.float() * topk_weights[token_idx, slot, None])
         return out.to(x.dtype)
 
 

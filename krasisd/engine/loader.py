@@ -27,7 +27,18 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-ROUTER_KEYS = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+ROUTER_KEYS = re.compile(r"\.mlp\.gate\.(weight|bias|e_score_correction_bias)$")
+# other families' spellings of the engine's tensor names (the renames transformers applies)
+RENAMES = (
+    (re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),  # Kimi K2.5
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"\.block_sparse_moe\."), ".mlp."),  # Mixtral, MiniMax-M2
+    (re.compile(r"\.experts\.(\d+)\.w1\.weight$"), r".experts.\1.gate_proj.weight"),
+    (re.compile(r"\.experts\.(\d+)\.w3\.weight$"), r".experts.\1.up_proj.weight"),
+    (re.compile(r"\.experts\.(\d+)\.w2\.weight$"), r".experts.\1.down_proj.weight"),
+    (re.compile(r"\.mlp\.e_score_correction_bias$"), ".mlp.gate.e_score_correction_bias"),
+    (re.compile(r"\.mlp\.router\.(weight|bias)$"), r".mlp.gate.\1"),  # gpt-oss
+)
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 ExpertWeights = dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
@@ -37,6 +48,7 @@ ExpertWeights = dict[int, tuple[list[torch.Tensor], list[torch.Tensor], list[tor
 class TensorInfo:
     path: Path
     span: Span  # where its bytes lie in the file, from the file's header
+    key: str = ""  # its name in the file when that differs from the engine's (RENAMES)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -68,13 +80,27 @@ def read_config(model_dir: Path) -> ModelConfig:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise UnsupportedModelError(f"pre-quantized checkpoints ({method}) are not supported")
+    check_not_prequantized(raw)
     try:
         return ModelConfig.from_dict(raw)
     except (ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def check_not_prequantized(raw: dict) -> None:
+    """Refuse a config.json that declares a ``quantization_config`` (FP8, MXFP4,
+    compressed-tensors INT4, ...), naming its format: the engine reads float weights only."""
+    for where in (raw, raw.get("text_config")):
+        quant = where.get("quantization_config") if isinstance(where, dict) else None
+        if not quant:
+            continue
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        detail = quant.get("format") if isinstance(quant, dict) else None
+        named = f"{method} ({detail})" if isinstance(detail, str) and detail else str(method)
+        raise UnsupportedModelError(
+            f"pre-quantized checkpoints are not supported: config.json declares quantization_config "
+            f"with quant_method {named}; krasis reads bf16, fp16 or fp32 safetensors and quantizes "
+            "them itself, so use the model's bf16 release")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -107,12 +133,21 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     header is read and parsed once, and the reads straight to a GPU reuse it."""
     index: dict[str, TensorInfo] = {}
     for path in files:
-        for name, span in parse_header(path).items():
+        for key, span in parse_header(path).items():
+            name = engine_name(key)
             if name in index:
-                raise ModelLoadError(f"tensor {name} appears in {index[name].path.name} "
+                shown = key if name == key else f"{key} (read as {name})"
+                raise ModelLoadError(f"tensor {shown} appears in {index[name].path.name} "
                                      f"and {path.name}")
-            index[name] = TensorInfo(path, span)
+            index[name] = TensorInfo(path, span, "" if name == key else key)
     return index
+
+
+def engine_name(key: str) -> str:
+    """The engine's name for a checkpoint tensor name (RENAMES applied in order)."""
+    for pattern, replacement in RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def expert_names(config: ModelConfig, layer_idx: int, index: dict[str, TensorInfo]):
@@ -120,9 +155,28 @@ def expert_names(config: ModelConfig, layer_idx: int, index: dict[str, TensorInf
 
     Real checkpoints store one tensor per expert and projection; a fused layout
     (``experts.gate_up_proj`` [E, 2I, D], ``experts.down_proj`` [E, D, I]) is also accepted.
+    These are the (gate, up, down) weights the quantizing cache builders read: experts with
+    biases and another activation (gpt-oss) raise UnsupportedModelError (all_expert_names
+    lists theirs).
     """
+    if config.expert_bias:
+        raise UnsupportedModelError(
+            f"{config.architecture}'s experts (biases, clamped SwiGLU) are not supported by the "
+            "native INT4/INT8 expert kernels or their caches; load it with quant='none'")
+    return all_expert_names(config, layer_idx, index)
+
+
+def all_expert_names(config: ModelConfig, layer_idx: int, index: dict[str, TensorInfo]):
+    """expert_names, and for gpt-oss its fused, transposed layout with biases:
+    ``gate_up_proj`` [E, D, 2I] (gate and up interleaved), ``gate_up_proj_bias`` [E, 2I],
+    ``down_proj`` [E, I, D], ``down_proj_bias`` [E, D]."""
     prefix = f"model.layers.{layer_idx}.mlp.experts"
     hidden, inter, num = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+    if config.expert_bias:
+        return {f"{prefix}.gate_up_proj": (num, hidden, 2 * inter),
+                f"{prefix}.gate_up_proj_bias": (num, 2 * inter),
+                f"{prefix}.down_proj": (num, inter, hidden),
+                f"{prefix}.down_proj_bias": (num, hidden)}
     if f"{prefix}.gate_up_proj" in index:
         return {f"{prefix}.gate_up_proj": (num, 2 * inter, hidden),
                 f"{prefix}.down_proj": (num, hidden, inter)}
@@ -139,7 +193,7 @@ def plan_tensors(model: CausalLM, config: ModelConfig, index: dict[str, TensorIn
         expected.pop("lm_head.weight")
     for layer_idx in range(config.num_hidden_layers):
         if config.is_moe_layer(layer_idx):
-            expected.update(expert_names(config, layer_idx, index))
+            expected.update(all_expert_names(config, layer_idx, index))
     missing = [n for n in expected if n not in index]
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -171,14 +225,16 @@ def read_tensors(names, index: dict[str, TensorInfo],
         by_file.setdefault(index[name].path, []).append(name)
     out: dict[str, torch.Tensor] = {}
     for path, file_names in by_file.items():
+        keys = {name: index[name].key or name for name in file_names}  # names in the file
         if device is not None and device.type == "cuda":
-            spans = {name: index[name].span for name in file_names}
-            out.update(read_to_device(path, file_names, device, spans))
+            spans = {keys[name]: index[name].span for name in file_names}
+            read = read_to_device(path, list(keys.values()), device, spans)
+            out.update({name: read[keys[name]] for name in file_names})
             continue
         try:
             with safe_open(path, framework="pt") as handle:
                 for name in file_names:
-                    out[name] = handle.get_tensor(name)
+                    out[name] = handle.get_tensor(keys[name])
         except Exception as exc:
             raise ModelLoadError(f"cannot read tensors from {path.name}: {exc}") from exc
     return out
@@ -192,6 +248,9 @@ def _split_experts(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype)
             continue
         prefix = f"model.layers.{layer_idx}.mlp.experts"
         fused = tensors.pop(f"{prefix}.gate_up_proj", None)
+        if config.expert_bias:  # gpt-oss: [E, D, 2I] with gate and up interleaved, biases
+            weights[layer_idx] = _gpt_oss_experts(fused.to(dtype), tensors, prefix, dtype)
+            continue
         if fused is not None:
             fused, down = fused.to(dtype), tensors.pop(f"{prefix}.down_proj").to(dtype)
             weights[layer_idx] = (list(fused[:, :inter]), list(fused[:, inter:]), list(down))
@@ -203,6 +262,20 @@ def _split_experts(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype)
         )
         weights[layer_idx] = lists
     return weights
+
+
+def _gpt_oss_experts(gate_up: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str,
+                     dtype) -> tuple[list[torch.Tensor], ...]:
+    """gpt-oss's fused experts as per-expert (gate [I, D], up [I, D], down [D, I], gate bias [I],
+    up bias [I], down bias [D]): gate_up [E, D, 2I] holds gate in the even and up in the odd
+    columns, down [E, I, D] is transposed."""
+    bias = tensors.pop(f"{prefix}.gate_up_proj_bias").to(dtype)  # [E, 2I]
+    down = tensors.pop(f"{prefix}.down_proj").to(dtype)  # [E, I, D]
+    down_bias = tensors.pop(f"{prefix}.down_proj_bias").to(dtype)  # [E, D]
+    gate = gate_up[:, :, 0::2].transpose(1, 2)  # [E, I, D]
+    up = gate_up[:, :, 1::2].transpose(1, 2)  # [E, I, D]
+    return (list(gate), list(up), list(down.transpose(1, 2)), list(bias[:, 0::2]),
+            list(bias[:, 1::2]), list(down_bias))
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | None = None,

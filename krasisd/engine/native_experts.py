@@ -14,6 +14,7 @@ import torch
 
 from krasisd.engine.cache_files import engine_cache_dir, load_or_build
 from krasisd.engine.cpu_cache import CacheError, CpuCache, build_cpu_cache, load_cpu_cache
+from krasisd.engine.errors import UnsupportedModelError
 from krasisd.engine.experts import ExpertBackend
 from krasisd.engine.quant import BITS, DEFAULT_GROUP_SIZE, pick_group_size, quantize
 
@@ -116,6 +117,10 @@ def native_expert_backend(model_dir, config, quant: str, cache_dir=None,
     """NativeExperts for ``model_dir``; builds the CPU cache first when missing or invalid."""
     if quant not in BITS:
         raise ValueError(f"quant must be one of {tuple(BITS)} for native experts, got {quant!r}")
+    if config.expert_bias:  # the kernels compute silu(gate) * up, without biases
+        raise UnsupportedModelError(
+            f"{config.architecture}'s experts (biases, clamped SwiGLU) are not supported by the "
+            f"native {quant} expert kernels; load it with quant='none'")
     model_dir = Path(model_dir)
     if group_size is None:
         group_size = pick_group_size(config.hidden_size, config.moe_intermediate_size, BITS[quant])

@@ -1,4 +1,5 @@
-"""Model definitions in plain torch: DeepSeek-V2/V3 (MLA) and Qwen3-MoE (GQA)."""
+"""Model definitions in plain torch: DeepSeek-V2/V3 and Kimi K2 (MLA); Qwen3-MoE, Mixtral,
+GLM-4.5 MoE, MiniMax-M2 and gpt-oss (GQA)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ def build_model(config: ModelConfig) -> CausalLM:
         from krasisd.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
         return Qwen3MoeForCausalLM(config)
+    if config.family in ("mixtral", "glm4_moe", "minimax_m2"):
+        from krasisd.engine.models.gqa_moe import GqaMoeForCausalLM
+
+        return GqaMoeForCausalLM(config)
+    if config.family == "gpt_oss":
+        from krasisd.engine.models.gpt_oss import GptOssForCausalLM
+
+        return GptOssForCausalLM(config)
     from krasisd.engine.models.deepseek import DeepseekForCausalLM
 
     return DeepseekForCausalLM(config)

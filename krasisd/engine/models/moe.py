@@ -27,6 +27,9 @@ class Router(nn.Module):
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(config.n_routed_experts), requires_grad=False
             )
+        self.bias: nn.Parameter | None = None  # a bias on the logits (gpt-oss's router)
+        if config.scoring_func == "topk_softmax":
+            self.bias = nn.Parameter(torch.zeros(config.n_routed_experts), requires_grad=False)
         self._weight32: tuple[tuple, torch.Tensor] | None = None  # (weight's storage, copy)
 
     def weight32(self) -> torch.Tensor:
@@ -41,7 +44,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_ids [T, K] int64, topk_weights [T, K] float32)."""
-        logits = F.linear(x.float(), self.weight32())  # [T, E]
+        bias = None if self.bias is None else self.bias.float()
+        logits = F.linear(x.float(), self.weight32(), bias)  # [T, E]
+        if self.config.scoring_func == "topk_softmax":  # gpt-oss: softmax over the top k logits
+            top_logits, topk_ids = torch.topk(logits, self.config.num_experts_per_tok, dim=-1)
+            return topk_ids, top_logits.softmax(dim=-1)  # [T, K], [T, K]
         scores = logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(-1)
         topk_ids = select_experts(self.config, scores, self.e_score_correction_bias)
         return topk_ids, scale_weights(self.config, scores.gather(1, topk_ids))
