@@ -11,12 +11,15 @@ import torch
 
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.experts import ExpertBackend, SplitExpertBackend, TorchExperts
-from krasisd.engine.gpu.hybrid import HybridExperts
 from krasisd.engine.gpu.prefill import GpuExperts
 from krasisd.engine.gpu.synthetic import TINY_DEEPSEEK_V2, TINY_QWEN3_MOE
 from krasisd.engine.heat import HeatRecorder
 from krasisd.engine.kv_cache import GQAKVCache, MLAKVCache, new_kv_cache
 from krasisd.engine.native_experts import NativeExperts
+
+pytest.importorskip("triton")  # the hybrid backend's kernels (a test dependency on x86-64)
+
+from krasisd.engine.gpu.hybrid import HybridExperts  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", [TorchExperts, NativeExperts, GpuExperts, HybridExperts,
