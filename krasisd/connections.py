@@ -33,13 +33,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
-# Descriptors kept for the daemon itself (listeners, runner pipes, the registry, logs).
-RESERVED_FDS = 64
 # How long a refused connection may stay open to take its request before it is closed
 # (closing a socket with an unread request resets a TCP connection, and the client would
 # miss the 503), and how many refused connections may wait so at once.
 REFUSE_LINGER_S = 1.0
 MAX_LINGERING_REFUSALS = 64
+# Descriptors kept below the open-files limit: the daemon's own (listeners, runner pipes, the
+# registry, logs) and the refused connections that are closing.
+RESERVED_FDS = 64 + MAX_LINGERING_REFUSALS
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
