@@ -12,6 +12,15 @@ ALIASES = {
     "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite-Chat",
     "deepseek-v2-lite-base": "deepseek-ai/DeepSeek-V2-Lite",
     "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "mixtral-8x7b": "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "glm-4.5-air": "zai-org/GLM-4.5-Air",
+    "glm-4.6": "zai-org/GLM-4.6",
+    # these releases are FP8 or MXFP4: the engine refuses them, naming the format, until it
+    # reads those formats (docs/registry.md)
+    "minimax-m2": "MiniMaxAI/MiniMax-M2",
+    "kimi-k2": "moonshotai/Kimi-K2-Instruct",
+    "gpt-oss-120b": "openai/gpt-oss-120b",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
 }
 # Bare names live under this namespace folder; "_" can never start a user's component.
 BARE_NAMESPACE = "_"
