@@ -47,6 +47,7 @@ FIELD_CEILINGS = {
     "topk_group": 4096,
     "max_position_embeddings": 1 << 26,
 }
+NESTED_CONFIGS = ("text_config",)  # multimodal configs nest the text model's (Kimi K2.5)
 INT4_BYTES_PER_PARAM = 0.5
 SEQUENCE_CEILING = 4096  # entries of list fields such as mlp_only_layers
 
@@ -63,6 +64,8 @@ def check_config_limits(config: dict[str, Any], capacity_bytes: int | None = Non
     """
     if not isinstance(config, dict):
         raise ModelLimitError("config.json must hold a JSON object")
+    nested = [config[key] for key in NESTED_CONFIGS if isinstance(config.get(key), dict)]
+    nested_params = max((check_config_limits(c, capacity_bytes) for c in nested), default=0)
     for name, ceiling in FIELD_CEILINGS.items():
         value = config.get(name)
         if value is None:
@@ -78,7 +81,7 @@ def check_config_limits(config: dict[str, Any], capacity_bytes: int | None = Non
         if isinstance(value, list) and len(value) > SEQUENCE_CEILING:
             raise ModelLimitError(f"config.json: {name} has {len(value):,} entries "
                                   f"(at most {SEQUENCE_CEILING:,})")
-    params = implied_parameters(config)
+    params = max(implied_parameters(config), nested_params)
     if capacity_bytes is not None and params * INT4_BYTES_PER_PARAM > capacity_bytes:
         raise ModelLimitError(
             f"config.json describes a model of about {params:,} parameters "

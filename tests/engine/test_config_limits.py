@@ -35,6 +35,15 @@ def test_sizes_beyond_the_ceilings_are_refused(changes, match):
         ModelConfig.from_dict(tiny_config(**changes))
 
 
+def test_a_nested_text_config_is_checked_too():
+    nested = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+              "text_config": tiny_config(num_hidden_layers=10**9)}
+    with pytest.raises(ModelLimitError, match="num_hidden_layers = 1000000000"):
+        check_config_limits(nested)
+    nested["text_config"] = tiny_config()
+    assert check_config_limits(nested) == implied_parameters(tiny_config())
+
+
 def test_the_implied_parameter_count_is_checked_against_the_capacity():
     config = tiny_config()
     params = implied_parameters(config)
