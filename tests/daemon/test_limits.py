@@ -17,7 +17,8 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 CAP = 4
-TIMEOUT_S = 1.0
+TIMEOUT_S = 2.0  # header and body timeouts; long enough that a loaded machine is not late
+TOKEN_S = 0.002  # the fake engine's time per token (conftest's KRASIS_FAKE_DELAY_S)
 
 
 def _free_port() -> int:
@@ -28,7 +29,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, fake_env):
-    """A daemon with room for CAP connections, 1 s header and body timeouts, and TCP."""
+    """A daemon with room for CAP connections, TIMEOUT_S header and body timeouts, and TCP."""
     from fakes import FakeRegistry, fake_config
     from harness import DaemonThread
 
@@ -110,12 +111,13 @@ def test_body_sent_slowly_gets_408(limited):
 
 
 def test_a_stream_outlives_the_timeouts(limited):
+    tokens = int(TIMEOUT_S * 1.5 / TOKEN_S)
     started = time.monotonic()
     with limited.client() as http, http.stream("POST", "/api/generate", json={
-            "model": "fake", "prompt": "long", "options": {"num_predict": 700}}) as response:
+            "model": "fake", "prompt": "long", "options": {"num_predict": tokens}}) as response:
         lines = [json.loads(line) for line in response.iter_lines()]
-    assert time.monotonic() - started > TIMEOUT_S * 1.3  # 700 tokens of 2 ms each
-    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 700
+    assert time.monotonic() - started > TIMEOUT_S * 1.3
+    assert lines[-1]["done"] is True and lines[-1]["eval_count"] == tokens
 
 
 def test_a_request_over_the_cap_is_answered_once_there_is_room(limited):
