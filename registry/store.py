@@ -109,12 +109,16 @@ def make_private_dir(path: Path) -> None:
 
 
 def _chmod_own(path: Path, mode: int) -> None:
-    """chmod a file or folder of ours that is not a link; others' files are left alone."""
+    """chmod a file or folder of ours that is not a link; others' files are left alone. A
+    file system without Unix modes (vfat, some network mounts) gets a warning, not an error."""
     info = path.lstat()
     if info.st_uid == os.getuid() and not stat.S_ISLNK(info.st_mode) and \
             stat.S_IMODE(info.st_mode) != mode:
         log.info("setting mode %o on %s", mode, path)
-        os.chmod(path, mode)
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            log.warning("cannot make %s private (mode %o): %s", path, mode, exc.strerror)
 
 
 def fsync_dir(path: Path) -> None:
