@@ -136,7 +136,10 @@ def move_into_place(src: Path, dest: Path) -> None:
     if not dest.parent.is_dir():
         make_private_dir(dest.parent)
     with open(src, "rb+") as handle:
-        os.fchmod(handle.fileno(), FILE_MODE)
+        try:
+            os.fchmod(handle.fileno(), FILE_MODE)
+        except OSError as exc:  # a file system without Unix modes
+            log.warning("cannot make %s private (mode %o): %s", src, FILE_MODE, exc.strerror)
         os.fsync(handle.fileno())
     os.replace(src, dest)
     fsync_dir(dest.parent)
