@@ -20,6 +20,7 @@ from krasisd.engine.limits import check_config_limits, machine_capacity_bytes
 FAMILIES = {
     "DeepseekV2ForCausalLM": "deepseek",
     "DeepseekV3ForCausalLM": "deepseek",
+    "Glm4MoeLiteForCausalLM": "deepseek",  # GLM-4.7-Flash: DeepSeek-V3's MLA and routing
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
     "Glm4MoeForCausalLM": "glm4_moe",
@@ -271,7 +272,8 @@ class ModelConfig:
         if self.family == "qwen3_moe":
             return (layer_idx not in self.mlp_only_layers
                     and (layer_idx + 1) % self.decoder_sparse_step == 0)
-        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+        return (layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+                and layer_idx not in self.mlp_only_layers)
 
     # ---- parsing --------------------------------------------------------------------
 
@@ -334,7 +336,9 @@ class ModelConfig:
 
 
 def _deepseek_fields(raw: dict[str, Any], arch: str) -> dict[str, Any]:
-    is_v3 = arch == "DeepseekV3ForCausalLM"
+    is_v3 = arch != "DeepseekV2ForCausalLM"  # V3, Kimi K2 and GLM-4.7-Flash route alike
+    if arch == "Glm4MoeLiteForCausalLM":
+        return {**_deepseek_fields(raw, "DeepseekV3ForCausalLM"), **_glm4_moe_lite_layers(raw)}
     return {
         "q_lora_rank": raw.get("q_lora_rank"),
         "topk_method": raw.get("topk_method") or ("noaux_tc" if is_v3 else "greedy"),
@@ -374,6 +378,22 @@ def text_model_config(raw: dict[str, Any]) -> dict[str, Any]:
         if text.get(key) is None and raw.get(key) is not None:
             text[key] = raw[key]
     return text
+
+
+def _glm4_moe_lite_layers(raw: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4.7-Flash names each layer's MLP in ``mlp_layer_types`` ("dense" or "sparse";
+    transformers' default: the first dense, the others sparse) instead of
+    ``first_k_dense_replace``."""
+    kinds = raw.get("mlp_layer_types")
+    layers = raw.get("num_hidden_layers")
+    if kinds is None and isinstance(layers, int):
+        kinds = ["dense"] + ["sparse"] * (layers - 1)
+    if not isinstance(kinds, list) or any(k not in ("dense", "sparse") for k in kinds):
+        raise ValueError(f"mlp_layer_types must list 'dense' or 'sparse' per layer, got {kinds!r}")
+    if len(kinds) != layers:
+        raise ValueError(f"mlp_layer_types has {len(kinds)} entries for {layers} layers")
+    return {"first_k_dense_replace": 0, "moe_layer_freq": 1,
+            "mlp_only_layers": tuple(i for i, kind in enumerate(kinds) if kind == "dense")}
 
 
 def _mixtral_fields(raw: dict[str, Any]) -> dict[str, Any]:

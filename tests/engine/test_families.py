@@ -1,6 +1,7 @@
 """MoE families beyond DeepSeek-V2 and Qwen3-MoE against transformers' own classes, on tiny
 random checkpoints written by save_pretrained: Mixtral, Kimi K2 / K2.5 (DeepSeek-V3 under
-Kimi's names and layout), GLM-4.5 MoE, MiniMax-M2 and gpt-oss, two configs each.
+Kimi's names and layout), GLM-4.5 MoE, GLM-4.7-Flash (Glm4MoeLite: DeepSeek-V3's MLA),
+MiniMax-M2 and gpt-oss, two configs each.
 
 Each is checked in float32 through the torch reference expert backend (logits, prefill plus
 decode through the KV cache, greedy output over 32 tokens) and through the native INT8
@@ -61,6 +62,16 @@ VARIANTS = {
         norm_topk_prob=False, use_qk_norm=False, attention_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
                          "partial_rotary_factor": 0.75}), None),
+    "glm4-lite-default": ("Glm4MoeLite", dict(
+        MLA, num_experts_per_tok=3, n_group=2, topk_group=1, routed_scaling_factor=1.8,
+        norm_topk_prob=True), None),
+    "glm4-lite-layer-types": ("Glm4MoeLite", dict(
+        MLA, num_hidden_layers=4, first_k_dense_replace=None, q_lora_rank=None,
+        num_experts_per_tok=2, routed_scaling_factor=1.0, norm_topk_prob=False,
+        rope_interleave=False, mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64, "mscale": 0.707,
+                         "mscale_all_dim": 0.707}), None),
     "minimax-m2-rotary-dim": ("MiniMaxM2", dict(
         num_hidden_layers=2, num_key_value_heads=2, head_dim=32, intermediate_size=32,
         num_local_experts=8, num_experts_per_tok=3, rotary_dim=16), "rotary_dim"),
@@ -246,6 +257,9 @@ def test_family_fields_are_parsed(tmp_path):
     oss = ModelConfig.from_dict(_saved_config("gpt-oss-full-top1", tmp_path))
     assert [oss.attention_window(i) for i in range(2)] == [None, 4]
     assert (oss.scoring_func, oss.expert_bias, oss.swiglu_limit) == ("topk_softmax", True, 1.0)
+    lite = ModelConfig.from_dict(_saved_config("glm4-lite-layer-types", tmp_path))
+    assert (lite.is_mla, lite.topk_method, lite.rope_interleave) == (True, "noaux_tc", False)
+    assert [lite.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
     kimi = ModelConfig.from_dict(_saved_config("kimi-k25", tmp_path))
     assert (kimi.architecture, kimi.is_mla, kimi.n_routed_experts) == (
         "DeepseekV3ForCausalLM", True, 8)
