@@ -45,7 +45,7 @@ def chosen_groups(monkeypatch):
 
 
 def _shape(hidden: int, width: int) -> SimpleNamespace:
-    return SimpleNamespace(hidden_size=hidden, moe_intermediate_size=width)
+    return SimpleNamespace(hidden_size=hidden, moe_intermediate_size=width, expert_bias=False)
 
 
 def _both_formats_accept(hidden: int, width: int, bits: int, group: int) -> None:
