@@ -202,6 +202,28 @@ def test_greedy_32_tokens_match_transformers_generate(pair):
     assert len(ours) == 32 and ours == ref
 
 
+def test_batched_decode_matches_one_sequence_at_a_time(pair):
+    """decode_batch (the generation loop's step) over caches of different lengths."""
+    _, engine, _ = pair
+    prompts = [prompt(5, seed=11), prompt(13, seed=12)]
+    caches = [engine.new_cache(16) for _ in prompts]
+    for ids, cache in zip(prompts, caches, strict=True):
+        engine.forward(ids, cache)
+    batched = engine.decode_batch([7, 9], caches)  # [2, V]
+    for row, (ids, token) in enumerate(zip(prompts, [7, 9], strict=True)):
+        assert close(batched[row], engine.logits(ids + [token])[-1])
+
+
+def test_bfloat16_load_stays_close(pair):
+    _, engine, model_dir = pair
+    bf16 = load(model_dir, dtype="bfloat16")
+    ids = prompt(10, seed=7)
+    assert bf16.dtype == torch.bfloat16
+    per_position = (bf16.logits(ids) - engine.logits(ids)).abs().amax(dim=-1)  # [T]
+    assert per_position.median().item() < 0.05  # bf16 rounding can flip a route at a position
+    bf16.close()
+
+
 def test_native_int8_backend(pair, tmp_path):
     """quant='int8': the CPU cache built from the folder (renamed and fused layouts included)
     holds the experts the float path runs; gpt-oss is refused with the reason."""
@@ -298,3 +320,77 @@ def test_gpt_oss_experts_refuse_other_backends(tmp_path):
         loaded.model.expert_backend = object()
     loaded.model.expert_backend = TorchExperts({})
     assert type(loaded.model.expert_backend.activation).__name__ == "ClampedSwiGLU"
+
+
+# the fields that matter of the released config.json files, as they spell them
+RELEASED = {
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(
+        architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+        intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, rms_norm_eps=1e-05, rope_theta=1000000.0,
+        sliding_window=None, vocab_size=32000, torch_dtype="bfloat16"),
+    "zai-org/GLM-4.5-Air": dict(
+        architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", attention_bias=True,
+        head_dim=128, hidden_size=4096, partial_rotary_factor=0.5, intermediate_size=10944,
+        max_position_embeddings=131072, moe_intermediate_size=1408, norm_topk_prob=True,
+        num_attention_heads=96, n_group=1, topk_group=1, n_routed_experts=128,
+        n_shared_experts=1, routed_scaling_factor=1.0, num_experts_per_tok=8,
+        first_k_dense_replace=1, num_hidden_layers=46, num_key_value_heads=8,
+        rms_norm_eps=1e-05, rope_scaling=None, rope_theta=1000000, num_nextn_predict_layers=1,
+        use_qk_norm=False, vocab_size=151552, eos_token_id=[151329, 151336, 151338]),
+    "MiniMaxAI/MiniMax-M2": dict(
+        architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", head_dim=128,
+        hidden_size=3072, intermediate_size=1536, max_position_embeddings=196608,
+        num_attention_heads=48, num_experts_per_tok=8, num_hidden_layers=62,
+        num_key_value_heads=8, num_local_experts=256, rms_norm_eps=1e-06, rope_theta=5000000,
+        rotary_dim=64, scoring_func="sigmoid", use_routing_bias=True, qk_norm_type="per_layer",
+        vocab_size=200064, quantization_config={
+            "activation_scheme": "dynamic", "fmt": "float8_e4m3fn", "quant_method": "fp8",
+            "weight_block_size": [128, 128]}),
+    "openai/gpt-oss-20b": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", attention_bias=True,
+        head_dim=64, hidden_size=2880, intermediate_size=2880,
+        layer_types=["sliding_attention", "full_attention"] * 12, max_position_embeddings=131072,
+        num_attention_heads=64, num_experts_per_tok=4, num_hidden_layers=24,
+        num_key_value_heads=8, num_local_experts=32, rms_norm_eps=1e-05, rope_theta=150000,
+        rope_scaling={"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                      "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                      "truncate": False},
+        sliding_window=128, swiglu_limit=7.0, vocab_size=201088,
+        quantization_config={"modules_to_not_convert": ["model.layers.*.self_attn"],
+                             "quant_method": "mxfp4"}),
+    "moonshotai/Kimi-K2-Instruct": dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", hidden_size=7168,
+        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384,
+        n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1,
+        first_k_dense_replace=1, num_attention_heads=64, num_key_value_heads=64,
+        kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, routed_scaling_factor=2.827, scoring_func="sigmoid",
+        topk_method="noaux_tc", norm_topk_prob=True, num_hidden_layers=61, vocab_size=163840,
+        max_position_embeddings=131072, rope_theta=50000.0, rope_scaling={
+            "type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+        quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                             "quant_method": "fp8", "weight_block_size": [128, 128]}),
+}
+EXPECTED = {  # repo -> (family, rotated dims, q/k norm, experts, width, window of layer 0)
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": ("mixtral", 128, "none", 8, 14336, None),
+    "zai-org/GLM-4.5-Air": ("glm4_moe", 64, "none", 128, 1408, None),
+    "MiniMaxAI/MiniMax-M2": ("minimax_m2", 64, "projection", 256, 1536, None),
+    "openai/gpt-oss-20b": ("gpt_oss", 64, "none", 32, 2880, 128),
+    "moonshotai/Kimi-K2-Instruct": ("deepseek", 64, "none", 384, 2048, None),
+}
+
+
+@pytest.mark.parametrize("repo", sorted(RELEASED))
+def test_released_configs_parse_and_prequantized_ones_are_refused(repo, tmp_path):
+    raw = RELEASED[repo]
+    config = ModelConfig.from_dict(raw, capacity_bytes=1 << 50)
+    assert (config.family, config.rope_dim, config.qk_norm, config.n_routed_experts,
+            config.moe_intermediate_size, config.attention_window(0)) == EXPECTED[repo]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    if "quantization_config" in raw:
+        method = raw["quantization_config"]["quant_method"]
+        with pytest.raises(UnsupportedModelError, match=f"quant_method {method}"):
+            load(tmp_path)
