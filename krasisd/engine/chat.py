@@ -31,6 +31,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.visitor
 from jinja2 import nodes
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 FALLBACK_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 LOOP_GUARD = "__krasis_loop_guard"  # the global every template loop's iterable goes through
+CONCAT_GUARD = "__krasis_concat"  # the global every `~` goes through
+MAX_JSON_INDENT = 256
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,9 @@ def _raise_exception(message: str):
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # transformers' override: jinja's own tojson escapes HTML characters
+    if isinstance(indent, (int, str)) and not isinstance(indent, bool) and (
+            (indent if isinstance(indent, int) else len(indent)) > MAX_JSON_INDENT):
+        _budget().check_size(_budget().max_chars + 1, "an indented JSON text")
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
@@ -325,6 +331,24 @@ def _check_format(text: Any, args: Any = ()) -> None:
             _check_width(value)
 
 
+def _sum_size(left: Any, right: Any) -> int:
+    """The length of a + b for strings, lists and tuples."""
+    if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+        return len(left) + len(right)
+    return 0
+
+
+def _joined_size(separator: str, items: list) -> int:
+    return len(separator) * max(len(items) - 1, 0) + sum(len(str(item)) for item in items)
+
+
+def _concat(*parts: Any) -> str:
+    """`a ~ b`: the joined text, refused past the output limit before it is made."""
+    texts = [str(part) for part in parts]
+    _budget().check_size(sum(len(text) for text in texts), "a joined string")
+    return "".join(texts)
+
+
 def _product_size(left: Any, right: Any) -> int:
     """The length of a sequence repeated by *, or the bits of an integer product."""
     if isinstance(left, int) and isinstance(right, int):
@@ -338,16 +362,15 @@ def _product_size(left: Any, right: Any) -> int:
 class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     """transformers' sandbox, plus RenderLimits: calls, loops and costly operators counted."""
 
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
-        _budget().tick()
+        budget = _budget()
+        budget.tick()
         if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level
             args = (_guarded(args[0]), *args[1:])
-        elif getattr(__obj, "__name__", None) in _PADDING_METHODS and \
-                isinstance(getattr(__obj, "__self__", None), str):
-            for arg in args[:1]:
-                _check_width(arg)
+        elif isinstance(getattr(__obj, "__self__", None), str):
+            args = _check_str_method(__obj.__name__, __obj.__self__, args, budget)
         return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator_name: str, left: Any, right: Any) -> Any:
@@ -355,6 +378,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         budget.tick()
         if operator_name == "*":
             budget.check_size(_product_size(left, right), "a repeated value")
+        elif operator_name == "+":
+            budget.check_size(_sum_size(left, right), "a joined value")
         elif operator_name == "**" and isinstance(left, int) and isinstance(right, int) \
                 and abs(left) > 1 and right > 0:
             budget.check_size(right * left.bit_length() // 8, "a power")
@@ -375,6 +400,54 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return functools.update_wrapper(bounded, wrapped)
 
 
+def _check_str_method(name: str, text: str, args: tuple, budget: _Budget) -> tuple:
+    """Refuse a str method call whose result would pass the output limit; the arguments
+    to call it with (an iterable given to join is read once, here)."""
+    if name in _PADDING_METHODS and args:
+        _check_width(args[0])
+    elif name == "join" and args:
+        items = list(args[0])
+        budget.check_size(_joined_size(text, items), "a joined string")
+        return (items, *args[1:])
+    elif name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        budget.check_size(_replaced_size(text, *args[:2]), "a replaced string")
+    return args
+
+
+def _replaced_size(text: str, old: str, new: str) -> int:
+    """The largest result of text.replace(old, new)."""
+    count = len(text) + 1 if not old else len(text) // len(old)
+    return len(text) + count * max(len(new) - len(old), 0)
+
+
+@jinja2.pass_eval_context
+def _join_filter(eval_ctx, value, d="", attribute=None):
+    items = list(value)
+    if attribute is None:
+        _budget().check_size(_joined_size(str(d), items), "a joined string")
+    return jinja2.filters.do_join(eval_ctx, items, d, attribute)
+
+
+@jinja2.pass_eval_context
+def _replace_filter(eval_ctx, s, old, new, count=None):
+    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
+        _budget().check_size(_replaced_size(s, old, new), "a replaced string")
+    return jinja2.filters.do_replace(eval_ctx, s, old, new, count)
+
+
+def _counted_filter(name: str):
+    """batch and slice make as many lists (or fill values) as their count says."""
+    original = jinja2.filters.FILTERS[name]
+    first = 1 if getattr(original, "jinja_pass_arg", None) is not None else 0
+
+    def bounded(*args, **kwargs):
+        count = args[first + 1] if len(args) > first + 1 else \
+            kwargs.get("linecount", kwargs.get("slices"))
+        _check_width(count)
+        return original(*args, **kwargs)
+    return functools.update_wrapper(bounded, original)
+
+
 def _padding_filter(name: str):
     original = jinja2.filters.FILTERS[name]
 
@@ -389,12 +462,20 @@ def _format_filter(value, *args, **kwargs):
     return jinja2.filters.do_format(value, *args, **kwargs)
 
 
-def _guard_loops(tree: nodes.Template) -> nodes.Template:
-    """Every ``{% for %}`` iterates through LOOP_GUARD (its recursive calls: _BoundedEnvironment.call)."""
-    for loop in tree.find_all(nodes.For):
-        loop.iter = nodes.Call(nodes.Name(LOOP_GUARD, "load"), [loop.iter], [], None, None,
-                               lineno=loop.lineno)
-    return tree
+class _Guards(jinja2.visitor.NodeTransformer):
+    """Every ``{% for %}`` iterates through LOOP_GUARD (recursive calls of a loop are
+    _BoundedEnvironment.call's), every ``~`` joins through CONCAT_GUARD."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = nodes.Call(nodes.Name(LOOP_GUARD, "load"), [node.iter], [], None, None,
+                               lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        return nodes.Call(nodes.Name(CONCAT_GUARD, "load"), node.nodes, [], None, None,
+                          lineno=node.lineno)
 
 
 @functools.lru_cache(maxsize=16)
@@ -406,11 +487,16 @@ def _compile(template: str) -> jinja2.Template:
     env.filters["center"] = _padding_filter("center")
     env.filters["indent"] = _padding_filter("indent")
     env.filters["format"] = _format_filter
+    env.filters["join"] = _join_filter
+    env.filters["replace"] = _replace_filter
+    env.filters["batch"] = _counted_filter("batch")
+    env.filters["slice"] = _counted_filter("slice")
     env.globals.pop("lipsum", None)  # writes as much text as asked for
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     env.globals[LOOP_GUARD] = _guarded
-    code = env.compile(_guard_loops(env.parse(template)))
+    env.globals[CONCAT_GUARD] = _concat
+    code = env.compile(_Guards().visit(env.parse(template)))
     return env.template_class.from_code(env, code, env.make_globals(None), None)
