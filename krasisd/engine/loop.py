@@ -8,8 +8,9 @@ Each ``step()``:
    (a sequence that does not fit waits; one that could never fit was refused by ``num_ctx``);
 3. picks the work under ``step_token_budget`` tokens: every decoding sequence forwards its one
    sampled token, and the rest of the budget (at most ``prefill_chunk_tokens``) goes to the
-   next chunk of ONE prefilling sequence (the oldest), so a long prompt is prefilled in
-   chunks between the decode steps of the sequences already running;
+   next chunk of ONE prefilling sequence, the one with the fewest prompt tokens left (the
+   oldest of those), so a long prompt is prefilled in chunks between the decode steps of the
+   sequences already running, and a short prompt that comes meanwhile goes first;
 4. runs it: the decode tokens as one batched forward (``engine.decode_batch``), the prompt
    chunk through ``engine.forward(chunk, cache, last_only=True)``, which appends to the cache;
 5. post-processes: each sequence with new logits picks its next token (krasisd.engine.generate's
@@ -114,7 +115,8 @@ class GenerationLoop:
         self._drop_cancelled(out)
         self._admit()
         decoding = [g for g in self.running if g.next_token is not None]
-        prefilling = next((g for g in self.running if g.prefill_left), None)
+        prefilling = min((g for g in self.running if g.prefill_left),
+                         key=lambda g: g.prefill_left, default=None)  # the first of ties
         room = self.options.tokens_per_step - len(decoding)
         chunk = prefilling.prefill_ids(min(room, self.options.prefill_chunk_tokens)) \
             if prefilling is not None and room > 0 else []

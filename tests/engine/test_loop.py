@@ -127,6 +127,28 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_running_streams_decode(engin
         assert [c.token_id for c in chunks[key] if not c.done] == expected_short[key]
 
 
+def test_a_short_prompt_arriving_mid_prefill_is_read_before_the_long_one_ends(engine):
+    """The prompt with the fewest tokens left is read first: a short request that comes
+    while a long prompt is being read gets its first token before the long prompt's."""
+    expected_short = _alone(engine, PROMPTS[0], 4)
+    loop = GenerationLoop(engine, LoopOptions(max_batch=2, prefill_chunk_tokens=4),
+                          engine.context_spec())
+    long_generation = Generation(engine, LONG_PROMPT, _greedy(2), key="long")
+    loop.add(long_generation)
+    loop.step()
+    loop.step()
+    assert long_generation.prefilled == 8
+    loop.add(Generation(engine, PROMPTS[0], _greedy(4), key="short"))
+    chunks = _run(loop)
+    first_short = next(i for i, step in enumerate(chunks["steps"])
+                       if any(e.generation.key == "short" for e in step))
+    first_long = next(i for i, step in enumerate(chunks["steps"])
+                      if any(e.generation.key == "long" for e in step))
+    assert first_short == 0 and first_long > 3  # 3 tokens in one step; 32 left of the long
+    assert [c.token_id for c in chunks["short"] if not c.done] == expected_short
+    assert [c.token_id for c in chunks["long"] if not c.done] == _alone(engine, LONG_PROMPT, 2)
+
+
 def test_the_step_token_budget_shrinks_the_chunk_next_to_decodes(engine):
     loop = GenerationLoop(engine, LoopOptions(max_batch=3, prefill_chunk_tokens=8,
                                               step_token_budget=6), engine.context_spec())

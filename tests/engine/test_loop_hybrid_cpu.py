@@ -45,12 +45,12 @@ def test_hybrid_engine_through_the_loop_answers_as_the_cpu_engine(v2_model_dir, 
         greedy = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=6, num_ctx=64)
         for key, prompt in enumerate(PROMPTS):
             loop.add(Generation(hybrid, prompt, greedy, key=key))
-        loop.step()
-        caches = [g.cache for g in loop.running if g.cache is not None]
-        assert caches and all(not c.grow and c.capacity == 64 for c in caches)
         got: dict[int, list[int]] = {key: [] for key in range(len(PROMPTS))}
         while loop.has_work():
-            for emitted in loop.step():
+            emitted_step = loop.step()
+            caches = [g.cache for g in loop.running if g.cache is not None]
+            assert all(not c.grow and c.capacity == 64 for c in caches)
+            for emitted in emitted_step:
                 assert emitted.error is None, emitted.error
                 if not emitted.chunk.done:
                     got[emitted.generation.key].append(emitted.chunk.token_id)
