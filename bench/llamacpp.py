@@ -7,7 +7,9 @@ A llama.cpp folder (``--llama-cpp DIR``) is a checkout with its binaries built
 or the top). The converter does not know the benches' home-made tokenizers, so the
 pre-tokenizer check is bypassed, and the checkpoint is converted from a folder of links to its
 weights beside a small byte-level BPE tokenizer (llama.cpp needs BPE merges; llama-bench never
-reads text, so the tokenizer does not change its timings).
+reads text, so the tokenizer does not change its timings). llama.cpp tells DeepSeek-V2-Lite
+(no q_lora_rank) from DeepSeek-V2 by its 27 layers: the Lite shapes cut to fewer layers, and
+krasis-tiny, fail in llama-quantize ("key not found in model: deepseek2.attention.q_lora_rank").
 """
 
 from __future__ import annotations
@@ -92,7 +94,16 @@ def convert_to_gguf(model_dir: Path, llama_src: Path, out: Path, outtype: str = 
         "sys.argv = ['convert', {model!r}, '--outfile', {out!r}, '--outtype', {outtype!r}]\n"
         "c.main()\n"
     ).format(src=str(llama_src), model=str(model_dir), out=str(out), outtype=outtype)
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_tool([sys.executable, "-c", code], "convert_hf_to_gguf.py")
+
+
+def run_tool(argv: list[str], name: str, timeout_s: float = 3600) -> str:
+    """Run one llama.cpp program; its stdout, or RuntimeError with the end of its output."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+        raise RuntimeError(f"{name} exited with {done.returncode}: " + " / ".join(lines[-3:]))
+    return done.stdout
 
 
 def quantize_q4_0(src: Path, dst: Path, threads: int) -> None:
@@ -122,19 +133,19 @@ def q4_0_gguf(tools: LlamaCpp, model_dir: Path, work: Path, log=print) -> Path:
         convert_to_gguf(conversion_folder(model_dir, work), tools.src, bf16)
     log(f"llama.cpp: quantizing to {q4}")
     part = q4.with_suffix(".part")
-    subprocess.run([str(tools.quantize), str(bf16), str(part), "Q4_0"], check=True,
-                   stdout=subprocess.DEVNULL)
+    run_tool([str(tools.quantize), str(bf16), str(part), "Q4_0"], "llama-quantize")
     part.rename(q4)
     bf16.unlink()
     shutil.rmtree(work / "convert", ignore_errors=True)
     return q4
 
 
-# llama-bench's placements, named as the tables name them
-PLACEMENTS = {
-    "all on the GPU": ["-ngl", "99"],
-    "experts on the CPU": ["-ngl", "99", "-ot", "exps=CPU", "-b", "8192", "-ub", "8192"],
-}
+# llama-bench's placements, named by their flags: every layer on the GPU, then the routed
+# experts kept on the CPU with large batches (a build without a GPU runs both on the CPU)
+PLACEMENTS = {" ".join(flags): flags for flags in (
+    ["-ngl", "99"],
+    ["-ngl", "99", "-ot", "exps=CPU", "-b", "8192", "-ub", "8192"],
+)}
 
 
 def llama_bench(tools: LlamaCpp, gguf: Path, placement: list[str], *, prompts=(), gens=(),
@@ -143,8 +154,7 @@ def llama_bench(tools: LlamaCpp, gguf: Path, placement: list[str], *, prompts=()
     argv = [str(tools.bench), "-m", str(gguf), *placement, "-r", str(runs), "-o", "json",
             "-p", ",".join(map(str, prompts)) or "0", "-n", ",".join(map(str, gens)) or "0",
             "-d", ",".join(map(str, depths))]
-    done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout_s)
-    return parse_bench_json(done.stdout)
+    return parse_bench_json(run_tool(argv, "llama-bench", timeout_s))
 
 
 def parse_bench_json(text: str) -> dict:

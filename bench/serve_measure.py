@@ -128,31 +128,27 @@ async def streams(http, target: Target, n_streams: int, context: int, n_decode: 
 async def long_prompt_under_load(http, target: Target, busy: int, context: int,
                                  long_tokens: int, runs: int, busy_tokens: int = 512,
                                  warm_tokens: int = 4, after_s: float = 0.5) -> dict:
-    """``busy`` streams decode (``busy_tokens`` at most each); once each has ``warm_tokens``
-    tokens a ``long_tokens`` prompt arrives; the streams are cut ``after_s`` after its first
-    token."""
+    """``busy`` streams decode (a stream that ends, at ``busy_tokens`` or an end-of-sequence,
+    is followed by another); once each has ``warm_tokens`` tokens a ``long_tokens`` prompt
+    arrives; the streams are cut ``after_s`` after its first token."""
     per_run = []
     for run in range(runs):
         stop = asyncio.Event()
-        watched = [StreamResult() for _ in range(busy)]
-        tasks = [asyncio.ensure_future(stream(http, GENERATE,
-                                              target.body(context, busy_tokens, run * 100 + i),
-                                              stop=stop, result=watched[i]))
+        slots: list[list[StreamResult]] = [[] for _ in range(busy)]
+        tasks = [asyncio.ensure_future(_keep_busy(http, target, context, busy_tokens,
+                                                  run * 100 + i, stop, slots[i]))
                  for i in range(busy)]
         try:
-            await _until_each_has(tasks, watched, warm_tokens, timeout_s=600)
+            await _until_each_has(tasks, slots, warm_tokens, timeout_s=600)
             long = check(await stream(http, GENERATE, target.body(long_tokens, 1, run + 7)),
                          "long prompt under load")
             await asyncio.sleep(after_s)
         finally:
             stop.set()
-            results = await asyncio.gather(*tasks)
-        for result in results:
-            if result.error:
-                raise RuntimeError(f"busy stream under a long prompt: {result.error}")
+            await asyncio.gather(*tasks)
         start_s, end_s = long.sent_s, long.sent_s + long.ttft_s
         before, during = [], []
-        for result in results:
+        for result in (r for slot in slots for r in slot):
             times = result.token_times_s
             for a, b in zip(times, times[1:], strict=False):
                 if b <= start_s:
@@ -165,15 +161,28 @@ async def long_prompt_under_load(http, target: Target, busy: int, context: int,
     return {key: median(run[key] for run in per_run) for key in per_run[0]}
 
 
-async def _until_each_has(tasks, watched: list[StreamResult], tokens: int,
+async def _keep_busy(http, target: Target, context: int, tokens: int, salt: int,
+                     stop: asyncio.Event, results: list[StreamResult]) -> None:
+    """Streams one after another until ``stop``; each one's result is appended as it starts."""
+    while not stop.is_set():
+        result = StreamResult()
+        results.append(result)
+        await stream(http, GENERATE, target.body(context, tokens, salt + 1000 * len(results)),
+                     stop=stop, result=result)
+        if result.error:
+            raise RuntimeError(f"busy stream: HTTP {result.status}: {result.error}")
+
+
+async def _until_each_has(tasks, slots: list[list[StreamResult]], tokens: int,
                           timeout_s: float) -> None:
-    """Wait until every watched stream has ``tokens`` token lines; an error when one ends."""
+    """Wait until every slot's streams have ``tokens`` token lines in all; the error of a slot
+    that failed."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        ended = [result for task, result in zip(tasks, watched, strict=True) if task.done()]
-        if ended:
-            raise RuntimeError(f"a busy stream ended early: {ended[0].error or ended[0].final}")
-        if min(len(result.token_times_s) for result in watched) >= tokens:
+        for task in tasks:
+            if task.done():
+                task.result()  # raises the slot's error
+        if min(sum(len(r.token_times_s) for r in slot) for slot in slots) >= tokens:
             return
         await asyncio.sleep(0.01)
     raise TimeoutError(f"busy streams did not reach {tokens} tokens in {timeout_s:.0f} s")

@@ -5,9 +5,10 @@ counts for it.
 The checkpoint holds what the engine's loader expects (the names and shapes it checks, dense
 and routed experts, one safetensors shard per layer so memory stays at one layer), bf16,
 norms at 1. The tokenizer is a word-level one with one word per id of the config's vocabulary
-(``w123``; the config's BOS and EOS ids as ``<bos>``/``<eos>``), so every token a random model
-samples decodes to text of its own and streams as one line, and a prompt of N words is N
-tokens plus the BOS.
+(``w123``; the config's BOS id as ``<bos>``), so every token a random model samples decodes to
+text of its own and streams as one line, and a prompt of N words is N tokens plus the BOS.
+The folder's config.json has no end-of-sequence id: random weights would otherwise end some
+answers early, at random, and a bench asks for exactly ``num_predict`` tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 STD = 0.02
+FORMAT = 2  # of the folder's files; a folder of another format is written again
 
 
 def read_bench_config(model: str) -> dict:
@@ -67,7 +69,8 @@ def write_model(folder: Path, config: dict, seed: int = 0) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / ".complete"
-    if done.is_file() and json.loads(done.read_text()) == config:
+    stamp = {"format": FORMAT, "config": config}
+    if done.is_file() and json.loads(done.read_text()) == stamp:
         return folder
     gen = torch.Generator().manual_seed(seed)
     weight_map = {}
@@ -78,9 +81,10 @@ def write_model(folder: Path, config: dict, seed: int = 0) -> Path:
         weight_map.update(dict.fromkeys(tensors, shard))
         del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    written = {key: value for key, value in config.items() if key != "eos_token_id"}
+    (folder / "config.json").write_text(json.dumps(written, indent=1))
     write_word_tokenizer(folder, config)
-    done.write_text(json.dumps(config))
+    done.write_text(json.dumps(stamp))
     return folder
 
 
@@ -93,32 +97,23 @@ def _random(shape: tuple[int, ...], name: str, gen):
     return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
 
 
-def special_ids(config: dict) -> tuple[int | None, int]:
-    """(BOS id or None, EOS id) of a config; EOS defaults to 1."""
-    eos = config.get("eos_token_id", 1)
-    eos = eos[0] if isinstance(eos, list) else eos
-    return config.get("bos_token_id"), int(eos)
-
-
 def write_word_tokenizer(folder: Path, config: dict) -> None:
-    """tokenizer.json (word level, one word per id of the vocabulary) and
-    tokenizer_config.json; encode adds the BOS when the config has one."""
+    """tokenizer.json (word level, one word per id of the vocabulary, no end-of-sequence
+    token) and tokenizer_config.json; encode adds the BOS when the config has one."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab_size = int(config["vocab_size"])
-    bos, eos = special_ids(config)
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    names = {eos: "<eos>"} | ({bos: "<bos>"} if bos is not None else {})
-    for token_id, name in names.items():
-        del vocab[f"w{token_id}"]
-        vocab[name] = token_id
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    vocab = {f"w{i}": i for i in range(int(config["vocab_size"]))}
+    bos = config.get("bos_token_id")
+    if bos is not None:
+        del vocab[f"w{bos}"]
+        vocab["<bos>"] = bos
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<bos>" if bos is not None else "w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single="<bos> $A", special_tokens=[("<bos>", bos)])
     tok.save(str(folder / "tokenizer.json"))
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>",
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast",
                 "bos_token": "<bos>" if bos is not None else None, "model_max_length": 1 << 20,
                 "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=1))

@@ -122,7 +122,8 @@ def test_synthetic_folder_loads_and_prompts_are_exact(bench, tmp_path):
     loaded = load_model(folder)
     assert loaded.config.vocab_size == 300 and loaded.expert_weights  # the loader's checks pass
     maker = synthetic.PromptMaker(folder)
-    assert len(maker.words) == 298  # every id but BOS and EOS is a word
+    assert len(maker.words) == 299  # every id but the BOS is a word
+    assert "eos_token_id" not in json.loads((folder / "config.json").read_text())
     for n_tokens in (2, 17, 600):
         assert maker.count(maker.prompt(n_tokens, seed=n_tokens)) == n_tokens
     assert maker.tokenizer.decode([5, 6]) == "w5 w6"  # each sampled id streams as text
