@@ -211,6 +211,22 @@ def test_cancel_mid_prompt_stops_its_prefill(engine, session_factory):
     session.close()
 
 
+def test_running_streams_keep_answering_while_a_long_prompt_is_read(engine, session_factory):
+    """A long prompt read in 2-token chunks: the running stream gets a token at every one of
+    those steps, before the long request's first token."""
+    session = session_factory(2, prefill_chunk_tokens=2)
+    session.send(1, PROMPTS[0], options={"num_predict": 220, "num_ctx": 256})
+    assert session.first(1)["type"] == "chunk"
+    session.send(2, "word " * 60, options={"num_ctx": 256, "num_predict": 2})  # 128 chunks
+    _, done = session.answer(2)
+    assert done["type"] == "done" and done["prompt_eval_count"] == 255
+    order = list(session.order)
+    sent_at = order.index((1, "chunk"))
+    first_of_2 = order.index((2, "chunk"))
+    assert sum(1 for key, _ in order[sent_at:first_of_2] if key == 1) >= 120
+    session.close()
+
+
 def test_num_ctx_beyond_the_model_is_a_400_naming_both_numbers(engine, session_factory):
     session = session_factory(2)
     session.send(1, "hi", options={"num_ctx": 2_000_000})
