@@ -58,8 +58,10 @@ def bundled_dir(name: str) -> Path:
 
 
 def import_files(ctx: Context, ref: ModelRef, from_dir: Path, source: str, link: bool,
-                 policy: SourcePolicy = ANY_FOLDER) -> Iterator[dict]:
-    """Register the safetensors/json/tokenizer/template files of a local folder as ref."""
+                 policy: SourcePolicy = ANY_FOLDER,
+                 defaults: tuple[str | None, dict | None] = (None, None)) -> Iterator[dict]:
+    """Register the safetensors/json/tokenizer/template files of a local folder as ref,
+    with ``defaults``: its system message and sampling options (records.set_defaults)."""
     folder = open_folder(from_dir, policy)
     paths = select(list_files(folder), folder.label, name_files=folder.reveal_names)
     for path in paths:
@@ -77,6 +79,7 @@ def import_files(ctx: Context, ref: ModelRef, from_dir: Path, source: str, link:
             specs.append({"path": path, "size_bytes": src.size_bytes, "sha256": None,
                           "blob_id": None, "etag": None})
     model_id = records.begin_model(ctx.db, ref, source, None, None, None)
+    records.set_defaults(ctx.db, model_id, *defaults)
     records.sync_files(ctx.db, model_id, specs)
     yield from sweep_model_dir(ctx, ref, model_id)
     model_dir = ctx.store.model_dir(ref)

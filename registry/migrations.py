@@ -77,3 +77,11 @@ def m001_initial(db):
         )
         """
     )
+
+
+@m()
+def m002_model_defaults(db):
+    """A model's own defaults, set by /api/create or /api/copy (Ollama's SYSTEM and
+    PARAMETER): the system message and the sampling options (a JSON object)."""
+    db.execute("ALTER TABLE models ADD COLUMN system TEXT")
+    db.execute("ALTER TABLE models ADD COLUMN options_json TEXT")

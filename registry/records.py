@@ -46,6 +46,12 @@ def set_state(db: Database, model_id: int, state: str, error: str | None = None)
     )
 
 
+def set_defaults(db: Database, model_id: int, system: str | None, options: dict | None) -> None:
+    """The model's default system message and sampling options (None: none)."""
+    db.execute("UPDATE models SET system = ?, options_json = ? WHERE id = ?",
+               [system, json.dumps(options) if options else None, model_id])
+
+
 def finish_model(db: Database, model_id: int, info: dict, size_bytes: int, digest: str) -> None:
     """Record what was learnt from the files and mark the model ready, in one transaction."""
     with db.atomic():

@@ -12,6 +12,7 @@ from sqlite_utils import Database
 
 from . import records
 from .caches import DEFAULT_BUILDERS, Builder, formats_to_build
+from .copy import KEEP, copy_model
 from .create import bundled_dir, import_files
 from .db import connect, migrate, pin
 from .errors import (
@@ -104,19 +105,31 @@ class Registry:
 
     def create(self, name: str, from_dir: str | Path,
                build_caches: bool | Iterable[str] = True,
-               policy: SourcePolicy = ANY_FOLDER) -> Iterator[dict]:
+               policy: SourcePolicy = ANY_FOLDER, system: str | None = None,
+               options: dict | None = None) -> Iterator[dict]:
         """Register a local Hugging Face folder under name (hard link or copy); stream events.
 
         ``policy`` says which folders may be read (sources.SourcePolicy; the daemon passes
         the one for the request's transport). A cache build that fails leaves the model
-        'failed' (its weights could not be read), never 'ready'."""
-        ref = parse_name(name)
-        if ref.is_bundled or ref.name in ALIASES:
-            raise InvalidName(f"{ref.name} is a reserved name: choose another")
+        'failed' (its weights could not be read), never 'ready'. ``system`` and ``options``
+        (sampling options, already checked) are the model's defaults, recorded before it
+        is ready."""
+        ref = _new_name(name)
         formats = formats_to_build(build_caches)
         return self._run(ref, lambda ctx: import_files(ctx, ref, Path(from_dir), "local",
-                                                       link=True, policy=policy),
+                                                       link=True, policy=policy,
+                                                       defaults=(system, options)),
                          formats, fail_model_on_build_error=True)
+
+    def copy(self, source: str, destination: str, system=KEEP, options=KEEP) -> Iterator[dict]:
+        """Make destination a copy of the ready model source (hard links: no space taken);
+        stream events. The copy keeps the source's system message and options unless
+        ``system`` / ``options`` are given (None clears them). An existing destination is
+        PullError (a failed one is replaced); a missing source, ModelNotFound."""
+        src, dst = parse_name(source), _new_name(destination)
+        if src.full == dst.full:
+            raise PullError(f"cannot copy {src.full} onto itself")
+        return self._run(dst, lambda ctx: copy_model(ctx, src, dst, system, options), [])
 
     def build_caches(self, name: str, formats: bool | Iterable[str] = True,
                      rebuild: bool = False) -> Iterator[dict]:
@@ -166,6 +179,8 @@ class Registry:
             "architecture": row["architecture"], "model_type": row["model_type"],
             "parameters": {"total": row["params_total"], "active": row["params_active"]},
             "config": json.loads(row["config_json"]) if row["config_json"] else None,
+            "system": row["system"],
+            "options": json.loads(row["options_json"]) if row["options_json"] else {},
             "path": str(self.store.model_dir(ref)),
             "files": [{k: f[k] for k in ("path", "size_bytes", "sha256", "etag", "state")}
                       for f in files],
@@ -228,6 +243,14 @@ class Registry:
         if row is None:
             raise ModelNotFound(f"model {ref.full} not found")
         return row
+
+
+def _new_name(name: str) -> ModelRef:
+    """The name of a model being made here (not pulled): never the bundled model or an alias."""
+    ref = parse_name(name)
+    if ref.is_bundled or ref.name in ALIASES:
+        raise InvalidName(f"{ref.name} is a reserved name: choose another")
+    return ref
 
 
 def _fail_model(ctx: Context, ref: ModelRef, error: str) -> None:

@@ -13,7 +13,7 @@ SCHEMA = {
         "commit_sha": "TEXT", "architecture": "TEXT", "model_type": "TEXT",
         "params_total": "INTEGER", "params_active": "INTEGER", "config_json": "TEXT",
         "size_bytes": "INTEGER", "digest": "TEXT", "state": "TEXT", "error": "TEXT",
-        "created_at": "TEXT", "updated_at": "TEXT",
+        "created_at": "TEXT", "updated_at": "TEXT", "system": "TEXT", "options_json": "TEXT",
     },
     "files": {
         "id": "INTEGER", "model_id": "INTEGER", "path": "TEXT", "size_bytes": "INTEGER",
@@ -48,7 +48,7 @@ def test_migrations_from_empty_database(tmp_path):
     for table, parent in FOREIGN_KEYS.items():
         [fk] = db[table].foreign_keys
         assert (fk.other_table, fk.other_column) == (parent, "id")
-    assert [a.name for a in m.applied(db)] == ["m001_initial"]
+    assert [a.name for a in m.applied(db)] == ["m001_initial", "m002_model_defaults"]
 
 
 def test_migrations_applied_twice(tmp_path):
@@ -56,8 +56,19 @@ def test_migrations_applied_twice(tmp_path):
     migrate(db, tmp_path / "migrate.lock")
     migrate(db, tmp_path / "migrate.lock")
     assert _schema(db) == SCHEMA
-    assert db.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()[0] == 1
+    assert db.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone()[0] == 2
     assert m.pending(db) == []
+
+
+def test_model_defaults_added_to_an_older_database(tmp_path):
+    """A registry made before m002 keeps its models; they have no defaults."""
+    db = connect(tmp_path / "registry.db")
+    m.apply(db, stop_before="m002_model_defaults")
+    db.execute("INSERT INTO models (name, source, state, created_at, updated_at) "
+               "VALUES ('old:latest', 'local', 'ready', 'now', 'now')")
+    migrate(db, tmp_path / "migrate.lock")
+    [row] = db.query("SELECT name, system, options_json FROM models")
+    assert row == {"name": "old:latest", "system": None, "options_json": None}
 
 
 def test_registry_opens_twice_and_uses_wal(krasis_home):
