@@ -36,7 +36,7 @@ run_stage() {  # name, time limit in seconds, command...
 
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
   # fixed tiles in the tests (the configs test covers several); the benchmarks autotune
-  KRASIS_MOE_AUTOTUNE=0 run_stage tests 260 python3 -m pytest -x -q -p no:cacheprovider tests/gpu
+  run_stage tests 260 python3 -m pytest -x -q -p no:cacheprovider tests/gpu
 fi
 if [ "$stage" = all ] || [ "$stage" = kernel ]; then
   run_stage kernel 110 python3 bench/gpu_moe_kernel.py --bits 4 --sizes 1,16,128,1024,8192 \
