@@ -35,7 +35,7 @@ run_stage() {  # name, time limit in seconds, command...
 }
 
 if [ "$stage" = all ] || [ "$stage" = tests ]; then
-  # fixed tiles in the tests (the configs test covers several); the benchmarks autotune
+  # the tests load with fixed tiles (EngineOptions(autotune=False)); the benchmarks autotune
   run_stage tests 260 python3 -m pytest -x -q -p no:cacheprovider tests/gpu
 fi
 if [ "$stage" = all ] || [ "$stage" = kernel ]; then
