@@ -255,11 +255,12 @@ def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
         peers = _peers(llama, ("pp", n, 0))
         lines.append(f"| {n:,} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['prefill_tok_s'])} | "
                      + " | ".join(_with_ratios(row["prefill_tok_s"], peers)) + " |")
-    lines += ["", "| context | first token ms | decode tok/s | runner tok/s | ITL p50 ms | "
-              f"ITL p99 ms | {head} |", "| ---: |" + " ---: |" * 9]
+    lines += ["", "| context | tokens | first token ms | decode tok/s | runner tok/s | ITL p50 ms | "
+              f"ITL p99 ms | {head} |", "| ---: |" + " ---: |" * 10]
     for ctx, row in result["decode"].items():
         peers = _peers(llama, ("tg", args.decode, ctx))
-        lines.append(f"| {ctx:,} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['tok_s'])} | "
+        lines.append(f"| {ctx:,} | {fmt(row['tokens'], digits=0)} | "
+                     f"{fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['tok_s'])} | "
                      f"{fmt(row['runner_tok_s'])} | "
                      f"{fmt(row['itl_p50_s'], 1e3, 2)} | {fmt(row['itl_p99_s'], 1e3, 2)} | "
                      + " | ".join(_with_ratios(row["tok_s"], peers)) + " |")
@@ -338,7 +339,9 @@ def report(args, info: dict, name: str, results: list[dict], llama: dict) -> str
              "```sh", "python3 bench/serve.py " + shlex.join(sys.argv[1:]), "```", "",
              f"Medians of {args.runs} run{'s' if args.runs > 1 else ''}; raw prompts, greedy, streamed over the Unix socket; "
              f"times by the client's clock. Registering the model ({how}, caches included) "
-             f"took {results[0].get('register_s', 0):.1f} s.", ""]
+             f"took {results[0].get('register_s', 0):.1f} s. Decode: {args.decode} tokens asked "
+             "per request (`tokens`: the token lines received, fewer when the model ended its "
+             "answer); definitions in bench/serve_measure.py.", ""]
     for result in results:
         lines += scenario_markdown(args, result, llama)
     return "\n".join(lines)
