@@ -394,3 +394,51 @@ def test_released_configs_parse_and_prequantized_ones_are_refused(repo, tmp_path
         method = raw["quantization_config"]["quant_method"]
         with pytest.raises(UnsupportedModelError, match=f"quant_method {method}"):
             load(tmp_path)
+
+
+@pytest.mark.parametrize(("stored", "engine_name"), [
+    ("model.layers.3.block_sparse_moe.experts.7.w1.weight",
+     "model.layers.3.mlp.experts.7.gate_proj.weight"),
+    ("model.layers.3.block_sparse_moe.experts.7.w3.weight",
+     "model.layers.3.mlp.experts.7.up_proj.weight"),
+    ("model.layers.3.block_sparse_moe.experts.7.w2.weight",
+     "model.layers.3.mlp.experts.7.down_proj.weight"),
+    ("model.layers.3.block_sparse_moe.gate.weight", "model.layers.3.mlp.gate.weight"),
+    ("model.layers.3.block_sparse_moe.e_score_correction_bias",
+     "model.layers.3.mlp.gate.e_score_correction_bias"),
+    ("model.layers.0.mlp.router.bias", "model.layers.0.mlp.gate.bias"),
+    ("language_model.model.layers.2.self_attn.kv_b_proj.weight",
+     "model.layers.2.self_attn.kv_b_proj.weight"),
+    ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight"),
+    ("language_model.lm_head.weight", "lm_head.weight"),
+    ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.1.mlp.experts.3.gate_proj.weight"),
+    ("model.layers.1.mlp.gate.e_score_correction_bias",
+     "model.layers.1.mlp.gate.e_score_correction_bias"),
+    ("vision_tower.encoder.blocks.0.mlp.fc0.weight", "vision_tower.encoder.blocks.0.mlp.fc0.weight"),
+])
+def test_checkpoint_spellings_map_onto_the_engine_names(stored, engine_name):
+    from krasisd.engine.loader import engine_name as rename
+
+    assert rename(stored) == engine_name
+
+
+def test_renamed_tensors_are_read_by_their_stored_names_on_every_path(pair, monkeypatch):
+    """The CUDA branch of read_tensors asks the file for its own names, as safe_open does."""
+    from krasisd.engine import loader
+
+    _, engine, model_dir = pair
+    index = loader.read_headers(loader.weight_files(model_dir))
+    names = ([n for n in sorted(index) if index[n].key] or sorted(index))[:40]  # renamed first
+    seen = {}
+
+    def fake_read_to_device(path, keys, device, spans):
+        assert set(spans) == set(keys)
+        seen.update(loader.read_tensors({k: None for k in keys}, {
+            k: loader.TensorInfo(path, spans[k]) for k in keys}))
+        return {k: seen[k] for k in keys}
+
+    monkeypatch.setattr(loader, "read_to_device", fake_read_to_device)
+    on_cuda = loader.read_tensors(names, index, torch.device("cuda"))
+    on_cpu = loader.read_tensors(names, index)
+    assert set(on_cuda) == set(on_cpu) == set(names)
+    assert all(torch.equal(on_cuda[n], on_cpu[n]) for n in names)
