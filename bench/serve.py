@@ -255,8 +255,8 @@ def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
         peers = _peers(llama, ("pp", n, 0))
         lines.append(f"| {n:,} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['prefill_tok_s'])} | "
                      + " | ".join(_with_ratios(row["prefill_tok_s"], peers)) + " |")
-    lines += ["", "| context | tokens | first token ms | decode tok/s | runner tok/s | ITL p50 ms | "
-              f"ITL p99 ms | {head} |", "| ---: |" + " ---: |" * 10]
+    lines += ["", "| context | tokens | first token ms | decode tok/s | runner tok/s | "
+              f"ITL p50 ms | ITL p99 ms | {head} |", "| ---: |" + " ---: |" * 10]
     for ctx, row in result["decode"].items():
         peers = _peers(llama, ("tg", args.decode, ctx))
         lines.append(f"| {ctx:,} | {fmt(row['tokens'], digits=0)} | "
@@ -280,7 +280,8 @@ def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
               "streams' ITL p99 ms before | ITL p99 ms during | longest gap ms during |",
               "| ---: | ---: | ---: | ---: | ---: |",
               f"| {fmt(alone['ttft_s'], 1e3, 0)} | {fmt(long['long_ttft_s'], 1e3, 0)} | "
-              f"{fmt(long['itl_p99_before_s'], 1e3, 2)} | {fmt(long['itl_p99_during_s'], 1e3, 2)} | "
+              f"{fmt(long['itl_p99_before_s'], 1e3, 2)} | "
+              f"{fmt(long['itl_p99_during_s'], 1e3, 2)} | "
               f"{fmt(long['max_gap_during_s'], 1e3, 0)} |"]
     mem, cold, restart = result["memory"], result["cold"], result["restart"]
     tuning = ", ".join(result["tuning_files"]) or "none written (no GPU kernels to tune)"
@@ -337,7 +338,8 @@ def report(args, info: dict, name: str, results: list[dict], llama: dict) -> str
              f"Commit {info['commit']}; GPU: {info['gpu']}; CPU: {info['cpu']}; "
              f"Python {platform.python_version()}.", "",
              "```sh", "python3 bench/serve.py " + shlex.join(sys.argv[1:]), "```", "",
-             f"Medians of {args.runs} run{'s' if args.runs > 1 else ''}; raw prompts, greedy, streamed over the Unix socket; "
+             f"Medians of {args.runs} run{'s' if args.runs > 1 else ''}; raw prompts, greedy, "
+             "streamed over the Unix socket; "
              f"times by the client's clock. Registering the model ({how}, caches included) "
              f"took {results[0].get('register_s', 0):.1f} s. Decode: {args.decode} tokens asked "
              "per request (`tokens`: the token lines received, fewer when the model ended its "

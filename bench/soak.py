@@ -1,9 +1,10 @@
 """A soak of krasisd: a mixed load for a fixed time, then what happened.
 
 Concurrent clients send streamed generations and chats (some cut mid-stream by closing the
-connection), OpenAI-shaped requests and bad inputs (malformed JSON, a body that is not an
-object, bad options, bad and unknown model names), while the runner is killed with SIGKILL
-now and then (its pid from /api/ps). Each outcome is compared with what docs/api.md promises:
+connection), OpenAI-shaped requests, reads of /api/show and /api/ps, and bad inputs (malformed
+JSON, a body that is not an object, bad options and field types, bad and unknown model names,
+refused OpenAI fields, a wrong method), while the runner is killed with SIGKILL now and then
+(its pid from /api/ps). Each outcome is compared with what docs/api.md promises:
 a bad input gets its 400 or 404, a request whose runner was killed ends with an error line or
 a 500 naming the runner, everything else completes. Printed: requests by kind and outcome,
 errors by status, unexpected outcomes with their messages, daemon and runner RSS at the start
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -47,7 +49,12 @@ KINDS = {
     "bad-type": (4, {400}),
     "bad-name": (5, {400}),
     "unknown-model": (6, {404}),
+    "bad-openai": (3, {400}),
+    "wrong-method": (2, {405}),
+    "show": (3, {200}),
+    "ps": (3, {200}),
 }
+NOT_STREAMED = ("openai", "bad-openai", "wrong-method", "show", "ps")  # one JSON answer
 RUNNER_DIED = ("stopped unexpectedly", "runner", "was unloaded")
 
 
@@ -71,47 +78,62 @@ class Tally:
             self.unexpected.append(f"{kind}: HTTP {status}: {message}")
 
 
-def request_for(kind: str, model: str, rng: random.Random) -> tuple[str, object]:
-    """(path, body) of one request of ``kind``; str bodies are sent as they are."""
+def request_for(kind: str, model: str, rng: random.Random) -> tuple[str, str, object]:
+    """(method, path, body) of one request of ``kind``; a str body is sent as it is, a dict as
+    JSON, None is no body."""
     options = {"num_predict": rng.randint(4, 48), "seed": rng.randint(0, 1 << 20)}
     prompt = rng.choice(["What is a module?", "Explain list comprehensions.",
                          "def main():", "The os.path module"])
+    messages = [{"role": "user", "content": prompt}]
+    generate = "/api/generate"
     if kind in ("generate", "cut"):
-        return "/api/generate", {"model": model, "prompt": prompt, "options": options}
+        return "POST", generate, {"model": model, "prompt": prompt, "options": options}
     if kind == "chat":
-        return "/api/chat", {"model": model, "options": options,
-                             "messages": [{"role": "user", "content": prompt}]}
+        return "POST", "/api/chat", {"model": model, "options": options, "messages": messages}
     if kind == "openai":
-        return "/v1/chat/completions", {"model": model, "max_tokens": options["num_predict"],
-                                        "messages": [{"role": "user", "content": prompt}]}
+        return "POST", "/v1/chat/completions", {"model": model, "messages": messages,
+                                                "max_tokens": options["num_predict"]}
     if kind == "bad-json":
-        return "/api/generate", rng.choice(['{"model": "x", "prompt": ', "{", "nul", '{"a":1}}'])
+        return "POST", generate, rng.choice(['{"model": "x", "prompt": ', "{", "nul", '{"a":1}}'])
     if kind == "not-object":
-        return "/api/chat", rng.choice(["[1, 2]", '"text"', "42"])
+        return "POST", "/api/chat", rng.choice(["[1, 2]", '"text"', "42"])
     if kind == "bad-option":
         bad = rng.choice([{"temperature": "hot"}, {"no_such_option": 1}, {"top_k": -5},
                           {"num_ctx": "big"}, {"top_p": [1]}])
-        return "/api/generate", {"model": model, "prompt": prompt, "options": bad}
+        return "POST", generate, {"model": model, "prompt": prompt, "options": bad}
     if kind == "bad-type":
-        return "/api/generate", rng.choice([{"model": model, "prompt": 123},
-                                            {"model": 7, "prompt": prompt},
-                                            {"model": model, "prompt": prompt, "stream": "yes"}])
+        return "POST", generate, rng.choice([{"model": model, "prompt": 123},
+                                             {"model": 7, "prompt": prompt},
+                                             {"model": model, "prompt": prompt, "stream": "yes"}])
     if kind == "bad-name":
         name = rng.choice(["../../etc/passwd", "/abs/path", "a/b/c", "back\\slash", ""])
-        return "/api/generate", {"model": name, "prompt": prompt}
+        return "POST", generate, {"model": name, "prompt": prompt}
     if kind == "unknown-model":
-        return "/api/generate", {"model": f"no-such-model-{rng.randint(0, 999)}", "prompt": prompt}
+        return "POST", generate, {"model": f"no-such-model-{rng.randint(0, 999)}",
+                                  "prompt": prompt}
+    if kind == "bad-openai":
+        return "POST", "/v1/chat/completions", rng.choice([
+            {"model": model, "n": 2, "messages": messages},
+            {"model": model, "messages": "not a list"},
+            {"model": model, "messages": messages, "max_tokens": -3}])
+    if kind == "wrong-method":
+        return "POST", rng.choice(["/api/ps", "/api/tags", "/api/version"]), None
+    if kind == "show":
+        return "POST", "/api/show", {"model": model}
+    if kind == "ps":
+        return "GET", "/api/ps", None
     raise ValueError(f"unknown kind {kind}")
 
 
 async def one_request(http, kind: str, model: str, rng: random.Random, tally: Tally,
                       timeout_s: float) -> None:
-    path, body = request_for(kind, model, rng)
+    method, path, body = request_for(kind, model, rng)
     expected = KINDS[kind][1]
     tally.sent[kind] += 1
     try:
-        if kind == "openai":
-            status, answer = await asyncio.wait_for(post_json(http, path, body), timeout_s)
+        if kind in NOT_STREAMED:
+            status, answer = await asyncio.wait_for(_answer(http, method, path, body),
+                                                    timeout_s)
             error = None if status == 200 else str(answer.get("error"))
             result_ok, tokens = status == 200, 0
         else:
@@ -124,14 +146,30 @@ async def one_request(http, kind: str, model: str, rng: random.Random, tally: Ta
         tally.add(kind, "timeout", 0, f"no answer in {timeout_s:.0f} s", expected=False)
         return
     tally.tokens += tokens
-    if result_ok and status in expected:
-        tally.add(kind, "ok" if status == 200 else f"refused {status}", status)
-    elif status in expected and status != 200:
+    sent = body if isinstance(body, str) or body is None else json.dumps(body)
+    what = f"{method} {path} {(sent or '')[:120]}"
+    if status in expected and status != 200:
         tally.add(kind, f"refused {status}", status)
+    elif status == 200 and 200 not in expected:  # a bad input served, whatever came after
+        tally.add(kind, "served, not refused", status, f"{what} -> {error}", expected=False)
+    elif result_ok and status in expected:
+        tally.add(kind, "ok", status)
     elif error and any(mark in error for mark in RUNNER_DIED) and tally.kills:
         tally.add(kind, "error: runner killed", status, error)  # a kill's consequence
     else:
-        tally.add(kind, f"error {status}", status, error, expected=False)
+        tally.add(kind, f"error {status}", status, f"{what} -> {error}", expected=False)
+
+
+async def _answer(http, method: str, path: str, body) -> tuple[int, dict]:
+    """One request with one JSON answer ({"error": text} when the answer is not JSON)."""
+    if isinstance(body, dict):
+        return await post_json(http, path, body)
+    async with http.request(method, path, data=body) as response:
+        text = await response.text()
+        try:
+            return response.status, json.loads(text)
+        except json.JSONDecodeError:
+            return response.status, {"error": text[:300]}
 
 
 async def client(http, model: str, seed: int, deadline: float, tally: Tally, budget: list,

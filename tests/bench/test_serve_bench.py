@@ -150,11 +150,11 @@ def test_soak_flags_and_requests(bench, capsys):
     assert "--kill-every" in capsys.readouterr().err
     rng = random.Random(0)
     for kind in soak.KINDS:
-        path, body = soak.request_for(kind, "m", rng)
-        assert path.startswith(("/api/", "/v1/"))
-        if kind.startswith("bad-json"):
-            with pytest.raises(json.JSONDecodeError):
-                json.loads(body)
+        method, path, body = soak.request_for(kind, "m", rng)
+        assert method in ("GET", "POST") and path.startswith(("/api/", "/v1/"))
+        if kind in ("bad-json", "not-object"):  # str bodies that are no JSON object
+            with pytest.raises((json.JSONDecodeError, AttributeError)):
+                json.loads(body).keys()
 
 
 @pytest.mark.slow
