@@ -18,7 +18,7 @@ figures are printed beside krasis'. Markdown tables, printed and written to --ou
 kept in --work between runs (a temporary folder without it); the daemon's home is always new.
 Measurement definitions: bench/serve_measure.py. A full-size model needs disk for its bf16
 checkpoint (31 GB for DeepSeek-V2-Lite), its two caches and, with llama.cpp, a bf16 GGUF of the
-same size while converting (removed once quantized).
+same size while converting (removed once quantized); Qwen3-30B-A3B's checkpoint is 61 GB.
 """
 
 from __future__ import annotations
@@ -97,6 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the markdown here too")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.model != TINY:
+        from synthetic_folder import read_bench_config
+
+        try:
+            args.config = read_bench_config(args.model)
+        except (ValueError, OSError) as exc:
+            parser.error(f"--model: {exc}")
     if args.llama_cpp is not None:
         from llamacpp import find_llama_cpp
 
@@ -129,9 +136,9 @@ def model_folder(args, work: Path) -> tuple[str, Path | None, Path]:
         from krasis_registry.create import bundled_dir
 
         return TINY, None, bundled_dir(TINY)
-    from synthetic_folder import read_bench_config, write_model
+    from synthetic_folder import write_model
 
-    config = read_bench_config(args.model)
+    config = dict(args.config)
     if args.layers:
         config["num_hidden_layers"] = min(args.layers, config["num_hidden_layers"])
     stem = Path(args.model).parent.name if args.model.endswith(".json") else args.model
@@ -372,7 +379,11 @@ async def main_async(args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    text = asyncio.run(main_async(args))
+    try:
+        text = asyncio.run(main_async(args))
+    except OSError as exc:  # no room for the checkpoint, a folder that cannot be written
+        print(f"serve.py: {exc}", file=sys.stderr)
+        return 1
     print(text, flush=True)
     if args.out is not None:
         args.out.write_text(text + "\n")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -61,6 +62,12 @@ def tensor_shapes(config: dict) -> dict[int | None, dict[str, tuple[int, ...]]]:
     return shards
 
 
+def checkpoint_bytes(config: dict) -> int:
+    """Bytes of the bf16 checkpoint ``write_model`` writes for ``config``."""
+    return 2 * sum(math.prod(shape) for shapes in tensor_shapes(config).values()
+                   for shape in shapes.values())
+
+
 def write_model(folder: Path, config: dict, seed: int = 0) -> Path:
     """Random bf16 weights, config.json and the word tokenizer in ``folder``; returns it.
     A folder that already holds a complete checkpoint of the same config is kept."""
@@ -72,6 +79,11 @@ def write_model(folder: Path, config: dict, seed: int = 0) -> Path:
     stamp = {"format": FORMAT, "config": config}
     if done.is_file() and json.loads(done.read_text()) == stamp:
         return folder
+    need_bytes = checkpoint_bytes(config)
+    free_bytes = shutil.disk_usage(folder).free
+    if free_bytes < need_bytes * 1.05:
+        raise OSError(f"{folder}: the checkpoint needs {need_bytes / 1e9:.1f} GB, "
+                      f"{free_bytes / 1e9:.1f} GB are free (--work elsewhere, or --layers N)")
     gen = torch.Generator().manual_seed(seed)
     weight_map = {}
     for layer, shapes in tensor_shapes(config).items():

@@ -82,6 +82,7 @@ def test_scenarios_carry_settings(bench):
     (["--prompts", "1000,x"], "not an integer"),
     (["--runs", "0"], "at least 1"),
     (["--llama-cpp", "/nonexistent/llama.cpp"], "no convert_hf_to_gguf.py"),
+    (["--model", "llama-70b"], "no config 'llama-70b'"),
 ])
 def test_serve_bad_flags_are_usage_errors(bench, capsys, argv, message):
     serve = bench("serve")
@@ -184,3 +185,15 @@ def test_soak_short_run(bench, capsys):
     assert "1 runner kills" in out and "| bad-json |" in out
     assert "after the soak a normal request completed" in out
     assert status == (1 if "unexpected (" in out else 0)
+
+
+def test_synthetic_folder_says_when_the_disk_is_too_small(bench, tmp_path, monkeypatch):
+    synthetic = bench("synthetic_folder")
+    config = synthetic.read_bench_config("deepseek-v2-lite")
+    assert 31e9 < synthetic.checkpoint_bytes(config) < 32e9  # 15.7B parameters in bf16
+    usage = synthetic.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(synthetic.shutil, "disk_usage",
+                        lambda path: usage._replace(free=10 << 30))
+    with pytest.raises(OSError, match="needs 31.4 GB, 10.7 GB are free"):
+        synthetic.write_model(tmp_path / "model", config)
+    assert not list((tmp_path / "model").glob("*.safetensors"))
