@@ -204,8 +204,10 @@ class Client:
         self._send("HEAD", "/")[0].close()
 
     def version(self) -> str:
-        """The daemon's version."""
-        return self._do("GET", "/api/version")["version"]
+        """The daemon's version: krasis_version ("version" is the Ollama release whose API
+        it speaks, for clients that gate on it)."""
+        body = self._do("GET", "/api/version")
+        return body.get("krasis_version") or body["version"]
 
     def list(self) -> list[dict]:
         """The models on disk (/api/tags)."""

@@ -12,13 +12,16 @@ scheduler hands to a runner.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from krasisd.config import parse_keep_alive_s
 from krasisd.engine.options import SamplingOptions
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -154,13 +157,16 @@ IGNORED_OPTIONS = frozenset({
 })
 
 
-def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
-    """Ollama's ``options`` object -> SamplingOptions; unknown keys are a 400 error."""
+def option_values(raw: Any, what: str = "options") -> dict:
+    """The options krasis uses from Ollama's ``options`` object, checked: a known key with a
+    bad value is a 400 naming it. Unknown keys are ignored, as Ollama does (its own example
+    sends ``draft_num_predict``), with one INFO log line per request naming them."""
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
-        raise bad_request("invalid value for 'options': expected an object")
-    values = dict(base or {})
+        raise bad_request(f"invalid value for {what!r}: expected an object")
+    values: dict[str, Any] = {}
+    unknown = []
     for key, value in raw.items():
         if value is None or key in IGNORED_OPTIONS:
             continue
@@ -171,11 +177,26 @@ def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
         elif key == "stop":
             values["stop"] = stop_list(value)
         else:
-            raise bad_request(f"invalid option {shown(key)}")
+            unknown.append(shown(key, 40))
+    if unknown:
+        log.info("ignoring unknown options", extra={"field": what, "options": unknown})
+    return values
+
+
+def make_options(*layers: dict) -> SamplingOptions:
+    """SamplingOptions from layers of option values, later layers winning."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values.update(layer)
     try:
         return SamplingOptions(**values)
     except ValueError as exc:
         raise bad_request(f"invalid options: {exc}") from None
+
+
+def sampling_options(raw: Any, base: dict | None = None) -> SamplingOptions:
+    """Ollama's ``options`` object -> SamplingOptions (unknown keys logged and ignored)."""
+    return make_options(base or {}, option_values(raw))
 
 
 def _bounded_number(raw: dict, key: str) -> float | None:
@@ -225,6 +246,27 @@ class InferenceRequest:
     stream: bool = True
     keep_alive_s: float | None = None
     logprobs: bool = False
+    # the option values the client set, and the API's defaults under them (OpenAI's differ
+    # from Ollama's): a model's own defaults go between the two (with_model_defaults)
+    client_options: dict = field(default_factory=dict)
+    base_options: dict = field(default_factory=dict)
+
+    def with_model_defaults(self, system: str | None, options: dict | None) -> InferenceRequest:
+        """The request with its model's defaults (Ollama's SYSTEM and PARAMETER, set by
+        /api/create): the model's options win over the API's defaults and lose to the
+        client's own; its system message is used where the request has none (a generate
+        without ``system``, a chat without a system message; never a raw prompt)."""
+        changes: dict[str, Any] = {}
+        if options:
+            changes["options"] = make_options(self.base_options, options, self.client_options)
+        if system and not self.raw:
+            if self.messages is not None:
+                if self.messages and not any(m["role"] == "system" for m in self.messages):
+                    changes["messages"] = [{"role": "system", "content": system},
+                                           *self.messages]
+            elif not self.system:
+                changes["system"] = system
+        return dataclasses.replace(self, **changes) if changes else self
 
     def runner_message(self) -> dict:
         """The JSON-ready request sent to the runner process."""
@@ -282,8 +324,9 @@ def generate_request(body: dict) -> InferenceRequest:
     """POST /api/generate."""
     if body.get("images"):
         raise bad_request("images are not supported by krasis models")
+    options = option_values(body.get("options"))
     return InferenceRequest(
-        model=model_name(body), options=sampling_options(body.get("options")),
+        model=model_name(body), options=make_options(options), client_options=options,
         prompt=_str(body, "prompt"), system=_str(body, "system"), suffix=_str(body, "suffix"),
         raw=bool(_bool(body, "raw")), format=json_format(body),
         stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
@@ -297,8 +340,9 @@ def _no_tools(body: dict) -> None:
 def chat_request(body: dict) -> InferenceRequest:
     """POST /api/chat."""
     _no_tools(body)
+    options = option_values(body.get("options"))
     return InferenceRequest(
-        model=model_name(body), options=sampling_options(body.get("options")),
+        model=model_name(body), options=make_options(options), client_options=options,
         messages=chat_messages(body.get("messages")), format=json_format(body),
         stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
 
@@ -309,7 +353,9 @@ def chat_request(body: dict) -> InferenceRequest:
 _OPENAI_BASE = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repeat_penalty": 1.0}
 
 
-def _openai_options(body: dict, max_tokens_default: int = -1) -> SamplingOptions:
+def _openai_options(body: dict, max_tokens_default: int = -1) -> dict:
+    """InferenceRequest's option fields: OpenAI's defaults under what the client set (a
+    max_tokens the client did not send is a default too, which a model's own wins over)."""
     raw: dict[str, Any] = {}
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed"):
         if body.get(name) is not None:
@@ -317,13 +363,19 @@ def _openai_options(body: dict, max_tokens_default: int = -1) -> SamplingOptions
     max_tokens = _int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens")
-    raw["num_predict"] = max_tokens_default if max_tokens is None else max_tokens
+    base = dict(_OPENAI_BASE)
+    if max_tokens is None:
+        base["num_predict"] = max_tokens_default
+    else:
+        raw["num_predict"] = max_tokens
     if body.get("stop") is not None:
         raw["stop"] = body["stop"]
     n = _int(body, "n")
     if n is not None and n != 1:
         raise bad_request(f"only n=1 is supported (one choice per request), got n={n}")
-    return sampling_options(raw, base=_OPENAI_BASE)
+    client = option_values(raw)
+    return {"options": make_options(base, client), "client_options": client,
+            "base_options": base}
 
 
 def _openai_stream(body: dict) -> tuple[bool, bool]:
@@ -366,7 +418,7 @@ def openai_chat_request(body: dict) -> OpenAIRequest:
     if not messages:
         raise bad_request("'messages' must not be empty")
     inference = InferenceRequest(
-        model=model_name(body), options=_openai_options(body), messages=messages,
+        model=model_name(body), **_openai_options(body), messages=messages,
         format=_response_format(body), stream=stream, logprobs=bool(_bool(body, "logprobs")))
     return OpenAIRequest(inference, include_usage)
 
@@ -385,7 +437,7 @@ def openai_completion_request(body: dict) -> OpenAIRequest:
     if logprobs is not None and not 0 <= logprobs <= 5:
         raise bad_request("'logprobs' must be between 0 and 5")
     inference = InferenceRequest(
-        model=model_name(body), options=_openai_options(body, max_tokens_default=16),
+        model=model_name(body), **_openai_options(body, max_tokens_default=16),
         prompt=prompt, suffix=_str(body, "suffix"), raw=True, stream=stream,
         logprobs=logprobs is not None)
     return OpenAIRequest(inference, include_usage, top_logprobs=logprobs or 0)
@@ -408,17 +460,70 @@ def pull_request(body: dict) -> PullRequest:
 
 @dataclass
 class CreateRequest:
+    """A create from a folder (``path``) or from a model (``source``, Ollama's derived
+    model). ``system`` and ``options`` None: unset (a derived model keeps its source's)."""
+
     model: str
-    path: str
+    path: str | None = None
+    source: str | None = None
+    system: str | None = None
+    options: dict | None = None
     stream: bool = True
 
 
+# Ollama's create fields krasis has no use for: refused, never dropped silently.
+_CREATE_UNSUPPORTED = {
+    "files": "blobs are not stored by krasis: name a folder on the daemon's machine in 'path'",
+    "adapters": "krasis does not apply adapters",
+    "messages": "krasis does not store messages with a model",
+    "quantize": "krasis quantizes when it builds its caches (KRASIS_QUANT)",
+    "license": "krasis does not store a license with a model",
+    "modelfile": "send 'path' (or 'from'), 'system' and 'parameters' as JSON fields",
+}
+
+
 def create_request(body: dict) -> CreateRequest:
-    """POST /api/create from a local folder: {"model", "path"} (or "from" with a folder)."""
+    """POST /api/create: {"model", "path"} (or "from" with an absolute folder), or "from"
+    a model's name; optional "system" and "parameters" (the model's default options)."""
     name = model_name(body)
-    path = _str(body, "path") or _str(body, "from")
+    for key, why in _CREATE_UNSUPPORTED.items():
+        if body.get(key):
+            raise bad_request(f"'{key}' is not supported: {why}")
+    if body.get("template"):
+        raise bad_request("'template' is not supported: krasis renders prompts with the "
+                          "model's own chat template (Jinja, from its tokenizer_config.json), "
+                          "not an Ollama Go template")
+    path, source = _str(body, "path"), None
     if not path:
-        raise bad_request("missing field 'path': the local folder to create the model from")
-    if not path.startswith("/"):
+        origin = _str(body, "from")
+        if not origin:
+            raise bad_request("missing field 'path': the local folder to create the model "
+                              "from (or 'from': a folder or a model's name)")
+        if origin.startswith("/"):
+            path = origin
+        else:
+            source = model_name({"model": origin})
+    if path is not None and not path.startswith("/"):
         raise bad_request("'path' must be an absolute path to a folder on the daemon's machine")
-    return CreateRequest(name, path, _bool(body, "stream") is not False)
+    parameters = body.get("parameters")
+    options = None if parameters is None else option_values(parameters, "parameters")
+    if options:
+        make_options(options)  # a combination SamplingOptions refuses is a 400 now
+    return CreateRequest(name, path, source, _str(body, "system"), options,
+                         _bool(body, "stream") is not False)
+
+
+@dataclass
+class CopyRequest:
+    source: str
+    destination: str
+
+
+def copy_request(body: dict) -> CopyRequest:
+    """POST /api/copy: {"source", "destination"}, two model names."""
+    names = []
+    for key in ("source", "destination"):
+        if not _str(body, key):
+            raise bad_request(f"missing field {key!r}")
+        names.append(model_name({"model": body[key]}))
+    return CopyRequest(*names)

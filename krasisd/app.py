@@ -29,20 +29,28 @@ __all__ = ["Daemon", "make_app", "status_for"]
 
 # ------------------------------------------------------------------ routes
 
+# HEAD is where Ollama has it (/, /api/version, /api/tags, /api/blobs/:digest); aiohttp
+# answers HEAD with the GET handler's status and headers, without the body.
 ROUTES: list[tuple[str, str, Handler]] = [
     # status
     ("GET", "/", routes_models.root),
     ("HEAD", "/", routes_models.root),
     ("GET", "/api/version", routes_models.version),
+    ("HEAD", "/api/version", routes_models.version),
     # inference
     ("POST", "/api/generate", routes_inference.generate),
     ("POST", "/api/chat", routes_inference.chat),
     # models
     ("GET", "/api/tags", routes_models.tags),
+    ("HEAD", "/api/tags", routes_models.tags),
     ("POST", "/api/show", routes_models.show),
     ("GET", "/api/ps", routes_models.ps),
     ("POST", "/api/pull", routes_models.pull),
     ("POST", "/api/create", routes_models.create),
+    ("POST", "/api/copy", routes_models.copy),
+    ("POST", "/api/push", routes_models.push),
+    ("HEAD", "/api/blobs/{digest}", routes_models.blob),
+    ("POST", "/api/blobs/{digest}", routes_models.blob),
     ("DELETE", "/api/delete", routes_models.delete),
     # OpenAI compatibility
     ("GET", "/v1/models", routes_openai.models),

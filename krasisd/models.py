@@ -67,7 +67,8 @@ class ModelCatalog:
                          size_bytes=int(info.get("size") or _folder_bytes(model_dir)),
                          digest=str(info.get("digest") or ""), details=info.get("details") or {},
                          quant=quant, cache_dir=ready_cache(caches, "cpu", quant),
-                         gpu_cache_dir=ready_cache(caches, "gpu", quant))
+                         gpu_cache_dir=ready_cache(caches, "gpu", quant),
+                         system=info.get("system"), options=info.get("options") or {})
 
     def _pick_format(self, name: str, config: dict) -> str:
         """The registry's pick_quant (KRASIS_QUANT when the model's shapes allow it, else
@@ -92,10 +93,18 @@ class ModelCatalog:
         """Progress events of a pull (Ollama's /api/pull shape)."""
         return iterate_in_thread(lambda: self.registry.pull(name, insecure=insecure))
 
-    def create(self, name: str, path: str, policy: SourcePolicy) -> AsyncIterator[dict]:
+    def create(self, name: str, path: str, policy: SourcePolicy, system: str | None = None,
+               options: dict | None = None) -> AsyncIterator[dict]:
         """Progress events of creating a model from a local folder that ``policy`` lets the
-        request read."""
-        return iterate_in_thread(lambda: self.registry.create(name, path, policy=policy))
+        request read, with its default system message and options."""
+        defaults = {k: v for k, v in (("system", system), ("options", options)) if v}
+        return iterate_in_thread(lambda: self.registry.create(name, path, policy=policy,
+                                                              **defaults))
+
+    def copy(self, source: str, destination: str, **defaults: Any) -> AsyncIterator[dict]:
+        """Progress events of copying a model to a new name (hard links); ``defaults``
+        (system=, options=) replace the source's."""
+        return iterate_in_thread(lambda: self.registry.copy(source, destination, **defaults))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

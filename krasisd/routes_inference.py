@@ -95,6 +95,7 @@ async def _answer(request: web.Request, req: api.InferenceRequest,
     if req.is_empty:
         return await _load_or_unload(daemon, req, model, chat)
     spec = await daemon.catalog.spec(req.model)
+    req = req.with_model_defaults(spec.system, spec.options)
     events = _ollama_events(daemon, spec, req, model, chat)
     if req.stream:
         return await stream_ndjson(request, events)

@@ -1,9 +1,11 @@
-"""Status and model-management routes: /, /api/version, tags, show, ps, pull, create, delete."""
+"""Status and model-management routes: /, /api/version, tags, show, ps, pull, create, copy,
+delete; push and blobs answer that krasis has no use for them."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 
 from aiohttp import web
 from krasis_registry.sources import SourcePolicy
@@ -20,9 +22,16 @@ async def root(request: web.Request) -> web.Response:
     return web.Response(text="krasisd is running")
 
 
+# The Ollama version /api/version reports. Clients gate features on it (VS Code Copilot
+# refuses an Ollama older than 0.6.4); krasis speaks the API of this Ollama release for the
+# routes it has. Its own version is in "krasis_version".
+OLLAMA_COMPATIBLE_VERSION = "0.12.0"
+
+
 async def version(request: web.Request) -> web.Response:
-    """GET /api/version."""
-    return web.json_response({"version": __version__})
+    """GET and HEAD /api/version."""
+    return web.json_response({"version": OLLAMA_COMPATIBLE_VERSION,
+                              "krasis_version": __version__})
 
 
 async def tags(request: web.Request) -> web.Response:
@@ -59,8 +68,38 @@ def ollama_show_fields(info: dict) -> dict:
         value = next((config[s] for s in sources if config.get(s) is not None), None)
         if value is not None:
             model_info[f"{arch}.{key}"] = value
-    return {"model_info": model_info, "modelfile": "", "parameters": "", "template": "",
+    system = info.get("system") or ""
+    options = info.get("options") or {}
+    return {"model_info": model_info, "modelfile": _modelfile(info, system, options),
+            "parameters": parameters_text(options), "template": "", "system": system,
             "capabilities": ["completion"]}
+
+
+def parameters_text(options: dict) -> str:
+    """Ollama's text form of a model's parameters: one "name value" line per value (a list,
+    such as stop, gives a line per item), the name padded to 30 columns, strings quoted."""
+    lines = []
+    for key, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<30} {_parameter_value(item)}")
+    return "\n".join(lines)
+
+
+def _parameter_value(value) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _modelfile(info: dict, system: str, options: dict) -> str:
+    """A Modelfile describing the model (for display: krasis' create takes JSON fields)."""
+    lines = [f"FROM {info.get('name') or ''}"]
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f"PARAMETER {line}" for line in parameters_text(options).splitlines()]
+    return "\n".join(lines) + "\n"
 
 
 async def ps(request: web.Request) -> web.Response:
@@ -79,13 +118,20 @@ async def ps(request: web.Request) -> web.Response:
     return web.json_response({"models": models})
 
 
+_FAR_FUTURE = datetime.datetime(2318, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def _expires_at(expires_in_s: float | None) -> str:
-    """RFC 3339; a model kept forever (or busy) shows a date far in the future, as Ollama."""
-    if expires_in_s is None:
-        stamp = datetime.datetime(2318, 1, 1, tzinfo=datetime.timezone.utc)
+    """RFC 3339; a model kept forever (or busy) shows a date far in the future, as Ollama.
+
+    Never fails: a time beyond that date (or not a finite number) shows that date too, and
+    one in the past shows now."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if expires_in_s is None or not math.isfinite(expires_in_s) or \
+            expires_in_s >= (_FAR_FUTURE - now).total_seconds():
+        stamp = _FAR_FUTURE
     else:
-        stamp = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
-            seconds=expires_in_s)
+        stamp = now + datetime.timedelta(seconds=max(expires_in_s, 0.0))
     return stamp.isoformat().replace("+00:00", "Z")
 
 
@@ -106,11 +152,36 @@ async def create(request: web.Request) -> web.StreamResponse:
     (no existence check here: that would tell a TCP caller what exists)."""
     req = api.create_request(await read_json(request))
     daemon = daemon_of(request)
-    policy = SourcePolicy.for_transport(over_tcp(request), daemon.config.create_dirs)
-    events = daemon.catalog.create(req.model, req.path, policy)
+    if req.source is not None:  # a model derived from another: a copy with new defaults
+        defaults = {k: v for k, v in (("system", req.system), ("options", req.options))
+                    if v is not None}
+        events = daemon.catalog.copy(req.source, req.model, **defaults)
+    else:
+        policy = SourcePolicy.for_transport(over_tcp(request), daemon.config.create_dirs)
+        events = daemon.catalog.create(req.model, req.path, policy, system=req.system,
+                                       options=req.options)
     if req.stream:
         return await stream_ndjson(request, events)
     return web.json_response((await collect(events))[-1])
+
+
+async def copy(request: web.Request) -> web.Response:
+    """POST /api/copy: the model under a second name, sharing its files (hard links)."""
+    req = api.copy_request(await read_json(request))
+    await collect(daemon_of(request).catalog.copy(req.source, req.destination))
+    return web.Response(status=200)
+
+
+async def push(request: web.Request) -> web.Response:
+    """POST /api/push: krasis has no model registry to push to."""
+    raise api.ApiError(501, "push is not supported: krasis pulls from the Hugging Face Hub "
+                            "and has no registry to push models to")
+
+
+async def blob(request: web.Request) -> web.Response:
+    """HEAD and POST /api/blobs/{digest}: krasis does not store blobs."""
+    raise api.ApiError(501, "blobs are not supported: krasis creates models from a folder on "
+                            "the daemon's machine (POST /api/create with 'path')")
 
 
 async def delete(request: web.Request) -> web.Response:

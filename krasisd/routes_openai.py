@@ -65,6 +65,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = api.openai_chat_request(await read_json(request))
     daemon = daemon_of(request)
     spec = await daemon.catalog.spec(req.inference.model)
+    req.inference = req.inference.with_model_defaults(spec.system, spec.options)
     meta = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()),
             "model": req.inference.model, "system_fingerprint": "krasis"}
     events = runner_events(daemon, spec, req.inference)
@@ -124,6 +125,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = api.openai_completion_request(await read_json(request))
     daemon = daemon_of(request)
     spec = await daemon.catalog.spec(req.inference.model)
+    req.inference = req.inference.with_model_defaults(spec.system, spec.options)
     meta = {"id": "cmpl-" + secrets.token_hex(12), "created": int(time.time()),
             "model": req.inference.model, "system_fingerprint": "krasis"}
     events = runner_events(daemon, spec, req.inference)

@@ -66,6 +66,8 @@ class ModelSpec:
     cache_dir: Path | None = None  # the registry's CPU-format cache
     quant: str | None = None  # None: KRASIS_QUANT
     gpu_cache_dir: Path | None = None  # the registry's GPU-format cache, when it built one
+    system: str | None = None  # the model's default system message (/api/create)
+    options: dict = field(default_factory=dict)  # its default sampling options (/api/create)
 
 
 def describe_exit(returncode: int | None) -> str:
