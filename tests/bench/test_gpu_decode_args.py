@@ -51,7 +51,7 @@ def test_scenarios_with_several_modes(gpu_decode):
     (["--model", "llama"], "invalid choice"),
     (["--scenarios", "S1"], "name=budget"),
     (["--scenarios", "S1=4GiB:fast"], "unknown mode fast"),
-    (["--scenarios", "S1=lots"], "invalid VRAM budget"),
+    (["--scenarios", "S1=lots"], "scenario 'S1=lots': invalid size 'lots'"),
     (["--scenarios", "S1=4GiB,S1=8GiB"], "given twice"),
     (["--contexts", "100,x"], "not an integer"),
     (["--steps", "0"], "at least 1"),
