@@ -502,7 +502,11 @@ def create_request(body: dict) -> CreateRequest:
         if origin.startswith("/"):
             path = origin
         else:
-            source = model_name({"model": origin})
+            try:
+                source = model_name({"model": origin})
+            except ApiError:
+                raise bad_request(f"invalid value for 'from': {shown(origin)} is neither an "
+                                  "absolute folder path nor a model's name") from None
     if path is not None and not path.startswith("/"):
         raise bad_request("'path' must be an absolute path to a folder on the daemon's machine")
     parameters = body.get("parameters")

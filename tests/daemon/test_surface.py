@@ -210,6 +210,7 @@ def test_create_from_folder_with_defaults(daemon, http, ollama_client):
     ("parameters", {"top_p": 2}, "invalid options: top_p must be in (0, 1]"),
     ("parameters", {"num_ctx": "big"}, "invalid value for 'num_ctx'"),
     ("parameters", [1], "invalid value for 'parameters': expected an object"),
+    ("from", "./folder", "'./folder' is neither an absolute folder path nor a model's name"),
 ])
 def test_create_refuses_what_it_cannot_honour(http, field, value, message):
     answer = http.post("/api/create", json={"model": "refused", "from": "krasis-tiny",
