@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the markdown here too")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.model == TINY and args.layers:
+        parser.error("--layers cuts a config's synthetic model; krasis-tiny is served whole")
     if args.model != TINY:
         from synthetic_folder import read_bench_config
 
@@ -260,7 +262,9 @@ def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n, row in result["prefill"].items():
         peers = _peers(llama, ("pp", n, 0))
-        lines.append(f"| {n:,} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['prefill_tok_s'])} | "
+        counted = row["prompt_tokens"]
+        tokens = f"{n:,}" if counted == n else f"{n:,} (the runner counted {counted})"
+        lines.append(f"| {tokens} | {fmt(row['ttft_s'], 1e3, 0)} | {fmt(row['prefill_tok_s'])} | "
                      + " | ".join(_with_ratios(row["prefill_tok_s"], peers)) + " |")
     lines += ["", "| context | tokens | first token ms | decode tok/s | runner tok/s | "
               f"ITL p50 ms | ITL p99 ms | {head} |", "| ---: |" + " ---: |" * 10]
@@ -341,7 +345,8 @@ def machine() -> dict:
 def report(args, info: dict, name: str, results: list[dict], llama: dict) -> str:
     how = "`krasis pull`, the bundled model" if args.model == TINY else "`krasis create`"
     lines = [f"## krasisd serving {name} ({args.model}"
-             + (f", {args.layers} layers" if args.layers else "") + ")", "",
+             + (f", the first {min(args.layers, args.config['num_hidden_layers'])} of its "
+                f"{args.config['num_hidden_layers']} layers" if args.layers else "") + ")", "",
              f"Commit {info['commit']}; GPU: {info['gpu']}; CPU: {info['cpu']}; "
              f"Python {platform.python_version()}.", "",
              "```sh", "python3 bench/serve.py " + shlex.join(sys.argv[1:]), "```", "",

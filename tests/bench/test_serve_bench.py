@@ -83,6 +83,7 @@ def test_scenarios_carry_settings(bench):
     (["--runs", "0"], "at least 1"),
     (["--llama-cpp", "/nonexistent/llama.cpp"], "no convert_hf_to_gguf.py"),
     (["--model", "llama-70b"], "no config 'llama-70b'"),
+    (["--model", "krasis-tiny", "--layers", "2"], "served whole"),
 ])
 def test_serve_bad_flags_are_usage_errors(bench, capsys, argv, message):
     serve = bench("serve")
