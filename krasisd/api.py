@@ -255,11 +255,12 @@ class InferenceRequest:
         """The request with its model's defaults (Ollama's SYSTEM and PARAMETER, set by
         /api/create): the model's options win over the API's defaults and lose to the
         client's own; its system message is used where the request has none (a generate
-        without ``system``, a chat without a system message; never a raw prompt)."""
+        without ``system``, a chat without a system message; never a raw prompt or a
+        fill-in-the-middle ``suffix``, which Ollama renders without one)."""
         changes: dict[str, Any] = {}
         if options:
             changes["options"] = make_options(self.base_options, options, self.client_options)
-        if system and not self.raw:
+        if system and not self.raw and not self.suffix:
             if self.messages is not None:
                 if self.messages and not any(m["role"] == "system" for m in self.messages):
                     changes["messages"] = [{"role": "system", "content": system},

@@ -273,3 +273,29 @@ def test_cli_show_parts(daemon, pirate, monkeypatch, capsys):
     assert "No template" in capsys.readouterr().out
     assert cli.main(["show", "krasis-tiny", "--system"]) == 0
     assert capsys.readouterr().out == "No system was specified for this model.\n"
+
+
+def test_with_model_defaults_where_the_system_message_goes():
+    from krasisd import api
+
+    def generate(**fields):
+        return api.generate_request({"model": "m", "prompt": "p", **fields})
+
+    defaults = ("model system", {"num_predict": 7, "temperature": 0.1})
+    req = generate().with_model_defaults(*defaults)
+    assert req.system == "model system" and req.options.num_predict == 7
+    assert req.options.temperature == 0.1 and req.options.top_k == 40  # Ollama's default
+    assert generate(system="").with_model_defaults(*defaults).system == "model system"
+    assert generate(system="own").with_model_defaults(*defaults).system == "own"
+    assert generate(raw=True).with_model_defaults(*defaults).system is None
+    assert generate(suffix="s").with_model_defaults(*defaults).system is None  # as Ollama's FIM
+    own = generate(options={"temperature": 0.9}).with_model_defaults(*defaults)
+    assert own.options.temperature == 0.9 and own.options.num_predict == 7
+    empty = api.chat_request({"model": "m", "messages": []}).with_model_defaults(*defaults)
+    assert empty.messages == [] and empty.is_empty  # a load request stays one
+    text = api.openai_completion_request({"model": "m", "prompt": "p"}).inference
+    assert text.options.num_predict == 16  # OpenAI's default ...
+    assert text.with_model_defaults(*defaults).options.num_predict == 7  # ... under the model's
+    assert text.with_model_defaults(*defaults).options.top_k == 0  # OpenAI's base kept
+    untouched = generate()
+    assert untouched.with_model_defaults(None, {}) is untouched
