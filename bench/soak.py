@@ -197,11 +197,21 @@ async def killer(http, model: str, every_s: float, deadline: float, tally: Tally
 
 
 async def memory(http, model: str, daemon_pid: int | None) -> str:
+    """RSS of the daemon (and its open files: sockets left open would grow them) and of the
+    model's runner."""
     entry = await loaded(http, model)
-    daemon = f"daemon {_mib(rss_bytes(daemon_pid))}" if daemon_pid else "daemon (not ours)"
+    daemon = (f"daemon {_mib(rss_bytes(daemon_pid))}, {_open_files(daemon_pid)} open files"
+              if daemon_pid else "daemon (not ours)")
     if entry is None:
         return f"{daemon}, no runner loaded"
     return f"{daemon}, runner {entry['pid']} {_mib(rss_bytes(entry['pid']))}"
+
+
+def _open_files(pid: int) -> int | str:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return "?"
 
 
 def _mib(value: int | None) -> str:
