@@ -41,6 +41,7 @@ from bench_cli import log, positive_int, positive_ints
 from served import REPO, LocalDaemon, progress, session
 
 TINY = "krasis-tiny"
+TRITON_CACHE = "triton-cache"  # in the daemon's home: compiled kernels start empty too
 DEFAULT_SCENARIOS = {"deepseek-v2-lite": ["S1:KRASIS_VRAM_BUDGET=16GiB",
                                           "S2:KRASIS_VRAM_BUDGET=4GiB"],
                      "qwen3-30b-a3b": ["S3:KRASIS_VRAM_BUDGET=8GiB"]}
@@ -168,9 +169,11 @@ async def run_scenario(args, scenario: Scenario, home: Path, name: str, folder, 
                        first: bool) -> dict:
     from synthetic_folder import PromptMaker
 
-    shutil.rmtree(home / "tuning", ignore_errors=True)  # every scenario starts untuned
+    for folder_name in ("tuning", TRITON_CACHE):  # every scenario starts as on a new machine
+        shutil.rmtree(home / folder_name, ignore_errors=True)
     out: dict = {"scenario": scenario}
-    daemon = LocalDaemon(home, daemon_env(args, scenario)).start()
+    env = {"TRITON_CACHE_DIR": str(home / TRITON_CACHE), **daemon_env(args, scenario)}
+    daemon = LocalDaemon(home, env).start()
     try:
         async with session(daemon.socket) as http:
             if first:
@@ -296,8 +299,8 @@ def scenario_markdown(args, result: dict, llama: dict) -> list[str]:
               f"{fmt(long['max_gap_during_s'], 1e3, 0)} |"]
     mem, cold, restart = result["memory"], result["cold"], result["restart"]
     tuning = ", ".join(result["tuning_files"]) or "none written (no GPU kernels to tune)"
-    lines += ["", "| first request, empty tuning folder: first token ms (load ms) | "
-              "after a runner restart, tuning kept | runner RSS | runner peak RSS | VRAM "
+    lines += ["", "| first request, empty tuning folder and Triton cache: first token ms "
+              "(load ms) | after a runner restart, both kept | runner RSS | runner peak RSS | VRAM "
               "(/api/ps) | daemon RSS |", "| ---: | ---: | ---: | ---: | ---: | ---: |",
               f"| {fmt(cold['ttft_s'], 1e3, 0)} ({fmt(cold['load_s'], 1e3, 0)}) | "
               f"{fmt(restart['ttft_s'], 1e3, 0)} ({fmt(restart['load_s'], 1e3, 0)}) | "
