@@ -13,7 +13,9 @@ runner serving many requests and ``Engine.generate`` go one way.
   (``num_predict`` tokens, or prompt + generated reached ``num_ctx``), "cancel".
 - ``eval_count`` counts sampled tokens other than EOS; durations are wall-clock ns:
   ``prompt_eval_duration_ns`` the forwards of the prompt's chunks, ``eval_duration_ns`` the
-  picks and the decode steps of the generated tokens.
+  picks and the decode steps of the generated tokens. ``prompt_eval_count`` is the whole
+  prompt, also the tokens copied from the prefix cache (Ollama's meaning); those are
+  ``Generation.cached_tokens``, and their copy counts in ``prompt_eval_duration_ns``.
 - ``pick`` (optional) chooses each token instead of the sampler, e.g. JSON mode's constrained
   draw; it can also end the answer with the token it picked (reason "stop", token emitted).
 - Forwards: the prompt (in chunks), then one per emitted token that does not end the answer,
@@ -152,12 +154,19 @@ class Generation:
         self.eos_ids = set(engine.eos_token_ids or ())
         self.cache = None  # the loop's: made at the first prompt chunk, dropped at the end
         self.prefilled = 0  # prompt tokens in the cache
+        self.cached_tokens = 0  # of them, copied from the prefix cache (not forwarded)
         self.next_token: int | None = None  # sampled, forwarded by the next step
         self.done = False
 
     @property
     def num_ctx(self) -> int:
         return self.options.num_ctx
+
+    @property
+    def history(self) -> list[int]:
+        """The prompt and the tokens generated so far (EOS excluded); the cache holds its
+        first ``cache.length``."""
+        return self.counters.history
 
     @property
     def prefill_left(self) -> int:
@@ -173,6 +182,15 @@ class Generation:
         if not self.should_cancel():
             return []
         return self._end("cancel")
+
+    def restored(self, num_tokens: int, elapsed_ns: int) -> None:
+        """The first ``num_tokens`` of the prompt were copied into the cache from the prefix
+        cache (krasisd.engine.prefix_cache), in ``elapsed_ns``; at least one is left."""
+        if not 0 <= num_tokens < self.prefill_left:
+            raise ValueError(f"{num_tokens} restored tokens leave no prompt token to prefill")
+        self.prefilled += num_tokens
+        self.cached_tokens += num_tokens
+        self.counters.prompt_eval_duration_ns += elapsed_ns
 
     def prefilled_chunk(self, num_tokens: int, logits: torch.Tensor,
                         elapsed_ns: int) -> list[GenerationChunk]:

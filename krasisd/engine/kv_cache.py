@@ -71,6 +71,24 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def read_span(self, start: int, end: int, device: torch.device | str = "cpu"
+                  ) -> tuple[torch.Tensor, ...]:
+        """Copies of cached tokens ``start:end`` on ``device``: MLA's entries [L, N, W], or
+        GQA's keys and values [L, N, Hkv, Dh] each (N = end - start)."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"span {start}:{end} is outside the {self.length} cached tokens")
+        return tuple(t[:, start:end].to(device, copy=True) for t in self._tensors())
+
+    def write_span(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        """Append tokens whose entries were read by ``read_span`` (of a cache of the same
+        model): written in place after the ``length`` cached tokens, into the same storage
+        (growing it if it grows), then counted as cached."""
+        num_new = tensors[0].shape[1]
+        start, end = self._span(num_new)
+        for stored, span in zip(self._tensors(), tensors, strict=True):
+            stored[:, start:end].copy_(span)  # [L, N, ...], same dtype and device as stored
+        self.advance(num_new)
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated now."""

@@ -18,6 +18,13 @@ Each ``step()``:
    returned as :class:`Emitted`; finished sequences leave, and waiting ones join at the next
    step.
 
+With a prefix cache (``LoopOptions.prefix_cache_bytes`` > 0, krasisd.engine.prefix_cache): a
+sequence admitted in step 2 whose prompt starts with cached blocks gets their KV copied into
+its new cache and prefills only the rest; a sequence's complete blocks are stored when its
+prompt has been prefilled and again when it ends (its generated tokens too, so the next turn
+of a chat reuses the answer), also when cancelled (only the tokens its forwards wrote). A
+sequence whose forward failed stores nothing.
+
 A forward that raises fails the sequences it ran for (an :class:`Emitted` with ``error``); the
 others go on. ``run_alone`` drives a loop holding one sequence, synchronously: that is
 ``Engine.generate``.
@@ -49,6 +56,7 @@ from krasisd.engine.loop_options import (
     resolve_num_ctx,
 )
 from krasisd.engine.options import GenerationChunk
+from krasisd.engine.prefix_cache import PrefixCache
 
 __all__ = ["ContextLimitError", "ContextSpec", "Emitted", "GenerationLoop", "LoopOptions",
            "LoopStats", "StepEngine", "decode_one_by_one", "default_prefill_chunk_tokens",
@@ -80,13 +88,22 @@ class GenerationLoop:
     """Sequences waiting and running, stepped by the one thread that owns the engine."""
 
     def __init__(self, engine: StepEngine, options: LoopOptions,
-                 context: ContextSpec | None = None):
+                 context: ContextSpec | None = None, prefix_cache: PrefixCache | None = None,
+                 identity: str | None = None):
+        """``prefix_cache``: one to use (it may be shared by loops of several models, each
+        with its own ``identity``); None makes one of ``options.prefix_cache_bytes`` (none
+        when 0). ``identity`` names the model and quantization in the cache's keys (None:
+        this engine object, so nothing is shared with other engines)."""
         self.engine = engine
         self.options = options
         self.context = context or ContextSpec()
         self.waiting: deque = deque()
         self.running: list = []  # admitted, in admission order: prefilling or decoding
         self.stats = LoopStats()
+        if prefix_cache is None and options.prefix_cache_bytes > 0:
+            prefix_cache = PrefixCache(options.prefix_cache_bytes, options.prefix_block_tokens)
+        self.prefix = prefix_cache
+        self.identity = identity or f"{type(engine).__qualname__}@{id(engine):x}"
 
     # -- requests ---------------------------------------------------------------------
 
@@ -113,7 +130,7 @@ class GenerationLoop:
         self.stats.steps += 1
         out: list[Emitted] = []
         self._drop_cancelled(out)
-        self._admit()
+        self._admit(out)
         decoding = [g for g in self.running if g.next_token is not None]
         prefilling = min((g for g in self.running if g.prefill_left),
                          key=lambda g: g.prefill_left, default=None)  # the first of ties
@@ -133,10 +150,10 @@ class GenerationLoop:
                 chunks = generation.cancelled()
                 if chunks:
                     out.extend(Emitted(generation, chunk) for chunk in chunks)
-                    self._release(generation)
+                    self._release(generation)  # its complete blocks are stored first
                     queue.remove(generation)
 
-    def _admit(self) -> None:
+    def _admit(self, out: list[Emitted]) -> None:
         budget = self.options.kv_budget_bytes
         while self.waiting and len(self.running) < self.options.max_batch:
             head = self.waiting[0]
@@ -145,6 +162,24 @@ class GenerationLoop:
                 if needed + self.kv_bytes(head.num_ctx) > budget:
                     return  # it waits for room; later ones wait behind it (no starving)
             self.running.append(self.waiting.popleft())
+            if self.prefix is not None:
+                self._restore(head, out)
+
+    def _restore(self, generation, out: list[Emitted]) -> None:
+        """Copy the cached blocks the prompt starts with into a new cache for it."""
+        if not self.prefix.matched_blocks(self.identity, generation.prompt):
+            return
+        start_ns = time.perf_counter_ns()
+        try:
+            generation.cache = self.engine.new_cache(generation.num_ctx)
+            reused = self.prefix.restore(self.identity, generation.prompt, generation.cache)
+        except Exception as exc:  # noqa: BLE001 - this sequence's failure
+            log.exception("restoring a cached prefix failed")
+            self.running.remove(generation)
+            self._fail(generation, exc, out)
+            return
+        self.stats.prefix_hit_tokens += reused
+        generation.restored(reused, time.perf_counter_ns() - start_ns)
 
     def _decode(self, decoding: list, out: list[Emitted]) -> None:
         start_ns = time.perf_counter_ns()
@@ -178,7 +213,12 @@ class GenerationLoop:
             return
         elapsed_ns = time.perf_counter_ns() - start_ns
         self.stats.prefill_chunks += 1
+        self.stats.prefill_tokens += len(chunk)
         self.stats.forward_s += elapsed_ns / 1e9
+        if self.prefix is not None:
+            self.prefix.count_prefilled(len(chunk))
+            if generation.prefill_left == len(chunk):  # the prompt is all in the cache now
+                self._store(generation)
         self._emit(generation,
                    lambda: generation.prefilled_chunk(len(chunk), logits, elapsed_ns), out)
 
@@ -196,12 +236,25 @@ class GenerationLoop:
 
     def _fail(self, generation, exc: BaseException, out: list[Emitted]) -> None:
         generation.failed()
-        self._release(generation)
+        self._release(generation, store=False)  # a failed forward may have left it unsound
         out.append(Emitted(generation, error=exc))
 
-    @staticmethod
-    def _release(generation) -> None:
+    def _store(self, generation) -> None:
+        """Keep the complete blocks of what the sequence's cache holds (its prompt and the
+        generated tokens forwarded so far); a failure here costs only the reuse."""
+        try:
+            self.prefix.store(self.identity, generation.history, generation.cache)
+        except Exception:  # noqa: BLE001 - e.g. no memory for the copies
+            log.exception("storing a prefix failed")
+
+    def _release(self, generation, store: bool = True) -> None:
+        if store and self.prefix is not None and generation.cache is not None:
+            self._store(generation)
         generation.cache = None  # the KV memory goes with the last reference
+
+    def prefix_stats(self) -> dict | None:
+        """The prefix cache's counters and size (PrefixStats.as_dict), None without one."""
+        return None if self.prefix is None else self.prefix.stats.as_dict()
 
 
 def run_alone(loop: GenerationLoop, generation) -> Iterator[GenerationChunk]:

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from krasisd.engine.options import DEFAULT_NUM_CTX, GenerationChunk
 
 CPU_PREFILL_CHUNK_TOKENS = 512
+# blocks of the prefix cache (krasisd.engine.prefix_cache), tokens each
+DEFAULT_BLOCK_TOKENS = 16
+# share of the host memory available at a runner's start the prefix cache takes by default
+PREFIX_CACHE_RAM_FRACTION = 1 / 8
 # on CUDA each chunk of a long prompt streams the CPU-held experts through the GPU once
 # (krasisd.engine.gpu.prefill), so chunks are longer there
 CUDA_PREFILL_CHUNK_TOKENS = 2048
@@ -31,13 +35,17 @@ class ContextLimitError(ValueError):
 class LoopOptions:
     """How the loop runs: ``max_batch`` sequences at once (a runner's --num-parallel),
     prompts in chunks of ``prefill_chunk_tokens``, at most ``step_token_budget`` tokens per
-    step (None: a full chunk next to ``max_batch`` decode tokens), and the KV memory all
-    admitted sequences may need together (None: no limit)."""
+    step (None: a full chunk next to ``max_batch`` decode tokens), the KV memory all
+    admitted sequences may need together (None: no limit), and the host memory of the
+    prefix cache (krasisd.engine.prefix_cache; 0: off), in blocks of
+    ``prefix_block_tokens`` tokens."""
 
     max_batch: int = 1
     prefill_chunk_tokens: int = CPU_PREFILL_CHUNK_TOKENS
     step_token_budget: int | None = None
     kv_budget_bytes: int | None = None
+    prefix_cache_bytes: int = 0
+    prefix_block_tokens: int = DEFAULT_BLOCK_TOKENS
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -49,6 +57,10 @@ class LoopOptions:
                              f"max_batch ({self.max_batch}), or no prompt could ever be prefilled")
         if self.kv_budget_bytes is not None and self.kv_budget_bytes < 1:
             raise ValueError(f"kv_budget_bytes must be >= 1, got {self.kv_budget_bytes}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
+        if self.prefix_block_tokens < 1:
+            raise ValueError(f"prefix_block_tokens must be >= 1, got {self.prefix_block_tokens}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -102,12 +114,15 @@ class Emitted:
 
 @dataclass
 class LoopStats:
-    """Steps run, decode tokens and prompt chunks forwarded, seconds inside forwards."""
+    """Steps run, decode tokens and prompt chunks forwarded, prompt tokens forwarded and
+    read from the prefix cache, seconds inside forwards."""
 
     steps: int = 0
     decode_tokens: int = 0
     decode_steps: int = 0
     prefill_chunks: int = 0
+    prefill_tokens: int = 0
+    prefix_hit_tokens: int = 0
     forward_s: float = 0.0
 
 
@@ -122,6 +137,13 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def default_prefix_cache_bytes() -> int:
+    """The prefix cache's bound unless told: PREFIX_CACHE_RAM_FRACTION of the available host
+    memory (a quarter of the CPU's default KV budget); 0 when that is unknown."""
+    available = available_memory_bytes()
+    return 0 if available is None else int(available * PREFIX_CACHE_RAM_FRACTION)
 
 
 def _size(num_bytes: int | None) -> str:
