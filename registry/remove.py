@@ -1,7 +1,18 @@
-"""Removing a model: its files, partial downloads, caches and rows, and nothing else."""
+"""Removing a model: its files, partial downloads, caches and rows, and nothing else.
+
+A removal first marks the row 'removing' (a crash midway is finished at the next open).
+On a full disk that write can fail: SQLite needs a few free pages. Then the model's largest
+files that free space when deleted (not those hard-linked elsewhere, e.g. into a copy) are
+deleted one at a time, largest first, until the write succeeds, so `krasis rm` can free a
+full disk. Between such a deletion and the write the row still says 'ready'; an open finds
+a ready model with missing files and marks it failed (recovery.check_ready_models), so no
+crash leaves a ready row whose files are gone.
+"""
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlite_utils import Database
 
@@ -9,6 +20,7 @@ from . import records
 from .errors import ModelInUse, ModelNotFound
 from .locks import FileLock
 from .names import ModelRef
+from .space import is_disk_full, storage_full
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -33,9 +45,66 @@ def remove_model(db: Database, store: Store, ref: ModelRef, force: bool,
 
 def finish_removal(db: Database, store: Store, ref: ModelRef, model_id: int) -> None:
     """Mark 'removing', delete the folders, then the rows; a crash midway is finished at open."""
-    records.set_state(db, model_id, "removing")
+    current = db.execute("SELECT state FROM models WHERE id = ?", [model_id]).fetchone()
+    if current is not None and current[0] != "removing":
+        _mark_removing(db, store, ref, model_id)
     store.remove_tree(store.model_dir(ref), "models")
     store.remove_tree(store.partial_dir(ref), "partials")
     store.remove_tree(store.cache_root(ref), "caches")
     db.execute("DELETE FROM models WHERE id = ?", [model_id])
     log.info("removed %s", ref.full)
+
+
+def _mark_removing(db: Database, store: Store, ref: ModelRef, model_id: int) -> None:
+    """Write 'removing'; on a full disk, delete the model's largest files (those whose
+    deletion frees space) one by one until the write succeeds."""
+    try:
+        records.set_state(db, model_id, "removing")
+        return
+    except Exception as exc:
+        if not is_disk_full(exc, store.home):
+            raise
+        first = exc
+    freed_bytes = 0
+    for size_bytes, path in freeing_files(store, ref):
+        log.warning("disk full: deleting %s (%.1f MiB) of %s so its removal can be recorded",
+                    path, size_bytes / (1 << 20), ref.full)
+        path.unlink(missing_ok=True)
+        freed_bytes += size_bytes
+        try:
+            records.set_state(db, model_id, "removing")
+            return
+        except Exception as exc:
+            if not is_disk_full(exc, store.home):
+                raise
+            first = exc
+    if freed_bytes:
+        then = (f"then remove {ref.full} again (its {freed_bytes / (1 << 20):.1f} MiB of files "
+                "that free space are deleted already: it is marked failed at the next open)")
+    else:
+        then = (f"then remove {ref.full} again (deleting its files would free nothing: they "
+                "are hard links shared with other models or folders)")
+    raise storage_full(first, store.home, f"recording the removal of {ref.full}", then) \
+        from first
+
+
+def freeing_files(store: Store, ref: ModelRef) -> list[tuple[int, Path]]:
+    """(bytes, path) of the model's files whose deletion frees space (their only link),
+    largest first: its weights, partial downloads and cache files."""
+    found = []
+    for root in (store.model_dir(ref), store.partial_dir(ref), store.cache_root(ref)):
+        if not root.is_dir():
+            continue
+        for folder, _dirs, names in os.walk(root):
+            for name in names:
+                path = Path(folder) / name
+                try:
+                    stat = path.lstat()
+                except OSError:
+                    continue
+                if path.is_file() and not path.is_symlink() and stat.st_nlink == 1 \
+                        and stat.st_size > 0:
+                    found.append((stat.st_blocks * 512 or stat.st_size, path))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return found
+
