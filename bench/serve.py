@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import serve_measure as measure
 from bench_cli import log, positive_int, positive_ints
 from served import REPO, LocalDaemon, progress, session
@@ -153,20 +154,31 @@ def model_folder(args, work: Path) -> tuple[str, Path | None, Path]:
     return name, folder, folder
 
 
-async def register(http, name: str, folder: Path | None) -> float:
-    """``krasis create`` (or the bundled model's pull); seconds it took, caches included."""
-    started = time.perf_counter()
-    if folder is None:
-        await progress(http, "/api/pull", {"model": name}, log=log)
-    else:
-        await progress(http, "/api/create", {"model": name, "path": str(folder)}, log=log)
-    return time.perf_counter() - started
+async def register(args, scenario: Scenario, home: Path, name: str,
+                   folder: Path | None) -> float:
+    """``krasis create`` (or the bundled model's pull) through a daemon with the first
+    scenario's settings; seconds it took, caches included."""
+    daemon = LocalDaemon(home, daemon_env(args, scenario)).start()
+    try:
+        async with session(daemon.socket) as http:
+            started = time.perf_counter()
+            if folder is None:
+                await progress(http, "/api/pull", {"model": name}, log=log)
+            else:
+                await progress(http, "/api/create", {"model": name, "path": str(folder)},
+                               log=log)
+            return time.perf_counter() - started
+    except BaseException:
+        log(f"registering {name} failed; the daemon's log ends with:\n{daemon.log_tail(40)}")
+        raise
+    finally:
+        daemon.stop()
 
 
 # -- one scenario ---------------------------------------------------------------------------
 
-async def run_scenario(args, scenario: Scenario, home: Path, name: str, folder, tokenizer_dir,
-                       first: bool) -> dict:
+async def run_scenario(args, scenario: Scenario, home: Path, name: str,
+                       tokenizer_dir: Path) -> dict:
     from synthetic_folder import PromptMaker
 
     for folder_name in ("tuning", TRITON_CACHE):  # every scenario starts as on a new machine
@@ -176,8 +188,6 @@ async def run_scenario(args, scenario: Scenario, home: Path, name: str, folder, 
     daemon = LocalDaemon(home, env).start()
     try:
         async with session(daemon.socket) as http:
-            if first:
-                out["register_s"] = await register(http, name, folder)
             target = measure.Target(name, PromptMaker(tokenizer_dir), seed=args.seed)
             short = min(args.prompts)
             log(f"[{scenario.name}] first request")
@@ -345,7 +355,8 @@ def machine() -> dict:
             "commit": commit + (" (with uncommitted changes)" if dirty else "")}
 
 
-def report(args, info: dict, name: str, results: list[dict], llama: dict) -> str:
+def report(args, info: dict, name: str, register_s: float, results: list[dict],
+           llama: dict) -> str:
     how = "`krasis pull`, the bundled model" if args.model == TINY else "`krasis create`"
     lines = [f"## krasisd serving {name} ({args.model}"
              + (f", the first {min(args.layers, args.config['num_hidden_layers'])} of its "
@@ -356,11 +367,15 @@ def report(args, info: dict, name: str, results: list[dict], llama: dict) -> str
              f"Medians of {args.runs} run{'s' if args.runs > 1 else ''}; raw prompts, greedy, "
              "streamed over the Unix socket; "
              f"times by the client's clock. Registering the model ({how}, caches included) "
-             f"took {results[0].get('register_s', 0):.1f} s. Decode: {args.decode} tokens asked "
+             f"took {register_s:.1f} s. Decode: {args.decode} tokens asked "
              "per request (`tokens`: the token lines received, fewer when the model ended its "
              "answer); definitions in bench/serve_measure.py.", ""]
     for result in results:
-        lines += scenario_markdown(args, result, llama)
+        if "failed" in result:
+            lines += [f"### {result['scenario'].name}", "",
+                      f"Not run to the end: {result['failed']}", ""]
+        else:
+            lines += scenario_markdown(args, result, llama)
     return "\n".join(lines)
 
 
@@ -372,13 +387,17 @@ async def main_async(args) -> str:
         info = machine()
         scenarios = args.scenarios or default_scenarios(args.model, info["gpu"] != "none")
         name, folder, tokenizer_dir = model_folder(args, work)
+        register_s = await register(args, scenarios[0], home, name, folder)
         results = []
-        for index, scenario in enumerate(scenarios):
-            results.append(await run_scenario(args, scenario, home, name, folder,
-                                              tokenizer_dir, first=index == 0))
+        for scenario in scenarios:
+            try:
+                results.append(await run_scenario(args, scenario, home, name, tokenizer_dir))
+            except (RuntimeError, TimeoutError, aiohttp.ClientError) as exc:  # the next may run
+                log(f"[{scenario.name}] failed: {exc}")
+                results.append({"scenario": scenario, "failed": str(exc)})
         shutil.rmtree(home, ignore_errors=True)  # the caches: before a GGUF needs the disk
         llama = run_llama(args, folder, tokenizer_dir, work)
-        return report(args, info, name, results, llama)
+        return report(args, info, name, register_s, results, llama)
     finally:
         shutil.rmtree(home, ignore_errors=True)
         if args.work is None:

@@ -167,7 +167,8 @@ def test_serve_small_run_on_the_cpu(bench, tmp_path, capsys):
     out = tmp_path / "serve.md"
     assert serve.main(["--model", "krasis-tiny", "--prompts", "16,48", "--contexts", "16",
                        "--streams", "2", "--busy", "1", "--decode", "8", "--runs", "1",
-                       "--out", str(out)]) == 0
+                       "--scenario", "plain", "--scenario",
+                       "broken:KRASIS_RUNNER_LOADER=no_such_module:load", "--out", str(out)]) == 0
     text = out.read_text()
     assert text in capsys.readouterr().out
     prefill_rows = [line for line in text.splitlines() if line.startswith(("| 16 |", "| 48 |"))]
@@ -175,6 +176,10 @@ def test_serve_small_run_on_the_cpu(bench, tmp_path, capsys):
     assert all("not run" in row for row in prefill_rows)  # no llama.cpp given, said so
     assert "| – |" not in prefill_rows[0].split("not run")[0]  # every krasis figure measured
     assert "llama.cpp: not run (no --llama-cpp DIR given)" in text
+    assert "### plain (KRASIS_NUM_PARALLEL=2)" in text
+    broken = text.split("### broken", 1)[1]  # a scenario that fails is said so; others stand
+    assert "Not run to the end: first request: HTTP 500" in broken
+    assert "no_such_module" in broken
 
 
 @pytest.mark.slow
