@@ -470,11 +470,11 @@ class CreateRequest:
     system: str | None = None
     options: dict | None = None
     stream: bool = True
+    files: dict[str, str] | None = None  # {file name: blob digest}, uploaded to /api/blobs
 
 
 # Ollama's create fields krasis has no use for: refused, never dropped silently.
 _CREATE_UNSUPPORTED = {
-    "files": "blobs are not stored by krasis: name a folder on the daemon's machine in 'path'",
     "adapters": "krasis does not apply adapters",
     "messages": "krasis does not store messages with a model",
     "quantize": "krasis quantizes when it builds its caches (KRASIS_QUANT)",
@@ -495,7 +495,15 @@ def create_request(body: dict) -> CreateRequest:
                           "model's own chat template (Jinja, from its tokenizer_config.json), "
                           "not an Ollama Go template")
     path, source = _str(body, "path"), None
-    if not path:
+    files = body.get("files")
+    if files:
+        if not isinstance(files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise bad_request("invalid value for 'files': expected an object of file names "
+                              "and blob digests")
+        if path or body.get("from"):
+            raise bad_request("give one of 'files' (uploaded blobs), 'path' or 'from'")
+    elif not path:
         origin = _str(body, "from")
         if not origin:
             raise bad_request("missing field 'path': the local folder to create the model "
@@ -515,7 +523,7 @@ def create_request(body: dict) -> CreateRequest:
     if options:
         make_options(options)  # a combination SamplingOptions refuses is a 400 now
     return CreateRequest(name, path, source, _str(body, "system"), options,
-                         _bool(body, "stream") is not False)
+                         _bool(body, "stream") is not False, files or None)
 
 
 @dataclass

@@ -30,7 +30,7 @@ __all__ = ["Daemon", "make_app", "status_for"]
 # ------------------------------------------------------------------ routes
 
 # HEAD is where Ollama has it (/, /api/version, /api/tags, /api/blobs/:digest); aiohttp
-# answers HEAD with the GET handler's status and headers, without the body.
+# answers HEAD with the handler's status and headers, without the body.
 ROUTES: list[tuple[str, str, Handler]] = [
     # status
     ("GET", "/", routes_models.root),
@@ -49,8 +49,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/api/create", routes_models.create),
     ("POST", "/api/copy", routes_models.copy),
     ("POST", "/api/push", routes_models.push),
-    ("HEAD", "/api/blobs/{digest}", routes_models.blob),
-    ("POST", "/api/blobs/{digest}", routes_models.blob),
+    ("HEAD", "/api/blobs/{digest}", routes_models.blob_exists),
+    ("POST", "/api/blobs/{digest}", routes_models.blob_upload),
     ("DELETE", "/api/delete", routes_models.delete),
     # OpenAI compatibility
     ("GET", "/v1/models", routes_openai.models),

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,28 @@ class ModelCatalog:
         defaults = {k: v for k, v in (("system", system), ("options", options)) if v}
         return iterate_in_thread(lambda: self.registry.create(name, path, policy=policy,
                                                               **defaults))
+
+    def create_from_blobs(self, name: str, files: dict[str, str], system: str | None = None,
+                          options: dict | None = None) -> AsyncIterator[dict]:
+        """Progress events of creating a model from uploaded blobs ({file name: digest})."""
+        return iterate_in_thread(lambda: self.registry.create_from_blobs(
+            name, files, system=system, options=options))
+
+    async def has_blob(self, digest: str) -> bool:
+        """Whether the blob was uploaded; ValueError for a malformed digest."""
+        return await self._call(self.registry.has_blob, digest)
+
+    async def upload_blob(self, digest: str, read: Callable[[], Awaitable[bytes]]) -> None:
+        """Store a blob from ``read()`` (b"" at the end), writing on a worker thread; its
+        sha256 must be ``digest`` (PullError otherwise). Nothing is kept of a failed one."""
+        writer = await asyncio.to_thread(self.registry.blob_writer, digest)
+        try:
+            while chunk := await read():
+                await asyncio.to_thread(writer.write, chunk)
+            await asyncio.to_thread(writer.finish)
+        except BaseException:
+            writer.abort()
+            raise
 
     def copy(self, source: str, destination: str, **defaults: Any) -> AsyncIterator[dict]:
         """Progress events of copying a model to a new name (hard links); ``defaults``

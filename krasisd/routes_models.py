@@ -1,8 +1,9 @@
 """Status and model-management routes: /, /api/version, tags, show, ps, pull, create, copy,
-delete; push and blobs answer that krasis has no use for them."""
+blobs, delete; push answers that krasis has no registry to push to."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import math
@@ -114,8 +115,17 @@ async def ps(request: web.Request) -> web.Response:
             "digest": spec.digest, "details": spec.details,
             "expires_at": _expires_at(expires_in_s), "size_vram": item["vram_bytes"],
             "pid": item["pid"], "active_requests": item["active"],
+            **_prefix_cache(daemon, spec.name),
         })
     return web.json_response({"models": models})
+
+
+def _prefix_cache(daemon, name: str) -> dict:
+    """{"prefix_cache": {bytes, blocks, capacity_bytes, hit_rate, ...}} as the model's runner
+    last reported it (krasisd.engine.prefix_cache), or nothing when it keeps none."""
+    runner = getattr(daemon.scheduler.loaded.get(name), "runner", None)
+    stats = getattr(runner, "prefix_cache", None)
+    return {"prefix_cache": stats} if isinstance(stats, dict) else {}
 
 
 _FAR_FUTURE = datetime.datetime(2318, 1, 1, tzinfo=datetime.timezone.utc)
@@ -152,7 +162,10 @@ async def create(request: web.Request) -> web.StreamResponse:
     (no existence check here: that would tell a TCP caller what exists)."""
     req = api.create_request(await read_json(request))
     daemon = daemon_of(request)
-    if req.source is not None:  # a model derived from another: a copy with new defaults
+    if req.files is not None:  # uploaded blobs (POST /api/blobs)
+        events = daemon.catalog.create_from_blobs(req.model, req.files, system=req.system,
+                                                  options=req.options)
+    elif req.source is not None:  # a model derived from another: a copy with new defaults
         defaults = {k: v for k, v in (("system", req.system), ("options", req.options))
                     if v is not None}
         events = daemon.catalog.copy(req.source, req.model, **defaults)
@@ -178,10 +191,35 @@ async def push(request: web.Request) -> web.Response:
                             "and has no registry to push models to")
 
 
-async def blob(request: web.Request) -> web.Response:
-    """HEAD and POST /api/blobs/{digest}: krasis does not store blobs."""
-    raise api.ApiError(501, "blobs are not supported: krasis creates models from a folder on "
-                            "the daemon's machine (POST /api/create with 'path')")
+async def blob_exists(request: web.Request) -> web.Response:
+    """HEAD /api/blobs/{digest}: 200 when that blob was uploaded, else 404."""
+    try:
+        found = await daemon_of(request).catalog.has_blob(request.match_info["digest"])
+    except ValueError as exc:
+        raise api.bad_request(str(exc)) from None
+    return web.Response(status=200 if found else 404)
+
+
+async def blob_upload(request: web.Request) -> web.Response:
+    """POST /api/blobs/{digest}: store the body as a blob, checked against its sha256; 201.
+
+    No size limit but the disk's (a model file is gigabytes); a body that stalls for
+    KRASIS_BODY_TIMEOUT is dropped (408)."""
+    daemon = daemon_of(request)
+    timeout_s = daemon.config.body_timeout_s
+
+    async def read() -> bytes:
+        try:
+            return await asyncio.wait_for(request.content.readany(), timeout_s)
+        except asyncio.TimeoutError:
+            raise api.ApiError(408, f"the blob upload stalled for {timeout_s:g} s "
+                                    "(KRASIS_BODY_TIMEOUT)") from None
+
+    try:
+        await daemon.catalog.upload_blob(request.match_info["digest"], read)
+    except ValueError as exc:
+        raise api.bad_request(str(exc)) from None
+    return web.Response(status=201)
 
 
 async def delete(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ written: a file that changed between the two reads fails the import.
 config.json is checked against krasisd.engine.limits before any file is taken.
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -59,10 +60,14 @@ def bundled_dir(name: str) -> Path:
 
 def import_files(ctx: Context, ref: ModelRef, from_dir: Path, source: str, link: bool,
                  policy: SourcePolicy = ANY_FOLDER,
-                 defaults: tuple[str | None, dict | None] = (None, None)) -> Iterator[dict]:
+                 defaults: tuple[str | None, dict | None] = (None, None),
+                 label: str | None = None) -> Iterator[dict]:
     """Register the safetensors/json/tokenizer/template files of a local folder as ref,
-    with ``defaults``: its system message and sampling options (records.set_defaults)."""
+    with ``defaults``: its system message and sampling options (records.set_defaults).
+    ``label`` names the folder in messages (default: the path as given)."""
     folder = open_folder(from_dir, policy)
+    if label is not None:
+        folder = dataclasses.replace(folder, label=label)
     paths = select(list_files(folder), folder.label, name_files=folder.reveal_names)
     for path in paths:
         safe_file_path(path)

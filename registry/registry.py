@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from . import records
+from .blobs import BlobWriter, blob_path, checked_files, import_blobs, prune_blobs
 from .caches import DEFAULT_BUILDERS, Builder, formats_to_build
 from .copy import KEEP, copy_model
 from .create import bundled_dir, import_files
@@ -57,6 +58,7 @@ class Registry:
         with self._db() as db:
             migrate(db, self.store.global_lock_path())
             recover(db, self.store)
+        prune_blobs(self.store)
         self._pin = pin(self.store.db_path)  # reads keep working on a full disk (db.pin)
         self._heat_warned = False
 
@@ -120,6 +122,25 @@ class Registry:
                                                        link=True, policy=policy,
                                                        defaults=(system, options)),
                          formats, fail_model_on_build_error=True)
+
+    def create_from_blobs(self, name: str, files: dict[str, str],
+                          build_caches: bool | Iterable[str] = True, system: str | None = None,
+                          options: dict | None = None) -> Iterator[dict]:
+        """Create a model from uploaded blobs ({file name: "sha256:<hex>"}, Ollama's create
+        ``files``), as create() does from a folder; the blobs are deleted once it is made."""
+        ref = _new_name(name)
+        blobs = checked_files(self.store, files)
+        formats = formats_to_build(build_caches)
+        return self._run(ref, lambda ctx: import_blobs(ctx, ref, blobs, (system, options)),
+                         formats, fail_model_on_build_error=True)
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether a blob of that digest was uploaded (ValueError for a malformed digest)."""
+        return blob_path(self.store, digest).is_file()
+
+    def blob_writer(self, digest: str) -> BlobWriter:
+        """An upload of a blob of that digest (blobs.BlobWriter)."""
+        return BlobWriter(self.store, digest)
 
     def copy(self, source: str, destination: str, system=KEEP, options=KEEP) -> Iterator[dict]:
         """Make destination a copy of the ready model source (hard links: no space taken);

@@ -3,6 +3,7 @@ system/parameters (stored, shown, applied), unknown options, push and blobs."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -204,7 +205,8 @@ def test_create_from_folder_with_defaults(daemon, http, ollama_client):
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("template", "{{ .Prompt }}", "'template' is not supported: krasis renders prompts"),
-    ("files", {"model.gguf": "sha256:00"}, "'files' is not supported"),
+    ("files", {"model.gguf": "sha256:00"}, "give one of 'files' (uploaded blobs), 'path' or"),
+    ("adapters", {"a": "sha256:00"}, "'adapters' is not supported"),
     ("quantize", "q4_K_M", "'quantize' is not supported"),
     ("modelfile", "FROM x", "'modelfile' is not supported"),
     ("parameters", {"top_p": 2}, "invalid options: top_p must be in (0, 1]"),
@@ -242,13 +244,62 @@ def test_unknown_options_are_logged_and_ignored(ollama_client, http, caplog):
     assert answer.status_code == 400 and "'top_k'" in answer.json()["error"]
 
 
-def test_push_and_blobs_say_they_are_not_supported(http):
+def test_push_says_it_is_not_supported(http):
     answer = http.post("/api/push", json={"model": "krasis-tiny"})
     assert answer.status_code == 501 and "no registry to push" in answer.json()["error"]
-    digest = "sha256:" + "0" * 64
-    answer = http.post(f"/api/blobs/{digest}", content=b"bytes")
-    assert answer.status_code == 501 and "blobs are not supported" in answer.json()["error"]
-    assert http.head(f"/api/blobs/{digest}").status_code == 501
+
+
+def test_create_from_uploaded_blobs(daemon, ollama_client, http):
+    """ollama create's way: upload each file as a blob, then create with files."""
+    files = {}
+    for path in sorted(daemon.folder.iterdir()):
+        files[path.name] = ollama_client.create_blob(path)
+        assert http.head(f"/api/blobs/{files[path.name]}").status_code == 200
+    done = ollama_client.create(model="uploaded", files=files, system="from blobs",
+                                parameters={"num_predict": 2})
+    assert done.status == "success"
+    assert _system(http, "uploaded") == "from blobs"
+    shown = http.post("/api/show", json={"model": "uploaded"}).json()
+    assert shown["source"] == "local"
+    assert shown["digest"] == http.post("/api/show", json={"model": "krasis-tiny"}).json()[
+        "digest"]  # the same files
+    assert ollama_client.generate(model="uploaded", prompt="x").eval_count == 2
+    for digest in files.values():  # used: the model's files hold the bytes now
+        assert http.head(f"/api/blobs/{digest}").status_code == 404
+
+
+def test_blob_and_files_refusals(daemon, http):
+    good = "sha256:" + hashlib.sha256(b"bytes").hexdigest()
+    wrong = "sha256:" + "0" * 64
+    answer = http.post(f"/api/blobs/{wrong}", content=b"bytes")
+    assert answer.status_code == 400 and "digest mismatch" in answer.json()["error"]
+    assert http.head(f"/api/blobs/{wrong}").status_code == 404
+    answer = http.post("/api/blobs/sha256:xyz", content=b"bytes")
+    assert answer.status_code == 400 and "invalid digest" in answer.json()["error"]
+    assert http.head("/api/blobs/md5:00").status_code == 400
+    assert http.post(f"/api/blobs/{good}", content=b"bytes").status_code == 201
+    assert http.head(f"/api/blobs/{good}").status_code == 200
+    for files, message in [
+            ({"config.json": wrong}, "blob sha256:000"),
+            ({"../config.json": good}, "refusing file path"),
+            ({"config.json": "12"}, "invalid digest"),
+            ({"model.gguf": good}, "the uploaded model has no .safetensors weights"),
+            ([good], "expected an object of file names")]:
+        answer = http.post("/api/create", json={"model": "blobbed", "files": files,
+                                                "stream": False})
+        assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    answer = http.post("/api/create", json={"model": "blobbed", "files": {"a": good},
+                                            "path": str(daemon.folder)})
+    assert answer.status_code == 400 and "give one of" in answer.json()["error"]
+    assert http.post("/api/show", json={"model": "blobbed"}).status_code == 404  # nothing kept
+
+
+def test_blob_larger_than_the_body_limit(http):
+    """A blob is streamed to disk: KRASIS_MAX_BODY (16 MiB) bounds JSON bodies, not blobs."""
+    data = bytes(range(256)) * (80 * 1024)  # 20 MiB
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert http.post(f"/api/blobs/{digest}", content=data).status_code == 201
+    assert http.head(f"/api/blobs/{digest}").status_code == 200
 
 
 # ------------------------------------------------------------------ ps and the CLI
