@@ -2,8 +2,8 @@
 
 Concurrent clients send streamed generations and chats (some cut mid-stream by closing the
 connection), OpenAI-shaped requests, reads of /api/show and /api/ps, and bad inputs (malformed
-JSON, a body that is not an object, bad options and field types, bad and unknown model names,
-refused OpenAI fields, a wrong method), while the runner is killed with SIGKILL now and then
+JSON, a body that is not an object, bad option values and field types, bad and unknown model
+names, refused OpenAI fields, a wrong method; unknown options, which are ignored), while the runner is killed with SIGKILL now and then
 (its pid from /api/ps). Each outcome is compared with what docs/api.md promises:
 a bad input gets its 400 or 404, a request whose runner was killed ends with an error line or
 a 500 naming the runner, everything else completes. Printed: requests by kind and outcome,
@@ -46,6 +46,7 @@ KINDS = {
     "bad-json": (5, {400}),
     "not-object": (4, {400}),
     "bad-option": (6, {400}),
+    "unknown-option": (2, {200}),  # logged and ignored (docs/api.md, Options)
     "bad-type": (4, {400}),
     "bad-name": (5, {400}),
     "unknown-model": (6, {404}),
@@ -98,9 +99,13 @@ def request_for(kind: str, model: str, rng: random.Random) -> tuple[str, str, ob
     if kind == "not-object":
         return "POST", "/api/chat", rng.choice(["[1, 2]", '"text"', "42"])
     if kind == "bad-option":
-        bad = rng.choice([{"temperature": "hot"}, {"no_such_option": 1}, {"top_k": -5},
-                          {"num_ctx": "big"}, {"top_p": [1]}])
+        bad = rng.choice([{"temperature": "hot"}, {"top_k": -5}, {"num_ctx": "big"},
+                          {"top_p": [1]}, {"num_predict": 1.5}])
         return "POST", generate, {"model": model, "prompt": prompt, "options": bad}
+    if kind == "unknown-option":
+        extra = rng.choice([{"no_such_option": 1}, {"mirostat": 2}])
+        return "POST", generate, {"model": model, "prompt": prompt,
+                                  "options": {**options, **extra}}
     if kind == "bad-type":
         return "POST", generate, rng.choice([{"model": model, "prompt": 123},
                                              {"model": 7, "prompt": prompt},
