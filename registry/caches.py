@@ -107,6 +107,27 @@ def pick_quant(config: dict, quant: str) -> tuple[str, int] | None:
     return None
 
 
+QUANT_BYTES_PER_PARAM = {"int4": 0.5, "int8": 1.0}
+
+
+def cache_bytes_floor(config: dict, quant: str) -> int:
+    """At least how many bytes one cache of ``quant`` takes: it holds every linear of the
+    model (experts, attention, dense MLPs, the output head) at that width, so the parameters
+    config.json's sizes imply (krasisd.engine.limits.implied_parameters, a lower estimate)
+    less the input embedding, times the bytes a parameter takes (scales not counted)."""
+    from krasisd.engine.limits import implied_parameters
+
+    per_param = QUANT_BYTES_PER_PARAM.get(quant, 0.0)
+    best = 0
+    for where in (config, config.get("text_config")):
+        if not isinstance(where, dict):
+            continue
+        hidden, vocab = where.get("hidden_size"), where.get("vocab_size")
+        embedding = hidden * vocab if isinstance(hidden, int) and isinstance(vocab, int) else 0
+        best = max(best, max(implied_parameters(where) - embedding, 0))
+    return int(best * per_param)
+
+
 def record_not_applicable(db: Database, model: dict, fmt: str, quant: str) -> dict:
     """A failed row (group size 0) saying why this format cannot hold the model's shapes."""
     config = json.loads(model["config_json"] or "{}")

@@ -108,6 +108,40 @@ def parameter_counts(model_dir: Path, config: dict) -> tuple[int, int]:
     return total, active
 
 
+def prequantized_error(config: dict) -> str | None:
+    """The engine's refusal of a ``quantization_config`` (FP8, MXFP4, compressed-tensors...),
+    word for word (krasisd.engine.loader.check_not_prequantized, which imports torch: mirrored
+    here, a test keeps the two equal); None when config.json declares none."""
+    for where in (config, config.get("text_config")):
+        quant = where.get("quantization_config") if isinstance(where, dict) else None
+        if not quant:
+            continue
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        detail = quant.get("format") if isinstance(quant, dict) else None
+        named = f"{method} ({detail})" if isinstance(detail, str) and detail else str(method)
+        return ("pre-quantized checkpoints are not supported: config.json declares "
+                f"quantization_config with quant_method {named}; krasis reads bf16, fp16 or fp32 "
+                "safetensors and quantizes them itself, so use the model's bf16 release")
+    return None
+
+
+def check_servable(config: dict, source: str, capacity_bytes: int | None) -> None:
+    """PullError unless the engine can serve this config.json: its sizes within
+    krasisd.engine.limits (the parameter count they imply, at INT4, against
+    ``capacity_bytes``), an architecture the engine has, parsed by the engine's own parser
+    (krasisd.engine.config, which does not import torch), and no quantization_config."""
+    from krasisd.engine.config import ModelConfig
+    from krasisd.engine.errors import KrasisEngineError
+
+    quantized = prequantized_error(config)
+    if quantized is not None:
+        raise PullError(f"refusing {source}: {quantized}")
+    try:
+        ModelConfig.from_dict(config, capacity_bytes=capacity_bytes)
+    except (ValueError, TypeError, KrasisEngineError) as exc:  # sizes, an unknown family
+        raise PullError(f"refusing {source}: {exc}") from exc
+
+
 def describe(model_dir: Path) -> dict:
     """Architecture, model type, dtype and parameter counts of a model folder; PullError for
     sizes beyond krasisd.engine.limits or a corrupt safetensors file."""

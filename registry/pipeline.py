@@ -34,6 +34,7 @@ class Context:
     builders: dict[str, Builder] = field(default_factory=dict)
     quant: str = "int4"
     group_size: int | None = None  # None: the group size the engine picks for the model
+    cache_formats: tuple[str, ...] = ()  # built after the files (counted by a pull's disk check)
 
 
 def locked(store: Store, ref: ModelRef, body: Callable[[], Iterator[dict]],

@@ -1,4 +1,6 @@
-"""Pull from the Hugging Face Hub: manifest, disk check, resumable downloads, then ready.
+"""Pull from the Hugging Face Hub: manifest, disk check, config.json (checked before the
+weights: sizes, architecture, quantization, room for the caches), resumable downloads, then
+ready.
 
 Events follow Ollama's /api/pull stream: {"status": "pulling manifest"}, then per file
 {"status": "pulling <file>", "digest", "total", "completed"}, then "verifying sha256
@@ -10,10 +12,13 @@ import shutil
 import time
 from collections.abc import Generator, Iterator
 
-from . import records
+from krasisd.engine.limits import machine_capacity_bytes
+
+from . import caches, records
 from .download import Hashes, Incomplete, drop_meta, matches, transfer
 from .errors import PullError, StorageFull
 from .hub import TRANSPORT_ERRORS, Hub, RemoteFile
+from .modelinfo import check_servable, read_config
 from .names import ModelRef, safe_file_path
 from .pipeline import Context, finish, sweep_model_dir
 from .selection import select
@@ -48,10 +53,19 @@ def pull_files(ctx: Context, hub: Hub, ref: ModelRef, revision: str | None) -> I
     records.sync_files(ctx.db, model_id, [_spec(r) for r in remotes])
     yield from sweep_model_dir(ctx, ref, model_id)
     pending = _pending(ctx, ref, model_id, remotes)
-    _check_disk(ctx, ref, pending, repo)
+    need_bytes = _check_disk(ctx, ref, pending, repo)
     yield from _sweep_partials(ctx, ref, {r.path for r in remotes})
+    # config.json first: a model the engine cannot serve is refused before its weights
+    config_remote = by_path["config.json"]
+    yield from _fetch(ctx, hub, ref, model_id, snapshot.commit, config_remote,
+                      config_remote in pending)
+    config = read_config(ctx.store.model_dir(ref))
+    check_servable(config, repo, machine_capacity_bytes(ctx.store.home))
+    _check_room_for_caches(ctx, ref, model_id, config, need_bytes, repo)
     for remote in remotes:
-        yield from _fetch(ctx, hub, ref, model_id, snapshot.commit, remote, remote in pending)
+        if remote is not config_remote:
+            yield from _fetch(ctx, hub, ref, model_id, snapshot.commit, remote,
+                              remote in pending)
     yield {"status": "verifying sha256 digest"}
     yield from finish(ctx, ref, model_id)
 
@@ -86,8 +100,9 @@ def _part_path(ctx: Context, ref: ModelRef, path: str):
     return ctx.store.partial_dir(ref) / f"{path}.part"
 
 
-def _check_disk(ctx: Context, ref: ModelRef, pending: list[RemoteFile], repo: str) -> None:
-    """Refuse to start when the bytes still to fetch do not fit on the store's disk."""
+def _check_disk(ctx: Context, ref: ModelRef, pending: list[RemoteFile], repo: str) -> int:
+    """Refuse to start when the bytes still to fetch do not fit on the store's disk; return
+    those bytes."""
     need_bytes = 0
     for remote in pending:
         part = _part_path(ctx, ref, remote.path)
@@ -98,6 +113,33 @@ def _check_disk(ctx: Context, ref: ModelRef, pending: list[RemoteFile], repo: st
         raise StorageFull(
             f"insufficient storage: not enough disk space to pull {repo}: {_gib(need_bytes)} "
             f"still to download, {_gib(free_bytes)} free under {ctx.store.home}"
+        )
+    return need_bytes
+
+
+def _check_room_for_caches(ctx: Context, ref: ModelRef, model_id: int, config: dict,
+                           need_bytes: int, repo: str) -> None:
+    """Refuse, before the weights, when the bytes still to download plus the caches built
+    after them (caches.cache_bytes_floor, a lower bound, per format not built yet) do not
+    fit on the store's disk."""
+    if ctx.quant == "none" or not ctx.cache_formats:
+        return
+    picked = (ctx.quant, ctx.group_size) if ctx.group_size else \
+        caches.pick_quant(config, ctx.quant)
+    if picked is None:
+        return
+    ready = {(c["format"], c["quant"], c["group_size"])
+             for c in records.caches_of(ctx.db, model_id) if c["state"] == "ready"}
+    formats = [f for f in ctx.cache_formats if (f, *picked) not in ready]
+    cache_bytes = caches.cache_bytes_floor(config, picked[0]) * len(formats)
+    free_bytes = shutil.disk_usage(ctx.store.home).free
+    if formats and need_bytes + cache_bytes > free_bytes:
+        raise StorageFull(
+            f"insufficient storage: not enough disk space to pull {repo}: {_gib(need_bytes)} "
+            f"still to download and at least {_gib(cache_bytes)} of {picked[0]} caches "
+            f"({', '.join(formats)}) built after it, {_gib(free_bytes)} free under "
+            f"{ctx.store.home}; with KRASIS_QUANT=none no cache is built and the weights are "
+            "served as they are"
         )
 
 

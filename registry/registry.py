@@ -163,7 +163,8 @@ class Registry:
     def _run(self, ref: ModelRef, files_step: FilesStep, formats: list[str],
              rebuild: bool = False, fail_model_on_build_error: bool = False) -> Iterator[dict]:
         with self._db() as db:
-            ctx = Context(self.store, db, self.builders, self.quant, self.group_size)
+            ctx = Context(self.store, db, self.builders, self.quant, self.group_size,
+                          tuple(formats))
 
             def body() -> Iterator[dict]:
                 yield from guard_failure(ctx, ref, files_step(ctx))
