@@ -185,6 +185,7 @@ class Config:
     num_parallel: int = 4  # requests one runner serves at once (decode steps shared)
     kv_budget_bytes: int | None = None  # None: the runner's (half the available RAM on the CPU)
     prefill_chunk_tokens: int | None = None  # None: the engine's (512 on the CPU, 2048 on CUDA)
+    prefix_cache_bytes: int | None = None  # None: the runner's (1/8 of the available RAM); 0: off
     preload: list[str] = field(default_factory=list)
     vram_budget_bytes: int | None = None  # None: the engine uses what is free minus a margin
     memory_budget_bytes: int | None = None  # None: the hardware probe's total RAM + VRAM
@@ -406,6 +407,7 @@ def load_config(env: dict[str, str] | None = None) -> Config:
         num_parallel=read.get("KRASIS_NUM_PARALLEL", 4, _num_parallel_text),
         kv_budget_bytes=read.get("KRASIS_KV_BUDGET", None, _positive_size),
         prefill_chunk_tokens=read.get("KRASIS_PREFILL_CHUNK_TOKENS", None, _int_at_least(1)),
+        prefix_cache_bytes=read.get("KRASIS_PREFIX_CACHE", None, parse_size_bytes),
         preload=read.get("KRASIS_PRELOAD", [], _list),
         vram_budget_bytes=read.get("KRASIS_VRAM_BUDGET", None, _positive_size),
         memory_budget_bytes=read.get("KRASIS_MEMORY_BUDGET", None, parse_size_bytes),

@@ -41,7 +41,7 @@ from krasisd.config import (  # noqa: E402
     num_parallel_value,
 )
 from krasisd.engine.engine_options import EngineOptions  # noqa: E402
-from krasisd.engine.loop_options import LoopOptions  # noqa: E402
+from krasisd.engine.loop_options import LoopOptions, default_prefix_cache_bytes  # noqa: E402
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
 from krasisd.runner_streams import Stream, StreamLoop  # noqa: E402
 
@@ -160,13 +160,17 @@ def _loop_for(engine, options: LoopOptions):
     """The loop that serves ``engine`` and how a request becomes one of its sequences: the
     generation loop for a krasis Engine, the stream loop for any other engine (checked
     without importing torch for one that is not)."""
-    engine_module = sys.modules.get("krasisd.engine.engine")
-    if engine_module is not None and isinstance(engine, engine_module.Engine):
+    if _is_krasis_engine(engine):
         from krasisd.engine.loop import GenerationLoop
 
         engine.plan_sequences(options.max_batch)
         return GenerationLoop(engine, options, engine.context_spec()), _generation
     return StreamLoop(options), _stream
+
+
+def _is_krasis_engine(engine) -> bool:
+    engine_module = sys.modules.get("krasisd.engine.engine")
+    return engine_module is not None and isinstance(engine, engine_module.Engine)
 
 
 def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
@@ -178,6 +182,16 @@ def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
             "prompt_eval_count": chunk.prompt_eval_count,
             "prompt_eval_duration": chunk.prompt_eval_duration_ns,
             "eval_count": chunk.eval_count, "eval_duration": chunk.eval_duration_ns}
+
+
+def _prefix_fields(loop, sequence) -> dict:
+    """What a done event adds with a prefix cache: the prompt tokens read from it
+    (``prompt_eval_cached_count``, Ollama's name) and the cache's counters (PrefixStats)."""
+    stats = getattr(loop, "prefix_stats", lambda: None)()
+    if stats is None:
+        return {}
+    return {"prompt_eval_cached_count": getattr(sequence, "cached_tokens", 0),
+            "prefix_cache": stats}
 
 
 def _error_event(request_id: int, exc: BaseException) -> dict:
@@ -250,11 +264,15 @@ def _take_request(engine, loop, make, message: dict, model: str, channel: Channe
     loop.add(sequence)
 
 
-def serve(engine, channel: Channel, model: str, options: LoopOptions | None = None) -> None:
+def serve(engine, channel: Channel, model: str, options: LoopOptions | None = None,
+          identity: str | None = None) -> None:
     """Serve requests on this thread, the engine's only one, until the daemon closes the
-    channel; raises the OSError of a send that failed."""
+    channel; raises the OSError of a send that failed. ``identity``: the model and its
+    quantization, as the prefix cache's keys name them (None: this engine object)."""
     options = options or LoopOptions()
     loop, make = _loop_for(engine, options)
+    if identity is not None and getattr(loop, "prefix", None) is not None:
+        loop.identity = identity  # before any block is stored under the loop's own
     inbox, flight = Inbox(), _InFlight()
     threading.Thread(target=_read_messages, args=(channel, inbox), daemon=True,
                      name="daemon-channel").start()
@@ -276,7 +294,10 @@ def serve(engine, channel: Channel, model: str, options: LoopOptions | None = No
                 channel.send(_error_event(request_id, emitted.error))
                 flight.finish(request_id)
             else:
-                channel.send(_chunk_event(request_id, emitted.chunk))
+                event = _chunk_event(request_id, emitted.chunk)
+                if emitted.chunk.done:
+                    event.update(_prefix_fields(loop, emitted.generation))
+                channel.send(event)
                 if emitted.chunk.done:
                     flight.finish(request_id)
 
@@ -288,6 +309,9 @@ def _log_stats(loop, model: str) -> None:
             "model": model, "steps": stats.decode_steps, "tokens": stats.decode_tokens,
             "prefill_chunks": stats.prefill_chunks,
             "mean_batch": round(stats.decode_tokens / stats.decode_steps, 2)})
+    prefix = getattr(loop, "prefix_stats", lambda: None)()
+    if prefix is not None:
+        log.info("prefix cache", extra={"model": model, **prefix})
 
 
 def loop_options(engine, args: argparse.Namespace) -> LoopOptions:
@@ -296,12 +320,20 @@ def loop_options(engine, args: argparse.Namespace) -> LoopOptions:
     settings = {"max_batch": args.num_parallel, "step_token_budget": args.step_token_budget,
                 "prefill_chunk_tokens": args.prefill_chunk_tokens,
                 "kv_budget_bytes": args.kv_budget_bytes}
-    engine_module = sys.modules.get("krasisd.engine.engine")
-    if engine_module is None or not isinstance(engine, engine_module.Engine):
+    if not _is_krasis_engine(engine):  # a streaming-only engine keeps no KV for the loop
         return LoopOptions(**{k: v for k, v in settings.items() if v is not None})
     if settings["kv_budget_bytes"] is None:
         settings["kv_budget_bytes"] = engine.default_kv_budget_bytes()
+    settings["prefix_cache_bytes"] = args.prefix_cache_bytes \
+        if args.prefix_cache_bytes is not None else default_prefix_cache_bytes()
     return engine.loop_options(**settings)
+
+
+def model_identity(engine, args: argparse.Namespace) -> str:
+    """What the prefix cache's keys name: the model, its folder, quantization, device and
+    dtype (one runner serves one model; the key says so anyway)."""
+    dtype = getattr(engine, "dtype", None)
+    return f"{args.model}|{args.model_dir}|{args.quant}|{args.device}|{dtype}"
 
 
 def _vram_bytes() -> int:
@@ -326,6 +358,16 @@ def _positive_int_arg(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes (0 or more), got {text!r}")
     return value
 
 
@@ -361,6 +403,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk-tokens", type=_positive_int_arg, default=None)
     parser.add_argument("--step-token-budget", type=_positive_int_arg, default=None)
     parser.add_argument("--kv-budget-bytes", type=_positive_int_arg, default=None)
+    # the prefix cache's host memory (krasisd.engine.prefix_cache); 0: off; unset: the default
+    parser.add_argument("--prefix-cache-bytes", type=_bytes_arg, default=None)
     return parser.parse_args(argv)
 
 
@@ -395,9 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:  # e.g. a step token budget below --num-parallel
             channel.send({"type": "load_error", "error": str(exc)})
             return 1
-        channel.send({"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes(),
-                      "num_parallel": args.num_parallel})
-        serve(engine, channel, args.model, options)
+        ready = {"type": "ready", "pid": os.getpid(), "vram_bytes": _vram_bytes(),
+                 "num_parallel": args.num_parallel}
+        if options.prefix_cache_bytes and _is_krasis_engine(engine):
+            ready["prefix_cache"] = {"bytes": 0, "blocks": 0, "hit_rate": 0.0,
+                                     "capacity_bytes": options.prefix_cache_bytes}
+        channel.send(ready)
+        serve(engine, channel, args.model, options, model_identity(engine, args))
     except OSError as exc:
         log.info("daemon went away; runner exits", extra={"model": args.model, "error": str(exc)})
     finally:

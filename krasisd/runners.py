@@ -5,7 +5,9 @@ JSON lines. Daemon -> runner: ``{"type": "generate", "id", ...request}``,
 ``{"type": "cancel", "id"}``. Runner -> daemon: ``{"type": "ready", "pid", "vram_bytes",
 "num_parallel"}`` or ``{"type": "load_error", "error"}`` once, then per request
 ``{"type": "chunk", "id", "text", "token_id", "logprob"}`` ... and ``{"type": "done", "id",
-counters}`` or ``{"type": "error", "id", "status", "error"}``.
+counters}`` or ``{"type": "error", "id", "status", "error"}``. With a prefix cache, ready
+and done also carry ``"prefix_cache"`` (its bytes, blocks, hit_rate, ...; kept for
+/api/ps) and done ``"prompt_eval_cached_count"``.
 
 Up to ``num_parallel`` requests (``--num-parallel``, KRASIS_NUM_PARALLEL; a ready message
 without it means 1) are in flight on one channel at once: their events interleave and are
@@ -99,6 +101,7 @@ class RunnerProcess:
         self._stopping = False
         self.vram_bytes = 0
         self.num_parallel = 1
+        self.prefix_cache: dict | None = None  # the runner's last prefix-cache counters
         self._read_task = asyncio.create_task(self._read_loop())
 
     @property
@@ -141,6 +144,7 @@ class RunnerProcess:
         runner = cls(spec, proc, reader, writer, load_ns)
         runner.vram_bytes = int(message.get("vram_bytes") or 0)
         runner.num_parallel = max(1, int(message.get("num_parallel") or 1))
+        runner.prefix_cache = message.get("prefix_cache")
         return runner
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -178,6 +182,8 @@ class RunnerProcess:
         try:
             while line := await self._reader.readline():
                 event = json.loads(line)
+                if isinstance(event.get("prefix_cache"), dict):  # also a cancelled one's
+                    self.prefix_cache = event["prefix_cache"]
                 queue = self._pending.get(event.get("id"))
                 if queue is not None:
                     queue.put_nowait(event)
@@ -245,6 +251,8 @@ def _runner_argv(spec: ModelSpec, cfg: Config, fd: int) -> list[str]:
         argv += ["--kv-budget-bytes", str(cfg.kv_budget_bytes)]
     if cfg.prefill_chunk_tokens is not None:
         argv += ["--prefill-chunk-tokens", str(cfg.prefill_chunk_tokens)]
+    if cfg.prefix_cache_bytes is not None:
+        argv += ["--prefix-cache-bytes", str(cfg.prefix_cache_bytes)]
     if spec.cache_dir is not None:
         argv += ["--cache-dir", str(spec.cache_dir)]
     if spec.gpu_cache_dir is not None:
