@@ -93,13 +93,44 @@ def auto_group_size(config: dict, quant: str) -> int | None:
 
 QUANT_FALLBACKS = {"int4": ("int4", "int8"), "int8": ("int8",)}  # "none": nothing to build
 
+# architectures the native INT4/INT8 expert kernels cannot run yet, and why: served unquantized
+NOT_QUANTIZABLE = {
+    "GptOssForCausalLM": "the native INT4/INT8 expert kernels do not take gpt-oss's expert "
+                         "biases and clamped SwiGLU yet",
+}
+_explained: set[str] = set()
 
-def pick_quant(config: dict, quant: str) -> tuple[str, int] | None:
+
+def not_quantizable(config: dict) -> str | None:
+    """Why the model's architecture cannot be served from an INT4/INT8 cache (the reason and
+    "served unquantized"); None when it can."""
+    for where in (config, config.get("text_config")):
+        architectures = where.get("architectures") if isinstance(where, dict) else None
+        for arch in architectures if isinstance(architectures, list) else ():
+            if arch in NOT_QUANTIZABLE:
+                return f"{arch}: {NOT_QUANTIZABLE[arch]}; it is served unquantized"
+    return None
+
+
+def pick_quant(config: dict, quant: str,
+               group_size: int | None = None) -> tuple[str, int] | None:
     """(quantization, group size) a model is served with when ``quant`` is asked for: quant
-    itself when the CPU kernels can hold the model's shapes, else INT8 in place of INT4.
-    None: no quantized format fits (or quant is "none"); the weights load as they are.
-    The pull-time cache build and the daemon's choice both ask this, so the cache the
+    itself when the CPU kernels can hold the model's shapes, else INT8 in place of INT4
+    (``group_size`` pins quant at that group size instead).
+    None: no quantized format fits, the architecture has no quantized kernels yet
+    (NOT_QUANTIZABLE: logged once, with why), or quant is "none"; the weights load as they
+    are. The pull-time cache build and the daemon's choice both ask this, so the cache the
     registry builds is the one the runner loads."""
+    if quant not in QUANT_FALLBACKS:
+        return None
+    reason = not_quantizable(config)
+    if reason is not None:
+        if reason not in _explained:
+            _explained.add(reason)
+            log.warning("not quantizing to %s: %s", quant, reason)
+        return None
+    if group_size:
+        return quant, group_size
     for candidate in QUANT_FALLBACKS.get(quant, ()):
         group_size = auto_group_size(config, candidate)
         if group_size is not None:
@@ -129,13 +160,19 @@ def cache_bytes_floor(config: dict, quant: str) -> int:
 
 
 def record_not_applicable(db: Database, model: dict, fmt: str, quant: str) -> dict:
-    """A failed row (group size 0) saying why this format cannot hold the model's shapes."""
+    """A failed row (group size 0) saying why this format cannot hold the model (its shapes,
+    or an architecture without quantized kernels)."""
     config = json.loads(model["config_json"] or "{}")
     tried = " or ".join(QUANT_FALLBACKS.get(quant, (quant,)))
-    error = (f"not built: {tried} needs the hidden size ({config.get('hidden_size')}) and the "
-             f"expert width ({config.get('moe_intermediate_size')}) to be multiples of "
-             f"{min(GROUP_SIZES)}{f' (and of {INT4_UNIT} for int4)' if 'int4' in tried else ''}"
-             "; the weights load as they are")
+    reason = not_quantizable(config)
+    if reason is not None:
+        error = f"not built: {reason}"
+    else:
+        error = (f"not built: {tried} needs the hidden size ({config.get('hidden_size')}) and "
+                 f"the expert width ({config.get('moe_intermediate_size')}) to be multiples of "
+                 f"{min(GROUP_SIZES)}"
+                 f"{f' (and of {INT4_UNIT} for int4)' if 'int4' in tried else ''}"
+                 "; the weights load as they are")
     cache_id = records.begin_cache(db, model["id"], fmt, quant, 0, "")
     records.fail_cache(db, cache_id, error)
     return {"status": f"skipping {fmt} cache: {error}"}

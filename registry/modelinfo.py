@@ -18,7 +18,12 @@ from krasisd.engine.limits import ModelLimitError, check_config_limits, machine_
 
 from .errors import PullError
 
-_ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
+# a routed expert's own tensor (experts.3.w1.weight, experts.3.gate_proj.weight), or one of
+# all the routed experts fused along a leading [E] dimension (gpt-oss experts.gate_up_proj,
+# experts.down_proj_bias); shared_experts.* are not routed
+_ROUTED_EXPERT = re.compile(r"\.experts\.(\d+\.|[A-Za-z_]\w*$)")
+EXPERT_COUNT_FIELDS = ("n_routed_experts", "num_experts", "num_local_experts")
+PER_TOKEN_FIELDS = ("num_experts_per_tok", "experts_per_token")
 _HEADER_LIMIT_BYTES = 100 << 20
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
                "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
@@ -92,7 +97,8 @@ def _check_tensor(name: str, entry, data_bytes: int, corrupt) -> tuple[list[int]
 
 
 def parameter_counts(model_dir: Path, config: dict) -> tuple[int, int]:
-    """(total, active per token): routed experts count k/E of their weights as active."""
+    """(total, active per token): routed experts' tensors (one per expert, or fused [E, ...])
+    count k/E of their weights as active."""
     total = routed = 0
     for path in sorted(model_dir.glob("*.safetensors")):
         for name, shape in _tensor_shapes(path).items():
@@ -102,10 +108,26 @@ def parameter_counts(model_dir: Path, config: dict) -> tuple[int, int]:
             total += count
             if _ROUTED_EXPERT.search(name):
                 routed += count
-    experts = config.get("n_routed_experts") or config.get("num_experts") or 0
-    per_token = config.get("num_experts_per_tok") or 0
+    experts, per_token = routing(config)
     active = total - routed + (routed * per_token // experts if experts else routed)
     return total, active
+
+
+def routing(config: dict) -> tuple[int, int]:
+    """(routed experts, experts per token) from config.json, whichever spelling the family
+    uses (DeepSeek n_routed_experts, Qwen3 num_experts, Mixtral / MiniMax-M2 / gpt-oss
+    num_local_experts), also under a multimodal config's text_config; 0 when absent."""
+    def first(where: dict, names: tuple[str, ...]) -> int:
+        for name in names:
+            value = where.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return 0
+
+    for where in (config, config.get("text_config")):
+        if isinstance(where, dict) and first(where, EXPERT_COUNT_FIELDS):
+            return first(where, EXPERT_COUNT_FIELDS), first(where, PER_TOKEN_FIELDS)
+    return 0, 0
 
 
 def prequantized_error(config: dict) -> str | None:

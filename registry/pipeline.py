@@ -161,8 +161,8 @@ def build_caches(ctx: Context, ref: ModelRef, formats: Iterable[str],
     caches.sweep_cache_orphans(ctx.db, ctx.store, model, ref)
     if ctx.quant == "none" or not formats:
         return
-    picked = (ctx.quant, ctx.group_size) if ctx.group_size else \
-        caches.pick_quant(json.loads(model["config_json"] or "{}"), ctx.quant)
+    picked = caches.pick_quant(json.loads(model["config_json"] or "{}"), ctx.quant,
+                               ctx.group_size)
     if picked is not None and picked[0] != ctx.quant:
         log.info("%s cannot hold the shapes of %s: building %s", ctx.quant, ref.full, picked[0])
         yield {"status": f"{ctx.quant} cannot hold the model's shapes: using {picked[0]}"}

@@ -124,8 +124,7 @@ def _check_room_for_caches(ctx: Context, ref: ModelRef, model_id: int, config: d
     fit on the store's disk."""
     if ctx.quant == "none" or not ctx.cache_formats:
         return
-    picked = (ctx.quant, ctx.group_size) if ctx.group_size else \
-        caches.pick_quant(config, ctx.quant)
+    picked = caches.pick_quant(config, ctx.quant, ctx.group_size)
     if picked is None:
         return
     ready = {(c["format"], c["quant"], c["group_size"])
