@@ -162,6 +162,9 @@ def check_servable(config: dict, source: str, capacity_bytes: int | None) -> Non
         ModelConfig.from_dict(config, capacity_bytes=capacity_bytes)
     except (ValueError, TypeError, KrasisEngineError) as exc:  # sizes, an unknown family
         raise PullError(f"refusing {source}: {exc}") from exc
+    except Exception as exc:  # the parser's own failure on an odd value: still a refusal
+        raise PullError(f"refusing {source}: the engine cannot parse its config.json "
+                        f"({type(exc).__name__}: {exc})") from exc
 
 
 def describe(model_dir: Path) -> dict:
