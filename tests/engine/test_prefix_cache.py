@@ -207,3 +207,51 @@ def test_bad_settings_are_refused():
         LoopOptions(prefix_cache_bytes=-1)
     with pytest.raises(ValueError, match="prefix_block_tokens"):
         LoopOptions(prefix_block_tokens=0)
+
+
+def test_the_hybrid_engines_pooled_caches_take_restored_blocks(v2_model_dir, v2_int8_cache,
+                                                                tmp_path):
+    """The hybrid GPU engine (its GPU pieces on CPU tensors here) keeps fixed-address pooled
+    caches for its decode graphs: restored blocks are written into that storage in place."""
+    pytest.importorskip("triton")
+    from krasisd.engine.engine_options import EngineOptions
+    from krasisd.engine.gpu.graphs import load_hybrid
+
+    options = EngineOptions(quant="int8", device="cpu", threads=1, cache_dir=v2_int8_cache[0],
+                            gpu_cache_dir=tmp_path / "gpu", vram_budget_bytes=1 << 30,
+                            gpu_prefill_min_tokens=4, autotune=False)
+    hybrid = load_hybrid(v2_model_dir, options=options, max_tokens=64, use_gpu_experts=False)
+    try:
+        loop = GenerationLoop(hybrid, hybrid.loop_options(
+            max_batch=2, prefill_chunk_tokens=8, prefix_cache_bytes=1 << 30,
+            prefix_block_tokens=BLOCK), hybrid.context_spec())
+        greedy = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=6, num_ctx=64)
+        prompt = BASE[:20]
+        first = Generation(hybrid, prompt, greedy)
+        loop.add(first)
+        tokens = []
+        while loop.has_work():
+            tokens += [e.chunk.token_id for e in loop.step() if not e.chunk.done]
+        # a new question after the same context (the context's blocks were prefilled, so
+        # this bf16 engine's rounding is that of a fresh prefill's chunks)
+        follow_up = prompt + [4, 5, 6]
+        second = Generation(hybrid, follow_up, greedy)
+        loop.add(second)
+        # admitted: the blocks are copied into a pooled cache, then the rest is prefilled
+        again = [e.chunk.token_id for e in loop.step() if not e.chunk.done]
+        assert tokens and second.cached_tokens == len(prompt)
+        assert not second.cache.grow and second.cache.capacity == 64
+        assert second.cache.storage_key() in {s.storage_key() for s, _ in hybrid._pool}
+        while loop.has_work():
+            again += [e.chunk.token_id for e in loop.step() if not e.chunk.done]
+        # a fresh prefill of the same prompt on the hybrid engine (bf16 there, float32 in
+        # the CPU engine, whose greedy tokens may differ a few steps in)
+        fresh = GenerationLoop(hybrid, hybrid.loop_options(max_batch=2, prefill_chunk_tokens=8),
+                               hybrid.context_spec())
+        fresh.add(Generation(hybrid, follow_up, greedy))
+        expected = []
+        while fresh.has_work():
+            expected += [e.chunk.token_id for e in fresh.step() if not e.chunk.done]
+        assert again == expected
+    finally:
+        hybrid.close()
