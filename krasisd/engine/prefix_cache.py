@@ -141,18 +141,23 @@ class PrefixCache:
         ``cache``; returns the blocks added (the ones already held are only touched)."""
         count = min(len(tokens), cache.length)
         keys = block_keys(identity, tokens[:count], self.block_tokens)
-        added = 0
+        added = chain_bytes = 0
         for i, key in enumerate(keys):
-            if key in self._blocks:
-                continue
-            start = i * self.block_tokens
-            tensors = cache.read_span(start, start + self.block_tokens)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            if nbytes > self.capacity_bytes:
-                break  # never fits: neither does any later block
-            self._blocks[key] = _Block(tensors, nbytes)
-            self.stats.bytes += nbytes
-            added += 1
+            block = self._blocks.get(key)
+            if block is None:
+                if i and chain_bytes + chain_bytes // i > self.capacity_bytes:
+                    keys = keys[:i]  # blocks of one cache have one size: this one cannot fit
+                    break
+                start = i * self.block_tokens
+                block = _Block(cache.read_span(start, start + self.block_tokens), 0)
+                block.nbytes = sum(t.numel() * t.element_size() for t in block.tensors)
+                if chain_bytes + block.nbytes > self.capacity_bytes:
+                    keys = keys[:i]  # the rest of a chain longer than the whole cache: the
+                    break            # head is what later prompts share, so it is kept
+                self._blocks[key] = block
+                self.stats.bytes += block.nbytes
+                added += 1
+            chain_bytes += block.nbytes
         self._touch(keys)
         self._evict()
         self.stats.blocks = len(self._blocks)

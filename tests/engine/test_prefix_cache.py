@@ -137,6 +137,22 @@ def test_least_recently_used_chains_go_first_tail_before_head():
     assert cache.stats.evicted_blocks == 2 and cache.stats.bytes == 48
 
 
+def test_a_chain_longer_than_the_cache_keeps_its_head():
+    cache = PrefixCache(capacity_bytes=3 * 16, block_tokens=2)
+
+    class Span:  # every block is 16 bytes; counts the copies made
+        length, copies = 10, 0
+
+        def read_span(self, start, end):
+            Span.copies += 1
+            return (torch.zeros(4, dtype=torch.float32),)
+
+    tokens = list(range(10))
+    assert cache.store("m", tokens, Span()) == 3 and Span.copies == 3  # not 5, then evicted
+    assert cache.matched_blocks("m", tokens + [0]) == block_keys("m", tokens, 2)[:3]
+    assert cache.stats.bytes == 48 and cache.stats.evicted_blocks == 0
+
+
 def test_two_model_identities_never_share_blocks():
     shared = PrefixCache(1 << 30, BLOCK)
     first, second = _engine(TINY_DEEPSEEK_V2, seed=0), _engine(TINY_DEEPSEEK_V2, seed=1)
