@@ -19,8 +19,8 @@ Each ``step()``:
    step.
 
 With a prefix cache (``LoopOptions.prefix_cache_bytes`` > 0, krasisd.engine.prefix_cache): a
-sequence admitted in step 2 whose prompt starts with cached blocks gets their KV copied into
-its new cache and prefills only the rest; a sequence's complete blocks are stored when its
+sequence whose prompt starts with cached blocks gets their KV copied into its new cache when
+its first chunk is picked in step 3 and prefills only the rest; a sequence's complete blocks are stored when its
 prompt has been prefilled and again when it ends (its generated tokens too, so the next turn
 of a chat reuses the answer), also when cancelled (only the tokens its forwards wrote). A
 sequence whose forward failed stores nothing.
@@ -130,13 +130,12 @@ class GenerationLoop:
         self.stats.steps += 1
         out: list[Emitted] = []
         self._drop_cancelled(out)
-        self._admit(out)
+        self._admit()
         decoding = [g for g in self.running if g.next_token is not None]
-        prefilling = min((g for g in self.running if g.prefill_left),
-                         key=lambda g: g.prefill_left, default=None)  # the first of ties
         room = self.options.tokens_per_step - len(decoding)
+        prefilling = self._pick_prefill(out) if room > 0 else None
         chunk = prefilling.prefill_ids(min(room, self.options.prefill_chunk_tokens)) \
-            if prefilling is not None and room > 0 else []
+            if prefilling is not None else []
         if decoding:
             self._decode(decoding, out)
         if chunk:
@@ -153,7 +152,7 @@ class GenerationLoop:
                     self._release(generation)  # its complete blocks are stored first
                     queue.remove(generation)
 
-    def _admit(self, out: list[Emitted]) -> None:
+    def _admit(self) -> None:
         budget = self.options.kv_budget_bytes
         while self.waiting and len(self.running) < self.options.max_batch:
             head = self.waiting[0]
@@ -162,13 +161,25 @@ class GenerationLoop:
                 if needed + self.kv_bytes(head.num_ctx) > budget:
                     return  # it waits for room; later ones wait behind it (no starving)
             self.running.append(self.waiting.popleft())
-            if self.prefix is not None:
-                self._restore(head, out)
 
-    def _restore(self, generation, out: list[Emitted]) -> None:
-        """Copy the cached blocks the prompt starts with into a new cache for it."""
+    def _pick_prefill(self, out: list[Emitted]):
+        """The sequence whose prompt gets this step's chunk: the fewest tokens left, the first
+        of ties. With a prefix cache, a sequence's first chunk is preceded by the copy of the
+        cached blocks its prompt starts with, looked up only then, so a request that came
+        with another of the same context finds the blocks that one stored after its prompt."""
+        while True:
+            generation = min((g for g in self.running if g.prefill_left),
+                             key=lambda g: g.prefill_left, default=None)
+            if generation is None or self.prefix is None or generation.cache is not None:
+                return generation
+            if self._restore(generation, out):
+                return generation
+
+    def _restore(self, generation, out: list[Emitted]) -> bool:
+        """Copy the cached blocks the prompt starts with into a new cache for it; False when
+        that failed (the sequence has ended with the error)."""
         if not self.prefix.matched_blocks(self.identity, generation.prompt):
-            return
+            return True
         start_ns = time.perf_counter_ns()
         try:
             generation.cache = self.engine.new_cache(generation.num_ctx)
@@ -177,9 +188,10 @@ class GenerationLoop:
             log.exception("restoring a cached prefix failed")
             self.running.remove(generation)
             self._fail(generation, exc, out)
-            return
+            return False
         self.stats.prefix_hit_tokens += reused
         generation.restored(reused, time.perf_counter_ns() - start_ns)
+        return True
 
     def _decode(self, decoding: list, out: list[Emitted]) -> None:
         start_ns = time.perf_counter_ns()

@@ -83,6 +83,24 @@ def test_an_extended_prompt_prefills_only_its_new_tokens_and_answers_as_fresh(en
     assert stats["blocks"] == len(loop.prefix) and stats["bytes"] > 0
 
 
+def test_requests_that_come_together_with_one_context_read_it_once(engine):
+    loop = GenerationLoop(engine, _options(), engine.context_spec())
+    first = Generation(engine, BASE, _greedy(), key="first")
+    second = Generation(engine, BASE + [50, 51], _greedy(), key="second")
+    loop.add(first)
+    loop.add(second)  # both admitted at the first step
+    tokens: dict[str, list[int]] = {"first": [], "second": []}
+    while loop.has_work():
+        for emitted in loop.step():
+            assert emitted.error is None, emitted.error
+            if not emitted.chunk.done:
+                tokens[emitted.generation.key].append(emitted.chunk.token_id)
+    # the first prompt is read first (fewest tokens left); the second then copies its blocks
+    assert first.cached_tokens == 0 and second.cached_tokens == 28
+    assert loop.stats.prefill_tokens == len(BASE) + 4
+    assert tokens == {"first": _fresh(engine, BASE), "second": _fresh(engine, BASE + [50, 51])}
+
+
 def test_the_same_prompt_again_still_prefills_its_last_token(engine):
     prompt = BASE[:24]  # exactly 6 blocks
     loop = GenerationLoop(engine, _options(), engine.context_spec())
