@@ -8,6 +8,9 @@ the new tokens' prefill), and the prompt tokens forwarded.
 
     python3 bench/prefix_reuse.py                       # krasis-tiny, int4, 1 thread
     python3 bench/prefix_reuse.py --prompt-tokens 1950 --new-tokens 50 --repeats 5
+    python3 bench/prefix_reuse.py --daemon $XDG_RUNTIME_DIR/krasis/krasisd.sock
+        # through a running krasisd (raw /api/generate, krasis-tiny pulled first); start it
+        # with KRASIS_PREFIX_CACHE=0 for the figures without the cache
 """
 
 from __future__ import annotations
@@ -60,6 +63,46 @@ def _first_token_ms(loop: GenerationLoop, engine, prompt: list[int]) -> tuple[fl
     return first_ms, loop.stats.prefill_tokens - before
 
 
+def _daemon(args, engine_tokens) -> int:
+    """The same prompts as raw /api/generate requests to the daemon at ``args.daemon``."""
+    import json
+
+    import httpx
+
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(args.daemon)),
+                        base_url="http://localhost", timeout=600)
+    pulled = http.post("/api/pull", json={"model": "krasis-tiny"}).text.splitlines()
+    if json.loads(pulled[-1]).get("status") != "success":
+        raise SystemExit(f"pulling krasis-tiny failed: {pulled[-1]}")
+
+    def first_token_ms(prompt: str) -> tuple[float, int]:
+        body = {"model": "krasis-tiny", "prompt": prompt, "raw": True,
+                "options": {"temperature": 0, "num_predict": 4, "num_ctx": 2048}}
+        start, first_ms = time.perf_counter(), None
+        with http.stream("POST", "/api/generate", json=body) as response:
+            for line in response.iter_lines():
+                event = json.loads(line)
+                if first_ms is None and event.get("response"):
+                    first_ms = (time.perf_counter() - start) * 1000
+                if event.get("done"):
+                    return first_ms, event["prompt_eval_count"]
+        raise SystemExit("the answer ended without a done event")
+
+    tokenizer, base, extended = engine_tokens
+    first_token_ms("warm up")
+    for round_index in range(args.repeats):
+        # a context of its own each round: the first send is never cached
+        marker = tokenizer.encode(f"round {round_index} {time.time_ns()}: ",
+                                  add_special_tokens=False)
+        ms_first, count_first = first_token_ms(tokenizer.decode(marker + base))
+        ms_again, count_again = first_token_ms(tokenizer.decode(marker + extended))
+        print(f"first send {ms_first:.0f} ms ({count_first} prompt tokens), sent again with "
+              f"{args.new_tokens} more {ms_again:.0f} ms ({count_again})")
+    models = http.get("/api/ps").json()["models"]
+    print("prefix_cache in /api/ps:", models[0].get("prefix_cache") if models else None)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=TINY)
@@ -71,7 +114,16 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=1950)
     parser.add_argument("--new-tokens", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--daemon", type=Path, default=None,
+                        help="a running krasisd's socket: measure through it instead")
     args = parser.parse_args()
+    if args.daemon is not None:
+        from krasisd.engine.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(TINY)
+        base = _text_tokens(tokenizer, args.prompt_tokens)
+        extended = base + _text_tokens(tokenizer, args.new_tokens, skip=len(base))
+        return _daemon(args, (tokenizer, base, extended))
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
