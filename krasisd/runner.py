@@ -6,10 +6,11 @@ daemon and only puts them in the :class:`Inbox`; ONE engine thread (the one that
 :func:`serve`) owns the engine: between two steps of the generation loop
 (krasisd.engine.loop) it takes the new requests and cancels, then runs a step and sends the
 chunks it produced. Up to ``--num-parallel`` requests decode together in one batched forward
-per step, a long prompt is prefilled in chunks between those steps, and a cancel ends its
-request at the next step, mid-prompt too. An engine that is not a krasis Engine (a plugged-in
-loader, a test fake) only streams: its streams advance one chunk per step
-(krasisd.runner_streams). When the daemon goes away (the channel closes) the runner stops
+per step, a long prompt is prefilled in chunks between those steps, a cancel ends its
+request at the next step, mid-prompt too, and the loop's prefix cache
+(``--prefix-cache-bytes``) spares prefilling the context a request shares with earlier ones.
+An engine that is not a krasis Engine (a plugged-in loader, a test fake) only streams: its
+streams advance one chunk per step (krasisd.runner_streams). When the daemon goes away (the channel closes) the runner stops
 stepping and exits.
 """
 

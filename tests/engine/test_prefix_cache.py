@@ -289,3 +289,24 @@ def test_the_hybrid_engines_pooled_caches_take_restored_blocks(v2_model_dir, v2_
         assert again == expected
     finally:
         hybrid.close()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_spans_read_and_written_round_trip_and_grow_the_cache(name):
+    config = ModelConfig.from_dict(MODELS[name])
+    source = new_kv_cache(config, 600, torch.float32, grow=True)
+    filled = [torch.randn_like(t) for t in source._tensors()]  # [L, 256, ...] each
+    for stored, values in zip(source._tensors(), filled, strict=True):
+        stored.copy_(values)
+    source.advance(200)
+    target = new_kv_cache(config, 600, torch.float32, grow=True)
+    for start in range(0, 200, 50):  # 4 spans of 50 tokens: 200, then 200 more
+        target.write_span(source.read_span(start, start + 50))
+    for start in range(0, 200, 50):
+        target.write_span(source.read_span(start, start + 50))
+    assert target.length == 400 and target.capacity == 512  # grown from 256
+    for stored, values in zip(target._tensors(), filled, strict=True):
+        assert torch.equal(stored[:, :200], values[:, :200])
+        assert torch.equal(stored[:, 200:400], values[:, :200])
+    with pytest.raises(ValueError, match="outside"):
+        source.read_span(150, 201)
