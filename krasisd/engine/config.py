@@ -26,7 +26,11 @@ FAMILIES = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "GptOssForCausalLM": "gpt_oss",
+    # hybrid: Gated DeltaNet linear attention with gated full attention every few layers
+    "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",  # Qwen3.5 and Qwen3.6 MoE, text model
 }
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_moe")
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 # other class names of a supported architecture: Kimi K2 / K2.5 are DeepSeek-V3 text models
 # (K2.5's config.json nests the text model's config under ``text_config``)
@@ -34,13 +38,15 @@ ARCHITECTURE_ALIASES = {
     "KimiK2ForCausalLM": "DeepseekV3ForCausalLM",
     "KimiK25ForConditionalGeneration": "DeepseekV3ForCausalLM",
     "Kimi_K25ForConditionalGeneration": "DeepseekV3ForCausalLM",
+    # Qwen3.5 / 3.6 MoE checkpoints are multimodal: the text model's config is ``text_config``
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM",
 }
 KIMI_MODEL_TYPES = ("kimi_k2", "kimi_k25")
 ROPE_TYPES = ("default", "linear", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid", "topk_softmax")  # topk_softmax: gpt-oss
 QK_NORMS = ("none", "head", "projection")  # RMSNorm of q and k: off, per head, whole projection
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass
@@ -67,6 +73,12 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     tie_word_embeddings: bool = False
+    # Gated DeltaNet linear attention (the hybrid families' "linear_attention" layers)
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
     # multi-head latent attention (DeepSeek)
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
@@ -76,6 +88,7 @@ class ModelConfig:
     # mixture of experts
     n_routed_experts: int = 0
     n_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0  # one shared expert behind a sigmoid gate (Qwen3-Next)
     num_experts_per_tok: int = 0
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
@@ -116,7 +129,8 @@ class ModelConfig:
         self.mlp_only_layers = tuple(self.mlp_only_layers)
         self.layer_types = tuple(self.layer_types)
         if self.qk_norm is None:
-            self.qk_norm = {"qwen3_moe": "head", "minimax_m2": "projection"}.get(self.family, "none")
+            self.qk_norm = {"qwen3_moe": "head", "minimax_m2": "projection", "qwen3_next": "head",
+                            "qwen3_5_moe": "head"}.get(self.family, "none")
         self.eos_token_ids = tuple(self.eos_token_ids)
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
@@ -172,6 +186,31 @@ class ModelConfig:
                 raise ValueError("layer_types has sliding_attention layers but no sliding_window")
         if self.swiglu_alpha <= 0 or self.swiglu_limit <= 0:
             raise ValueError("swiglu_alpha and swiglu_limit must be > 0")
+        self._check_linear_attention()
+
+    def _check_linear_attention(self) -> None:
+        """The hybrid families: every layer typed full or linear attention, and the Gated
+        DeltaNet sizes positive, value heads a multiple of key heads."""
+        if not self.is_hybrid:
+            if "linear_attention" in self.layer_types:
+                raise UnsupportedModelError(
+                    f"{self.architecture} has no linear attention layers; layer_types says "
+                    "linear_attention")
+            return
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"{self.architecture} needs layer_types naming full_attention or "
+                             "linear_attention for each layer")
+        if "sliding_attention" in self.layer_types:
+            raise UnsupportedModelError(f"{self.architecture} with sliding_attention layers "
+                                        "is not supported")
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_conv_kernel_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a "
+                             f"multiple of linear_num_key_heads ({self.linear_num_key_heads})")
 
     def _check_routing(self) -> None:
         if self.n_routed_experts == 0:
@@ -222,6 +261,18 @@ class ModelConfig:
         return FAMILIES[self.architecture]
 
     @property
+    def is_hybrid(self) -> bool:
+        """Gated DeltaNet linear attention layers beside full attention ones (HYBRID_FAMILIES):
+        their cache holds recurrent and conv states as well as KV (krasisd.engine.hybrid_cache)."""
+        return self.family in HYBRID_FAMILIES
+
+    @property
+    def full_attention_layers(self) -> tuple[int, ...]:
+        """The layers with a KV cache: all but the hybrid families' linear attention ones."""
+        return tuple(i for i in range(self.num_hidden_layers)
+                     if not self.layer_types or self.layer_types[i] != "linear_attention")
+
+    @property
     def expert_bias(self) -> bool:
         """Whether the routed experts have biases and the clamped SwiGLU (gpt-oss), which only
         the torch reference expert backend computes."""
@@ -269,7 +320,9 @@ class ModelConfig:
         """Whether a layer has routed experts (else it has a dense SwiGLU MLP)."""
         if self.n_routed_experts == 0:
             return False
-        if self.family == "qwen3_moe":
+        if self.family == "qwen3_5_moe":
+            return True
+        if self.family in ("qwen3_moe", "qwen3_next"):
             return (layer_idx not in self.mlp_only_layers
                     and (layer_idx + 1) % self.decoder_sparse_step == 0)
         return (layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
@@ -317,13 +370,16 @@ class ModelConfig:
             values.pop("layer_types", None)
         if family == "qwen3_moe":
             values.update(_qwen3_moe_fields(raw))
+        elif family in HYBRID_FAMILIES:
+            values.update(_qwen3_next_fields(raw, values))
         elif family in GQA_FIELDS:
             values.update(GQA_FIELDS[family](raw))
         else:
             values.update(_deepseek_fields(raw, arch))
         values.update(_rope_fields(raw))
         if family != "deepseek":
-            values["partial_rotary_factor"] = _partial_rotary_factor(raw, values)
+            values["partial_rotary_factor"] = _partial_rotary_factor(
+                raw, values, 0.25 if family in HYBRID_FAMILIES else 1.0)
         eos = raw.get("eos_token_id")
         eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
         values["eos_token_ids"] = tuple(eos_list)
@@ -365,19 +421,59 @@ def _qwen3_moe_fields(raw: dict[str, Any]) -> dict[str, Any]:
 
 def text_model_config(raw: dict[str, Any]) -> dict[str, Any]:
     """The config of the text model: Kimi K2.5's config.json nests a DeepSeek-V3 config under
-    ``text_config`` (its vision tower is not served); other configs are returned as they are."""
-    archs = raw.get("architectures") or []
+    ``text_config``, Qwen3.5/3.6 MoE's a Qwen3_5MoeForCausalLM one (their vision towers are
+    not served); other configs are returned as they are."""
+    archs = [a for a in raw.get("architectures") or [] if isinstance(a, str)]
     nested = raw.get("text_config")
-    if not isinstance(nested, dict) or not (
-            raw.get("model_type") in KIMI_MODEL_TYPES
-            or any(a in ARCHITECTURE_ALIASES for a in archs if isinstance(a, str))):
+    aliased = [ARCHITECTURE_ALIASES[a] for a in archs if a in ARCHITECTURE_ALIASES]
+    if not isinstance(nested, dict) or not (raw.get("model_type") in KIMI_MODEL_TYPES or aliased):
         return raw
     text = dict(nested)
-    text["architectures"] = ["DeepseekV3ForCausalLM"]
+    text["architectures"] = aliased[:1] or ["DeepseekV3ForCausalLM"]
     for key in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype", "tie_word_embeddings"):
         if text.get(key) is None and raw.get(key) is not None:
             text[key] = raw[key]
     return text
+
+
+def _qwen3_next_fields(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-Next and Qwen3.5/3.6 MoE: softmax top-k routing renormalised (always for Qwen3.5),
+    one shared expert behind a sigmoid gate, per-head q/k norm; ``layer_types`` (or every
+    ``full_attention_interval``-th layer full, the others linear) say which layers are Gated
+    DeltaNet. Missing sizes take transformers' defaults, as its classes would load them.
+    Multi-token prediction (``mtp_*``) is not used."""
+    layers = raw.get("num_hidden_layers")
+    kinds = raw.get("layer_types")
+    if kinds is None and isinstance(layers, int):
+        interval = raw.get("full_attention_interval")
+        interval = 4 if interval is None else interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"full_attention_interval must be a positive integer, got {interval!r}")
+        kinds = ["linear_attention" if (i + 1) % interval else "full_attention"
+                 for i in range(layers)]
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise ValueError(f"layer_types must list a layer type per layer, got {kinds!r}")
+    qwen3_5 = FAMILIES.get(values["architecture"]) == "qwen3_5_moe"
+    shared = raw.get("shared_expert_intermediate_size", 512) or 0
+    return {
+        "n_routed_experts": raw.get("num_experts", 512 if not qwen3_5 else 256) or 0,
+        "n_shared_experts": 0,  # the gated shared expert is shared_expert_intermediate_size
+        "shared_expert_intermediate_size": shared,
+        "moe_intermediate_size": raw.get("moe_intermediate_size", 512),
+        # Qwen3.5 has no dense layers: intermediate_size is absent and unused there
+        "intermediate_size": raw.get("intermediate_size") or (shared if qwen3_5 else 5632),
+        "topk_method": "greedy", "scoring_func": "softmax",
+        "norm_topk_prob": True if qwen3_5 else bool(raw.get("norm_topk_prob", True)),
+        "mlp_only_layers": () if qwen3_5 else tuple(raw.get("mlp_only_layers") or ()),
+        "head_dim": raw.get("head_dim") or 256,
+        "layer_types": tuple(kinds),
+        "linear_num_key_heads": raw.get("linear_num_key_heads", 16),
+        "linear_num_value_heads": raw.get("linear_num_value_heads", 32),
+        "linear_key_head_dim": raw.get("linear_key_head_dim", 128),
+        "linear_value_head_dim": raw.get("linear_value_head_dim", 128),
+        "linear_conv_kernel_dim": raw.get("linear_conv_kernel_dim", 4),
+        "rope_interleave": False,
+    }
 
 
 def _glm4_moe_lite_layers(raw: dict[str, Any]) -> dict[str, Any]:
@@ -450,16 +546,18 @@ GQA_FIELDS = {"mixtral": _mixtral_fields, "glm4_moe": _glm4_moe_fields,
               "minimax_m2": _minimax_m2_fields, "gpt_oss": _gpt_oss_fields}
 
 
-def _partial_rotary_factor(raw: dict[str, Any], values: dict[str, Any]) -> float:
+def _partial_rotary_factor(raw: dict[str, Any], values: dict[str, Any],
+                           default: float = 1.0) -> float:
     """The rotated share of a GQA head: ``partial_rotary_factor`` at the top level or in the
-    rope parameters, or MiniMax-M2's ``rotary_dim`` over ``head_dim``."""
+    rope parameters, or MiniMax-M2's ``rotary_dim`` over ``head_dim``; else ``default`` (the
+    hybrid Qwen families rotate a quarter, as transformers assumes for them)."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
     factor = factor if factor is not None else raw.get("partial_rotary_factor")
     if factor is None and raw.get("rotary_dim"):
         head_dim = values.get("head_dim") or values["hidden_size"] // values["num_attention_heads"]
         factor = raw["rotary_dim"] / head_dim
-    return float(factor) if factor is not None else 1.0
+    return float(factor) if factor is not None else default
 
 
 def _rope_fields(raw: dict[str, Any]) -> dict[str, Any]:

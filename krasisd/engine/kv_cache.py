@@ -29,6 +29,9 @@ class KVCache:
     keys and values; callers read it instead of looking for attributes."""
 
     compressed = False
+    # spans of tokens can be read out and written back (the prefix cache); False for a cache
+    # holding state that sums up the whole sequence (krasisd.engine.hybrid_cache)
+    supports_prefix_blocks = True
 
     def __init__(self, max_tokens: int, grow: bool = False):
         if max_tokens < 1:
@@ -167,6 +170,10 @@ def new_kv_cache(config: ModelConfig, max_tokens: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", grow: bool = False) -> KVCache:
     """The cache kind the model's attention needs; ``grow``: storage grows with the sequence
     instead of being allocated for ``max_tokens`` at once."""
+    if config.is_hybrid:
+        from krasisd.engine.hybrid_cache import HybridCache
+
+        return HybridCache(config, max_tokens, dtype, device, grow)
     if config.is_mla:
         return MLAKVCache(config.num_hidden_layers, max_tokens, config.kv_cache_width,
                           dtype, device, grow)
@@ -175,6 +182,7 @@ def new_kv_cache(config: ModelConfig, max_tokens: int, dtype: torch.dtype,
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """KV cache bytes one token of context takes, over all layers."""
+    """KV cache bytes one token of context takes, over all layers with attention KV (a hybrid
+    model's DeltaNet layers keep a state of fixed size instead)."""
     element_bytes = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * config.kv_cache_width * element_bytes
+    return len(config.full_attention_layers) * config.kv_cache_width * element_bytes

@@ -27,7 +27,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-ROUTER_KEYS = re.compile(r"\.mlp\.gate\.(weight|bias|e_score_correction_bias)$")
+# kept in their stored dtype: the router, and Gated DeltaNet's decay parameters (float32 in
+# Qwen3-Next and Qwen3.5 checkpoints; the model computes the decay in float32)
+ROUTER_KEYS = re.compile(r"\.mlp\.gate\.(weight|bias|e_score_correction_bias)$"
+                         r"|\.linear_attn\.(A_log|dt_bias)$")
 # other families' spellings of the engine's tensor names (the renames transformers applies)
 RENAMES = (
     (re.compile(r"^(language_model\.model|model\.language_model)\."), "model."),  # Kimi K2.5

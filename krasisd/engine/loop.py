@@ -20,10 +20,10 @@ Each ``step()``:
 
 With a prefix cache (``LoopOptions.prefix_cache_bytes`` > 0, krasisd.engine.prefix_cache): a
 sequence whose prompt starts with cached blocks gets their KV copied into its new cache when
-its first chunk is picked in step 3 and prefills only the rest; a sequence's complete blocks are stored when its
-prompt has been prefilled and again when it ends (its generated tokens too, so the next turn
-of a chat reuses the answer), also when cancelled (only the tokens its forwards wrote). A
-sequence whose forward failed stores nothing.
+its first chunk is picked in step 3, and prefills only the rest; a sequence's complete
+blocks are stored when its prompt has been prefilled and again when it ends (its generated
+tokens too, so the next turn of a chat reuses the answer), also when cancelled (only the
+tokens its forwards wrote). A sequence whose forward failed stores nothing.
 
 A forward that raises fails the sequences it ran for (an :class:`Emitted` with ``error``); the
 others go on. ``run_alone`` drives a loop holding one sequence, synchronously: that is

@@ -124,6 +124,8 @@ class PrefixCache:
         the prompt tokens it now holds (a multiple of ``block_tokens``, 0 on a miss)."""
         if cache.length:
             raise ValueError("a prefix is restored into an empty cache only")
+        if not getattr(cache, "supports_prefix_blocks", True):  # a hybrid model's states
+            return 0
         keys = self.matched_blocks(identity, prompt)
         for key in keys:
             cache.write_span(self._blocks[key].tensors)
@@ -138,7 +140,10 @@ class PrefixCache:
 
     def store(self, identity: str, tokens: Sequence[int], cache) -> int:
         """Keep the complete blocks of ``tokens``, the first ``cache.length`` of which are in
-        ``cache``; returns the blocks added (the ones already held are only touched)."""
+        ``cache``; returns the blocks added (the ones already held are only touched). A cache
+        that cannot give spans of tokens (``supports_prefix_blocks`` False) stores nothing."""
+        if not getattr(cache, "supports_prefix_blocks", True):
+            return 0
         count = min(len(tokens), cache.length)
         keys = block_keys(identity, tokens[:count], self.block_tokens)
         added = chain_bytes = 0

@@ -1,5 +1,6 @@
 """Model definitions in plain torch: DeepSeek-V2/V3 and Kimi K2 (MLA); Qwen3-MoE, Mixtral,
-GLM-4.5 MoE, MiniMax-M2 and gpt-oss (GQA)."""
+GLM-4.5 MoE, MiniMax-M2 and gpt-oss (GQA); Qwen3-Next and Qwen3.5/3.6 MoE (Gated DeltaNet
+hybrids)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ def build_model(config: ModelConfig) -> CausalLM:
         from krasisd.engine.models.gqa_moe import GqaMoeForCausalLM
 
         return GqaMoeForCausalLM(config)
+    if config.is_hybrid:  # Qwen3-Next, Qwen3.5/3.6 MoE: Gated DeltaNet + gated attention
+        from krasisd.engine.models.qwen3_next import HybridMoeForCausalLM
+
+        return HybridMoeForCausalLM(config)
     if config.family == "gpt_oss":
         from krasisd.engine.models.gpt_oss import GptOssForCausalLM
 

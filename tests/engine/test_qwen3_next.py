@@ -1,0 +1,397 @@
+"""Qwen3-Next and Qwen3.5/3.6 MoE (Gated DeltaNet + gated attention hybrids) against
+transformers' own classes, on tiny random checkpoints written by save_pretrained, two configs
+each; the Qwen3.5 ones in both layouts (the text model's, and the multimodal checkpoint's with
+its config under ``text_config``, ``model.language_model.`` names, vision and MTP tensors).
+
+Each is checked in float32 through the torch reference expert backend: logits without a cache,
+prefill then decode through the hybrid cache, chunked prefill (several forwards appending to
+one cache) against one whole prefill, batched decode over sequences of different lengths, and
+greedy output over 32 tokens against transformers' generate. The chunked delta rule is checked
+against the recurrent one, and both against transformers' functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from krasisd.engine import load
+from krasisd.engine.config import ModelConfig
+from krasisd.engine.errors import UnsupportedModelError
+from krasisd.engine.hybrid_cache import HybridCache
+from krasisd.engine.models.qwen3_next import (
+    chunked_gated_delta_rule,
+    l2norm,
+    recurrent_gated_delta_rule,
+)
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False,
+              bos_token_id=0, eos_token_id=1, pad_token_id=None, num_hidden_layers=4)
+
+# name -> (transformers class, config kwargs, layout of the saved folder)
+VARIANTS = {
+    # three linear layers then a full one (full_attention_interval 4), 2 key / 4 value heads,
+    # a quarter of each head rotated (transformers' default)
+    "next-interval4": ("Qwen3Next", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, norm_topk_prob=True), "plain"),
+    # layer types given, a dense layer (mlp_only_layers), no renormalisation, half rotated
+    "next-types-dense": ("Qwen3Next", dict(
+        hidden_size=96, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        intermediate_size=80, linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=24, linear_conv_kernel_dim=3,
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        shared_expert_intermediate_size=40, norm_topk_prob=False, mlp_only_layers=[1],
+        layer_types=["linear_attention", "full_attention", "linear_attention",
+                     "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
+                         "partial_rotary_factor": 0.5}), "plain"),
+    # the multimodal checkpoint's layout, full attention every second layer
+    "qwen35-multimodal": ("Qwen3_5Moe", dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        full_attention_interval=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                         "mrope_interleaved": True}), "multimodal"),
+    # the text model's own layout, the released models' 3:1 pattern
+    "qwen35-text": ("Qwen3_5Moe", dict(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=6,
+        num_experts_per_tok=3, moe_intermediate_size=48, shared_expert_intermediate_size=64),
+        "plain"),
+}
+
+
+def make_hf_model(variant: str, seed: int = 0):
+    """A transformers model with random weights: router weights spread wide, zero-centred
+    norms near zero (the gated norm near one), decays over a range of memory lengths."""
+    prefix, kwargs, _ = VARIANTS[variant]
+    config_cls = (transformers.Qwen3_5MoeTextConfig if prefix == "Qwen3_5Moe"
+                  else transformers.Qwen3NextConfig)
+    config = config_cls(**COMMON, **kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):
+                param.normal_(1.0, 0.1)
+            elif "norm" in name:
+                param.normal_(0.0, 0.1)
+            elif name.endswith("A_log"):
+                param.uniform_(0.05, 2.0).log_()
+            elif name.endswith("dt_bias"):
+                param.normal_(0.0, 0.5)
+            elif name.endswith("conv1d.weight"):
+                param.normal_(0.0, 0.4)
+            else:
+                routing = name.endswith("mlp.gate.weight")
+                param.normal_(0.0, 0.5 if routing else 0.08)
+    return model
+
+
+def save_variant(hf_model, variant: str, path: Path) -> Path:
+    """save_pretrained plus an MTP tensor the engine must ignore; the multimodal layout nests
+    the config under ``text_config``, prefixes the names with ``model.language_model.`` and adds
+    a vision tensor."""
+    hf_model.save_pretrained(path, safe_serialization=True)
+    tensors = load_file(path / "model.safetensors")
+    tensors["mtp.fc.weight"] = torch.zeros(4, 4)
+    tensors["mtp.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(4, 4)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    if VARIANTS[variant][2] == "multimodal":
+        text = dict(config, model_type="qwen3_5_moe_text", mtp_num_hidden_layers=1)
+        text.pop("architectures")
+        config = {"architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                  "model_type": "qwen3_5_moe", "text_config": text,
+                  "vision_config": {"hidden_size": 16, "depth": 1},
+                  "tie_word_embeddings": False, "image_token_id": 250}
+        tensors = {(name if name.startswith(("lm_head.", "mtp.")) else
+                    name.replace("model.", "model.language_model.", 1)): t
+                   for name, t in tensors.items()}
+        tensors["model.visual.patch_embed.proj.weight"] = torch.zeros(16, 3, 2, 2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config_path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def pair(request, tmp_path_factory):
+    """(transformers model, our engine over the saved folder, the folder)."""
+    torch.set_num_threads(1)
+    variant = request.param
+    hf_model = make_hf_model(variant)
+    model_dir = save_variant(hf_model, variant, tmp_path_factory.mktemp(variant))
+    engine = load(model_dir, quant="none", device="cpu")
+    yield hf_model, engine, model_dir
+    engine.close()
+
+
+def prompt(length: int, seed: int = 1) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (length,), generator=gen).tolist()
+
+
+def hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()  # [T, V]
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Within TOL of the largest reference logit (float32 throughout)."""
+    return (ours - ref).abs().max().item() < TOL * max(1.0, ref.abs().max().item())
+
+
+def test_the_layers_are_the_configs(pair):
+    _, engine, _ = pair
+    config = engine.config
+    assert config.is_hybrid and "full_attention" in config.layer_types
+    kinds = [type(layer.self_attn).__name__ for layer in engine.model.model.layers]
+    want = {"qwen3_next": "FusedGatedDeltaNet", "qwen3_5_moe": "GatedDeltaNet"}[config.family]
+    assert kinds == [want if kind == "linear_attention" else "GatedAttention"
+                     for kind in config.layer_types]
+
+
+def test_logits_match_transformers(pair):
+    """Without a cache, over more than two chunks of the delta rule (64 tokens each)."""
+    hf_model, engine, _ = pair
+    for length in (24, 150):
+        ids = prompt(length)
+        ours = engine.logits(ids)
+        assert ours.dtype == torch.float32 and ours.shape == (length, VOCAB)
+        assert close(ours, hf_logits(hf_model, ids))
+
+
+def test_prefill_then_decode_matches_transformers(pair):
+    hf_model, engine, _ = pair
+    ids = prompt(28, seed=2)
+    cache = engine.new_cache(32)
+    assert isinstance(cache, HybridCache)
+    steps = [engine.forward(ids[:9], cache)]
+    steps += [engine.forward([token], cache) for token in ids[9:20]]
+    steps.append(engine.forward(ids[20:], cache))  # a chunk after a cached prefix
+    assert cache.length == 28
+    assert close(torch.cat(steps), hf_logits(hf_model, ids))
+
+
+def test_chunked_prefill_matches_one_whole_prefill(pair):
+    """Forwards of 70, 5, 1, 30 and 44 tokens appending to one cache (chunks crossing the
+    delta rule's 64-token chunks) give the logits and the next decode steps of one prefill."""
+    _, engine, _ = pair
+    ids = prompt(150, seed=3)
+    whole = engine.new_cache(160)
+    whole_last = engine.forward(ids, whole, last_only=True)
+    chunked = engine.new_cache(160)
+    start = 0
+    for size in (70, 5, 1, 30, 44):
+        last = engine.forward(ids[start:start + size], chunked, last_only=True)
+        start += size
+    assert chunked.length == whole.length == 150
+    assert close(last, whole_last)
+    for token in prompt(4, seed=4):
+        assert close(engine.forward([token], chunked), engine.forward([token], whole))
+
+
+def test_greedy_32_tokens_match_transformers_generate(pair):
+    """transformers' generate runs its own cache (recurrent decode, conv state updates)."""
+    hf_model, engine, _ = pair
+    ids = prompt(6, seed=5)
+    saved, engine.eos_token_ids = engine.eos_token_ids, set()
+    try:
+        ours = engine.greedy(ids, max_new_tokens=32)
+    finally:
+        engine.eos_token_ids = saved
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32,
+                                do_sample=False)[0, len(ids):].tolist()
+    assert len(ours) == 32 and ours == ref
+
+
+def test_batched_decode_gives_each_sequence_its_own_logits(pair):
+    """decode_batch (the generation loop's step) over caches of different lengths: each row is
+    its sequence's logits, and each cache's states move on by its own token."""
+    _, engine, _ = pair
+    prompts = [prompt(5, seed=11), prompt(13, seed=12), prompt(70, seed=13)]
+    caches = [engine.new_cache(80) for _ in prompts]
+    for ids, cache in zip(prompts, caches, strict=True):
+        engine.forward(ids, cache)
+    tokens = [7, 9, 11]
+    for _ in range(2):
+        batched = engine.decode_batch(tokens, caches)  # [3, V]
+        for row, (ids, token) in enumerate(zip(prompts, tokens, strict=True)):
+            ids.append(token)
+            assert close(batched[row], engine.logits(ids)[-1])
+        tokens = [int(t) for t in batched.argmax(dim=-1)]
+
+
+def test_a_failed_forward_leaves_the_cache_as_it_was(pair):
+    _, engine, _ = pair
+    ids = prompt(12, seed=6)
+    cache = engine.new_cache(16)
+    engine.forward(ids[:8], cache)
+    states = [s.clone() for s in cache.recurrent_states]
+    experts = engine.model.expert_backend
+    engine.model.expert_backend = None  # the MoE blocks raise
+    try:
+        with pytest.raises(RuntimeError):
+            engine.forward(ids[8:], cache)
+    finally:
+        engine.model.expert_backend = experts
+    assert cache.length == 8
+    assert all(torch.equal(a, b) for a, b in zip(states, cache.recurrent_states, strict=True))
+    ref = engine.new_cache(16)
+    engine.forward(ids[:8], ref)
+    assert close(engine.forward(ids[8:], cache), engine.forward(ids[8:], ref))
+
+
+def test_cache_keeps_kv_for_full_layers_only_and_no_prefix_blocks(pair):
+    _, engine, _ = pair
+    config = engine.config
+    cache = engine.new_cache(1000)
+    linear = config.layer_types.count("linear_attention")
+    assert cache.keys.shape[0] == len(config.full_attention_layers) == 4 - linear
+    assert len(cache.recurrent_states) == len(cache.conv_states) == linear
+    assert cache.capacity < 1000  # grows on the CPU
+    engine.forward(prompt(300, seed=8), cache)
+    assert cache.capacity >= 300 and cache.length == 300
+    assert cache.nbytes > cache.keys.numel() * cache.keys.element_size() * 2
+    assert not cache.supports_prefix_blocks
+    with pytest.raises(NotImplementedError, match="recurrent states"):
+        cache.read_span(0, 16)
+
+
+# ---- the delta rule ---------------------------------------------------------------------
+
+
+def _rule_inputs(heads=3, tokens=150, k_dim=8, v_dim=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = l2norm(torch.randn(heads, tokens, k_dim, generator=gen)) * k_dim ** -0.5
+    k = l2norm(torch.randn(heads, tokens, k_dim, generator=gen))
+    v = torch.randn(heads, tokens, v_dim, generator=gen)
+    g = -torch.rand(heads, tokens, generator=gen) * 0.3  # log decays <= 0
+    beta = torch.rand(heads, tokens, generator=gen)
+    state = torch.randn(heads, k_dim, v_dim, generator=gen)
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("tokens", [1, 63, 64, 150])
+def test_chunked_delta_rule_equals_the_recurrent_one(tokens):
+    q, k, v, g, beta, state = _rule_inputs(tokens=tokens)
+    out_r, state_r = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    out_c, state_c = chunked_gated_delta_rule(q, k, v, g, beta, state)
+    assert out_c.shape == out_r.shape == (3, tokens, 6)
+    assert (out_c - out_r).abs().max() < 1e-4 and (state_c - state_r).abs().max() < 1e-4
+    if tokens > 5:  # a split anywhere, carrying the state, changes nothing
+        out_a, mid = chunked_gated_delta_rule(q[:, :5], k[:, :5], v[:, :5], g[:, :5],
+                                              beta[:, :5], state)
+        out_b, end = chunked_gated_delta_rule(q[:, 5:], k[:, 5:], v[:, 5:], g[:, 5:],
+                                              beta[:, 5:], mid)
+        assert (torch.cat([out_a, out_b], 1) - out_r).abs().max() < 1e-4
+        assert (end - state_r).abs().max() < 1e-4
+
+
+def test_delta_rules_match_transformers_functions():
+    from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+    q, k, v, g, beta, state = _rule_inputs(tokens=100)
+    raw_q = q / q.norm(dim=-1, keepdim=True)  # transformers normalises and scales itself
+    args = [x.transpose(0, 1)[None] for x in (raw_q, k, v, g, beta)]  # [1, T, H, ...]
+    ref_out, ref_state = hf.torch_chunk_gated_delta_rule(
+        *args[:3], g=args[3], beta=args[4], initial_state=state[None],
+        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    out, final = chunked_gated_delta_rule(q, k, v, g, beta, state)
+    assert (out - ref_out[0].transpose(0, 1)).abs().max() < 1e-4
+    assert (final - ref_state[0]).abs().max() < 1e-4
+    ref_out, _ = hf.torch_recurrent_gated_delta_rule(
+        *args[:3], g=args[3], beta=args[4], initial_state=state[None],
+        output_final_state=True, use_qk_l2norm_in_kernel=True)
+    out, _ = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    assert (out - ref_out[0].transpose(0, 1)).abs().max() < 1e-4
+
+
+# ---- configuration ----------------------------------------------------------------------
+
+# the fields that matter of the released config.json files, as they spell them
+QWEN3_NEXT_80B = dict(
+    architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next", hidden_size=2048,
+    num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+    num_experts=512, num_experts_per_tok=10, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], full_attention_interval=4, linear_conv_kernel_dim=4,
+    linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=32, partial_rotary_factor=0.25, rope_theta=10000000,
+    rope_scaling=None, max_position_embeddings=262144, vocab_size=151936, rms_norm_eps=1e-06,
+    tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=151645)
+QWEN35_35B = dict(
+    architectures=["Qwen3_5MoeForConditionalGeneration"], model_type="qwen3_5_moe",
+    tie_word_embeddings=False, image_token_id=248056, vision_config={"depth": 27},
+    text_config=dict(
+        model_type="qwen3_5_moe_text", hidden_size=2048, num_hidden_layers=40,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, num_experts=256, num_experts_per_tok=8,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 10,
+        full_attention_interval=4, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+        mtp_num_hidden_layers=1, max_position_embeddings=262144, vocab_size=248320,
+        rms_norm_eps=1e-06, dtype="bfloat16", eos_token_id=248044,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000,
+                         "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10],
+                         "mrope_interleaved": True}))
+
+
+def test_released_configs_parse():
+    nxt = ModelConfig.from_dict(QWEN3_NEXT_80B, capacity_bytes=1 << 50)
+    assert (nxt.family, nxt.rope_dim, nxt.qk_norm, nxt.n_routed_experts, nxt.norm_topk_prob,
+            nxt.shared_expert_intermediate_size) == ("qwen3_next", 64, "head", 512, True, 512)
+    assert nxt.layer_types[:4] == ("linear_attention",) * 3 + ("full_attention",)
+    assert len(nxt.full_attention_layers) == 12 and all(map(nxt.is_moe_layer, range(48)))
+    q35 = ModelConfig.from_dict(QWEN35_35B, capacity_bytes=1 << 50)
+    assert (q35.architecture, q35.family, q35.rope_dim, q35.n_routed_experts,
+            q35.num_experts_per_tok, q35.linear_num_value_heads, q35.eos_token_ids) == (
+        "Qwen3_5MoeForCausalLM", "qwen3_5_moe", 64, 256, 8, 32, (248044,))
+    assert q35.full_attention_layers == tuple(range(3, 40, 4)) and q35.norm_topk_prob
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(linear_num_value_heads=24), "multiple of linear_num_key_heads"),
+    (dict(linear_key_head_dim=0), "linear_key_head_dim must be a positive integer"),
+    (dict(layer_types=["linear_attention"] * 47), "layer_types"),
+    (dict(layer_types=["linear_attention", "sliding_attention"] * 24, sliding_window=8),
+     "sliding_attention"),
+    (dict(full_attention_interval=0), "full_attention_interval"),
+])
+def test_bad_linear_attention_fields_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(dict(QWEN3_NEXT_80B, **change), capacity_bytes=1 << 50)
+
+
+def test_linear_layers_are_refused_for_other_families():
+    with pytest.raises(UnsupportedModelError, match="no linear attention layers"):
+        ModelConfig.from_dict(dict(
+            architectures=["GptOssForCausalLM"], vocab_size=64, hidden_size=32,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"]), capacity_bytes=1 << 40)
+
+
+def test_the_kv_budget_counts_full_attention_layers_only():
+    from krasisd.engine.kv_cache import kv_bytes_per_token
+
+    config = ModelConfig.from_dict(QWEN3_NEXT_80B, capacity_bytes=1 << 50)
+    assert kv_bytes_per_token(config, torch.bfloat16) == 12 * 2 * 2 * 256 * 2
