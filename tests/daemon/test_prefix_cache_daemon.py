@@ -3,10 +3,10 @@ registry, runner and engine) never prefills its history again: each turn's promp
 forwarded are the turn's new tokens (up to a block of the prefix cache), as the runner's
 counters in /api/ps say; KRASIS_PREFIX_CACHE reaches the runner's loop.
 
-Answers are not compared with a daemon without the cache past the first turn: the previous
-answers' KV was written by decode steps, which differ from a prefill's by bf16 rounding, and
-at int4 that flips a greedy pick in this conversation (turn 11). tests/engine/test_prefix_cache.py
-checks identical answers in float32, where rounding cannot flip them."""
+Answers are not compared with a daemon without the cache: the previous answers' KV was
+written by decode steps, which differ from a prefill's by bf16 rounding, and at int4 that
+flips a greedy pick in this conversation (turn 11). tests/engine/test_prefix_cache.py checks
+identical answers in float32."""
 
 from __future__ import annotations
 
