@@ -32,7 +32,9 @@ def wants_gpu(device: str) -> bool:
 def load_for_serving(model_dir, quant: str = "int4", device: str = "auto",
                      threads: int | None = None, cache_dir=None, gpu_cache_dir=None,
                      gpu_dense: str = DEFAULT_GPU_DENSE, options: EngineOptions | None = None):
-    """An Engine for a runner: hybrid for quantized models on a GPU machine, else ``load()``.
+    """An Engine for a runner: hybrid for quantized models on a GPU machine, else ``load()``
+(on the CPU for the models the hybrid engine refuses: Gated DeltaNet, Qwen3-Next and
+Qwen3.5/3.6 MoE).
 
     ``options`` carries every setting (a runner passes it); without it the keywords make one:
     ``cache_dir`` and ``gpu_cache_dir`` are the registry's CPU- and GPU-format caches (a
@@ -49,8 +51,15 @@ def load_for_serving(model_dir, quant: str = "int4", device: str = "auto",
         return load(model_dir, quant=options.quant,
                     device="cpu" if options.device == "auto" else options.device,
                     threads=options.threads, cache_dir=options.cache_dir)
-    from krasisd.engine.gpu.graphs import load_hybrid
+    from krasisd.engine.errors import UnsupportedModelError
+    from krasisd.engine.gpu.graphs import load_hybrid, refuse_hybrid_attention
 
+    try:
+        refuse_hybrid_attention(model_dir)
+    except UnsupportedModelError as exc:  # Qwen3-Next, Qwen3.5/3.6 MoE: the CPU engine
+        log.warning("%s; loading %s on the CPU engine", exc, model_dir)
+        return load(model_dir, quant=options.quant, device="cpu", threads=options.threads,
+                    cache_dir=options.cache_dir)
     log.info("loading %s for hybrid GPU+CPU serving (%s, dense linears %s)", model_dir,
              options.quant, options.gpu_dense)
     return load_hybrid(model_dir, options=dataclasses.replace(options, device="cuda"))

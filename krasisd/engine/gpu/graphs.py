@@ -429,6 +429,21 @@ def _storage_key(cache: KVCache) -> int:
     return cache.storage_key()
 
 
+def refuse_hybrid_attention(model_dir) -> None:
+    """UnsupportedModelError for the models with Gated DeltaNet layers (Qwen3-Next, Qwen3.5/3.6
+    MoE): the hybrid engine's decode graphs and kernels have no linear attention yet."""
+    from pathlib import Path
+
+    from krasisd.engine.errors import UnsupportedModelError
+    from krasisd.engine.loader import read_config
+
+    config = read_config(Path(model_dir))
+    if config.is_hybrid:
+        raise UnsupportedModelError(
+            f"{config.architecture} (Gated DeltaNet linear attention) is not supported by the "
+            "hybrid GPU engine; the CPU engine serves it")
+
+
 def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
                 budget=None, max_tokens: int = 8192, heat: dict | None = None,
                 use_gpu_experts: bool = True, use_graphs: bool = True, cpu_cache_dir=None,
@@ -446,6 +461,8 @@ def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: i
     from krasisd.engine.gpu.dense_decode import set_tuning
     from krasisd.engine.gpu.synthetic import dense_bytes
     from krasisd.engine.gpu.tuning import tuning_for
+
+    refuse_hybrid_attention(model_dir)
 
     if options is None:
         if dense not in DENSE_WEIGHTS:
