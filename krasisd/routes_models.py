@@ -115,17 +115,10 @@ async def ps(request: web.Request) -> web.Response:
             "digest": spec.digest, "details": spec.details,
             "expires_at": _expires_at(expires_in_s), "size_vram": item["vram_bytes"],
             "pid": item["pid"], "active_requests": item["active"],
-            **_prefix_cache(daemon, spec.name),
+            **({"prefix_cache": item["prefix_cache"]}
+               if isinstance(item["prefix_cache"], dict) else {}),
         })
     return web.json_response({"models": models})
-
-
-def _prefix_cache(daemon, name: str) -> dict:
-    """{"prefix_cache": {bytes, blocks, capacity_bytes, hit_rate, ...}} as the model's runner
-    last reported it (krasisd.engine.prefix_cache), or nothing when it keeps none."""
-    runner = getattr(daemon.scheduler.loaded.get(name), "runner", None)
-    stats = getattr(runner, "prefix_cache", None)
-    return {"prefix_cache": stats} if isinstance(stats, dict) else {}
 
 
 _FAR_FUTURE = datetime.datetime(2318, 1, 1, tzinfo=datetime.timezone.utc)

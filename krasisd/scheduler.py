@@ -331,6 +331,7 @@ class Scheduler:
             expires = entry.expires_at if entry.active == 0 else math.inf
             out.append({"spec": entry.spec, "pid": entry.runner.pid, "active": entry.active,
                         "vram_bytes": getattr(entry.runner, "vram_bytes", 0),
+                        "prefix_cache": getattr(entry.runner, "prefix_cache", None),
                         "expires_in_s": expires - time.monotonic()
                         if not math.isinf(expires) else None,
                         "keep_alive_s": entry.keep_alive_s})
