@@ -23,9 +23,11 @@ _FINISH = {"stop": "stop", "length": "length", "cancel": "stop"}
 
 
 def _usage(done: dict) -> dict:
+    """OpenAI's usage; ``cached_tokens``: prompt tokens the runner's prefix cache supplied."""
     prompt, completion = done["prompt_eval_count"], done["eval_count"]
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": done.get("prompt_eval_cached_count", 0)}}
 
 
 def _sse_error(exc: BaseException) -> dict:

@@ -62,6 +62,11 @@ def _conversation(root: Path, **env) -> tuple[list[str], list[dict]]:
                 messages.append({"role": "assistant", "content": answers[-1]})
                 stats.append({"prompt": reply["prompt_eval_count"],
                               "answer": reply["eval_count"], "cache": _prefix_stats(http)})
+            # the same conversation through OpenAI's route: its usage names the reused tokens
+            response = http.post("/v1/chat/completions", json={
+                "model": "krasis-tiny", "messages": messages, "max_tokens": 4, "temperature": 0})
+            assert response.status_code == 200, response.text
+            stats.append({"openai_usage": response.json()["usage"]})
         return answers, stats
     finally:
         daemon.stop()
@@ -70,6 +75,10 @@ def _conversation(root: Path, **env) -> tuple[list[str], list[dict]]:
 @pytest.mark.skipif(not (BUNDLED / "config.json").is_file(), reason="no bundled krasis-tiny")
 def test_a_twenty_turn_chat_never_prefills_its_history_again(tmp_path):
     answers, turns = _conversation(tmp_path / "cached")
+    usage = turns.pop()["openai_usage"]
+    # all but the last answer's tail, the template's closing tokens and at most a block
+    assert 0.9 * usage["prompt_tokens"] < usage["prompt_tokens_details"]["cached_tokens"] \
+        < usage["prompt_tokens"]
     assert len(answers) == len(QUESTIONS)
     first = turns[0]["cache"]
     assert first is not None and first["capacity_bytes"] > 0  # on by default
