@@ -15,7 +15,15 @@ from pathlib import Path
 
 from . import service
 from .client import Client, ConnectError, KrasisError, ResponseError
-from .display import format_show, human_bytes, processor_split, table, time_ago, time_until
+from .display import (
+    format_show,
+    human_bytes,
+    prefix_cache_cell,
+    processor_split,
+    table,
+    time_ago,
+    time_until,
+)
 from .progress import Progress
 from .repl import Repl, format_stats, stream_text
 
@@ -75,9 +83,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
     """List the loaded models: size, GPU/CPU split and when they unload."""
     rows = [[m.get("name") or m.get("model", ""), _short_digest(m.get("digest")),
              human_bytes(m.get("size")), processor_split(m.get("size"), m.get("size_vram")),
-             time_until(m.get("expires_at"))]
+             prefix_cache_cell(m.get("prefix_cache")), time_until(m.get("expires_at"))]
             for m in Client().ps()]
-    print(table(["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"], rows))
+    print(table(["NAME", "ID", "SIZE", "PROCESSOR", "CACHE", "UNTIL"], rows))
     return 0
 
 

@@ -94,6 +94,16 @@ def processor_split(size_bytes: int | None, size_vram_bytes: int | None) -> str:
     return f"{100 - gpu_pct}%/{gpu_pct}% CPU/GPU"
 
 
+def prefix_cache_cell(stats: dict | None) -> str:
+    """`krasis ps`'s CACHE column: the runner's prefix cache, its size and share of prompt
+    tokens it supplied ("12 MB, 83% hit"), or "-" when the runner keeps none."""
+    if not isinstance(stats, dict):
+        return "-"
+    hit_rate = stats.get("hit_rate")
+    hit = f", {hit_rate * 100:.0f}% hit" if isinstance(hit_rate, (int, float)) else ""
+    return f"{human_bytes(stats.get('bytes'))}{hit}"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """Left-aligned columns separated by at least three spaces, like `ollama list`."""
     widths = [len(name) for name in header]

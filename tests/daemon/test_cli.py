@@ -84,11 +84,12 @@ def test_ps_shows_size_processor_split_and_until(daemon, monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "ps")
     lines = out.splitlines()
     assert code == 0
-    assert lines[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"]
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CACHE", "UNTIL"]
     tiny = next(line for line in lines if line.startswith("krasis-tiny"))
     big = next(line for line in lines if line.startswith("big"))
     assert "100 MB" in tiny and "100% CPU" in tiny and "4 minutes from now" in tiny
     assert "48%/52% CPU/GPU" in big and "Forever" in big
+    assert "12 MB, 83% hit" in big and " - " in tiny  # the prefix cache, where one is kept
 
 
 def test_show_prints_model_parameters_and_license(daemon, monkeypatch, capsys):

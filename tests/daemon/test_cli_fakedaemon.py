@@ -46,7 +46,8 @@ class FakeDaemon:
             {**_model("krasis-tiny:latest", 100 * MB), "size_vram": 0,
              "expires_at": _iso(now + timedelta(minutes=4, seconds=30))},
             {**_model("big:latest", 100 * MB), "size_vram": 52 * MB,
-             "expires_at": _iso(now + timedelta(days=365 * 200))},
+             "expires_at": _iso(now + timedelta(days=365 * 200)),
+             "prefix_cache": {"bytes": 12 * MB, "blocks": 40, "hit_rate": 0.834}},
         ]
         self.cancelled = threading.Event()
         self.streaming = threading.Event()

@@ -112,7 +112,7 @@ def test_krasis_serve_binds_its_socket_and_says_ready(short_dir, tmp_path, notif
         result = subprocess.run([sys.executable, "-m", "krasis.cli", "ps"], env=env,
                                 capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"]
+        assert result.stdout.split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CACHE", "UNTIL"]
         code = stop(proc)
         assert "STOPPING=1" in "\n".join(wait_for_message(notify, "STOPPING=1", 10))
     finally:
