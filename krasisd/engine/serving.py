@@ -51,13 +51,12 @@ Qwen3.5/3.6 MoE).
         return load(model_dir, quant=options.quant,
                     device="cpu" if options.device == "auto" else options.device,
                     threads=options.threads, cache_dir=options.cache_dir)
-    from krasisd.engine.errors import UnsupportedModelError
-    from krasisd.engine.gpu.graphs import load_hybrid, refuse_hybrid_attention
+    from krasisd.engine.gpu.graphs import linear_attention_architecture, load_hybrid
 
-    try:
-        refuse_hybrid_attention(model_dir)
-    except UnsupportedModelError as exc:  # Qwen3-Next, Qwen3.5/3.6 MoE: the CPU engine
-        log.warning("%s; loading %s on the CPU engine", exc, model_dir)
+    architecture = linear_attention_architecture(model_dir)
+    if architecture is not None:  # Qwen3-Next, Qwen3.5/3.6 MoE: the CPU engine serves them
+        log.warning("%s (Gated DeltaNet) is not supported by the hybrid GPU engine; loading %s "
+                    "on the CPU engine", architecture, model_dir)
         return load(model_dir, quant=options.quant, device="cpu", threads=options.threads,
                     cache_dir=options.cache_dir)
     log.info("loading %s for hybrid GPU+CPU serving (%s, dense linears %s)", model_dir,

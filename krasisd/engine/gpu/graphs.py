@@ -429,19 +429,31 @@ def _storage_key(cache: KVCache) -> int:
     return cache.storage_key()
 
 
-def refuse_hybrid_attention(model_dir) -> None:
-    """UnsupportedModelError for the models with Gated DeltaNet layers (Qwen3-Next, Qwen3.5/3.6
-    MoE): the hybrid engine's decode graphs and kernels have no linear attention yet."""
+def linear_attention_architecture(model_dir) -> str | None:
+    """The architecture of a model with Gated DeltaNet layers (Qwen3-Next, Qwen3.5/3.6 MoE),
+    which the hybrid engine's decode graphs and kernels do not compute yet; None for others
+    and for a folder whose config cannot be read (the load reports that itself)."""
     from pathlib import Path
 
-    from krasisd.engine.errors import UnsupportedModelError
+    from krasisd.engine.errors import ModelLoadError
     from krasisd.engine.loader import read_config
 
-    config = read_config(Path(model_dir))
-    if config.is_hybrid:
+    try:
+        config = read_config(Path(model_dir))
+    except ModelLoadError:
+        return None
+    return config.architecture if config.is_hybrid else None
+
+
+def refuse_hybrid_attention(model_dir) -> None:
+    """UnsupportedModelError, naming the architecture, for a model with Gated DeltaNet layers."""
+    from krasisd.engine.errors import UnsupportedModelError
+
+    architecture = linear_attention_architecture(model_dir)
+    if architecture is not None:
         raise UnsupportedModelError(
-            f"{config.architecture} (Gated DeltaNet linear attention) is not supported by the "
-            "hybrid GPU engine; the CPU engine serves it")
+            f"{architecture} (Gated DeltaNet linear attention) is not supported by the hybrid "
+            "GPU engine; the CPU engine serves it")
 
 
 def load_hybrid(model_dir, quant: str = "int4", device: str = "cuda", threads: int | None = None,
