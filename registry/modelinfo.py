@@ -14,7 +14,12 @@ import re
 import struct
 from pathlib import Path
 
-from krasisd.engine.limits import ModelLimitError, check_config_limits, machine_capacity_bytes
+from krasisd.engine.limits import (
+    ModelLimitError,
+    check_config_limits,
+    machine_capacity_bytes,
+    prequantized_error,
+)
 
 from .errors import PullError
 
@@ -128,23 +133,6 @@ def routing(config: dict) -> tuple[int, int]:
         if isinstance(where, dict) and first(where, EXPERT_COUNT_FIELDS):
             return first(where, EXPERT_COUNT_FIELDS), first(where, PER_TOKEN_FIELDS)
     return 0, 0
-
-
-def prequantized_error(config: dict) -> str | None:
-    """The engine's refusal of a ``quantization_config`` (FP8, MXFP4, compressed-tensors...),
-    word for word (krasisd.engine.loader.check_not_prequantized, which imports torch: mirrored
-    here, a test keeps the two equal); None when config.json declares none."""
-    for where in (config, config.get("text_config")):
-        quant = where.get("quantization_config") if isinstance(where, dict) else None
-        if not quant:
-            continue
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        detail = quant.get("format") if isinstance(quant, dict) else None
-        named = f"{method} ({detail})" if isinstance(detail, str) and detail else str(method)
-        return ("pre-quantized checkpoints are not supported: config.json declares "
-                f"quantization_config with quant_method {named}; krasis reads bf16, fp16 or fp32 "
-                "safetensors and quantizes them itself, so use the model's bf16 release")
-    return None
 
 
 def check_servable(config: dict, source: str, capacity_bytes: int | None) -> None:

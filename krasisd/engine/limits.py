@@ -125,3 +125,21 @@ def machine_capacity_bytes(path: str | Path | None = None) -> int:
     except OSError:
         disk_bytes = 0
     return memory_bytes + disk_bytes
+
+
+def prequantized_error(config: dict) -> str | None:
+    """Why the engine refuses a config.json that declares a ``quantization_config`` (FP8,
+    MXFP4, compressed-tensors INT4, ...), naming its format; None when it declares none. The
+    engine reads float weights only (krasisd.engine.loader) and the registry refuses such a pull
+    before downloading it (krasis_registry.modelinfo), both with this message."""
+    for where in (config, config.get("text_config")):
+        quant = where.get("quantization_config") if isinstance(where, dict) else None
+        if not quant:
+            continue
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        detail = quant.get("format") if isinstance(quant, dict) else None
+        named = f"{method} ({detail})" if isinstance(detail, str) and detail else str(method)
+        return ("pre-quantized checkpoints are not supported: config.json declares "
+                f"quantization_config with quant_method {named}; krasis reads bf16, fp16 or fp32 "
+                "safetensors and quantizes them itself, so use the model's bf16 release")
+    return None

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import ModelLoadError, UnsupportedModelError
+from krasisd.engine.limits import prequantized_error
 from krasisd.engine.models import build_model
 from krasisd.engine.models.common import CausalLM
 from krasisd.engine.upload import Span, parse_header, read_to_device
@@ -91,19 +92,11 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 
 def check_not_prequantized(raw: dict) -> None:
-    """Refuse a config.json that declares a ``quantization_config`` (FP8, MXFP4,
-    compressed-tensors INT4, ...), naming its format: the engine reads float weights only."""
-    for where in (raw, raw.get("text_config")):
-        quant = where.get("quantization_config") if isinstance(where, dict) else None
-        if not quant:
-            continue
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        detail = quant.get("format") if isinstance(quant, dict) else None
-        named = f"{method} ({detail})" if isinstance(detail, str) and detail else str(method)
-        raise UnsupportedModelError(
-            f"pre-quantized checkpoints are not supported: config.json declares quantization_config "
-            f"with quant_method {named}; krasis reads bf16, fp16 or fp32 safetensors and quantizes "
-            "them itself, so use the model's bf16 release")
+    """Refuse a config.json that declares a ``quantization_config``, naming its format
+    (krasisd.engine.limits.prequantized_error): the engine reads float weights only."""
+    error = prequantized_error(raw)
+    if error is not None:
+        raise UnsupportedModelError(error)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
