@@ -17,7 +17,7 @@ from krasisd import routes_inference, routes_models, routes_openai
 from krasisd.api import ApiError
 from krasisd.client_errors import client_message
 from krasisd.config import is_loopback
-from krasisd.context import DAEMON_KEY, Daemon, daemon_of
+from krasisd.context import DAEMON_KEY, Daemon, daemon_of, over_tcp
 from krasisd.runners import RunnerDied, RunnerLoadError, RunnerRequestError
 from krasisd.scheduler import NoRoom, QueueFull
 
@@ -143,11 +143,6 @@ def _client_gone(request: web.Request) -> bool:
 
 # ------------------------------------------------------------------ guards
 
-def _is_tcp(request: web.Request) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return isinstance(peer, tuple)
-
-
 def _host_name(header: str) -> str:
     if header.startswith("["):
         return header[1:].partition("]")[0]
@@ -179,7 +174,7 @@ def origin_allowed(origin: str, daemon: Daemon) -> bool:
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """On TCP: refuse foreign Host headers (DNS rebinding) and foreign browser origins."""
-    if not _is_tcp(request):
+    if not over_tcp(request):
         return await handler(request)
     daemon = daemon_of(request)
     host = request.headers.get("Host", "")

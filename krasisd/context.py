@@ -27,3 +27,10 @@ DAEMON_KEY = web.AppKey("krasisd", Daemon)
 def daemon_of(request: web.Request) -> Daemon:
     """The Daemon behind a request."""
     return request.app[DAEMON_KEY]
+
+
+def over_tcp(request: web.Request) -> bool:
+    """Whether the request came over the TCP listener (a peer address), not the Unix socket:
+    TCP requests pass the Host/Origin guard and create's folder allow-list."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return isinstance(peer, tuple)

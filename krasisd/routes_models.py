@@ -12,7 +12,7 @@ from aiohttp import web
 from krasis_registry.sources import SourcePolicy
 
 from krasisd import __version__, api
-from krasisd.context import daemon_of
+from krasisd.context import daemon_of, over_tcp
 from krasisd.models import canonical_name
 from krasisd.routes_inference import read_json
 from krasisd.streaming import collect, stream_ndjson
@@ -224,12 +224,6 @@ async def delete(request: web.Request) -> web.Response:
         await daemon.scheduler.unload(full)
     await daemon.catalog.remove(name, is_loaded=lambda _name: daemon.scheduler.is_busy(full))
     return web.Response(status=200)
-
-
-def over_tcp(request: web.Request) -> bool:
-    """Whether the request came over the TCP listener (a peer address), not the Unix socket."""
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return isinstance(peer, tuple)
 
 
 def _dumps(value) -> str:
