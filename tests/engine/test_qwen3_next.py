@@ -243,6 +243,31 @@ def test_batched_decode_gives_each_sequence_its_own_logits(pair):
         tokens = [int(t) for t in batched.argmax(dim=-1)]
 
 
+def test_bfloat16_load_is_as_close_as_transformers_in_bfloat16(pair):
+    """bf16 weights and conv states, float32 delta rule and recurrent states: through the cache,
+    no further from the float32 logits than transformers' own model cast to bf16 (DeltaNet's
+    per-head output norm magnifies rounding in both, see test_native_int8_backend)."""
+    import copy
+
+    hf_model, engine, model_dir = pair
+    bf16 = load(model_dir, dtype="bfloat16")
+    ids = prompt(40, seed=7)
+    assert bf16.dtype == torch.bfloat16
+    cache = bf16.new_cache(48)
+    assert cache.recurrent_states[0].dtype == torch.float32
+    assert cache.conv_states[0].dtype == torch.bfloat16
+    steps = torch.cat([bf16.forward(ids[:30], cache)] + [bf16.forward([t], cache)
+                                                          for t in ids[30:]])
+    ref = engine.logits(ids)
+    hf_bf16 = hf_logits(copy.deepcopy(hf_model).to(torch.bfloat16), ids)
+
+    def error(logits):
+        return (logits - ref).abs().amax(dim=-1).median().item()  # over positions
+
+    assert error(steps) <= 1.1 * error(hf_bf16)
+    bf16.close()
+
+
 def test_a_failed_forward_leaves_the_cache_as_it_was(pair):
     _, engine, _ = pair
     ids = prompt(12, seed=6)
