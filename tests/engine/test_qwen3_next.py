@@ -1,7 +1,8 @@
 """Qwen3-Next and Qwen3.5/3.6 MoE (Gated DeltaNet + gated attention hybrids) against
 transformers' own classes, on tiny random checkpoints written by save_pretrained, two configs
 each; the Qwen3.5 ones in both layouts (the text model's, and the multimodal checkpoint's with
-its config under ``text_config``, ``model.language_model.`` names, vision and MTP tensors).
+its config under ``text_config``, ``model.language_model.`` names, fused experts, vision and
+MTP tensors).
 
 Each is checked in float32 through the torch reference expert backend: logits without a cache,
 prefill then decode through the hybrid cache, chunked prefill (several forwards appending to
@@ -109,9 +110,9 @@ def make_hf_model(variant: str, seed: int = 0):
 
 
 def save_variant(hf_model, variant: str, path: Path) -> Path:
-    """save_pretrained plus an MTP tensor the engine must ignore; the multimodal layout nests
-    the config under ``text_config``, prefixes the names with ``model.language_model.`` and adds
-    a vision tensor."""
+    """save_pretrained plus MTP tensors the engine must ignore; the multimodal layout nests
+    the config under ``text_config``, prefixes the names with ``model.language_model.``, adds
+    a vision tensor and fuses the experts."""
     hf_model.save_pretrained(path, safe_serialization=True)
     tensors = load_file(path / "model.safetensors")
     tensors["mtp.fc.weight"] = torch.zeros(4, 4)
@@ -129,9 +130,26 @@ def save_variant(hf_model, variant: str, path: Path) -> Path:
                     name.replace("model.", "model.language_model.", 1)): t
                    for name, t in tensors.items()}
         tensors["model.visual.patch_embed.proj.weight"] = torch.zeros(16, 3, 2, 2)
+        tensors = fuse_experts(tensors)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config_path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def fuse_experts(tensors: dict) -> dict:
+    """Per-expert tensors -> the fused layout Qwen3.5's releases use: ``experts.gate_up_proj``
+    [E, 2I, D] (gates first) and ``experts.down_proj`` [E, D, I]."""
+    prefixes = sorted({name.split(".experts.")[0] for name in tensors
+                       if ".experts.0.gate_proj" in name and not name.startswith("mtp.")})
+    for prefix in prefixes:
+        count = sum(1 for name in tensors if name.startswith(f"{prefix}.experts.")
+                    and name.endswith(".gate_proj.weight"))
+        proj = {p: [tensors.pop(f"{prefix}.experts.{e}.{p}.weight") for e in range(count)]
+                for p in ("gate_proj", "up_proj", "down_proj")}
+        tensors[f"{prefix}.experts.gate_up_proj"] = torch.cat(
+            [torch.stack(proj["gate_proj"]), torch.stack(proj["up_proj"])], dim=1)
+        tensors[f"{prefix}.experts.down_proj"] = torch.stack(proj["down_proj"])
+    return tensors
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
