@@ -256,8 +256,9 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        """``"deepseek"`` (MLA) or a GQA family: ``"qwen3_moe"``, ``"mixtral"``, ``"glm4_moe"``,
-        ``"minimax_m2"``, ``"gpt_oss"`` (FAMILIES)."""
+        """``"deepseek"`` (MLA), a GQA family: ``"qwen3_moe"``, ``"mixtral"``, ``"glm4_moe"``,
+        ``"minimax_m2"``, ``"gpt_oss"``, or a hybrid one: ``"qwen3_next"``, ``"qwen3_5_moe"``
+        (FAMILIES)."""
         return FAMILIES[self.architecture]
 
     @property
