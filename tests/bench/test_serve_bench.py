@@ -171,7 +171,9 @@ def test_serve_small_run_on_the_cpu(bench, tmp_path, capsys):
                        "broken:KRASIS_RUNNER_LOADER=no_such_module:load", "--out", str(out)]) == 0
     text = out.read_text()
     assert text in capsys.readouterr().out
-    prefill_rows = [line for line in text.splitlines() if line.startswith(("| 16 |", "| 48 |"))]
+    peer_tables = text.split("llama.cpp: not run", 1)[0]  # the prefill and decode tables
+    prefill_rows = [line for line in peer_tables.splitlines()
+                    if line.startswith(("| 16 |", "| 48 |"))]
     assert len(prefill_rows) == 3  # two prompt lengths and one decode context
     assert all("not run" in row for row in prefill_rows)  # no llama.cpp given, said so
     assert "| – |" not in prefill_rows[0].split("not run")[0]  # every krasis figure measured
