@@ -20,7 +20,12 @@ from krasisd.engine.batch import batched_decode
 from krasisd.engine.config import ModelConfig
 from krasisd.engine.errors import KrasisEngineError, ModelLoadError
 from krasisd.engine.experts import TorchExperts
-from krasisd.engine.kv_cache import KVCache, kv_bytes_per_token, new_kv_cache
+from krasisd.engine.kv_cache import (
+    KVCache,
+    kv_bytes_per_token,
+    new_kv_cache,
+    state_bytes_per_sequence,
+)
 from krasisd.engine.loader import load_model, read_config
 from krasisd.engine.models.common import CausalLM
 from krasisd.engine.quant import BITS
@@ -80,7 +85,9 @@ class Engine:
         from krasisd.engine.loop import ContextSpec
 
         return ContextSpec(max_tokens=self.config.max_position_embeddings,
-                           kv_bytes_per_token=kv_bytes_per_token(self.config, self.dtype))
+                           kv_bytes_per_token=kv_bytes_per_token(self.config, self.dtype),
+                           state_bytes_per_sequence=state_bytes_per_sequence(self.config,
+                                                                             self.dtype))
 
     def loop_options(self, **settings):
         """LoopOptions for this engine: the device's prefill chunk unless ``settings`` say."""

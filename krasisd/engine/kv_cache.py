@@ -186,3 +186,19 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     model's DeltaNet layers keep a state of fixed size instead)."""
     element_bytes = torch.empty((), dtype=dtype).element_size()
     return len(config.full_attention_layers) * config.kv_cache_width * element_bytes
+
+
+def state_bytes_per_sequence(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes a sequence's cache holds whatever its length: for each Gated DeltaNet layer of a
+    hybrid model (krasisd.engine.hybrid_cache) a conv state [K-1, C] in ``dtype`` and a
+    recurrent state [Hv, Dk, Dv] in float32; 0 for models without such layers."""
+    linear_layers = config.num_hidden_layers - len(config.full_attention_layers)
+    if linear_layers == 0:
+        return 0
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    conv_channels = (2 * config.linear_num_key_heads * config.linear_key_head_dim
+                     + config.linear_num_value_heads * config.linear_value_head_dim)
+    conv_bytes = (config.linear_conv_kernel_dim - 1) * conv_channels * element_bytes
+    recurrent_bytes = (config.linear_num_value_heads * config.linear_key_head_dim
+                       * config.linear_value_head_dim * 4)
+    return linear_layers * (conv_bytes + recurrent_bytes)

@@ -113,8 +113,9 @@ class GenerationLoop:
         return resolve_num_ctx(requested, self.context, self.options.kv_budget_bytes)
 
     def kv_bytes(self, num_ctx: int) -> int:
-        """Worst-case KV bytes of a sequence of ``num_ctx`` tokens."""
-        return num_ctx * self.context.kv_bytes_per_token
+        """Worst-case cache bytes of a sequence of ``num_ctx`` tokens: its KV and, on a hybrid
+        model, its DeltaNet states."""
+        return self.context.sequence_bytes(num_ctx)
 
     def add(self, generation) -> None:
         """Queue a sequence (a Generation); it joins the running ones at a coming step."""

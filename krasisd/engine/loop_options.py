@@ -71,11 +71,17 @@ class LoopOptions:
 
 @dataclass(frozen=True)
 class ContextSpec:
-    """What a context costs on this model: its maximum (``max_position_embeddings``) and
-    the KV bytes of one token (0: not counted)."""
+    """What a context costs on this model: its maximum (``max_position_embeddings``), the KV
+    bytes of one token (0: not counted) and the bytes a sequence holds whatever its length
+    (the recurrent and conv states of a hybrid model's DeltaNet layers; 0 for the others)."""
 
     max_tokens: int | None = None
     kv_bytes_per_token: int = 0
+    state_bytes_per_sequence: int = 0
+
+    def sequence_bytes(self, num_ctx: int) -> int:
+        """Worst-case cache bytes of one sequence of ``num_ctx`` tokens."""
+        return num_ctx * self.kv_bytes_per_token + self.state_bytes_per_sequence
 
 
 def resolve_num_ctx(requested: int | None, context: ContextSpec,
@@ -86,7 +92,8 @@ def resolve_num_ctx(requested: int | None, context: ContextSpec,
     max_tokens = context.max_tokens
     budget_tokens = None
     if kv_budget_bytes is not None and context.kv_bytes_per_token > 0:
-        budget_tokens = max(kv_budget_bytes // context.kv_bytes_per_token, 1)
+        room_bytes = kv_budget_bytes - context.state_bytes_per_sequence
+        budget_tokens = max(room_bytes // context.kv_bytes_per_token, 1)
     if requested is None:
         return min(t for t in (DEFAULT_NUM_CTX, max_tokens, budget_tokens) if t is not None)
     problems = []
@@ -95,7 +102,7 @@ def resolve_num_ctx(requested: int | None, context: ContextSpec,
                         f"{max_tokens} tokens (max_position_embeddings)")
     if budget_tokens is not None and requested > budget_tokens:
         problems.append(
-            f"num_ctx {requested} needs {_size(requested * context.kv_bytes_per_token)} of KV "
+            f"num_ctx {requested} needs {_size(context.sequence_bytes(requested))} of KV "
             f"cache, more than this runner's KV budget of {_size(kv_budget_bytes)} "
             f"({budget_tokens} tokens)")
     if problems:

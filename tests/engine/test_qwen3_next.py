@@ -443,6 +443,34 @@ def test_the_kv_budget_counts_full_attention_layers_only():
     assert kv_bytes_per_token(config, torch.bfloat16) == 12 * 2 * 2 * 256 * 2
 
 
+def test_the_deltanet_states_count_against_the_kv_budget(pair):
+    """A sequence's states are held whatever its length: the engine declares their bytes
+    (equal to a cache's states), num_ctx leaves room for them, and admission counts them."""
+    from krasisd.engine.generate import Generation
+    from krasisd.engine.loop import GenerationLoop
+    from krasisd.engine.loop_options import ContextLimitError, LoopOptions
+    from krasisd.engine.options import SamplingOptions
+
+    _, engine, _ = pair
+    spec = engine.context_spec()
+    cache = engine.new_cache(16)
+    states = cache.conv_states + cache.recurrent_states
+    assert spec.state_bytes_per_sequence == sum(t.numel() * t.element_size() for t in states) > 0
+    # room for one sequence of 40 tokens and its states, not for two
+    budget = spec.sequence_bytes(40)
+    loop = GenerationLoop(engine, LoopOptions(max_batch=2, kv_budget_bytes=budget), spec)
+    assert loop.num_ctx(40) == 40
+    with pytest.raises(ContextLimitError, match="num_ctx 41 needs"):
+        loop.num_ctx(41)  # the states take the room of their bytes' worth of tokens
+    options = SamplingOptions(temperature=0, repeat_penalty=1.0, num_predict=2, num_ctx=20)
+    first = Generation(engine, prompt(8, seed=3), options, key=0)
+    second = Generation(engine, prompt(8, seed=4), options, key=1)
+    loop.add(first)
+    loop.add(second)
+    loop.step()  # 2 x 20 tokens of KV fit, 2 x (20 tokens + states) do not
+    assert loop.running == [first] and list(loop.waiting) == [second]
+
+
 # ---- serving: the generation loop, the native INT8 backend, a GPU machine ---------------
 
 
