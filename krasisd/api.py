@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from krasisd import grammars, tools
 from krasisd.config import parse_keep_alive_s
 from krasisd.engine.options import SamplingOptions
 
@@ -217,16 +218,26 @@ def stop_list(value: Any) -> list[str]:
     raise bad_request("invalid value for 'stop': expected a string or a list of strings")
 
 
-def json_format(body: dict) -> str | None:
-    """Ollama's 'format': "json" (or "" for none). JSON schemas are refused clearly."""
+def json_format(body: dict) -> str | dict | None:
+    """Ollama's 'format': "json" (one JSON object), a JSON schema object, or "" for none.
+    A schema is compiled here (krasisd.grammars) so a bad one is a 400 before any runner."""
     value = body.get("format")
-    if value in (None, ""):
-        return None
-    if value == "json":
-        return "json"
-    if isinstance(value, dict):
-        raise bad_request("'format' with a JSON schema is not supported; use \"json\"")
-    raise bad_request(f"invalid value for 'format': {shown(value)} (supported: \"json\")")
+    try:
+        grammars.format_grammar(value)
+    except ValueError as exc:
+        raise bad_request(f"invalid value for 'format': {exc}") from None
+    return None if value in (None, "") else value
+
+
+def request_tools(body: dict, openai: bool = False) -> list[dict] | None:
+    """'tools' (the same shape on /api/chat and /v1/chat/completions); on /v1, 'tool_choice'
+    "none" drops them and anything but "auto" or "none" is a 400."""
+    try:
+        listed = tools.request_tools(body.get("tools"))
+        choice = tools.request_tool_choice(body.get("tool_choice")) if openai else "auto"
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    return None if choice == "none" else listed
 
 
 # ---------------------------------------------------------------- what a runner is asked
@@ -242,7 +253,8 @@ class InferenceRequest:
     system: str | None = None
     suffix: str | None = None
     raw: bool = False
-    format: str | None = None
+    format: str | dict | None = None  # "json" or a JSON schema
+    tools: list[dict] | None = None  # passed to the chat template; the answer is parsed
     stream: bool = True
     keep_alive_s: float | None = None
     logprobs: bool = False
@@ -273,7 +285,8 @@ class InferenceRequest:
         """The JSON-ready request sent to the runner process."""
         return {"prompt": self.prompt, "messages": self.messages, "system": self.system,
                 "suffix": self.suffix, "raw": self.raw, "format": self.format,
-                "logprobs": self.logprobs, "options": dataclasses.asdict(self.options)}
+                "tools": self.tools, "logprobs": self.logprobs,
+                "options": dataclasses.asdict(self.options)}
 
     @property
     def is_empty(self) -> bool:
@@ -301,8 +314,23 @@ def chat_messages(value: Any, openai: bool = False) -> list[dict]:
             raise bad_request(f"messages[{i}].role must be one of {', '.join(_ROLES)}")
         if message.get("images"):
             raise bad_request("images are not supported by krasis models")
-        out.append({"role": role, "content": _content_text(message.get("content"), i)})
+        out.append({"role": role, "content": _content_text(message.get("content"), i),
+                    **_tool_fields(message, role, i)})
     return out
+
+
+def _tool_fields(message: dict, role: str, index: int) -> dict:
+    """An assistant's tool calls (arguments as objects, as templates read them) and a tool
+    result's call id and function name."""
+    if role == "assistant" and message.get("tool_calls"):
+        try:
+            return {"tool_calls": tools.template_tool_calls(message["tool_calls"])}
+        except ValueError as exc:
+            raise bad_request(f"messages[{index}].{exc}") from None
+    if role == "tool":
+        return {k: message[k] for k in ("tool_call_id", "name", "tool_name")
+                if isinstance(message.get(k), str)}
+    return {}
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -333,19 +361,14 @@ def generate_request(body: dict) -> InferenceRequest:
         stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
 
 
-def _no_tools(body: dict) -> None:
-    if body.get("tools"):
-        raise bad_request("tools are not supported by krasis models")
-
-
 def chat_request(body: dict) -> InferenceRequest:
     """POST /api/chat."""
-    _no_tools(body)
     options = option_values(body.get("options"))
     return InferenceRequest(
         model=model_name(body), options=make_options(options), client_options=options,
         messages=chat_messages(body.get("messages")), format=json_format(body),
-        stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
+        tools=request_tools(body), stream=_bool(body, "stream") is not False,
+        keep_alive_s=keep_alive_s(body))
 
 
 # ---------------------------------------------------------------- OpenAI /v1
@@ -389,17 +412,19 @@ def _openai_stream(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _response_format(body: dict) -> str | None:
+def _response_format(body: dict) -> str | dict | None:
+    """response_format: text, json_object (= format "json") or json_schema (its schema)."""
     value = body.get("response_format")
-    if value is None:
-        return None
+    try:
+        grammars.response_format_grammar(value)
+    except ValueError as exc:
+        raise bad_request(f"invalid value for 'response_format': {exc}") from None
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
-        return None
     if kind == "json_object":
         return "json"
-    raise bad_request("response_format: only {'type': 'text'} and {'type': 'json_object'} "
-                      "are supported")
+    if kind == "json_schema":
+        return value["json_schema"]["schema"]
+    return None
 
 
 @dataclass
@@ -413,14 +438,14 @@ class OpenAIRequest:
 
 def openai_chat_request(body: dict) -> OpenAIRequest:
     """POST /v1/chat/completions."""
-    _no_tools(body)
     stream, include_usage = _openai_stream(body)
     messages = chat_messages(body.get("messages"), openai=True)
     if not messages:
         raise bad_request("'messages' must not be empty")
     inference = InferenceRequest(
         model=model_name(body), **_openai_options(body), messages=messages,
-        format=_response_format(body), stream=stream, logprobs=bool(_bool(body, "logprobs")))
+        format=_response_format(body), tools=request_tools(body, openai=True), stream=stream,
+        logprobs=bool(_bool(body, "logprobs")))
     return OpenAIRequest(inference, include_usage)
 
 

@@ -42,15 +42,22 @@ async def runner_events(daemon: Daemon, spec: ModelSpec,
 
 def _ollama_events(daemon: Daemon, spec: ModelSpec, req: api.InferenceRequest,
                    model: str, chat: bool) -> AsyncIterator[dict]:
-    def body(text: str) -> dict:
-        if chat:
-            return {"message": {"role": "assistant", "content": text}}
-        return {"response": text}
+    def body(text: str, event: dict | None = None) -> dict:
+        if not chat:
+            return {"response": text}
+        message = {"role": "assistant", "content": text}
+        if event and event.get("thinking"):
+            message["thinking"] = event["thinking"]
+        if event and event.get("tool_calls"):  # whole calls, parsed by the runner
+            message["tool_calls"] = [{"function": {"name": c["name"],
+                                                   "arguments": c["arguments"]}}
+                                     for c in event["tool_calls"]]
+        return {"message": message}
 
     async def events() -> AsyncIterator[dict]:
         async for event in runner_events(daemon, spec, req):
-            if event["text"]:
-                yield {"model": model, "created_at": now_iso(), **body(event["text"]),
+            if event["text"] or event.get("thinking") or event.get("tool_calls"):
+                yield {"model": model, "created_at": now_iso(), **body(event["text"], event),
                        "done": False}
             if event["type"] == "done":
                 yield {"model": model, "created_at": now_iso(), **body(""), "done": True,
@@ -66,8 +73,14 @@ def _merge(events: list[dict], chat: bool) -> dict:
     """One non-streamed answer: the last event with the whole text."""
     final = dict(events[-1])
     if chat:
-        text = "".join(e["message"]["content"] for e in events)
-        final["message"] = {"role": "assistant", "content": text}
+        messages = [e["message"] for e in events]
+        final["message"] = {"role": "assistant", "content": "".join(m["content"] for m in messages)}
+        thinking = "".join(m.get("thinking", "") for m in messages)
+        calls = [c for m in messages for c in m.get("tool_calls", ())]
+        if thinking:
+            final["message"]["thinking"] = thinking
+        if calls:
+            final["message"]["tool_calls"] = calls
     else:
         final["response"] = "".join(e["response"] for e in events)
     return final

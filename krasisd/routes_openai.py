@@ -18,8 +18,21 @@ from krasisd.client_errors import error_message
 from krasisd.context import daemon_of
 from krasisd.routes_inference import read_json, runner_events
 from krasisd.streaming import collect, stream_sse
+from krasisd.tools import ToolCall
 
 _FINISH = {"stop": "stop", "length": "length", "cancel": "stop"}
+
+
+def _finish(done: dict, called: bool) -> str:
+    """finish_reason: "tool_calls" when the answer ended with tool calls."""
+    finish = _FINISH.get(done["done_reason"], "stop")
+    return "tool_calls" if called and finish == "stop" else finish
+
+
+def _tool_calls(event: dict, first_index: int = 0, delta: bool = False) -> list[dict]:
+    """The runner's parsed calls of one event in OpenAI's shape (streaming: with index)."""
+    calls = [ToolCall(c["name"], c["arguments"], c["id"]) for c in event.get("tool_calls", ())]
+    return [c.openai(first_index + i if delta else None) for i, c in enumerate(calls)]
 
 
 def _usage(done: dict) -> dict:
@@ -73,9 +86,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     events = runner_events(daemon, spec, req.inference)
     if req.inference.stream:
         return await stream_sse(request, _chat_chunks(events, meta, req), _sse_error)
-    done, text, tokens = await _gather(events)
-    choice = {"index": 0, "message": {"role": "assistant", "content": text},
-              "finish_reason": _FINISH.get(done["done_reason"], "stop"),
+    collected = await collect(events)
+    done, text, tokens = _gathered(collected)
+    message = {"role": "assistant", "content": text}
+    calls = [c for e in collected for c in _tool_calls(e)]
+    if calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+    thinking = "".join(e.get("thinking", "") for e in collected)
+    if thinking:
+        message["reasoning_content"] = thinking
+    choice = {"index": 0, "message": message, "finish_reason": _finish(done, bool(calls)),
               "logprobs": _chat_logprobs(tokens) if req.inference.logprobs else None}
     return web.json_response({**meta, "object": "chat.completion", "choices": [choice],
                               "usage": _usage(done)})
@@ -85,19 +105,25 @@ async def _chat_chunks(events: AsyncIterator[dict], meta: dict,
                        req: api.OpenAIRequest) -> AsyncIterator[dict]:
     base = {**meta, "object": "chat.completion.chunk"}
     usage = {"usage": None} if req.include_usage else {}
-    role_sent = False
+    role_sent, calls_sent = False, 0
     async for event in events:
-        if event["text"] or not role_sent:
+        calls = _tool_calls(event, calls_sent, delta=True)
+        if event["text"] or not role_sent or calls or event.get("thinking"):
             delta = {"content": event["text"]}
             if not role_sent:
                 delta["role"] = "assistant"
                 role_sent = True
+            if event.get("thinking"):
+                delta["reasoning_content"] = event["thinking"]
+            if calls:
+                delta["tool_calls"] = calls
+                calls_sent += len(calls)
             choice = {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
             if req.inference.logprobs and event["token_id"] is not None:
                 choice["logprobs"] = _chat_logprobs([event])
             yield {**base, "choices": [choice], **usage}
         if event["type"] == "done":
-            finish = _FINISH.get(event["done_reason"], "stop")
+            finish = _finish(event, calls_sent > 0)
             yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish,
                                         "logprobs": None}], **usage}
             if req.include_usage:
@@ -115,7 +141,10 @@ def _chat_logprobs(tokens: list[dict]) -> dict:
 
 async def _gather(events: AsyncIterator[dict]) -> tuple[dict, str, list[dict]]:
     """(done event, whole text, token events) of a non-streamed request."""
-    collected = await collect(events)
+    return _gathered(await collect(events))
+
+
+def _gathered(collected: list[dict]) -> tuple[dict, str, list[dict]]:
     tokens = [e for e in collected if e["token_id"] is not None and e["logprob"] is not None]
     return collected[-1], "".join(e["text"] for e in collected), tokens
 

@@ -45,6 +45,7 @@ from krasisd.engine.engine_options import EngineOptions  # noqa: E402
 from krasisd.engine.loop_options import LoopOptions, default_prefix_cache_bytes  # noqa: E402
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
 from krasisd.runner_streams import Stream, StreamLoop  # noqa: E402
+from krasisd.tools import ToolCallStream, tool_format  # noqa: E402
 
 log = logging.getLogger("krasisd.runner")
 
@@ -113,6 +114,8 @@ def render_prompt(engine, request: dict, model: str) -> tuple[str, bool]:
             else []
         messages.append({"role": "user", "content": request.get("prompt") or ""})
     extra = {"suffix": suffix} if suffix else {}
+    if request.get("tools"):
+        extra["tools"] = request["tools"]
     return engine.chat_prompt(messages, add_generation_prompt=True, **extra), False
 
 
@@ -145,13 +148,18 @@ def _generation(engine, loop, request: dict, model: str, should_cancel: Callable
         from krasisd.jsonmode import json_mode
 
         options, pick = json_mode(engine, options)
+    elif isinstance(request.get("format"), dict):  # a JSON schema (krasisd.grammars)
+        from krasisd.engine.constrained import grammar_mode
+        from krasisd.grammars import json_schema_grammar
+
+        options, pick = grammar_mode(engine, options, json_schema_grammar(request["format"]))
     return Generation(engine, ids, options, should_cancel, pick, key=request["id"])
 
 
 def _stream(engine, loop, request: dict, model: str, should_cancel: Callable[[], bool]):
     """A streaming-only engine's request: its ``generate`` iterator."""
-    if request.get("format") == "json":
-        raise PromptError(f'model {model!r} does not support format "json": its engine '
+    if request.get("format"):
+        raise PromptError(f"model {model!r} does not support 'format': its engine "
                           "only streams text")
     options, ids = _prepared(engine, loop, request, model)
     return Stream(engine.generate(ids, options, should_cancel=should_cancel), key=request["id"])
@@ -172,6 +180,32 @@ def _loop_for(engine, options: LoopOptions):
 def _is_krasis_engine(engine) -> bool:
     engine_module = sys.modules.get("krasisd.engine.engine")
     return engine_module is not None and isinstance(engine, engine_module.Engine)
+
+
+def tool_parser(engine, request: dict) -> ToolCallStream | None:
+    """The splitter of a request with tools: the model's tool-call format read from its chat
+    templates or architecture (krasisd.tools); None without tools or a known format."""
+    if not request.get("tools"):
+        return None
+    tokenizer = getattr(engine, "tokenizer", None)
+    templates = getattr(tokenizer, "chat_templates", None) or {
+        "default": getattr(tokenizer, "chat_template", None) or ""}
+    architecture = getattr(getattr(engine, "config", None), "architecture", None)
+    fmt = tool_format(chat_template="\n".join(templates.values()), architecture=architecture)
+    return ToolCallStream(fmt, request["tools"]) if fmt else None
+
+
+def _with_tool_calls(event: dict, parser: ToolCallStream) -> dict:
+    """A chunk or done event whose text went through the tool-call splitter: the plain
+    content stays ``text``; ``thinking`` and whole ``tool_calls`` are added when there are."""
+    content, thinking, calls = parser.split(event["text"], final=event["type"] == "done")
+    event = {**event, "text": content}
+    if thinking:
+        event["thinking"] = thinking
+    if calls:
+        event["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                               for c in calls]
+    return event
 
 
 def _chunk_event(request_id: int, chunk: GenerationChunk) -> dict:
@@ -238,6 +272,7 @@ class _InFlight:
     def __init__(self):
         self.live: set[int] = set()
         self.cancelled: set[int] = set()
+        self.parsers: dict[int, ToolCallStream] = {}  # requests with tools
 
     def cancel(self, request_id: int) -> None:
         if request_id in self.live:  # ids not in flight are ignored
@@ -246,6 +281,7 @@ class _InFlight:
     def finish(self, request_id: int) -> None:
         self.live.discard(request_id)
         self.cancelled.discard(request_id)
+        self.parsers.pop(request_id, None)
 
 
 def _take_request(engine, loop, make, message: dict, model: str, channel: Channel,
@@ -254,6 +290,7 @@ def _take_request(engine, loop, make, message: dict, model: str, channel: Channe
     try:
         sequence = make(engine, loop, message, model,
                         lambda: request_id in flight.cancelled)
+        parser = tool_parser(engine, message)
     except (PromptError, ValueError) as exc:
         channel.send(_error_event(request_id, exc))
         return
@@ -262,6 +299,8 @@ def _take_request(engine, loop, make, message: dict, model: str, channel: Channe
         channel.send(_error_event(request_id, exc))
         return
     flight.live.add(request_id)
+    if parser is not None:
+        flight.parsers[request_id] = parser
     loop.add(sequence)
 
 
@@ -298,7 +337,8 @@ def serve(engine, channel: Channel, model: str, options: LoopOptions | None = No
                 event = _chunk_event(request_id, emitted.chunk)
                 if emitted.chunk.done:
                     event.update(_prefix_fields(loop, emitted.generation))
-                channel.send(event)
+                parser = flight.parsers.get(request_id)
+                channel.send(_with_tool_calls(event, parser) if parser else event)
                 if emitted.chunk.done:
                     flight.finish(request_id)
 
