@@ -121,3 +121,22 @@ class Proc:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(20)
+
+
+def ollama_over_socket(socket_path: Path):
+    """The official ollama client, talking to a daemon's Unix socket."""
+    import httpx
+    import ollama
+
+    return ollama.Client(host="http://localhost", timeout=30,
+                         transport=httpx.HTTPTransport(uds=str(socket_path)))
+
+
+def openai_over_socket(socket_path: Path):
+    """The official openai client, talking to a daemon's Unix socket (no retries)."""
+    import httpx
+    import openai
+
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), timeout=30)
+    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http,
+                         max_retries=0)

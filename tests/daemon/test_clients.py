@@ -5,25 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 
-import httpx
 import ollama
 import openai
 import pytest
+from harness import ollama_over_socket, openai_over_socket
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def ollama_client(daemon):
-    return ollama.Client(host="http://localhost", timeout=30,
-                         transport=httpx.HTTPTransport(uds=str(daemon.socket_path)))
+    return ollama_over_socket(daemon.socket_path)
 
 
 @pytest.fixture(scope="module")
 def openai_client(daemon):
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket_path)), timeout=30)
-    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http,
-                         max_retries=0)
+    return openai_over_socket(daemon.socket_path)
 
 
 def curl(daemon, *args: str) -> subprocess.CompletedProcess:

@@ -8,12 +8,10 @@ import logging
 import math
 import shutil
 
-import httpx
 import ollama
-import openai
 import pytest
 from fakes import fake_config
-from harness import DaemonThread
+from harness import DaemonThread, ollama_over_socket, openai_over_socket
 from krasis_registry import Registry
 from krasis_registry.create import bundled_dir
 
@@ -45,15 +43,12 @@ def http(daemon):
 
 @pytest.fixture(scope="module")
 def ollama_client(daemon):
-    return ollama.Client(host="http://localhost", timeout=30,
-                         transport=httpx.HTTPTransport(uds=str(daemon.socket_path)))
+    return ollama_over_socket(daemon.socket_path)
 
 
 @pytest.fixture(scope="module")
 def openai_client(daemon):
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket_path)), timeout=30)
-    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http,
-                         max_retries=0)
+    return openai_over_socket(daemon.socket_path)
 
 
 @pytest.fixture(scope="module")

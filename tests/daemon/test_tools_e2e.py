@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 
-import httpx
-import ollama
-import openai
 import pytest
+from harness import ollama_over_socket, openai_over_socket
 from tool_engine import ANSWER_WITHOUT_TOOLS, CALLS
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,15 +33,12 @@ def daemon(tmp_path_factory, fake_env):
 
 @pytest.fixture(scope="module")
 def ollama_client(daemon):
-    return ollama.Client(host="http://localhost", timeout=30,
-                         transport=httpx.HTTPTransport(uds=str(daemon.socket_path)))
+    return ollama_over_socket(daemon.socket_path)
 
 
 @pytest.fixture(scope="module")
 def openai_client(daemon):
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket_path)), timeout=30)
-    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http,
-                         max_retries=0)
+    return openai_over_socket(daemon.socket_path)
 
 
 def _calls_of(tool_calls) -> list[tuple[str, dict]]:
