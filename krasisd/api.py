@@ -255,6 +255,7 @@ class InferenceRequest:
     raw: bool = False
     format: str | dict | None = None  # "json" or a JSON schema
     tools: list[dict] | None = None  # passed to the chat template; the answer is parsed
+    think: bool | str | None = None  # Ollama's think (or OpenAI's reasoning_effort); None: unset
     stream: bool = True
     keep_alive_s: float | None = None
     logprobs: bool = False
@@ -285,7 +286,7 @@ class InferenceRequest:
         """The JSON-ready request sent to the runner process."""
         return {"prompt": self.prompt, "messages": self.messages, "system": self.system,
                 "suffix": self.suffix, "raw": self.raw, "format": self.format,
-                "tools": self.tools, "logprobs": self.logprobs,
+                "tools": self.tools, "think": self.think, "logprobs": self.logprobs,
                 "options": dataclasses.asdict(self.options)}
 
     @property
@@ -357,8 +358,26 @@ def generate_request(body: dict) -> InferenceRequest:
     return InferenceRequest(
         model=model_name(body), options=make_options(options), client_options=options,
         prompt=_str(body, "prompt"), system=_str(body, "system"), suffix=_str(body, "suffix"),
-        raw=bool(_bool(body, "raw")), format=json_format(body),
+        raw=bool(_bool(body, "raw")), format=json_format(body), think=think_value(body),
         stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
+
+
+THINK_LEVELS = ("low", "medium", "high")
+
+
+def think_value(body: dict, name: str = "think") -> bool | str | None:
+    """Ollama's ``think`` (true, false, or a level for models that take one, as gpt-oss) or
+    OpenAI's ``reasoning_effort`` (a level); None when unset."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and name == "think":
+        return value
+    if isinstance(value, str) and value in THINK_LEVELS:
+        return value
+    expected = "true, false or " if name == "think" else ""
+    raise bad_request(f"invalid value for {name!r}: expected {expected}one of "
+                      f"{', '.join(THINK_LEVELS)}")
 
 
 def chat_request(body: dict) -> InferenceRequest:
@@ -367,8 +386,8 @@ def chat_request(body: dict) -> InferenceRequest:
     return InferenceRequest(
         model=model_name(body), options=make_options(options), client_options=options,
         messages=chat_messages(body.get("messages")), format=json_format(body),
-        tools=request_tools(body), stream=_bool(body, "stream") is not False,
-        keep_alive_s=keep_alive_s(body))
+        tools=request_tools(body), think=think_value(body),
+        stream=_bool(body, "stream") is not False, keep_alive_s=keep_alive_s(body))
 
 
 # ---------------------------------------------------------------- OpenAI /v1
@@ -445,7 +464,7 @@ def openai_chat_request(body: dict) -> OpenAIRequest:
     inference = InferenceRequest(
         model=model_name(body), **_openai_options(body), messages=messages,
         format=_response_format(body), tools=request_tools(body, openai=True), stream=stream,
-        logprobs=bool(_bool(body, "logprobs")))
+        think=think_value(body, "reasoning_effort"), logprobs=bool(_bool(body, "logprobs")))
     return OpenAIRequest(inference, include_usage)
 
 

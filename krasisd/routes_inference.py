@@ -43,8 +43,9 @@ async def runner_events(daemon: Daemon, spec: ModelSpec,
 def _ollama_events(daemon: Daemon, spec: ModelSpec, req: api.InferenceRequest,
                    model: str, chat: bool) -> AsyncIterator[dict]:
     def body(text: str, event: dict | None = None) -> dict:
-        if not chat:
-            return {"response": text}
+        if not chat:  # /api/generate: Ollama's "thinking" beside "response"
+            thinking = event.get("thinking") if event else None
+            return {"response": text, **({"thinking": thinking} if thinking else {})}
         message = {"role": "assistant", "content": text}
         if event and event.get("thinking"):
             message["thinking"] = event["thinking"]
@@ -83,6 +84,9 @@ def _merge(events: list[dict], chat: bool) -> dict:
             final["message"]["tool_calls"] = calls
     else:
         final["response"] = "".join(e["response"] for e in events)
+        thinking = "".join(e.get("thinking", "") for e in events)
+        if thinking:
+            final["thinking"] = thinking
     return final
 
 

@@ -45,7 +45,7 @@ from krasisd.engine.engine_options import EngineOptions  # noqa: E402
 from krasisd.engine.loop_options import LoopOptions, default_prefix_cache_bytes  # noqa: E402
 from krasisd.engine.options import GenerationChunk, SamplingOptions  # noqa: E402
 from krasisd.runner_streams import Stream, StreamLoop  # noqa: E402
-from krasisd.tools import ToolCallStream, tool_format  # noqa: E402
+from krasisd.tools import THINK_FORMAT, ToolCallStream, tool_format  # noqa: E402
 
 log = logging.getLogger("krasisd.runner")
 
@@ -116,6 +116,11 @@ def render_prompt(engine, request: dict, model: str) -> tuple[str, bool]:
     extra = {"suffix": suffix} if suffix else {}
     if request.get("tools"):
         extra["tools"] = request["tools"]
+    think = request.get("think")
+    if think is not None:  # Qwen3's templates read enable_thinking, gpt-oss's reasoning_effort
+        extra["enable_thinking"] = bool(think)
+        if isinstance(think, str):
+            extra["reasoning_effort"] = think
     return engine.chat_prompt(messages, add_generation_prompt=True, **extra), False
 
 
@@ -182,17 +187,27 @@ def _is_krasis_engine(engine) -> bool:
     return engine_module is not None and isinstance(engine, engine_module.Engine)
 
 
-def tool_parser(engine, request: dict) -> ToolCallStream | None:
-    """The splitter of a request with tools: the model's tool-call format read from its chat
-    templates or architecture (krasisd.tools); None without tools or a known format."""
-    if not request.get("tools"):
+def tool_parser(engine, request: dict, prompt_text: str = "") -> ToolCallStream | None:
+    """The splitter of an answer: with tools, the model's tool-call format read from its chat
+    templates or architecture (krasisd.tools); with ``think`` asked for, that format when it
+    has reasoning spans, else ``<think>...</think>`` (started already when ``prompt_text``
+    ends with ``<think>``); None otherwise, or without tools and a known format."""
+    tools, think = request.get("tools"), request.get("think")
+    if not tools and not think:
         return None
     tokenizer = getattr(engine, "tokenizer", None)
     templates = getattr(tokenizer, "chat_templates", None) or {
         "default": getattr(tokenizer, "chat_template", None) or ""}
     architecture = getattr(getattr(engine, "config", None), "architecture", None)
     fmt = tool_format(chat_template="\n".join(templates.values()), architecture=architecture)
-    return ToolCallStream(fmt, request["tools"]) if fmt else None
+    if not think:
+        return ToolCallStream(fmt, tools) if fmt else None
+    if fmt is None or not tools:
+        fmt = fmt if fmt is not None and fmt.reasoning else THINK_FORMAT
+    elif not fmt.reasoning:  # calls in the model's format, thinking between <think> tags
+        fmt = dataclasses.replace(fmt, reasoning=THINK_FORMAT.reasoning)
+    opened = prompt_text.rstrip().endswith(fmt.reasoning[0].start)
+    return ToolCallStream(fmt, tools, in_reasoning=opened)
 
 
 def _with_tool_calls(event: dict, parser: ToolCallStream) -> dict:
@@ -290,7 +305,8 @@ def _take_request(engine, loop, make, message: dict, model: str, channel: Channe
     try:
         sequence = make(engine, loop, message, model,
                         lambda: request_id in flight.cancelled)
-        parser = tool_parser(engine, message)
+        prompt_text = render_prompt(engine, message, model)[0] if message.get("think") else ""
+        parser = tool_parser(engine, message, prompt_text)
     except (PromptError, ValueError) as exc:
         channel.send(_error_event(request_id, exc))
         return

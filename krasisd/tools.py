@@ -124,6 +124,10 @@ _ARCHITECTURES = {  # config.json's architectures[0] -> family, the last resort
 }
 
 
+# What Qwen3, DeepSeek-R1, GLM and Kimi's thinking models write before their answer (no calls).
+THINK_FORMAT = ToolFormat("think", (), (), (), reasoning=(Span("<think>", ("</think>",)),))
+
+
 def tool_format(model_type: str | None = None, chat_template: str | None = None,
                 architecture: str | None = None) -> ToolFormat | None:
     """The format a model writes tool calls in: read from its chat template (what it was
@@ -173,12 +177,17 @@ class ToolCallStream:
     events as it arrives. ``tools`` (the request's, OpenAI's shape) tells GLM's pairs which
     arguments are strings."""
 
-    def __init__(self, fmt: ToolFormat, tools: Iterable[Mapping] | None = None):
+    def __init__(self, fmt: ToolFormat, tools: Iterable[Mapping] | None = None,
+                 in_reasoning: bool = False):
+        """``in_reasoning``: the answer starts inside the format's first reasoning span (the
+        prompt already opened it, as templates that end their generation prompt with
+        ``<think>`` do)."""
         self.fmt = fmt
         self.string_args = _string_arguments(tools)
         self._markers = fmt.markers()
         self._buffer = ""
-        self._span: Span | None = None  # the reasoning span we are in
+        # the reasoning span we are in
+        self._span: Span | None = fmt.reasoning[0] if in_reasoning and fmt.reasoning else None
         self._section: Span | None = None
         self._call_start: str | None = None  # the marker of the open call
         self._after_call = False  # whitespace is held after a call

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from harness import ollama_over_socket, openai_over_socket
-from tool_engine import ANSWER_WITHOUT_TOOLS, CALLS
+from tool_engine import ANSWER_WITHOUT_TOOLS, CALLS, REPLY, THOUGHT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +117,51 @@ def test_unsupported_tool_requests_are_400(daemon, body, message):
                                                             **body})
     assert response.status_code == 400
     assert message in response.text
+
+
+# ---- thinking: Ollama's think, OpenAI's reasoning_effort --------------------------------
+
+
+def test_ollama_think_true_returns_the_thinking_apart(ollama_client):
+    answer = ollama_client.chat(model="fake", messages=ASK, think=True)
+    assert answer.message.thinking == THOUGHT and answer.message.content == REPLY
+    parts = list(ollama_client.chat(model="fake", messages=ASK, think=True, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == THOUGHT
+    assert "".join(p.message.content for p in parts) == REPLY  # no <think> tags in content
+    generated = ollama_client.generate(model="fake", prompt="Weather?", think=True)
+    assert generated.thinking == THOUGHT and generated.response == REPLY
+
+
+def test_ollama_think_false_reaches_the_template(ollama_client):
+    answer = ollama_client.chat(model="fake", messages=ASK, think=False)
+    assert answer.message.content == REPLY and not answer.message.thinking
+
+
+def test_openai_reasoning_effort_gives_reasoning_content(openai_client):
+    # the effort reaches the template, whose prompt opens the thinking: the answer starts in it
+    answer = openai_client.chat.completions.create(model="fake", messages=ASK,
+                                                   reasoning_effort="high")
+    message = answer.choices[0].message
+    assert message.content == REPLY and message.model_extra["reasoning_content"] == THOUGHT
+    stream = openai_client.chat.completions.create(model="fake", messages=ASK,
+                                                   reasoning_effort="low", stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == THOUGHT
+    assert "".join(d.content or "" for d in deltas) == REPLY
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    ("/api/chat", {"think": "very"}, "expected true, false or one of low, medium, high"),
+    ("/api/generate", {"think": 1}, "invalid value for 'think'"),
+    ("/v1/chat/completions", {"reasoning_effort": True}, "invalid value for 'reasoning_effort'"),
+])
+def test_bad_thinking_values_are_400(daemon, path, body, message):
+    import httpx
+
+    payload = {"model": "fake", **body}
+    payload.update({"messages": ASK} if path != "/api/generate" else {"prompt": "hi"})
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket_path)),
+                      base_url="http://localhost", timeout=30) as http:
+        response = http.post(path, json=payload)
+    assert response.status_code == 400 and message in response.text
+

@@ -19,6 +19,9 @@ CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"t
 ANSWER_WITH_TOOLS = "Let me check.\n" + "\n".join(
     f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>" for n, a in CALLS)
 ANSWER_WITHOUT_TOOLS = "No tools were offered."
+# with thinking on: the model thinks between <think> tags; with a reasoning effort the prompt
+# itself ends with <think> (as DeepSeek-R1's template does), so the answer starts inside it
+THOUGHT, REPLY = "I should check the weather.", "It is sunny."
 CHUNK_CHARS = 3
 
 
@@ -41,14 +44,23 @@ class ToolEngine:
         self.tokenizer = TemplateTokenizer()
         self.eos_token_ids = {1}
 
-    def chat_prompt(self, messages, add_generation_prompt=True, tools=None, **template_vars):
+    def chat_prompt(self, messages, add_generation_prompt=True, tools=None,
+                    enable_thinking=None, reasoning_effort=None, **template_vars):
         names = ",".join(t["function"]["name"] for t in tools or ())
         turns = "".join(f"<{m['role']}>{m['content']}" for m in messages)
-        return f"<tools>{names}</tools>{turns}<assistant>"
+        thinking = "" if enable_thinking is None else f"<thinking={enable_thinking}>"
+        opened = "<think>" if reasoning_effort else ""
+        return f"<tools>{names}</tools>{thinking}{turns}<assistant>{opened}"
 
     def generate(self, prompt_ids, options: SamplingOptions, should_cancel=None):
         prompt = self.tokenizer.decode(prompt_ids)
         answer = ANSWER_WITHOUT_TOOLS if "<tools></tools>" in prompt else ANSWER_WITH_TOOLS
+        if prompt.endswith("<think>"):
+            answer = f"{THOUGHT}</think>{REPLY}"
+        elif "<thinking=True>" in prompt:
+            answer = f"<think>{THOUGHT}</think>{REPLY}"
+        elif "<thinking=False>" in prompt:
+            answer = REPLY
         started_ns = time.perf_counter_ns()
         pieces = [answer[i:i + CHUNK_CHARS] for i in range(0, len(answer), CHUNK_CHARS)]
         for i, piece in enumerate(pieces):
