@@ -55,29 +55,33 @@ def finish_removal(db: Database, store: Store, ref: ModelRef, model_id: int) -> 
     log.info("removed %s", ref.full)
 
 
-def _mark_removing(db: Database, store: Store, ref: ModelRef, model_id: int) -> None:
-    """Write 'removing'; on a full disk, delete the model's largest files (those whose
-    deletion frees space) one by one until the write succeeds."""
+def _state_write_error(db: Database, store: Store, model_id: int) -> Exception | None:
+    """Write 'removing': None once written, the error when the disk is full (others raise)."""
     try:
         records.set_state(db, model_id, "removing")
-        return
+        return None
     except Exception as exc:
         if not is_disk_full(exc, store.home):
             raise
-        first = exc
+        return exc
+
+
+def _mark_removing(db: Database, store: Store, ref: ModelRef, model_id: int) -> None:
+    """Write 'removing'; on a full disk, delete the model's largest files (those whose
+    deletion frees space) one by one until the write succeeds."""
+    first = _state_write_error(db, store, model_id)
+    if first is None:
+        return
     freed_bytes = 0
     for size_bytes, path in freeing_files(store, ref):
         log.warning("disk full: deleting %s (%.1f MiB) of %s so its removal can be recorded",
                     path, size_bytes / (1 << 20), ref.full)
         path.unlink(missing_ok=True)
         freed_bytes += size_bytes
-        try:
-            records.set_state(db, model_id, "removing")
+        error = _state_write_error(db, store, model_id)
+        if error is None:
             return
-        except Exception as exc:
-            if not is_disk_full(exc, store.home):
-                raise
-            first = exc
+        first = error
     if freed_bytes:
         then = (f"then remove {ref.full} again (its {freed_bytes / (1 << 20):.1f} MiB of files "
                 "that free space are deleted already: it is marked failed at the next open)")
