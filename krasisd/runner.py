@@ -134,20 +134,22 @@ def prompt_ids(engine, text: str, add_special: bool, num_ctx: int) -> list[int]:
     return ids
 
 
-def _prepared(engine, loop, request: dict, model: str) -> tuple[SamplingOptions, list[int]]:
+def _prepared(engine, loop, request: dict, prompt: tuple[str, bool]
+              ) -> tuple[SamplingOptions, list[int]]:
     """The request's options, its num_ctx resolved (checked against the model and the KV
-    budget: ContextLimitError), and its prompt ids."""
+    budget: ContextLimitError), and the ids of its rendered ``prompt`` (render_prompt's)."""
     options = SamplingOptions(**request["options"])
-    text, add_special = render_prompt(engine, request, model)
+    text, add_special = prompt
     options = dataclasses.replace(options, num_ctx=loop.num_ctx(options.num_ctx))
     return options, prompt_ids(engine, text, add_special, options.num_ctx)
 
 
-def _generation(engine, loop, request: dict, model: str, should_cancel: Callable[[], bool]):
+def _generation(engine, loop, request: dict, model: str, prompt: tuple[str, bool],
+                should_cancel: Callable[[], bool]):
     """A krasis Engine's request: a Generation for the loop (JSON mode: its ``pick``)."""
     from krasisd.engine.generate import Generation
 
-    options, ids = _prepared(engine, loop, request, model)
+    options, ids = _prepared(engine, loop, request, prompt)
     pick = None
     if request.get("format") == "json":
         from krasisd.jsonmode import json_mode
@@ -161,12 +163,13 @@ def _generation(engine, loop, request: dict, model: str, should_cancel: Callable
     return Generation(engine, ids, options, should_cancel, pick, key=request["id"])
 
 
-def _stream(engine, loop, request: dict, model: str, should_cancel: Callable[[], bool]):
+def _stream(engine, loop, request: dict, model: str, prompt: tuple[str, bool],
+            should_cancel: Callable[[], bool]):
     """A streaming-only engine's request: its ``generate`` iterator."""
     if request.get("format"):
         raise PromptError(f"model {model!r} does not support 'format': its engine "
                           "only streams text")
-    options, ids = _prepared(engine, loop, request, model)
+    options, ids = _prepared(engine, loop, request, prompt)
     return Stream(engine.generate(ids, options, should_cancel=should_cancel), key=request["id"])
 
 
@@ -303,10 +306,10 @@ def _take_request(engine, loop, make, message: dict, model: str, channel: Channe
                   flight: _InFlight) -> None:
     request_id = message["id"]
     try:
-        sequence = make(engine, loop, message, model,
+        prompt = render_prompt(engine, message, model)  # once: the sequence and the parser
+        sequence = make(engine, loop, message, model, prompt,
                         lambda: request_id in flight.cancelled)
-        prompt_text = render_prompt(engine, message, model)[0] if message.get("think") else ""
-        parser = tool_parser(engine, message, prompt_text)
+        parser = tool_parser(engine, message, prompt[0])
     except (PromptError, ValueError) as exc:
         channel.send(_error_event(request_id, exc))
         return
