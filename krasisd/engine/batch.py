@@ -48,7 +48,7 @@ def batched_decode(model, token_ids: list[int], caches: list) -> torch.Tensor:
                 for b, cache in enumerate(caches)
             ])  # [B, D]
         h = x + attn
-        x = h + layer._ffn(norm(layer.post_attention_layernorm, h), backend)
+        x = h + layer.ffn(norm(layer.post_attention_layernorm, h), backend)
     logits = model.lm_head(norm(model.model.norm, x)).float()  # [B, V]
     for cache in caches:
         cache.advance(1)

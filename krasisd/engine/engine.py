@@ -59,11 +59,11 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self._live().model.embed_tokens.weight.device
+        return self.live_model().model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._live().model.embed_tokens.weight.dtype
+        return self.live_model().model.embed_tokens.weight.dtype
 
     def live_model(self) -> CausalLM:
         """The model; raises KrasisEngineError once the engine is closed."""
@@ -71,7 +71,6 @@ class Engine:
             raise KrasisEngineError("the engine is closed")
         return self.model
 
-    _live = live_model  # the former name, while callers move to the public one
 
     def new_cache(self, max_tokens: int) -> KVCache:
         """An empty KV cache with room for ``max_tokens`` tokens; on the CPU its storage grows
@@ -130,7 +129,7 @@ class Engine:
         ``last_only`` returns [1, V], the logits of the last token only: a long prompt then
         never materialises T x V logits.
         """
-        model = self._live()
+        model = self.live_model()
         ids = self._ids(input_ids)
         if cache is None:
             return model.prefill(ids, None, last_only=last_only)
@@ -147,7 +146,7 @@ class Engine:
         float32 logits [B, V] (krasisd.engine.batch.batched_decode: the weights are read
         once for all B)."""
         self._ids(token_ids)  # the same checks as forward's
-        return batched_decode(self._live(), list(token_ids), caches)
+        return batched_decode(self.live_model(), list(token_ids), caches)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """float32 [T, V]: one full forward over ``ids``, no cache."""
@@ -176,7 +175,7 @@ class Engine:
         (krasisd.engine.generate.generate_stream; ``pick`` chooses each token instead of the
         sampler, as JSON mode does). A num_ctx beyond the model's maximum raises
         ContextLimitError, a ValueError."""
-        self._live()
+        self.live_model()
         generate_stream = _optional("krasisd.engine.generate", "generate_stream")
         return generate_stream(self, prompt_ids, options, should_cancel=should_cancel, pick=pick)
 

@@ -212,4 +212,3 @@ class DecoderLayer(nn.Module):
         routed experts through ``backend``."""
         return self.mlp(x, backend) if self.is_moe else self.mlp(x)
 
-    _ffn = ffn  # the former name, while batch.py moves to the public one
